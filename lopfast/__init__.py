@@ -1,0 +1,24 @@
+"""lopfast: linear over-parameterization that helps pruned networks recover accuracy.
+
+Prune a network, expand every compact conv into an exactly equivalent 1x1 -> kxk -> 1x1
+chain, fine-tune it with similarity-preserving distillation from the unpruned teacher, and
+contract it back into the plain compact model.
+"""
+__version__ = "0.1.0"
+
+from lopfast.backend import get_backend, use_backend
+from lopfast.layers import ExpandedConv2d, ExpandedLinear
+from lopfast.surgery import contract, expand, expanded_modules, set_mode
+
+__all__ = [
+    "ExpandedConv2d",
+    "ExpandedLinear",
+    "contract",
+    "expand",
+    "expanded_modules",
+    "get_backend",
+    "set_mode",
+    "use_backend",
+]
+
+# Further public API is added below by the modules that provide it (one block per feature).

@@ -1,0 +1,234 @@
+"""ExpandedConv2d: a k x k conv over-parameterized as 1x1 -> k x k -> 1x1 (paper Sec. 2.1)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lopfast.layers.decompose import check_init, check_rate, collapse, decompose, expanded_width
+
+MODES = ("collapsed", "chain")
+
+
+def _check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def _check_finite(t: torch.Tensor, argname: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{argname} contains NaN or infinite values; it cannot be expanded exactly")
+
+
+class ExpandedConv2d(nn.Conv2d):
+    """A drop-in ``nn.Conv2d`` whose kernel is the product of a 1x1 -> kxk -> 1x1 chain.
+
+    Parameters ``weight1`` (p, m/G, 1, 1), ``weight2`` (q, p/G, kh, kw), ``weight3``
+    (n, q/G, 1, 1) and ``bias`` (n,) with p = G*ceil(rate*m/G), q = G*ceil(rate*n/G) for
+    ``groups=G`` (expansion inside each group, so depthwise convs stay depthwise). Padding
+    belongs to the first layer, stride and dilation to the middle one, the bias to the last,
+    so the chain computes exactly ``conv(x, W3.W2.W1) + bias``.
+
+    ``mode``:
+        ``"collapsed"`` (default) runs one conv with the effective kernel
+        ``effective_weight()``: the cost of the compact conv plus a small weight-space
+        product, with the same outputs and gradients as the chain.
+        ``"chain"`` runs the three convs literally (the paper's and ExpandNets' way).
+
+    It subclasses ``nn.Conv2d`` so that tools which look for convs (FLOP counters,
+    ``isinstance`` checks, quantization preparation) still find one: ``weight`` is a
+    read-only property returning the differentiable effective kernel, and ``in_channels``,
+    ``kernel_size``, ``stride`` ... are those of the compact conv. ``contract()`` returns the
+    plain ``nn.Conv2d`` to deploy.
+
+    The constructor builds a fresh layer for training from scratch (ExpandNets-style), its
+    factors scaled so the effective kernel has the variance of a default ``nn.Conv2d``;
+    ``from_conv`` expands a trained conv exactly (paper Eq. 3).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int]],
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Union[str, int, Tuple[int, int]] = 0,
+        dilation: Union[int, Tuple[int, int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        rate: float = 3.0,
+        init: str = "orthogonal",
+        device=None,
+        dtype=None,
+    ) -> None:
+        rate = check_rate(rate)
+        check_init(init)
+        # nn.Conv2d.__init__ would register a `weight` Parameter, which our read-only
+        # `weight` property forbids; borrow its argument checks through a meta-device probe.
+        probe = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device="meta",
+        )
+        nn.Module.__init__(self)
+        for attr in (
+            "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "transposed", "output_padding", "groups", "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
+            setattr(self, attr, getattr(probe, attr))
+        self.rate = rate
+        self.init = init
+        self._mode = "collapsed"
+        G = groups
+        m_g, n_g = in_channels // G, out_channels // G
+        p_g, q_g = expanded_width(rate, m_g), expanded_width(rate, n_g)
+        kh, kw = self.kernel_size
+        factory = {"device": device, "dtype": dtype}
+        self.weight1 = nn.Parameter(torch.empty(G * p_g, m_g, 1, 1, **factory))
+        self.weight2 = nn.Parameter(torch.empty(G * q_g, p_g, kh, kw, **factory))
+        self.weight3 = nn.Parameter(torch.empty(out_channels, q_g, 1, 1, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def reset_parameters(self) -> None:
+        """Random factors whose product has the variance of a default nn.Conv2d kernel.
+
+        nn.Conv2d draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance 1/(3 fan_in). With
+        W1 ~ N(0, 1/p_g), W3 ~ N(0, 1/q_g) and W2 ~ N(0, 1/(3 fan_in)) every entry of
+        W3.W2.W1 (a sum of p_g*q_g independent products) has exactly that variance.
+        """
+        if not hasattr(self, "weight1"):
+            return
+        p_g, q_g = self.weight2.shape[1], self.weight3.shape[1]
+        fan_in = self.weight1.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+        with torch.no_grad():
+            nn.init.normal_(self.weight1, std=1.0 / math.sqrt(p_g))
+            nn.init.normal_(self.weight2, std=1.0 / math.sqrt(3.0 * fan_in))
+            nn.init.normal_(self.weight3, std=1.0 / math.sqrt(q_g))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rate: float = 3.0,
+        *,
+        init: str = "orthogonal",
+        generator: Optional[torch.Generator] = None,
+    ) -> "ExpandedConv2d":
+        """Expand a trained conv into an exactly equivalent chain (paper Eq. 3).
+
+        The outer factors are random (orthonormal columns/rows for ``init="orthogonal"``,
+        Gaussian for ``"normal"``), the middle one is solved in float64. ``generator`` (a CPU
+        ``torch.Generator``) makes the draw reproducible. The result lives on the conv's
+        device and dtype and has its ``training`` flag.
+        """
+        if not isinstance(conv, nn.Conv2d) or isinstance(conv, ExpandedConv2d):
+            raise TypeError(
+                "conv must be an nn.Conv2d (ConvTranspose, Conv1d, Conv3d and already expanded "
+                f"layers are not supported), got {type(conv).__name__}"
+            )
+        if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+            raise ValueError("conv is a lazy module whose weight is not initialised yet; run it once first")
+        rate = check_rate(rate)
+        check_init(init)
+        _check_finite(conv.weight, "conv.weight")
+        if conv.bias is not None:
+            _check_finite(conv.bias, "conv.bias")
+        weight = conv.weight
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            rate=rate, init=init, device="meta",
+        )
+        w1, w2, w3 = decompose(weight, conv.groups, rate, init=init, generator=generator)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        new.weight1 = nn.Parameter(w1.to(**factory))
+        new.weight2 = nn.Parameter(w2.to(**factory))
+        new.weight3 = nn.Parameter(w3.to(**factory))
+        if conv.bias is not None:
+            new.bias = nn.Parameter(conv.bias.detach().clone())
+        new.train(conv.training)
+        return new
+
+    # ------------------------------------------------------------------ mode
+    @property
+    def mode(self) -> str:
+        """``"collapsed"`` (one conv on the effective kernel) or ``"chain"`` (three convs)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _check_mode(value)
+
+    # ------------------------------------------------------------------ effective kernel
+    def effective_weight(self) -> torch.Tensor:
+        """The differentiable effective kernel W3.W2.W1, shape (n, m/G, kh, kw).
+
+        Computed with autocast off, in the parameters' dtype, so a bf16 autocast step still
+        collapses in full precision before the conv casts the result.
+        """
+        with torch.autocast(self.weight1.device.type, enabled=False):
+            return collapse(self.weight1, self.weight2, self.weight3, self.groups)
+
+    def effective_bias(self) -> Optional[torch.Tensor]:
+        """The effective bias (the last layer's bias: the first two carry none)."""
+        return self.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """Read-only view of ``effective_weight()`` for tools that expect ``conv.weight``."""
+        return self.effective_weight()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._mode == "collapsed":
+            return self._conv_forward(input, self.effective_weight(), self.bias)
+        return self.chain_forward(input)
+
+    def chain_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The three convolutions run literally: pad -> 1x1 -> kxk (stride, dilation) -> 1x1 + bias."""
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        if any(self._reversed_padding_repeated_twice):
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+        h = F.conv2d(input, self.weight1, None, 1, 0, 1, self.groups)
+        h = F.conv2d(h, self.weight2, None, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(h, self.weight3, self.bias, 1, 0, 1, self.groups)
+
+    # ------------------------------------------------------------------ contraction
+    @torch.no_grad()
+    def contract(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with this layer's hyper-parameters and collapsed weight/bias."""
+        w = self.effective_weight()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        conv.weight.copy_(w)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rate={self.rate:g}, mode={self._mode}, "
+            f"p={self.weight1.shape[0]}, q={self.weight2.shape[0]}"
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_mode", "collapsed")

@@ -1,0 +1,128 @@
+"""Model surgery: ``expand`` every conv (and optionally linear) of a model, ``contract`` it back."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from lopfast.layers.conv import ExpandedConv2d
+from lopfast.layers.decompose import check_rate
+from lopfast.layers.linear import ExpandedLinear, _check_depth
+
+SkipSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip  # type: ignore[return-value]
+    if isinstance(skip, str):
+        skip = [skip]
+    try:
+        names = set(skip)
+    except TypeError:
+        raise TypeError(
+            f"skip must be None, a module name, a collection of names or a predicate (name, module) -> bool, "
+            f"got {type(skip).__name__}"
+        ) from None
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError("skip must contain module names (str)")
+    # a skipped name also protects everything below it
+    return lambda name, module: any(name == n or name.startswith(n + ".") for n in names)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def _is_plain_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and not isinstance(m, ExpandedConv2d)
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and not isinstance(m, ExpandedLinear)
+
+
+def expanded_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every ExpandedConv2d / ExpandedLinear in ``model``, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExpandedConv2d, ExpandedLinear))]
+
+
+def expand(
+    model: nn.Module,
+    rate: float = 3.0,
+    *,
+    linear: bool = False,
+    linear_rate: Optional[float] = None,
+    linear_depth: int = 2,
+    skip: SkipSpec = None,
+    inplace: bool = False,
+    init: str = "orthogonal",
+    generator: Optional[torch.Generator] = None,
+) -> nn.Module:
+    """Replace every ``nn.Conv2d`` of ``model`` by an exactly equivalent ``ExpandedConv2d``.
+
+    Args:
+        model: any module (the model itself may be a single conv).
+        rate: expansion rate r >= 1 of the convs (p = ceil(r m), q = ceil(r n) per group).
+        linear: also expand every ``nn.Linear`` (paper Eq. 4-5).
+        linear_rate: rate of the linear chains (default: ``rate``).
+        linear_depth: 2 or 3 layers per expanded linear.
+        skip: module names (a name skips its whole subtree) or a predicate
+            ``(name, module) -> bool`` for layers to leave alone.
+        inplace: modify ``model`` itself instead of a deep copy.
+        init: ``"orthogonal"`` or ``"normal"`` random outer factors.
+        generator: CPU ``torch.Generator`` for a reproducible draw.
+
+    Returns the expanded model (a copy unless ``inplace``). Other layer types (ConvTranspose,
+    Conv1d/3d, already expanded layers, BatchNorm, ...) are left as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rate = check_rate(rate)
+    linear_rate = rate if linear_rate is None else check_rate(linear_rate, "linear_rate")
+    linear_depth = _check_depth(linear_depth)
+    skipped = _skip_predicate(skip)
+    if not inplace:
+        model = copy.deepcopy(model)
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if (_is_plain_conv(m) or (linear and _is_plain_linear(m))) and not skipped(name, m)
+    ]
+    for name, m in targets:
+        if isinstance(m, nn.Conv2d):
+            new: nn.Module = ExpandedConv2d.from_conv(m, rate, init=init, generator=generator)
+        else:
+            new = ExpandedLinear.from_linear(m, linear_rate, depth=linear_depth, init=init, generator=generator)
+        model = _replace(model, name, new)
+    return model
+
+
+def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Collapse every ExpandedConv2d / ExpandedLinear of ``model`` into its plain layer.
+
+    The result contains only standard PyTorch layers: its ``state_dict()`` loads with
+    ``strict=True`` into the original, never-expanded architecture.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, m in expanded_modules(model):
+        model = _replace(model, name, m.contract())
+    return model
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set ``mode`` ("collapsed" or "chain") on every expanded layer of ``model``; returns ``model``."""
+    for _, m in expanded_modules(model):
+        m.mode = mode
+    return model
