@@ -229,6 +229,16 @@ class ExpandedConv2d(nn.Conv2d):
             f"p={self.weight1.shape[0]}, q={self.weight2.shape[0]}"
         )
 
+    def __setattr__(self, name, value):
+        if name == "weight":
+            # Tools that assign conv.weight (fusers, quantizers) must not silently
+            # detach the factors: the effective weight is derived, never stored.
+            raise AttributeError(
+                "weight of an ExpandedConv2d is the product of its factors (weight1, weight2, ...) and read-only; "
+                "assign the factors, or call contract() to get a plain layer"
+            )
+        super().__setattr__(name, value)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_mode", "collapsed")

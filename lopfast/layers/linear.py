@@ -169,6 +169,16 @@ class ExpandedLinear(nn.Linear):
         widths = [self.in_features] + [f.shape[0] for f in self.factors()]
         return f"{super().extra_repr()}, rate={self.rate:g}, depth={self.depth}, widths={widths}, mode={self._mode}"
 
+    def __setattr__(self, name, value):
+        if name == "weight":
+            # Tools that assign conv.weight (fusers, quantizers) must not silently
+            # detach the factors: the effective weight is derived, never stored.
+            raise AttributeError(
+                "weight of an ExpandedLinear is the product of its factors (weight1, weight2, ...) and read-only; "
+                "assign the factors, or call contract() to get a plain layer"
+            )
+        super().__setattr__(name, value)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_mode", "collapsed")
