@@ -1,0 +1,415 @@
+"""Data sets for the pipeline.
+
+* ``digits``: scikit-learn's embedded 8x8 handwritten digits (1797 images, no download),
+  split 80/20 with a fixed seed.
+* ``cifar10`` / ``cifar100``: from a local directory in the python-pickle layout
+  (``cifar-10-batches-py/data_batch_1..5, test_batch`` / ``cifar-100-python/train, test``)
+  or the image-folder layout (``train/<class>/*.png|jpg``, ``test/<class>/...``); optional
+  download of the official archive with its MD5 checked.
+* ``imagenet``: image folders ``train/`` and ``val/`` read by a DataLoader with workers
+  (needs torchvision).
+
+Small data sets live on the training device as uint8 tensors; random crop (zero pad) and
+horizontal flip are applied per batch on that device, so an epoch costs no host work and no
+worker processes. The order of an epoch and its augmentation draws come from a generator
+seeded by ``(seed, epoch)``: a resumed run sees exactly the batches an uninterrupted one
+would, and every DDP rank draws the same global batch and keeps its own slice of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "load_data"]
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+
+_CIFAR = {
+    "cifar10": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "label_key": b"labels",
+        "classes": 10,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+    },
+    "cifar100": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "label_key": b"fine_labels",
+        "classes": 100,
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+    },
+}
+
+_LAYOUT_HELP = (
+    "expected either the python-pickle layout ({folder}/{train0} ... {folder}/{test0}) or the image-folder "
+    "layout (train/<class>/*.png|jpg and test/<class>/*.png|jpg) under that directory; pass --download to "
+    "fetch the official archive, or --data-dir to point elsewhere"
+)
+
+
+def check_dataset_name(name: object) -> str:
+    """Validate a data set name."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return name  # type: ignore[return-value]
+
+
+class TensorLoader:
+    """Batches from uint8 images held on the device, augmented on the device.
+
+    Args:
+        images: uint8 tensor (N, C, H, W).
+        labels: int64 tensor (N,).
+        mean, std: per-channel normalisation (on the 0..1 scale).
+        batch_size: *global* batch size (summed over DDP ranks).
+        train: shuffle + augment (else fixed order, no augmentation).
+        crop_pad: zero padding for the random crop (0 disables cropping).
+        flip: random horizontal flips.
+        seed: base seed of the per-epoch generators.
+        rank, world_size: this process's slice of every global batch.
+        channels_last: return batches in channels_last memory format.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        *,
+        train: bool,
+        crop_pad: int = 0,
+        flip: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError("images must be a uint8 tensor (N, C, H, W)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.images, self.labels = images, labels
+        c = images.shape[1]
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, c, 1, 1)
+        self.batch_size, self.train = batch_size, train
+        self.crop_pad, self.flip, self.seed = crop_pad, flip, seed
+        self.rank, self.world_size = rank, world_size
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        """Number of (global) batches per epoch; the last one may be smaller."""
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """Yield ``(x, y, global_batch_size)`` for one epoch (x float32, normalised).
+
+        The permutation and augmentation draws are made for the whole global batch on a CPU
+        generator seeded by (seed, epoch), identically on every rank, then sliced per rank.
+        """
+        n = len(self.labels)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        dev = self.images.device
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            gbs = len(idx)
+            if self.train and self.crop_pad:
+                offs = torch.randint(0, 2 * self.crop_pad + 1, (gbs, 2), generator=g)
+            if self.train and self.flip:
+                flips = torch.rand(gbs, generator=g) < 0.5
+            # contiguous slice of the global batch for this rank
+            lo = gbs * self.rank // self.world_size
+            hi = gbs * (self.rank + 1) // self.world_size
+            sel = idx[lo:hi].to(dev)
+            x = self.images.index_select(0, sel)
+            if self.train and self.crop_pad:
+                x = _random_crop(x, offs[lo:hi].to(dev), self.crop_pad)
+            if self.train and self.flip:
+                f = flips[lo:hi].to(dev)
+                x = torch.where(f.view(-1, 1, 1, 1), x.flip(3), x)
+            x = (x.float().div_(255.0) - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, sel), gbs
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+def _random_crop(x: torch.Tensor, offs: torch.Tensor, pad: int) -> torch.Tensor:
+    """Crop each image of the zero-padded batch at its own (dy, dx) offset: one gather."""
+    b, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = offs[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
+    cols = offs[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1)
+    out = xp.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class FolderLoader:
+    """ImageNet-style image folders through a torch DataLoader with workers (needs torchvision)."""
+
+    def __init__(self, dataset, batch_size: int, *, train: bool, workers: int, seed: int, rank: int,
+                 world_size: int, device: torch.device, channels_last: bool = False) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.world_size, self.device, self.channels_last = world_size, device, channels_last
+        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=False)
+        self.loader = DataLoader(
+            dataset, batch_size=max(1, batch_size // world_size), sampler=self.sampler, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def epoch(self, epoch: int = 0):
+        self.sampler.set_epoch(epoch)
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True), len(y) * self.world_size
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+@dataclass
+class DataBundle:
+    """Train / test loaders plus what a model needs to know about the data."""
+
+    name: str
+    train: object
+    test: object
+    in_channels: int
+    num_classes: int
+    image_size: int
+    extra: dict = field(default_factory=dict)
+
+    def example_inputs(self, n: int = 2, device=None) -> torch.Tensor:
+        """A small normalised batch from the test set (for pruning tracers and checks)."""
+        x, _, _ = next(iter(self.test.epoch(0)))
+        x = x[:n]
+        return x.to(device) if device is not None else x
+
+
+# --------------------------------------------------------------------------- loaders
+def _digits(subset: Optional[int], seed: int):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("the digits data set needs scikit-learn: pip install scikit-learn") from exc
+    d = load_digits()
+    imgs = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8), 0..16 -> 0..255
+    labels = d.target.astype(np.int64)
+    # fixed stratified-enough 80/20 split independent of the training seed
+    perm = np.random.RandomState(0).permutation(len(labels))
+    cut = int(0.8 * len(labels))
+    tr, te = perm[:cut], perm[cut:]
+    x_tr, y_tr, x_te, y_te = imgs[tr], labels[tr], imgs[te], labels[te]
+    mean = float(x_tr.mean() / 255.0)
+    std = float(x_tr.std() / 255.0)
+    return x_tr, y_tr, x_te, y_te, 10, (mean,), (std,)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar(name: str, root: Path) -> Path:
+    """Download and unpack the official CIFAR archive into ``root`` (MD5 verified)."""
+    meta = _CIFAR[name]
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / os.path.basename(meta["url"])
+    if not archive.exists() or _md5(archive) != meta["md5"]:
+        tmp = archive.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(meta["url"], tmp)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not download {meta['url']} ({exc}); fetch it by hand into {root} or use the image-folder layout"
+            ) from exc
+        os.replace(tmp, archive)
+    digest = _md5(archive)
+    if digest != meta["md5"]:
+        raise RuntimeError(f"{archive} has MD5 {digest}, expected {meta['md5']}; delete it and retry")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(root)
+    return root / meta["folder"]
+
+
+def _load_image_folder(split_dir: Path, classes: Optional[List[str]] = None):
+    from PIL import Image
+
+    if classes is None:
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    xs, ys = [], []
+    for ci, cname in enumerate(classes):
+        cdir = split_dir / cname
+        if not cdir.is_dir():
+            continue
+        for f in sorted(cdir.iterdir()):
+            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                with Image.open(f) as im:
+                    xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+                ys.append(ci)
+    if not xs:
+        raise FileNotFoundError(f"no images found under {split_dir}")
+    shapes = {x.shape for x in xs}
+    if len(shapes) != 1:
+        raise ValueError(f"images under {split_dir} have different sizes {sorted(shapes)[:3]}; expected one size")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64), classes
+
+
+def _cifar(name: str, data_dir: Optional[str], download: bool):
+    meta = _CIFAR[name]
+    root = Path(data_dir).expanduser() if data_dir else Path(os.environ.get("LOPFAST_DATA", "data")) / name
+    help_text = _LAYOUT_HELP.format(folder=meta["folder"], train0=meta["train"][0], test0=meta["test"][0])
+    candidates = [root, root / meta["folder"]]
+    for c in candidates:
+        if (c / meta["train"][0]).is_file() and (c / meta["test"][0]).is_file():
+            return _cifar_pickle(c, meta)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        x_tr, y_tr, classes = _load_image_folder(root / "train")
+        x_te, y_te, _ = _load_image_folder(root / "test", classes)
+        return x_tr, y_tr, x_te, y_te, max(meta["classes"], len(classes)), meta["mean"], meta["std"]
+    if download:
+        return _cifar_pickle(download_cifar(name, root), meta)
+    raise FileNotFoundError(f"{name} not found in {root.resolve()}: {help_text}")
+
+
+def _cifar_pickle(folder: Path, meta: dict):
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            with open(folder / f, "rb") as fh:
+                # the official archive is a pickle of plain numpy data; it is only read from the
+                # directory the user named (never from the network without the MD5 check)
+                d = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[meta["label_key"]], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    x_tr, y_tr = read(meta["train"])
+    x_te, y_te = read(meta["test"])
+    return x_tr, y_tr, x_te, y_te, meta["classes"], meta["mean"], meta["std"]
+
+
+def _subset(x, y, n: Optional[int], seed: int):
+    if n is None or n >= len(y):
+        return x, y
+    idx = np.random.RandomState(seed).permutation(len(y))[:n]
+    return x[np.sort(idx)], y[np.sort(idx)]
+
+
+def load_data(
+    name: str = "digits",
+    *,
+    data_dir: Optional[str] = None,
+    batch_size: int = 256,
+    eval_batch_size: Optional[int] = None,
+    device="cpu",
+    seed: int = 0,
+    train_subset: Optional[int] = None,
+    test_subset: Optional[int] = None,
+    download: bool = False,
+    workers: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+) -> DataBundle:
+    """Load a data set and return its train / test loaders.
+
+    Args:
+        name: ``digits``, ``cifar10``, ``cifar100`` or ``imagenet``.
+        data_dir: directory of the data (cifar: pickle or image-folder layout; imagenet:
+            ``train/`` and ``val/`` image folders). Default: ``$LOPFAST_DATA/<name>`` or
+            ``data/<name>``.
+        batch_size: global training batch size (split over DDP ranks).
+        eval_batch_size: test batch size (default: ``max(batch_size, 512)``).
+        device: where the uint8 tensors and batches live.
+        seed: seed of the epoch order / augmentation draws.
+        train_subset, test_subset: keep only this many (random, fixed) samples.
+        download: fetch the CIFAR archive if it is not in ``data_dir``.
+        workers: DataLoader workers (imagenet only).
+        rank, world_size: DDP slice.
+        channels_last: deliver batches in channels_last format.
+    """
+    check_dataset_name(name)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = torch.device(device)
+    eval_bs = eval_batch_size or max(batch_size, 512)
+    if name == "imagenet":
+        return _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last)
+    if name == "digits":
+        x_tr, y_tr, x_te, y_te, ncls, mean, std = _digits(train_subset, seed)
+        crop_pad, flip, size = 1, False, 8  # flipping a digit changes its meaning
+    else:
+        x_tr, y_tr, x_te, y_te, ncls, mean, std = _cifar(name, data_dir, download)
+        crop_pad, flip, size = 4, True, x_tr.shape[-1]
+    x_tr, y_tr = _subset(x_tr, y_tr, train_subset, 1)
+    x_te, y_te = _subset(x_te, y_te, test_subset, 2)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    common = dict(rank=rank, world_size=world_size, channels_last=channels_last, seed=seed)
+    train = TensorLoader(t(x_tr), t(y_tr), mean, std, batch_size, train=True, crop_pad=crop_pad, flip=flip, **common)
+    test = TensorLoader(t(x_te), t(y_te), mean, std, eval_bs, train=False, **common)
+    return DataBundle(name, train, test, int(x_tr.shape[1]), int(ncls), int(size), {"mean": mean, "std": std})
+
+
+def _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last) -> DataBundle:
+    root = Path(data_dir or Path(os.environ.get("LOPFAST_DATA", "data")) / "imagenet")
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise FileNotFoundError(
+            f"imagenet not found in {root.resolve()}: expected image folders train/<wnid>/*.JPEG and val/<wnid>/*.JPEG; "
+            "pass --data-dir"
+        )
+    try:
+        import torchvision.datasets as tvd
+        import torchvision.transforms as T
+    except Exception as exc:
+        raise ImportError(f"the imagenet loader needs torchvision, which could not be imported ({exc})") from exc
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_ds = tvd.ImageFolder(str(root / "train"), T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+    val_ds = tvd.ImageFolder(str(root / "val"), T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
+    kw = dict(workers=workers, seed=seed, rank=rank, world_size=world_size, device=device, channels_last=channels_last)
+    return DataBundle(
+        "imagenet", FolderLoader(train_ds, batch_size, train=True, **kw), FolderLoader(val_ds, eval_bs, train=False, **kw),
+        3, len(train_ds.classes), 224,
+    )
