@@ -16,6 +16,7 @@ PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
