@@ -1,0 +1,257 @@
+"""Shared machinery: pruning a copy with torch-pruning, the channel-ratio search, counting."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from lopfast.prune.importance import PrecomputedImportance, require_tp
+
+#: the removed-parameter fraction must land within this of ``target_removed`` (0.5 points)
+TOLERANCE = 0.005
+
+RatioSpec = Union[float, Dict[str, float]]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter entries (weights, biases, BN affine), shared ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (torch-pruning's counter).
+
+    Run in eval mode so BN running statistics are not touched by the counting pass.
+    """
+    tp = require_tp()
+    was_training = model.training
+    model.eval()
+    try:
+        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return int(macs)
+
+
+def prunable_layers(model: nn.Module, ignored: Iterable[str]) -> List[str]:
+    """Names of the conv/linear layers whose output channels may be removed."""
+    ignored = set(ignored)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not _under(n, ignored)]
+
+
+def _under(name: str, ignored: Iterable[str]) -> bool:
+    return any(name == i or name.startswith(i + ".") for i in ignored)
+
+
+def output_layers(model: nn.Module, example_inputs) -> List[str]:
+    """The conv/linear layers whose output *is* the model's output (the classifier).
+
+    Found by identity of the output tensor during a forward pass; if the output is
+    post-processed, the last conv/linear executed is taken instead.
+    """
+    outputs: Dict[str, torch.Tensor] = {}
+    order: List[str] = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            outputs[name] = output
+            order.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = _forward(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    leaves = out if isinstance(out, (tuple, list)) else (out,)
+    found = [n for n, o in outputs.items() if any(o is leaf for leaf in leaves if isinstance(leaf, torch.Tensor))]
+    if not found and order:
+        found = [order[-1]]
+    return found
+
+
+def _forward(model: nn.Module, example_inputs):
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(example_inputs)
+
+
+class Engine:
+    """Prunes deep copies of ``base`` with torch-pruning at a uniform or per-layer ratio.
+
+    ``ignored`` are module names never pruned (their output channels; their inputs still
+    follow their producers). ``record`` of :meth:`prune` maps (layer name, "out"/"in") to the
+    original indices removed, so methods can relate pruned layers back to the original.
+    """
+
+    def __init__(self, base: nn.Module, example_inputs, ignored: List[str], global_pruning: bool = False,
+                 max_layer_ratio: float = 0.95) -> None:
+        self.tp = require_tp()
+        self.base = base
+        self.example_inputs = example_inputs
+        self.ignored = list(ignored)
+        self.global_pruning = global_pruning
+        self.max_layer_ratio = max_layer_ratio
+        self.params_before = count_params(base)
+        self.prunable = prunable_layers(base, self.ignored)
+        self.evaluations = 0
+
+    def caps(self, model: nn.Module) -> Dict[str, float]:
+        """Largest ratio per layer that still keeps one channel.
+
+        torch-pruning silently skips a group whose ratio would remove every channel, which
+        would make the removed fraction fall as the ratio rises; capping keeps it monotone.
+        """
+        mods = dict(model.named_modules())
+        out = {}
+        for n in self.prunable:
+            m = mods[n]
+            c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            out[n] = max(0.0, 1.0 - (1.0 + 1e-6) / c)
+        return out
+
+    def prune(self, importance, ratio: RatioSpec, *, source: Optional[nn.Module] = None,
+              prepare: Optional[Callable[[nn.Module], None]] = None
+              ) -> Tuple[nn.Module, Dict[Tuple[str, str], List[int]]]:
+        """Prune a deep copy of ``source`` (default ``base``); returns it and the removal record."""
+        tp = self.tp
+        model = copy.deepcopy(self.base if source is None else source)
+        if prepare is not None:
+            prepare(model)
+        names = {m: n for n, m in model.named_modules()}
+        by_name = dict(model.named_modules())
+        if isinstance(importance, PrecomputedImportance):
+            importance.names = names
+        ignored_modules = [m for n, m in model.named_modules()
+                           if _under(n, self.ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
+        kwargs = dict(importance=importance, ignored_layers=ignored_modules)
+        if self.global_pruning:
+            if isinstance(ratio, dict):
+                raise ValueError("global_pruning ranks all layers together and cannot take per-layer ratios")
+            kwargs.update(global_pruning=True, pruning_ratio=float(ratio), max_pruning_ratio=self.max_layer_ratio)
+        else:
+            caps = self.caps(model)
+            per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in self.prunable}
+            kwargs.update(pruning_ratio=0.0, pruning_ratio_dict={
+                by_name[n]: min(max(float(r), 0.0), caps[n]) for n, r in per.items() if n in caps})
+        pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
+        was_training = model.training
+        model.eval()
+        pruner = pruner_cls(model, self.example_inputs, **kwargs)
+        record: Dict[Tuple[str, str], List[int]] = {}
+        for group in pruner.step(interactive=True):
+            for item in group:
+                dep, idxs = item.dep, item.idxs
+                name = names.get(dep.layer)
+                if name is None or not isinstance(dep.layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                    continue
+                side = "out" if pruner.DG.is_out_channel_pruning_fn(dep.pruning_fn) else "in"
+                record.setdefault((name, side), []).extend(int(i) for i in idxs)
+            group.prune()
+        model.train(was_training)
+        self.evaluations += 1
+        return model, record
+
+    def removed_fraction(self, model: nn.Module) -> float:
+        return 1.0 - count_params(model) / self.params_before
+
+    def search(self, prune_at: Callable[[RatioSpec], Tuple[nn.Module, dict]], target: float,
+               spec: Optional[Callable[[float], RatioSpec]] = None, hi: float = 1.0,
+               what: str = "channel ratio") -> Tuple[nn.Module, dict, RatioSpec]:
+        """Find ratios whose pruned model removes ``target`` of the parameters (within TOLERANCE).
+
+        Bisects ``x`` in [0, hi] with ratios ``spec(x)`` (default: ``x`` for every layer);
+        removing one channel from every layer of a small net can jump over the 0.5-point band,
+        so (for local pruning) the layers are then moved one at a time from the ratios just
+        below the band to those just above. ``prune_at(ratios)`` returns (model, record).
+        Raises ValueError if even ``hi`` removes too little, or if no step lands in the band.
+        Returns (model, record, ratios used).
+        """
+        spec = spec or (lambda x: x)
+        model, rec = prune_at(spec(hi))
+        top = self.removed_fraction(model)
+        if abs(top - target) <= TOLERANCE:
+            return model, rec, spec(hi)
+        if top < target - TOLERANCE:
+            raise ValueError(
+                f"target_removed={target:.4f} is more than this architecture can lose: with every prunable "
+                f"layer cut as far as allowed only {top:.4f} of the parameters go (the input channels, "
+                f"the classifier outputs and the ignored layers {self.ignored} are kept)"
+            )
+        lo, best = 0.0, (None, None, 0.0, spec(0.0))
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            model, rec = prune_at(spec(mid))
+            got = self.removed_fraction(model)
+            if abs(got - target) < abs(best[2] - target):
+                best = (model, rec, got, spec(mid))
+            if abs(got - target) <= TOLERANCE:
+                return model, rec, spec(mid)
+            if got < target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-3:  # then move single layers; finer uniform steps rarely help
+                break
+        if not self.global_pruning:
+            below, above = self._per_layer(spec(lo)), self._per_layer(spec(hi))
+            names = [n for n in self.prunable if below[n] != above[n]]
+            a, b = 0, len(names)  # moving the first k layers; k=0 is below, k=len is above
+            while b - a > 1:
+                k = (a + b) // 2
+                ratios = dict(below)
+                ratios.update({n: above[n] for n in names[:k]})
+                model, rec = prune_at(ratios)
+                got = self.removed_fraction(model)
+                if abs(got - target) < abs(best[2] - target):
+                    best = (model, rec, got, ratios)
+                if abs(got - target) <= TOLERANCE:
+                    return model, rec, ratios
+                if got < target:
+                    a = k
+                else:
+                    b = k
+            if names:
+                # moving layer names[a] jumps over the band: try its intermediate ratios
+                base_ratios = dict(below)
+                base_ratios.update({n: above[n] for n in names[:a]})
+                layer = names[a]
+                r_lo, r_hi = below[layer], above[layer]
+                for _ in range(12):
+                    r_mid = 0.5 * (r_lo + r_hi)
+                    ratios = dict(base_ratios)
+                    ratios[layer] = r_mid
+                    model, rec = prune_at(ratios)
+                    got = self.removed_fraction(model)
+                    if abs(got - target) < abs(best[2] - target):
+                        best = (model, rec, got, ratios)
+                    if abs(got - target) <= TOLERANCE:
+                        return model, rec, ratios
+                    if got < target:
+                        r_lo = r_mid
+                    else:
+                        r_hi = r_mid
+                    if r_hi - r_lo < 1e-4:
+                        break
+        raise ValueError(
+            f"no {what} removes {target:.4f} of the parameters within {TOLERANCE}: removing a single "
+            f"channel more jumps from below to above it (closest: {best[2]:.4f}); the network is too small "
+            f"for this precision"
+        )
+
+    def _per_layer(self, ratios: RatioSpec) -> Dict[str, float]:
+        if isinstance(ratios, dict):
+            return {n: float(ratios.get(n, 0.0)) for n in self.prunable}
+        return {n: float(ratios) for n in self.prunable}
