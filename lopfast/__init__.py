@@ -22,3 +22,9 @@ __all__ = [
 ]
 
 # Further public API is added below by the modules that provide it (one block per feature).
+
+# Fused collapse (issue 5): grouped collapse op and the model-level fast path.
+from lopfast.fastpath import CollapsedForward  # noqa: E402
+from lopfast.ops.collapse import collapse_many  # noqa: E402
+
+__all__ += ["CollapsedForward", "collapse_many"]
