@@ -6,6 +6,9 @@ and lets every method that does not need a missing piece still run.
 """
 from __future__ import annotations
 
+import importlib
+import types
+
 import lopfast
 
 
@@ -13,9 +16,22 @@ class MissingAPIError(RuntimeError):
     """A lopfast API that a pipeline step needs is not available in this installation."""
 
 
+# where each API lives, for installations whose lopfast/__init__ does not re-export it yet
+_HOMES = {"prune": "lopfast.prune", "SPDistiller": "lopfast.distill", "save": "lopfast.io", "load": "lopfast.io"}
+
+
 def require(name: str, needed_for: str):
     """Return ``lopfast.<name>`` or raise :class:`MissingAPIError` saying what needs it."""
     obj = getattr(lopfast, name, None)
+    if obj is None and name in _HOMES:
+        try:
+            obj = getattr(importlib.import_module(_HOMES[name]), name, None)
+        except ImportError:
+            obj = None
+    if isinstance(obj, types.ModuleType):
+        # `import lopfast.prune` binds the subpackage to lopfast.prune unless lopfast/__init__
+        # re-exports the function: take the function of the same name from the subpackage
+        obj = getattr(obj, name, None)
     if obj is None:
         raise MissingAPIError(
             f"{needed_for} needs lopfast.{name}, which this lopfast installation does not provide "
@@ -25,4 +41,9 @@ def require(name: str, needed_for: str):
 
 
 def has(name: str) -> bool:
-    return getattr(lopfast, name, None) is not None
+    """Whether ``lopfast.<name>`` is available."""
+    try:
+        require(name, "")
+    except MissingAPIError:
+        return False
+    return True

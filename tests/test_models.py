@@ -1,0 +1,109 @@
+"""Model zoo: documented parameter counts, shapes, pruned-model rebuild, torchvision lazily."""
+import pytest
+import torch
+import torch.nn as nn
+
+from lopfast.pipeline import models as zoo
+
+# documented in lopfast/pipeline/models.py (10 classes)
+PARAMS = {
+    "digitsnet": 77_290,
+    "resnet20": 272_474,
+    "resnet32": 466_906,
+    "resnet56": 855_770,
+    "resnet110": 1_730_714,
+    "vgg16": 14_724_042,
+    "mobilenet_v2": 2_236_682,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_param_count_and_forward(name):
+    model = zoo.build_model(name)
+    assert zoo.count_params(model) == PARAMS[name]
+    size, ch = (8, 1) if name == "digitsnet" else (32, 3)
+    if name in ("resnet110", "vgg16", "mobilenet_v2"):
+        return  # counts are enough; their forward is covered by the smaller nets' code paths
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, ch, size, size)).shape == (2, 10)
+
+
+def test_in_channels_and_num_classes():
+    m = zoo.build_model("resnet20", in_channels=1, num_classes=7)
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    m = zoo.build_model("digitsnet", in_channels=3, num_classes=4, width=8)
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_mobilenet_forward_small_batch():
+    m = zoo.build_model("mobilenet_v2", num_classes=3).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_bad_names_and_args():
+    with pytest.raises(ValueError, match="unknown model 'resnet21'"):
+        zoo.build_model("resnet21")
+    with pytest.raises(TypeError, match="model must be a model name"):
+        zoo.check_model_name(3)
+    with pytest.raises(ValueError, match="num_classes"):
+        zoo.build_model("resnet20", num_classes=0)
+    with pytest.raises(ValueError, match="6n\\+2"):
+        zoo.CifarResNet(depth=21)
+
+
+def test_resize_to_state_dict_rebuilds_pruned_model():
+    torch.manual_seed(0)
+    model = zoo.build_model("digitsnet", width=8)
+    # hand-shrink like a channel pruner: halve layer1's inner width
+    pruned = zoo.build_model("digitsnet", width=8)
+    pruned.layer1.conv1 = nn.Conv2d(8, 4, 3, 1, 1, bias=False)
+    pruned.layer1.bn1 = nn.BatchNorm2d(4)
+    pruned.layer1.conv2 = nn.Conv2d(4, 8, 3, 1, 1, bias=False)
+    sd = pruned.state_dict()
+    zoo.resize_to_state_dict(model, sd)
+    model.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 1, 8, 8)
+    model.eval(), pruned.eval()
+    assert torch.equal(model(x), pruned(x))
+
+
+def test_resize_keeps_depthwise():
+    m = zoo.build_model("mobilenet_v2")
+    sd = {k: v for k, v in m.state_dict().items()}
+    blk = m.features[4].conv  # expand 1x1 -> depthwise -> project
+    hidden = blk[0].out_channels
+    keep = hidden // 2
+    sd = {k: (v[:keep] if k.startswith("features.4.conv.") and k.split(".")[3] in ("0", "1", "3", "4") and v.dim() >= 1 and v.shape[0] == hidden else v)
+          for k, v in sd.items()}
+    sd["features.4.conv.6.weight"] = sd["features.4.conv.6.weight"][:, :keep]
+    zoo.resize_to_state_dict(m, sd)
+    m.load_state_dict(sd, strict=True)
+    assert m.features[4].conv[3].groups == keep
+
+
+def test_max_removable_fraction_bounds():
+    f = zoo.max_removable_fraction(zoo.build_model("digitsnet"))
+    assert 0.99 < f < 1.0
+
+
+def _torchvision_ok():
+    try:
+        import torchvision.models  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def test_torchvision_missing_message():
+    if _torchvision_ok():
+        pytest.skip("torchvision is importable here")
+    with pytest.raises(ImportError, match="needs torchvision"):
+        zoo.build_model("resnet50")
+
+
+@pytest.mark.skipif(not _torchvision_ok(), reason="torchvision does not import here")
+def test_torchvision_models():
+    m = zoo.build_model("tv:resnet18", num_classes=5, in_channels=1)
+    assert m(torch.randn(1, 1, 64, 64)).shape == (1, 5)
