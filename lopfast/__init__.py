@@ -28,3 +28,11 @@ from lopfast.fastpath import CollapsedForward  # noqa: E402
 from lopfast.ops.collapse import collapse_many  # noqa: E402
 
 __all__ += ["CollapsedForward", "collapse_many"]
+
+# Structured pruning and pickle-free save/load (issue 4). lopfast.prune is the subpackage,
+# callable as lopfast.prune(model, example_inputs, ...).
+from lopfast import prune  # noqa: E402
+from lopfast.io import ModelFileError, load, register_architecture, save  # noqa: E402
+from lopfast.prune import PruneReport  # noqa: E402
+
+__all__ += ["ModelFileError", "PruneReport", "load", "prune", "register_architecture", "save"]

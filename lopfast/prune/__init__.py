@@ -34,3 +34,18 @@ __all__ = [
     "thinet_order",
     "thinet_scores",
 ]
+
+
+class _CallablePackage(type(__import__("sys"))):
+    """Lets ``lopfast.prune(...)`` call :func:`prune` while ``lopfast.prune`` stays this package.
+
+    ``lopfast.prune`` is both the documented function and this subpackage's name; binding
+    the function on ``lopfast`` would hide the package's other names, so the package itself
+    is made callable instead.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallablePackage

@@ -1,0 +1,358 @@
+"""Pickle-free save/load of pruned, expanded or contracted models.
+
+A file holds only tensors and plain data, so it loads with ``torch.load(weights_only=True)``
+and never executes code: the ``state_dict``, the *structure* (for every parametrised layer
+its class and constructor hyper-parameters, e.g. the pruned channel counts or an
+ExpandedConv2d's rate), and the caller's metadata. Loading rebuilds a model, either the
+freshly built original the caller passes or one made by a registered builder, replaces each
+layer whose stored structure differs by one built from the stored hyper-parameters, and
+loads the state_dict strictly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lopfast.layers import ExpandedConv2d, ExpandedLinear
+
+FORMAT = "lopfast-model"
+VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ModelFileError(ValueError):
+    """A model file is unreadable, tampered, truncated, holds pickled objects, or does not fit
+    the model it is loaded into. The message names the path."""
+
+
+_ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture(name: str, builder: Callable[..., nn.Module], *, overwrite: bool = False) -> None:
+    """Register ``builder(**arch_kwargs) -> nn.Module`` so ``load(path)`` can rebuild ``name``.
+
+    Save with ``lopfast.save(model, path, arch=name, arch_kwargs={...})``. Re-registering a
+    name raises ValueError unless ``overwrite=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    if name in _ARCHITECTURES and not overwrite and _ARCHITECTURES[name] is not builder:
+        raise ValueError(f"architecture {name!r} is already registered; pass overwrite=True to replace it")
+    _ARCHITECTURES[name] = builder
+
+
+def registered_architectures() -> Dict[str, Callable[..., nn.Module]]:
+    """A copy of the name -> builder registry."""
+    return dict(_ARCHITECTURES)
+
+
+# ---------------------------------------------------------------------------- layer specs
+_CONV_TYPES = {c.__name__: c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                        nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+_BN_TYPES = {c.__name__: c for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+
+
+def _lst(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def layer_spec(module: nn.Module) -> Dict[str, Any]:
+    """The class and constructor hyper-parameters of ``module`` as plain data.
+
+    Layers of other classes give ``{"type": <qualified name>, "known": False}``: they are
+    checked on load (same class at the same path) but not rebuilt.
+    """
+    t = type(module)
+    if t is ExpandedConv2d:
+        m = module
+        return {"type": "ExpandedConv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": _lst(m.kernel_size), "stride": _lst(m.stride), "padding": _lst(m.padding),
+                "dilation": _lst(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode, "rate": float(m.rate), "init": m.init, "mode": m.mode}
+    if t is ExpandedLinear:
+        m = module
+        return {"type": "ExpandedLinear", "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None, "rate": float(m.rate), "depth": m.depth, "init": m.init,
+                "mode": m.mode}
+    if t.__name__ in _CONV_TYPES and t is _CONV_TYPES[t.__name__]:
+        m = module
+        spec = {"type": t.__name__, "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": _lst(m.kernel_size), "stride": _lst(m.stride), "padding": _lst(m.padding),
+                "dilation": _lst(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode}
+        if m.transposed:
+            spec["output_padding"] = _lst(m.output_padding)
+        return spec
+    if t is nn.Linear:
+        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+    if t.__name__ in _BN_TYPES and t is _BN_TYPES[t.__name__]:
+        m = module
+        return {"type": t.__name__, "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                "affine": m.affine, "track_running_stats": m.track_running_stats}
+    if t is nn.LayerNorm:
+        m = module
+        return {"type": "LayerNorm", "normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                "elementwise_affine": m.elementwise_affine,
+                "bias": getattr(m, "bias", None) is not None}
+    if t is nn.GroupNorm:
+        m = module
+        return {"type": "GroupNorm", "num_groups": m.num_groups, "num_channels": m.num_channels,
+                "eps": m.eps, "affine": m.affine}
+    if t is nn.PReLU:
+        return {"type": "PReLU", "num_parameters": module.num_parameters}
+    if t is nn.Embedding:
+        m = module
+        return {"type": "Embedding", "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                "padding_idx": m.padding_idx, "max_norm": m.max_norm, "norm_type": m.norm_type,
+                "scale_grad_by_freq": m.scale_grad_by_freq, "sparse": m.sparse}
+    return {"type": f"{t.__module__}.{t.__qualname__}", "known": False}
+
+
+def _t(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def build_layer(spec: Dict[str, Any], device="meta") -> nn.Module:
+    """Instantiate the layer described by ``spec`` (see :func:`layer_spec`) on ``device``."""
+    s = dict(spec)
+    kind = s.pop("type")
+    f = {"device": device}
+    if kind == "ExpandedConv2d":
+        mode = s.pop("mode")
+        m = ExpandedConv2d(s["in_channels"], s["out_channels"], _t(s["kernel_size"]), _t(s["stride"]),
+                           _t(s["padding"]), _t(s["dilation"]), s["groups"], s["bias"], s["padding_mode"],
+                           rate=s["rate"], init=s["init"], **f)
+        m.mode = mode
+        return m
+    if kind == "ExpandedLinear":
+        m = ExpandedLinear(s["in_features"], s["out_features"], s["bias"], rate=s["rate"], depth=s["depth"],
+                           init=s["init"], **f)
+        m.mode = s["mode"]
+        return m
+    if kind in _CONV_TYPES:
+        extra = {"output_padding": _t(s["output_padding"])} if "output_padding" in s else {}
+        return _CONV_TYPES[kind](s["in_channels"], s["out_channels"], _t(s["kernel_size"]), _t(s["stride"]),
+                                 _t(s["padding"]), dilation=_t(s["dilation"]), groups=s["groups"], bias=s["bias"],
+                                 padding_mode=s["padding_mode"], **extra, **f)
+    if kind == "Linear":
+        return nn.Linear(s["in_features"], s["out_features"], s["bias"], **f)
+    if kind in _BN_TYPES:
+        return _BN_TYPES[kind](s["num_features"], s["eps"], s["momentum"], s["affine"], s["track_running_stats"], **f)
+    if kind == "LayerNorm":
+        kw = {} if s["bias"] or not s["elementwise_affine"] else {"bias": False}
+        return nn.LayerNorm(_t(s["normalized_shape"]), s["eps"], s["elementwise_affine"], **kw, **f)
+    if kind == "GroupNorm":
+        return nn.GroupNorm(s["num_groups"], s["num_channels"], s["eps"], s["affine"], **f)
+    if kind == "PReLU":
+        return nn.PReLU(s["num_parameters"], **f)
+    if kind == "Embedding":
+        return nn.Embedding(s["num_embeddings"], s["embedding_dim"], s["padding_idx"], s["max_norm"],
+                            s["norm_type"], s["scale_grad_by_freq"], s["sparse"], **f)
+    raise ValueError(f"cannot build a layer of type {kind!r}")
+
+
+def model_structure(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """``{path: layer_spec}`` for every module that owns parameters or buffers.
+
+    The submodules of an expanded layer are its own business: only the layer is recorded.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+            out[name] = layer_spec(m)
+    return out
+
+
+# ---------------------------------------------------------------------------- metadata
+def _check_plain(value, where: str) -> None:
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"metadata {where} has a non-str key {k!r}; only plain data can be saved")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"metadata {where} is a {type(value).__name__}; only plain data (str, int, float, bool, None, "
+                    "lists, dicts with str keys) can be saved without pickling")
+
+
+# ---------------------------------------------------------------------------- save / load
+def save(model: nn.Module, path: PathLike, **metadata) -> None:
+    """Save ``model`` to ``path`` without pickled classes (loadable with weights_only=True).
+
+    ``metadata`` must be plain data; ``arch`` (str) and ``arch_kwargs`` (dict) name a
+    builder registered with :func:`register_architecture` so that ``load(path)`` can rebuild
+    the model by itself. The file is written atomically (temporary file, then rename).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    _check_plain(metadata, "")
+    if "arch" in metadata and not isinstance(metadata["arch"], str):
+        raise TypeError(f"metadata arch must be a str, got {type(metadata['arch']).__name__}")
+    if "arch_kwargs" in metadata and not isinstance(metadata["arch_kwargs"], dict):
+        raise TypeError(f"metadata arch_kwargs must be a dict, got {type(metadata['arch_kwargs']).__name__}")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "structure": model_structure(model),
+        "training": bool(model.training),
+        # plain tensors: a Parameter would still load, but plain is what weights_only is sure of
+        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+        "metadata": dict(metadata),
+    }
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".lopfast-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read(path: PathLike, map_location=None) -> Dict[str, Any]:
+    """Read and validate a lopfast model file; returns its payload dict. Never unpickles objects."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such model file: {path!r}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(f"{path}: refused to load: the file contains pickled objects other than tensors "
+                             f"and plain data (weights_only=True): {_first_line(e)}") from None
+    except Exception as e:  # truncated/corrupt archives surface as RuntimeError, EOFError, zip errors...
+        raise ModelFileError(f"{path}: not a readable lopfast model file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a lopfast model file (no format marker {FORMAT!r}); "
+                             "was it written by lopfast.save?")
+    version = payload.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION or version < 1:
+        raise ModelFileError(f"{path}: unsupported lopfast model file version {version!r} (this lopfast reads "
+                             f"up to {VERSION})")
+    sd, structure, meta = payload.get("state_dict"), payload.get("structure"), payload.get("metadata")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ModelFileError(f"{path}: malformed state_dict (expected str -> tensor)")
+    if not isinstance(structure, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("type"), str) for k, v in structure.items()):
+        raise ModelFileError(f"{path}: malformed structure table")
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: malformed metadata (expected a dict)")
+    return payload
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -> nn.Module:
+    """Load a model saved by :func:`save`.
+
+    Args:
+        path: the file.
+        model: a freshly built *original* (unpruned, unexpanded) instance of the
+            architecture; its layers are replaced where the stored structure differs (modified
+            in place and returned). Without it, the metadata's ``arch`` is built with the
+            registered builder (``arch_kwargs``), or by torchvision if it knows the name.
+        map_location: as for ``torch.load`` (``None`` keeps the saved devices).
+
+    Raises ModelFileError (a ValueError naming the path) for corrupt, truncated or
+    pickle-carrying files and for files that do not fit ``model``.
+    """
+    payload = read(path, map_location=map_location)
+    path = os.fspath(path)
+    meta = payload["metadata"]
+    if model is None:
+        model = _build_from_metadata(path, meta)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+    for name, spec in payload["structure"].items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ModelFileError(f"{path}: stored layer {name!r} does not exist in the model given; "
+                                 "pass a freshly built model of the saved architecture") from None
+        if layer_spec(current) == spec:
+            continue
+        if spec.get("known") is False:
+            raise ModelFileError(f"{path}: layer {name!r} is a {type(current).__name__} in the model given but was "
+                                 f"saved as {spec['type']}, which lopfast cannot rebuild")
+        try:
+            new = build_layer(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"{path}: invalid structure entry for layer {name!r}: {type(e).__name__}: {e}") from None
+        new.train(current.training)
+        if name == "":
+            model = new
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    try:
+        # assign=True takes the stored tensors themselves, which materialises the meta layers
+        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: the stored weights do not fit the model: {e}") from None
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ModelFileError(f"{path}: no stored values for {leftover[:5]}")
+    model.train(bool(payload.get("training", model.training)))
+    return model
+
+
+def _build_from_metadata(path: str, meta: Dict[str, Any]) -> nn.Module:
+    arch = meta.get("arch")
+    kwargs = meta.get("arch_kwargs") or {}
+    if not isinstance(arch, str):
+        raise ModelFileError(f"{path}: the file names no architecture (metadata 'arch'); pass model=<freshly "
+                             "built original> to load it")
+    if not isinstance(kwargs, dict):
+        raise ModelFileError(f"{path}: metadata 'arch_kwargs' must be a dict")
+    builder = _ARCHITECTURES.get(arch)
+    if builder is None:
+        builder = _torchvision_builder(arch)
+    if builder is None:
+        raise ModelFileError(f"{path}: architecture {arch!r} is not registered (lopfast.io.register_architecture) "
+                             "and torchvision does not provide it; pass model= instead")
+    model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the builder registered for {arch!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _torchvision_builder(arch: str):
+    name = arch[len("torchvision."):] if arch.startswith("torchvision.") else arch
+    try:  # imported lazily: torchvision is optional and heavy
+        import torchvision
+    except Exception:
+        return None
+    try:
+        if name not in torchvision.models.list_models():
+            return None
+    except AttributeError:  # very old torchvision
+        return getattr(torchvision.models, name, None)
+    return lambda **kw: torchvision.models.get_model(name, **kw)
