@@ -1,0 +1,318 @@
+"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export.
+
+Every command writes into ``--out DIR`` (default: a fresh ``runs/<command>-<timestamp>``):
+config.json (enough to rerun with ``--config``), log.txt, checkpoints, results.json, plots.
+Settings are layered: built-in defaults < the command's defaults (e.g. the demo's) <
+``--config FILE`` (a JSON object of setting names, as in config.json) < explicit flags.
+Multi-process training: ``torchrun --nproc_per_node N -m lopfast.cli run ...`` (NCCL on GPU,
+gloo on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "DEMO_DEFAULTS"]
+
+# The demo: a tiny ResNet on sklearn's 8x8 digits, pruned hard and recovered by ft and lop with
+# the same budget. Sized to finish in a couple of minutes on a 2-core CPU.
+DEMO_DEFAULTS = {
+    "model": "digitsnet",
+    "dataset": "digits",
+    "batch_size": 64,
+    "pretrain_epochs": 40,
+    "target": 0.9,
+    "methods": ["ft", "lop"],
+    "epochs": 40,
+    "gamma": 100.0,
+    "device": "cpu",
+}
+
+
+def _csv(kind):
+    def parse(s: str):
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        try:
+            return [kind(x) for x in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {s!r}")
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: bool = True) -> None:
+    S = argparse.SUPPRESS  # unset flags stay absent so config files / command defaults show through
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=S, help="output directory (default: runs/<command>-<timestamp>)")
+    g.add_argument("--config", default=S, help="JSON file of settings (keys as in config.json); flags override it")
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue an interrupted run in --out: finished stages are loaded, the running one resumes")
+    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    g.add_argument("--quiet", action="store_true", default=S, help="less console output")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=S, help="zoo model: digitsnet, resnet20/32/56/110, vgg16, mobilenet_v2, "
+                                              "resnet50 (torchvision) or tv:<name> (default resnet20)")
+    g.add_argument("--dataset", default=S, help="digits, cifar10 (default), cifar100, imagenet")
+    g.add_argument("--data-dir", dest="data_dir", default=S, help="data directory (cifar: pickle or image-folder layout)")
+    g.add_argument("--download", action="store_true", default=S, help="download CIFAR if missing (MD5 checked)")
+    g.add_argument("--train-subset", dest="train_subset", type=int, default=S, help="use only N training images")
+    g.add_argument("--test-subset", dest="test_subset", type=int, default=S, help="use only N test images")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="global batch size (default 256)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for imagenet (default 8)")
+    g = p.add_argument_group("training")
+    g.add_argument("--teacher", default=S, help="pretrained model.pt to start from (skips pretraining)")
+    g.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=int, default=S,
+                   help="pretraining epochs (default 280, scratch preset; milestones rescale)")
+    g.add_argument("--pretrain-lr", dest="pretrain_lr", type=float, default=S, help="pretraining LR (default 0.1)")
+    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4")
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max grad norm (default off)")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default=S, help="auto: bf16 autocast on CUDA only")
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the trained model")
+    if prune:
+        g = p.add_argument_group("pruning")
+        g.add_argument("--prune-method", dest="prune_method", default=S, help="lopfast.prune method (default l1)")
+        g.add_argument("--target", type=float, default=S, help="fraction of parameters to remove (default 0.9)")
+        g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=S,
+                       help="rank channels across layers instead of per layer")
+    if recovery:
+        g = p.add_argument_group("recovery")
+        g.add_argument("--methods", type=_csv(str), default=S,
+                       help="comma list of lop, ft, scratch, expandnets, distill, lop-nokd (default ft,lop)")
+        g.add_argument("--epochs", type=int, default=S,
+                       help="epochs of ft/lop/lop-nokd (default 150, fine-tune preset; milestones rescale)")
+        g.add_argument("--lr", type=float, default=S, help="fine-tune LR (default 0.01)")
+        g.add_argument("--scratch-epochs", dest="scratch_epochs", type=int, default=S,
+                       help="epochs of scratch/expandnets/distill (default 280)")
+        g.add_argument("--scratch-lr", dest="scratch_lr", type=float, default=S, help="from-scratch LR (default 0.1)")
+        g.add_argument("--rate", type=float, default=S, help="expansion rate r >= 1 (default 3)")
+        g.add_argument("--linear", action="store_true", default=S, help="also expand the linear classifier")
+        g.add_argument("--linear-rate", dest="linear_rate", type=float, default=S, help="rate of linear expansion")
+        g.add_argument("--linear-depth", dest="linear_depth", type=int, default=S, help="2 or 3 layers per linear")
+        g.add_argument("--gamma", type=float, default=S, help="SP distillation weight (default 3000)")
+        g.add_argument("--sp-layers", dest="sp_layers", type=_csv(str), default=S,
+                       help="comma list of module names paired for SP distillation (default: every expanded layer)")
+        g.add_argument("--export", type=_csv(str), default=S, help="also export: torchscript,onnx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lopfast",
+        description="Prune a network, recover it with linear over-parameterization + SP distillation, contract it back.",
+        epilog="Start with `lopfast demo` (digits data, a few minutes on a laptop CPU).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("demo", help="digits end to end: pretrain, prune ~90%%, ft vs lop, table + plot",
+                       description="Pretrain a small ResNet on the 8x8 digits, prune ~90%% of its weights (l1), "
+                                   "recover with ft and lop on the same budget, contract, verify, print a table, "
+                                   "write results.json and accuracy.png.")
+    _add_common(p)
+    p = sub.add_parser("pretrain", help="train the unpruned model (the teacher)")
+    _add_common(p, recovery=False, prune=False)
+    p = sub.add_parser("prune", help="prune a pretrained model (--teacher) and report params/MACs")
+    _add_common(p, recovery=False)
+    p = sub.add_parser("run", help="the whole pipeline: pretrain (or --teacher), prune, recover with --methods")
+    _add_common(p)
+    p = sub.add_parser("sweep", help="methods x pruning targets -> sweep.csv + sweep.png")
+    _add_common(p)
+    p.add_argument("--targets", type=_csv(float), default=argparse.SUPPRESS,
+                   help="comma list of fractions to remove (default 0.5,0.7,0.9)")
+    p = sub.add_parser("export", help="export a saved model to TorchScript and/or ONNX")
+    p.add_argument("model_path", help="model.pt written by a run")
+    p.add_argument("--format", type=_csv(str), default=["torchscript"], help="torchscript,onnx (default torchscript)")
+    p.add_argument("--input-shape", dest="input_shape", type=_csv(int), default=None,
+                   help="C,H,W of one input (default from the model's dataset: digits 1,8,8; cifar 3,32,32; imagenet 3,224,224)")
+    p.add_argument("--out", default=None, help="output directory (default: next to the model)")
+    return parser
+
+
+def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
+    """Layer command defaults < --config file < explicit flags."""
+    settings = dict(command_defaults)
+    cfg_path = getattr(args, "config", None)
+    if cfg_path:
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"--config file {cfg_path!r} does not exist")
+        try:
+            with open(cfg_path) as f:
+                loaded = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config file {cfg_path!r} is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config file {cfg_path!r} must hold a JSON object of settings")
+        settings.update(loaded)
+    for k, v in vars(args).items():
+        if k not in ("command", "config", "out", "resume", "quiet"):
+            settings[k] = v
+    return settings
+
+
+def _init_distributed():
+    """Join the torchrun process group if launched by torchrun; returns (rank, world, device or None)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _out_dir(args, command: str) -> str:
+    out = getattr(args, "out", None)
+    if out:
+        return out
+    return os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lopfast`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        # bad input: a one-line message saying what to change, no traceback
+        print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lopfast {args.command}: interrupted; continue with --resume --out <same dir>", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from lopfast.pipeline import stages
+    from lopfast.pipeline.stages import RunConfig
+
+    if args.command == "export":
+        return _export(args)
+    defaults = DEMO_DEFAULTS if args.command == "demo" else {}
+    settings = _settings(args, defaults)
+    targets = settings.pop("targets", None)
+    cfg = RunConfig.from_dict(settings)
+    resume = bool(getattr(args, "resume", False))
+    quiet = bool(getattr(args, "quiet", False))
+    out = _out_dir(args, args.command)
+    if resume and not os.path.isdir(out):
+        raise ValueError(f"--resume needs --out pointing at an existing run directory; {out!r} does not exist")
+    if args.command == "sweep":
+        targets = targets or [0.5, 0.7, 0.9]
+        cfg.validate()
+        dev = _init_distributed()
+        rows = stages.run_sweep(cfg, targets, out, resume=resume, quiet=quiet)
+        if _rank0():
+            print(_sweep_table(rows))
+            print(f"\nwrote {os.path.join(out, 'sweep.csv')} and sweep.png")
+        return 0
+    cfg.validate()
+    dev = _init_distributed()
+    from lopfast.pipeline.train import dist_info
+
+    rank, world = dist_info()
+    if args.command == "prune" and not cfg.teacher:
+        raise ValueError("lopfast prune needs --teacher PATH (the model.pt written by `lopfast pretrain`)")
+    data, device = stages.prepare(cfg, dev, rank, world)
+    os.makedirs(out, exist_ok=True)
+    log = stages.RunLog(out, quiet)
+    stages._write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    if args.command == "pretrain":
+        model, acc = stages.pretrain_stage(cfg, data, out, device, log, resume)
+        log(f"pretrained {cfg.model}: {acc:.2f}% -> {os.path.join(out, 'pretrain', 'model.pt')}")
+        stages._write_json(os.path.join(out, "results.json"), {"teacher": {"acc": acc}})
+        return 0
+    if args.command == "prune":
+        teacher, acc = stages.pretrain_stage(cfg, data, out, device, log, resume)
+        pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log)
+        from lopfast.pipeline.train import evaluate
+
+        pacc = evaluate(pruned, data.test, device, cfg.amp)["acc"]
+        stages._write_json(os.path.join(out, "results.json"),
+                           {"teacher": {"acc": acc}, "pruned": {"acc": pacc, "report": report}})
+        log(f"pruned: accuracy {acc:.2f}% -> {pacc:.2f}% before recovery; {os.path.join(out, 'prune', 'model.pt')}")
+        return 0
+    t0 = time.time()
+    results = stages.run_pipeline(cfg, out, resume=resume, quiet=quiet, data=data, device=device)
+    if _rank0():
+        print()
+        print(stages.format_table(results))
+        print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'results.json')} and accuracy.png")
+    return 0
+
+
+def _rank0() -> bool:
+    from lopfast.pipeline.train import dist_info
+
+    return dist_info()[0] == 0
+
+
+def _sweep_table(rows: List[dict]) -> str:
+    lines = [f"{'method':<12} {'% removed':>9} {'params':>10} {'accuracy':>9}"]
+    for r in rows:
+        lines.append(f"{r['method']:<12} {100 * r['removed']:>9.1f} {r['params']:>10,} {r['acc']:>8.2f}%")
+    return "\n".join(lines)
+
+
+_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
+
+
+def _export(args) -> int:
+    import torch
+
+    from lopfast.pipeline import stages
+
+    if not os.path.isfile(args.model_path):
+        raise ValueError(f"model file {args.model_path!r} does not exist")
+    for f in args.format:
+        if f not in ("torchscript", "onnx"):
+            raise ValueError(f"unknown --format {f!r}; choose torchscript and/or onnx")
+    model, meta = _load_any(args.model_path)
+    shape = args.input_shape or _SHAPES.get(meta.get("dataset", ""), None)
+    if shape is None:
+        raise ValueError("cannot tell the input shape of this model; pass --input-shape C,H,W")
+    if len(shape) != 3:
+        raise ValueError(f"--input-shape must be C,H,W, got {shape}")
+    out = args.out or os.path.dirname(os.path.abspath(args.model_path))
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, os.path.splitext(os.path.basename(args.model_path))[0])
+    example = torch.randn(1, *shape)
+    for f in args.format:
+        stages.export_model(model, stem, f, example)
+    return 0
+
+
+def _load_any(path: str):
+    """Load a model saved by lopfast.save (lopfast.load) or by a pipeline stage."""
+    import lopfast
+    from lopfast.pipeline import stages
+    from lopfast.pipeline.train import load_checkpoint
+
+    try:
+        ck = load_checkpoint(path)
+    except Exception:
+        ck = None
+    if isinstance(ck, dict) and "arch" in ck and "state_dict" in ck:
+        return stages.load_stage_model(path), {"arch": ck["arch"]}
+    if getattr(lopfast, "load", None) is None:
+        raise ValueError(f"{path!r} is not a pipeline stage file and lopfast.load is unavailable to read it")
+    import lopfast.pipeline  # noqa: F401  (registers the zoo with lopfast.io)
+
+    loaded = lopfast.load(path)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    meta = loaded[1] if isinstance(loaded, tuple) and len(loaded) > 1 and isinstance(loaded[1], dict) else {}
+    meta = meta or getattr(model, "lopfast_metadata", {}) or {}
+    return model, meta
+
+
+if __name__ == "__main__":  # python -m lopfast.cli (torchrun entry)
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The prune -> expand -> distill -> contract pipeline: models, data, training, stages (issue 6).
+
+Entry points: :func:`run_pipeline` (whole run), :func:`train`, :func:`build_model`,
+:func:`load_data`, and the ``lopfast`` command line (``lopfast.cli``).
+"""
+from lopfast.pipeline.data import DataBundle, load_data
+from lopfast.pipeline.models import available_models, build_model, count_params, register_zoo
+from lopfast.pipeline.stages import METHODS, RunConfig, count_macs, format_table, recover, run_pipeline, run_sweep
+from lopfast.pipeline.train import PRESETS, TrainConfig, evaluate, train
+
+register_zoo()  # lets lopfast.load(path) rebuild zoo models (no-op until lopfast.io exists)
+
+__all__ = [
+    "DataBundle",
+    "METHODS",
+    "PRESETS",
+    "RunConfig",
+    "TrainConfig",
+    "available_models",
+    "build_model",
+    "count_macs",
+    "count_params",
+    "evaluate",
+    "format_table",
+    "load_data",
+    "recover",
+    "register_zoo",
+    "run_pipeline",
+    "run_sweep",
+    "train",
+]

@@ -1,0 +1,359 @@
+"""Training loop: SGD + multi-step LR, optional SP distillation, checkpoints, resume, data parallel.
+
+One function, :func:`train`, serves every stage (pretraining, fine-tuning, training from
+scratch, distillation). Choices and why:
+
+* SGD with momentum and weight decay, ``MultiStepLR`` (the paper's schedules, see
+  :data:`PRESETS`); ``--epochs`` rescales the milestones proportionally.
+* On CUDA: bf16 autocast and channels_last by default (bf16 needs no loss scaler); the
+  loss and the SP Gram matrices are computed in float32.
+* Checkpoint after every epoch, written to a temp file then ``os.replace``d so a crash never
+  leaves a torn file. It holds model, optimizer, scheduler, epoch, history and the RNG
+  states; the data order of an epoch is seeded by (seed, epoch) in the loaders, so a resumed
+  run replays exactly the batches an uninterrupted one would.
+* Data parallel over ``torch.distributed`` (gloo on CPU, NCCL on GPU, started by torchrun):
+  every rank draws the same global batch and keeps its slice; per-rank losses are scaled by
+  ``local / global`` batch size and gradients are summed with one flat all-reduce, which is
+  exactly the single-process gradient for per-sample losses. This is done by hand rather than
+  with ``DistributedDataParallel`` because the SP distiller drives the student itself and
+  hooks its inner layers (a DDP wrapper would rename them), and because it keeps
+  single-process and multi-process runs bit-comparable. BatchNorm buffers are broadcast from
+  rank 0 before evaluation and checkpointing; metrics are all-reduced; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lopfast
+from lopfast.layers import ExpandedConv2d
+from lopfast.pipeline._api import require
+
+__all__ = ["PRESETS", "TrainConfig", "evaluate", "preset", "train"]
+
+# Paper Sec. 3.2.1: fine-tuning 150 epochs lr 0.01 x0.1 at 60/100/120; retraining from
+# scratch 280 epochs lr 0.1 x0.1 at 100/160/210/250; batch 256 (Sec. 3.1).
+PRESETS: Dict[str, dict] = {
+    "finetune": {"epochs": 150, "lr": 0.01, "milestones": (60, 100, 120)},
+    "scratch": {"epochs": 280, "lr": 0.1, "milestones": (100, 160, 210, 250)},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training stage."""
+
+    epochs: int
+    lr: float
+    milestones: Tuple[int, ...] = ()
+    lr_decay: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad: Optional[float] = None  # max grad norm; None = off (the paper does not clip)
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off elsewhere), "bf16", "off"
+    channels_last: Optional[bool] = None  # None = on for CUDA
+    compile: bool = False
+    seed: int = 0
+    sp_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
+        if self.sp_gamma < 0:
+            raise ValueError(f"gamma (SP loss weight) must be >= 0, got {self.sp_gamma!r}")
+        self.milestones = tuple(int(m) for m in self.milestones)
+
+
+def preset(kind: str, epochs: Optional[int] = None, lr: Optional[float] = None) -> Tuple[int, float, Tuple[int, ...]]:
+    """(epochs, lr, milestones) of a paper preset, milestones rescaled to ``epochs``."""
+    if kind not in PRESETS:
+        raise ValueError(f"unknown preset {kind!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[kind]
+    n = p["epochs"] if epochs is None else epochs
+    ms = tuple(sorted({max(1, round(m * n / p["epochs"])) for m in p["milestones"]} - {n}))
+    ms = tuple(m for m in ms if m < n)
+    return n, (p["lr"] if lr is None else lr), ms
+
+
+# --------------------------------------------------------------------------- distributed helpers
+def dist_info() -> Tuple[int, int]:
+    """(rank, world_size) of the initialised process group, (0, 1) otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _allreduce_grads(params: List[nn.Parameter]) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)  # SUM: the per-rank losses are already scaled by local/global
+    off = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[off:off + n].view_as(g))
+        off += n
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+def _sync_params(model: nn.Module) -> None:
+    for p in model.parameters():
+        dist.broadcast(p.data, 0)
+    _broadcast_buffers(model)
+
+
+# --------------------------------------------------------------------------- misc helpers
+def _autocast(device: torch.device, amp: str):
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    if use:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` to ``path + '.tmp'`` then ``os.replace``: readers never see a torn file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`train` (tensors and plain containers only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", forward=None) -> Dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader`` (all ranks reduced)."""
+    was_training = model.training
+    model.eval()
+    fwd = forward or model
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for x, y, _ in loader.epoch(0):
+        with _autocast(device, amp):
+            logits = fwd(x)
+        logits = logits.float()
+        stats[0] += (logits.argmax(1) == y).sum()
+        stats[1] += F.cross_entropy(logits, y, reduction="sum")
+        stats[2] += len(y)
+    if dist_info()[1] > 1:
+        dist.all_reduce(stats)
+    model.train(was_training)
+    n = max(float(stats[2]), 1.0)
+    return {"acc": 100.0 * float(stats[0]) / n, "loss": float(stats[1]) / n}
+
+
+def train(
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    *,
+    device="cpu",
+    teacher: Optional[nn.Module] = None,
+    sp_layers: Optional[Sequence[str]] = None,
+    checkpoint: Optional[str] = None,
+    resume: bool = False,
+    desc: str = "train",
+    log: Optional[Callable[[str], None]] = None,
+    on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    progress: Optional[bool] = None,
+) -> dict:
+    """Train ``model`` in place on ``data`` (a :class:`~lopfast.pipeline.data.DataBundle`).
+
+    Args:
+        model: the network to train (moved to ``device``).
+        data: bundle with ``train`` / ``test`` loaders.
+        cfg: :class:`TrainConfig`.
+        device: training device.
+        teacher: if given, similarity-preserving distillation from it
+            (``lopfast.SPDistiller``), loss = CE + ``cfg.sp_gamma`` * SP.
+        sp_layers: module names paired between teacher and student (None: every expanded
+            layer of the student).
+        checkpoint: path of the per-epoch checkpoint (rank 0 writes it).
+        resume: continue from ``checkpoint`` if it exists.
+        desc: label for logs and progress bars.
+        log: callable receiving one line per epoch.
+        on_epoch_end: ``f(epoch, record)`` after each epoch's checkpoint (tests use it to
+            simulate an interruption).
+        progress: tqdm bars (default: only when stderr is a terminal, rank 0).
+
+    Returns ``{"history": [...], "final": {"acc", "loss"}, "epochs": n, "seconds": t}``.
+    """
+    device = torch.device(device)
+    rank, world = dist_info()
+    log = log or (lambda s: None)
+    if progress is None:
+        progress = rank == 0 and sys.stderr.isatty()
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=cfg.lr_decay)
+    history: List[dict] = []
+    start = 0
+    if resume and checkpoint and os.path.exists(checkpoint):
+        ck = load_checkpoint(checkpoint, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"], device)
+        history = list(ck.get("history", []))
+        start = int(ck["epoch"]) + 1
+        log(f"[{desc}] resumed from {checkpoint} at epoch {start}/{cfg.epochs}")
+    else:
+        torch.manual_seed(cfg.seed)
+    if world > 1:
+        _sync_params(model)  # identical start on every rank
+
+    distiller = None
+    if teacher is not None:
+        SPDistiller = require("SPDistiller", "SP distillation (methods lop, distill)")
+        teacher.to(device).eval()
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        distiller = SPDistiller(teacher, model, layers=list(sp_layers) if sp_layers is not None else None)
+    forward = model
+    fast = None
+    if device.type == "cuda" and getattr(lopfast, "CollapsedForward", None) is not None and any(
+        isinstance(m, ExpandedConv2d) for m in model.modules()
+    ):
+        # one grouped collapse of every expanded conv per forward instead of one per layer
+        fast = lopfast.CollapsedForward(model)
+    if cfg.compile:
+        # compile the module in place: the distiller's hooks on inner layers keep working
+        model.compile()
+    t0 = time.time()
+    try:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            te = time.time()
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sp, batches
+            batches = _progress(data.train.epoch(epoch), len(data.train), f"{desc} {epoch + 1}/{cfg.epochs}", progress)
+            for x, y, gbs in batches:
+                frac = len(y) / gbs
+                with _autocast(device, cfg.amp):
+                    if distiller is not None:
+                        logits, sp = distiller(x)
+                    else:
+                        logits, sp = forward(x), None
+                # scaled so the summed all-reduce equals the global-batch mean
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") / gbs
+                total = loss if sp is None else loss + cfg.sp_gamma * frac * sp.float()
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if world > 1:
+                    _allreduce_grads(params)
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                opt.step()
+                sums[0] += loss.detach()  # local share of the global-batch mean CE
+                if sp is not None:
+                    sums[1] += sp.detach().float() * frac
+                sums[2] += 1
+            sched.step()
+            if world > 1:
+                dist.all_reduce(sums[:2])
+                _broadcast_buffers(model)
+            ev = evaluate(model, data.test, device, cfg.amp)
+            nb = max(float(sums[2]), 1.0)
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": float(sums[0]) / nb,
+                "sp_loss": float(sums[1]) / nb if distiller is not None else None,
+                "test_acc": ev["acc"],
+                "test_loss": ev["loss"],
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.time() - te,
+            }
+            history.append(rec)
+            if rank == 0:
+                sp_txt = f" sp {rec['sp_loss']:.4f}" if rec["sp_loss"] is not None else ""
+                log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f}{sp_txt} "
+                    f"test acc {ev['acc']:.2f}% ({rec['seconds']:.1f}s)")
+                if checkpoint:
+                    save_atomic(
+                        {
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(),
+                            "rng": _rng_state(device),
+                            "history": history,
+                            "config": _jsonable(asdict(cfg)),
+                        },
+                        checkpoint,
+                    )
+            if world > 1:
+                dist.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, rec)
+    finally:
+        if distiller is not None:
+            distiller.close()
+        if fast is not None:
+            fast.remove()
+    final = history[-1] if history else evaluate(model, data.test, device, cfg.amp)
+    return {
+        "history": history,
+        "final": {"acc": final.get("test_acc", final.get("acc")), "loss": final.get("test_loss", final.get("loss"))},
+        "epochs": cfg.epochs,
+        "seconds": time.time() - t0,
+    }
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,207 @@
+"""Pipeline (issue 6): demo end to end (reduced), every method, resume == uninterrupted, data sets."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import lopfast
+from lopfast.pipeline import stages
+from lopfast.pipeline.data import TensorLoader, _random_crop, load_data
+from lopfast.pipeline.models import build_model
+from lopfast.pipeline.stages import METHODS, RunConfig
+from lopfast.pipeline.train import TrainConfig, load_checkpoint, preset, train
+
+TINY = dict(model="digitsnet", model_kwargs={"width": 16}, dataset="digits", train_subset=256, test_subset=128,
+            batch_size=64, pretrain_epochs=2, epochs=1, scratch_epochs=1, target=0.7, gamma=100.0, device="cpu")
+
+
+def _has_distiller():
+    from lopfast.pipeline._api import has
+
+    return has("SPDistiller")
+
+
+needs_distiller = pytest.mark.skipif(not _has_distiller(), reason="lopfast.SPDistiller is not available")
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """One tiny pretrain + prune shared by the per-method tests."""
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = RunConfig(**TINY)
+    data, device = stages.prepare(cfg)
+    log = stages.RunLog(out, quiet=True)
+    teacher, acc = stages.pretrain_stage(cfg, data, out, device, log)
+    pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log)
+    return cfg, data, device, out, teacher, pruned, report
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_one_epoch(pruned_run, method):
+    cfg, data, device, out, teacher, pruned, report = pruned_run
+    if method in ("lop", "distill") and not _has_distiller():
+        pytest.skip("lopfast.SPDistiller is not available")
+    n0 = sum(p.numel() for p in teacher.parameters())
+    r = stages.recover(method, cfg, teacher, pruned, data, out, device, stages.RunLog(out, True), params_before=n0)
+    assert r["epochs"] == 1
+    # the deliverable is always the compact architecture
+    assert r["params"] == sum(p.numel() for p in pruned.parameters())
+    assert 0 <= r["acc"] <= 100
+    if method in ("lop", "lop-nokd", "expandnets"):
+        assert r["params_trained"] > r["params"]
+        assert r["contract_max_rel_diff"] < 1e-4
+    assert os.path.exists(os.path.join(out, method, "model.pt"))
+    assert os.path.exists(os.path.join(out, method, "result.json"))
+
+
+def test_prune_report_and_rebuild(pruned_run):
+    cfg, data, device, out, teacher, pruned, report = pruned_run
+    assert abs(stages._removed(report) - cfg.target) < 0.05
+    rebuilt = stages.load_stage_model(os.path.join(out, "prune", "model.pt"))
+    x = data.example_inputs(4)
+    rebuilt.eval(), pruned.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pruned(x))
+
+
+@needs_distiller
+def test_demo_reduced(tmp_path):
+    from lopfast.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--pretrain-epochs", "3", "--epochs", "2", "--train-subset", "512",
+               "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["methods"]) == {"ft", "lop"}
+    assert res["pruned"]["removed"] > 0.85
+    for m in ("ft", "lop"):
+        assert res["methods"][m]["params"] == res["pruned"]["params"]
+    assert res["methods"]["lop"]["contract_max_rel_diff"] < 1e-4
+    assert (out / "accuracy.png").stat().st_size > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "digitsnet" and cfg["epochs"] == 2
+    table = stages.format_table(res)
+    assert "lop" in table and "pruned, no recovery" in table
+
+
+def _tiny_train(tmp_path, teacher=None, interrupt_after=None, resume=False, tag="a"):
+    data = load_data("digits", batch_size=64, train_subset=192, test_subset=64, seed=3)
+    torch.manual_seed(0)
+    model = build_model("digitsnet", width=8)
+    if teacher is not None:
+        model = lopfast.expand(model, 2.0, generator=torch.Generator().manual_seed(1))
+    n, lr, ms = preset("finetune", 3)
+    cfg = TrainConfig(n, 0.05, ms, seed=5, sp_gamma=10.0)
+    ck = str(tmp_path / f"{tag}.pt")
+
+    def stop(epoch, rec):
+        if interrupt_after is not None and epoch == interrupt_after:
+            raise KeyboardInterrupt
+
+    try:
+        res = train(model, data, cfg, teacher=teacher, checkpoint=ck, resume=resume, on_epoch_end=stop)
+    except KeyboardInterrupt:
+        return None, ck
+    return (model, res), ck
+
+
+@pytest.mark.parametrize("distill", [False, pytest.param(True, marks=needs_distiller)])
+def test_resume_matches_uninterrupted(tmp_path, distill):
+    teacher = build_model("digitsnet", width=8).eval() if distill else None
+    (full, full_res), _ = _tiny_train(tmp_path, teacher, tag="full")
+    none, ck = _tiny_train(tmp_path, teacher, interrupt_after=0, tag="cut")
+    assert none is None and load_checkpoint(ck)["epoch"] == 0
+    # some other work in between must not change the resumed run
+    torch.manual_seed(123)
+    torch.rand(10)
+    (resumed, res), _ = _tiny_train(tmp_path, teacher, resume=True, tag="cut")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert res["final"]["acc"] == full_res["final"]["acc"]
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+
+
+def test_finished_stages_are_not_recomputed(tmp_path, monkeypatch):
+    cfg = RunConfig(**{**TINY, "methods": ["ft", "lop-nokd"]})
+    out = str(tmp_path / "run")
+    first = stages.run_pipeline(cfg, out, quiet=True)
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage was retrained")
+
+    monkeypatch.setattr(stages, "train", boom)
+    monkeypatch.setattr(stages, "require", lambda *a, **k: boom)  # pruning must not run again either
+    again = stages.run_pipeline(cfg, out, resume=True, quiet=True)
+    assert again["methods"]["ft"]["acc"] == first["methods"]["ft"]["acc"]
+    assert again["teacher"]["acc"] == first["teacher"]["acc"]
+
+
+def test_random_crop_is_a_shifted_window():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    offs = torch.tensor([[4, 4], [0, 8]])
+    out = _random_crop(x, offs, 4)
+    assert torch.equal(out[0], x[0])  # offset == pad: the original image
+    assert torch.equal(out[1, :, :, :], torch.zeros_like(out[1]))  # fully in the padding
+
+
+def test_ddp_slices_cover_the_global_batch():
+    imgs = torch.randint(0, 255, (10, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10)
+    seen = []
+    for r in range(2):
+        ld = TensorLoader(imgs, labels, (0.5,), (0.5,), 4, train=True, crop_pad=1, rank=r, world_size=2, seed=1)
+        seen.append([(y.tolist(), g) for _, y, g in ld.epoch(2)])
+    single = TensorLoader(imgs, labels, (0.5,), (0.5,), 4, train=True, crop_pad=1, seed=1)
+    for b, (x, y, g) in enumerate(single.epoch(2)):
+        assert seen[0][b][0] + seen[1][b][0] == y.tolist() and seen[0][b][1] == g
+
+
+def _png_folder(root, n_per_class=3, size=32):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_cifar_image_folder_layout(tmp_path):
+    _png_folder(tmp_path)
+    data = load_data("cifar10", data_dir=str(tmp_path), batch_size=4)
+    assert data.train.num_samples == 6 and data.test.num_samples == 6
+    x, y, g = next(iter(data.train.epoch(0)))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert data.num_classes == 10 and data.in_channels == 3
+
+
+def test_cifar_pickle_layout(tmp_path):
+    import pickle
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.RandomState(0)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / f, "wb") as fh:
+            pickle.dump({b"data": rng.randint(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, fh)
+    data = load_data("cifar10", data_dir=str(tmp_path), batch_size=8)
+    assert data.train.num_samples == 20 and data.test.num_samples == 4
+
+
+def test_missing_data_dir_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        load_data("cifar10", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_export_torchscript(tmp_path):
+    model = build_model("digitsnet", width=8).eval()
+    path = stages.export_model(model, str(tmp_path / "m"), "torchscript", torch.randn(1, 1, 8, 8), log=lambda s: None)
+    ts = torch.jit.load(path)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), model(x))
