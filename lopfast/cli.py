@@ -306,12 +306,10 @@ def _load_any(path: str):
     if getattr(lopfast, "load", None) is None:
         raise ValueError(f"{path!r} is not a pipeline stage file and lopfast.load is unavailable to read it")
     import lopfast.pipeline  # noqa: F401  (registers the zoo with lopfast.io)
+    from lopfast.io import read
 
-    loaded = lopfast.load(path)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    meta = loaded[1] if isinstance(loaded, tuple) and len(loaded) > 1 and isinstance(loaded[1], dict) else {}
-    meta = meta or getattr(model, "lopfast_metadata", {}) or {}
-    return model, meta
+    model = lopfast.load(path, map_location="cpu")
+    return model, dict(read(path, map_location="cpu").get("metadata", {}))
 
 
 if __name__ == "__main__":  # python -m lopfast.cli (torchrun entry)

@@ -54,6 +54,13 @@ def test_each_method_one_epoch(pruned_run, method):
         assert r["contract_max_rel_diff"] < 1e-4
     assert os.path.exists(os.path.join(out, method, "model.pt"))
     assert os.path.exists(os.path.join(out, method, "result.json"))
+    if hasattr(lopfast, "load"):
+        # the deliverable reloads by itself (zoo registered with lopfast.io) and evaluates the same
+        from lopfast.pipeline.train import evaluate
+
+        loaded = lopfast.load(os.path.join(out, method, "model.pt"), map_location="cpu")
+        assert sum(p.numel() for p in loaded.parameters()) == r["params"]
+        assert evaluate(loaded, data.test, device)["acc"] == pytest.approx(r["acc"])
 
 
 def test_prune_report_and_rebuild(pruned_run):

@@ -1,0 +1,102 @@
+"""lopfast CLI: help, argument errors before any training, config files, export."""
+import json
+
+import pytest
+import torch
+
+from lopfast import cli
+from lopfast.pipeline import stages
+
+BASE = ["--model", "digitsnet", "--dataset", "digits", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _no_training(monkeypatch):
+    """Argument errors must surface before training: make any training call fail loudly."""
+    def boom(*a, **k):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(stages, "train", boom)
+
+
+def run(args, capsys):
+    rc = cli.main(args)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["demo", "pretrain", "prune", "run", "sweep", "export"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: lopfast" in capsys.readouterr().out
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--model", "resnet21", "--dataset", "digits"], "unknown model 'resnet21'"),
+        (["run", *BASE, "--methods", "ft,lopp"], "unknown method 'lopp'"),
+        (["run", *BASE, "--target", "1.5"], "target must be a fraction"),
+        (["run", *BASE, "--target", "0.9995"], "above what digitsnet can lose"),
+        (["run", *BASE, "--rate", "0.5"], "rate .* >= 1"),
+        (["run", *BASE, "--gamma", "-1"], "gamma"),
+        (["run", *BASE, "--epochs", "0"], "epochs must be a positive int"),
+        (["run", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"],
+         "cifar10 not found in /nonexistent/cifar"),
+        (["run", *BASE, "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["run", *BASE, "--prune-method", "magic"], "unknown prune_method 'magic'"),
+        (["run", *BASE, "--export", "tflite"], "unknown export format"),
+        (["run", *BASE, "--teacher", "/nonexistent/model.pt"], "teacher file"),
+        (["prune", *BASE], "needs --teacher"),
+        (["sweep", *BASE, "--targets", "0.5,1.2"], "targets must be a fraction"),
+        (["run", *BASE, "--resume", "--out", "/nonexistent/run"], "--resume needs --out"),
+        (["export", "/nonexistent/model.pt"], "does not exist"),
+    ],
+)
+def test_argument_errors(args, message, capsys):
+    rc, err = run(args, capsys)
+    assert rc == 2
+    assert pytest.importorskip("re").search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": "digitsnet", "dataset": "digits", "rate": 0.5}))
+    rc, err = run(["run", "--config", str(cfg)], capsys)
+    assert rc == 2 and "rate" in err
+    cfg.write_text(json.dumps({"model": "digitsnet", "bogus": 1}))
+    rc, err = run(["run", "--config", str(cfg)], capsys)
+    assert rc == 2 and "unknown config keys ['bogus']" in err
+    # flags override the file
+    cfg.write_text(json.dumps({"model": "digitsnet", "dataset": "digits", "rate": 0.5}))
+    args = cli.build_parser().parse_args(["run", "--config", str(cfg), "--rate", "2"])
+    assert cli._settings(args, {})["rate"] == 2.0
+
+
+def test_bad_list_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--targets", "a,b"])
+    assert e.value.code == 2
+
+
+def test_export_command(tmp_path, capsys):
+    from lopfast.pipeline.models import build_model
+
+    model = build_model("digitsnet", width=8).eval()
+    path = tmp_path / "model.pt"
+    stages._save_stage_model(model, str(path), "digitsnet", {"width": 8})
+    rc = cli.main(["export", str(path), "--input-shape", "1,8,8", "--out", str(tmp_path / "exp")])
+    assert rc == 0
+    ts = torch.jit.load(str(tmp_path / "exp" / "model.ts"))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), model(x))
