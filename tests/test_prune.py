@@ -1,0 +1,261 @@
+"""Structured pruning: every method on a residual CNN and a MobileNetV2-style net, the target
+search, the report, and HRank/ThiNet scores against direct slow computations."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("torch_pruning")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from nets import TinyMobileNetV2, TinyResNet, tiny_data  # noqa: E402
+
+import lopfast  # noqa: E402
+from lopfast.prune import (  # noqa: E402
+    TOLERANCE,
+    channel_contributions,
+    count_params,
+    feature_map_ranks,
+    hrank_scores,
+    thinet_order,
+    thinet_scores,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convs on a shared 2-core box: thread hand-offs cost 100x the arithmetic.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+DATA = tiny_data(n_batches=2, batch=8)
+NETS = {"resnet": TinyResNet, "mobilenetv2": TinyMobileNetV2}
+FAST_OPTIONS = {
+    "l1": {}, "l2": {}, "bn": {}, "taylor": {"batches": 2}, "hrank": {"batches": 1},
+    "thinet": {"batches": 1, "samples": 64},
+    "eagleeye": {"candidates": 2, "calib_batches": 1, "eval_batches": 1, "seed": 3},
+    "admm": {"epochs": 1, "lr": 0.01},
+}
+
+
+def _net(name, seed=0):
+    torch.manual_seed(seed)
+    return NETS[name]()
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("method", sorted(FAST_OPTIONS))
+def test_every_method_meets_target(net, method):
+    model = _net(net)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = 0.6837  # the paper's lightest MobileNetV2 setting
+    pruned, report = lopfast.prune(model, X, method=method, target_removed=target, data=DATA,
+                                   **FAST_OPTIONS[method])
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert abs(report.removed_fraction - target) <= TOLERANCE
+    assert report.params_before == count_params(model)
+    assert report.params_after == count_params(pruned)
+    assert report.removed_fraction == pytest.approx(1 - count_params(pruned) / count_params(model))
+    assert report.macs_after < report.macs_before
+    assert report.method == method
+    d = json.loads(report.to_json())
+    assert d["params_after"] == report.params_after and d["method"] == method
+    # physically smaller, the classifier keeps its outputs, forward + backward run
+    head = "fc" if net == "resnet" else "classifier.1"
+    assert report.layers[head] == [10, 10]
+    assert sum(after < before for before, after in report.layers.values()) > 0
+    sd1 = {k: v.clone() for k, v in pruned.state_dict().items()}
+    out = pruned(torch.randn(4, 3, 16, 16))
+    assert out.shape == (4, 10)
+    out.sum().backward()
+    assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
+    # same seed, same result
+    again, report2 = lopfast.prune(model, X, method=method, target_removed=target, data=DATA,
+                                   **FAST_OPTIONS[method])
+    assert report2.params_after == report.params_after
+    sd2 = again.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+@pytest.mark.parametrize("target", [0.7823, 0.9480, 0.9866])
+def test_paper_targets_mobilenet(target):
+    pruned, report = lopfast.prune(_net("mobilenetv2"), X, method="l1", target_removed=target)
+    assert abs(report.removed_fraction - target) <= TOLERANCE
+    assert pruned(X).shape == (1, 10)
+
+
+def test_ratio_mode_and_global_pruning():
+    model = _net("resnet")
+    pruned, report = lopfast.prune(model, X, method="l2", ratio=0.5)
+    assert report.ratio == 0.5 and report.target_removed is None
+    assert report.layers["layer1.conv1"] == [16, 8]
+    pruned, report = lopfast.prune(model, X, method="l1", target_removed=0.5, global_pruning=True)
+    assert abs(report.removed_fraction - 0.5) <= TOLERANCE
+    assert pruned(X).shape == (1, 10)
+
+
+def test_ignored_layers_keep_their_channels():
+    pruned, report = lopfast.prune(_net("resnet"), X, ratio=0.5, ignored=["layer1.conv1"])
+    assert report.layers["layer1.conv1"] == [16, 16]
+    assert "layer1.conv1" in report.ignored and "fc" in report.ignored
+
+
+def test_target_beyond_the_architecture_raises():
+    with pytest.raises(ValueError, match="more than this architecture can lose"):
+        lopfast.prune(_net("mobilenetv2"), X, target_removed=0.999)
+
+
+def test_argument_errors():
+    model = _net("resnet")
+    with pytest.raises(ValueError, match="exactly one"):
+        lopfast.prune(model, X)
+    with pytest.raises(ValueError, match="exactly one"):
+        lopfast.prune(model, X, ratio=0.5, target_removed=0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        lopfast.prune(model, X, target_removed=68.37)
+    with pytest.raises(ValueError, match="method"):
+        lopfast.prune(model, X, method="l3", ratio=0.5)
+    with pytest.raises(ValueError, match="data"):
+        lopfast.prune(model, X, method="hrank", ratio=0.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        lopfast.prune(model, X, method="l1", ratio=0.5, foo=1)
+    with pytest.raises(TypeError, match="model"):
+        lopfast.prune("net", X, ratio=0.5)
+    with pytest.raises(ValueError, match="ignored"):
+        lopfast.prune(model, X, ratio=0.5, ignored=["nope"])
+    with pytest.raises(ValueError, match="expand"):
+        lopfast.prune(lopfast.expand(model, 2.0), X, ratio=0.5)
+    with pytest.raises(NotImplementedError, match="DDPG"):
+        lopfast.prune(model, X, method="amc", ratio=0.5, data=DATA)
+
+
+def test_bn_method_needs_batchnorm():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        lopfast.prune(net, X, method="bn", ratio=0.5)
+
+
+# ---------------------------------------------------------------------------- HRank
+def test_feature_map_ranks_match_one_map_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, 4, 6, 5, generator=g)
+    maps[0, 1] = torch.outer(torch.randn(6, generator=g), torch.randn(5, generator=g))  # rank 1
+    maps[2, 3] = 0  # rank 0
+    slow = torch.tensor([[int(torch.linalg.matrix_rank(maps[b, c])) for c in range(4)] for b in range(3)])
+    assert torch.equal(feature_map_ranks(maps), slow)
+
+
+def _hrank_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[0].weight[2] = 0  # filter 2 outputs a constant map: rank <= 1
+        net[0].bias[2] = 1.0
+    return net
+
+
+def test_hrank_scores_match_direct_computation():
+    net = _hrank_net()
+    data = tiny_data(n_batches=2, batch=3, size=8, num_classes=3)
+    scores = hrank_scores(net, data, batches=2)
+    direct = torch.zeros(6)
+    for x, _ in data:
+        with torch.no_grad():
+            out = net[0](x)
+        for b in range(out.shape[0]):
+            for c in range(6):
+                direct[c] += float(torch.linalg.matrix_rank(out[b, c]))
+    direct /= 6
+    assert torch.allclose(scores["0"], direct)
+    assert int(torch.argmin(scores["0"])) == 2
+    # the low-rank filter is the one HRank removes
+    pruned, report = lopfast.prune(net, torch.randn(1, 3, 8, 8), method="hrank", ratio=1 / 6 - 1e-3, data=data)
+    assert report.layers["0"] == [6, 5]
+    kept = [0, 1, 3, 4, 5]
+    assert torch.equal(pruned[0].weight, net[0].weight[kept])
+
+
+# ---------------------------------------------------------------------------- ThiNet
+def test_channel_contributions_sum_to_the_conv_output():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 4, 3, stride=2, padding=1)
+    x = torch.randn(2, 5, 9, 9)
+    z = channel_contributions(conv, x)  # (C_in, B*L*O), ordered (b, l, o)
+    ref = F.conv2d(x, conv.weight, None, 2, 1)  # (B, O, H, W)
+    assert torch.allclose(z.sum(0), ref.permute(0, 2, 3, 1).reshape(-1), atol=1e-5)
+    lin = nn.Linear(5, 3)
+    xl = torch.randn(4, 5)
+    assert torch.allclose(channel_contributions(lin, xl).sum(0), (xl @ lin.weight.T).reshape(-1), atol=1e-6)
+
+
+def test_thinet_order_matches_brute_force_greedy():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 40, generator=g)
+    z[4] *= 0.01  # nearly useless channel
+    removed, order = [], []
+    for _ in range(6):
+        best = min((c for c in range(6) if c not in removed),
+                   key=lambda c: float(z[removed + [c]].sum(0).pow(2).sum()))
+        removed.append(best)
+        order.append(best)
+    assert thinet_order(z).tolist() == order
+    assert order[0] == 4
+
+
+def test_thinet_scores_and_rescaling():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    data = tiny_data(n_batches=1, batch=4, size=8, num_classes=3)
+    x = data[0][0]
+    scores = thinet_scores(net, data, batches=1, samples=10_000)  # all locations: exact
+    with torch.no_grad():
+        h = net[1](net[0](x))
+    z = channel_contributions(net[2], h)
+    direct = torch.empty(8)
+    direct[thinet_order(z)] = torch.arange(1, 9, dtype=torch.float32) / 8
+    assert torch.allclose(scores["2"], direct)
+
+    # least-squares rescaling brings the next layer's output closer to the original one
+    @torch.no_grad()
+    def err(pruned):
+        ref = net[2](net[1](net[0](x)))
+        got = pruned[2](pruned[1](pruned[0](x)))
+        return float((ref - got).pow(2).mean())
+
+    kw = dict(method="thinet", ratio=0.5, data=data, samples=10_000, ignored=["2"])
+    plain, _ = lopfast.prune(net, x[:1], rescale=False, **kw)
+    rescaled, report = lopfast.prune(net, x[:1], **kw)
+    assert "2" in report.extra["rescaled_layers"]
+    assert err(rescaled) < err(plain)
+
+
+# ---------------------------------------------------------------------------- EagleEye / ADMM
+def test_eagleeye_adaptive_bn_and_seed():
+    model = _net("mobilenetv2")
+    opts = dict(method="eagleeye", target_removed=0.78, data=tiny_data(3), candidates=3, calib_batches=2,
+                eval_batches=1)
+    _, r1 = lopfast.prune(model, X, seed=0, **opts)
+    _, r2 = lopfast.prune(model, X, seed=0, **opts)
+    assert r1.extra["layer_ratios"] == r2.extra["layer_ratios"]
+    assert len(r1.extra["candidate_scores"]) + r1.extra["failed_candidates"] == 3
+
+
+def test_admm_drives_dropped_channels_to_zero():
+    model = _net("resnet")
+    data = tiny_data(n_batches=4, batch=8)
+    _, weak = lopfast.prune(model, X, method="admm", ratio=0.5, data=data, epochs=1, rho=1e-3)
+    _, strong = lopfast.prune(model, X, method="admm", ratio=0.5, data=data, epochs=3, rho=1.0, lr=0.05)
+    assert len(strong.extra["train_loss"]) == 3
+    # a larger rho pulls the filters onto the channel-sparse set
+    assert strong.extra["primal_residual"] < weak.extra["primal_residual"]
