@@ -1,0 +1,227 @@
+"""Pickle-free save/load: round trips of pruned, expanded and contracted models; refusal of
+pickled, truncated and tampered files; the architecture registry."""
+import os
+import sys
+import zipfile
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from nets import TinyMobileNetV2, TinyResNet  # noqa: E402
+
+import lopfast  # noqa: E402
+import lopfast.io as lio  # noqa: E402
+from lopfast.io import ModelFileError  # noqa: E402
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry(monkeypatch):
+    monkeypatch.setattr(lio, "_ARCHITECTURES", {})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _pruned(net_cls=TinyMobileNetV2):
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    pruned, _ = lopfast.prune(net_cls(), X[:1], method="l1", ratio=0.4)
+    return pruned.eval()
+
+
+def _same(a, b):
+    with torch.no_grad():
+        return torch.equal(a(X), b(X))
+
+
+@pytest.mark.parametrize("net_cls", [TinyMobileNetV2, TinyResNet])
+def test_pruned_round_trip(tmp_path, net_cls):
+    pruned = _pruned(net_cls)
+    path = tmp_path / "pruned.pt"
+    lopfast.save(pruned, path, note="pruned")
+    loaded = lopfast.load(path, model=net_cls())
+    assert _same(pruned, loaded)
+    assert not loaded.training
+    # the file is plain data: it opens with weights_only=True
+    payload = torch.load(path, weights_only=True)
+    assert payload["metadata"] == {"note": "pruned"}
+
+
+def test_expanded_and_contracted_round_trip(tmp_path):
+    pruned = _pruned()
+    expanded = lopfast.expand(pruned, 2.0, linear=True, linear_depth=3,
+                              generator=torch.Generator().manual_seed(0)).eval()
+    lopfast.set_mode(expanded, "chain")
+    lopfast.save(expanded, tmp_path / "e.pt")
+    loaded = lopfast.load(tmp_path / "e.pt", model=TinyMobileNetV2())
+    assert isinstance(loaded.stem[0], lopfast.ExpandedConv2d) and loaded.stem[0].mode == "chain"
+    assert isinstance(loaded.classifier[1], lopfast.ExpandedLinear) and loaded.classifier[1].depth == 3
+    assert loaded.stem[0].rate == 2.0
+    assert _same(expanded, loaded)
+    # training continues: factors are real, trainable parameters
+    loaded.train()
+    loaded(X).sum().backward()
+    assert loaded.stem[0].weight2.grad is not None
+
+    contracted = lopfast.contract(expanded)
+    lopfast.save(contracted, tmp_path / "c.pt")
+    loaded = lopfast.load(tmp_path / "c.pt", model=TinyMobileNetV2())
+    assert type(loaded.stem[0]) is nn.Conv2d
+    assert _same(contracted, loaded)
+
+
+def test_unpruned_model_and_map_location(tmp_path):
+    torch.manual_seed(1)
+    net = TinyResNet().eval()
+    lopfast.save(net, tmp_path / "n.pt")
+    loaded = lopfast.load(tmp_path / "n.pt", model=TinyResNet(), map_location="cpu")
+    assert _same(net, loaded)
+
+
+def test_registry_rebuilds_without_model(tmp_path):
+    pruned = _pruned(TinyResNet)
+    lopfast.register_architecture("tiny-resnet", TinyResNet)
+    lopfast.save(pruned, tmp_path / "r.pt", arch="tiny-resnet", arch_kwargs={"num_classes": 10})
+    loaded = lopfast.load(tmp_path / "r.pt")
+    assert _same(pruned, loaded)
+    with pytest.raises(ValueError, match="already registered"):
+        lopfast.register_architecture("tiny-resnet", TinyMobileNetV2)
+    lopfast.register_architecture("tiny-resnet", TinyMobileNetV2, overwrite=True)
+    with pytest.raises(ModelFileError):
+        lopfast.load(tmp_path / "r.pt")  # a different architecture does not fit
+    with pytest.raises(TypeError, match="builder"):
+        lopfast.register_architecture("x", 3)
+
+
+def test_unknown_or_missing_arch(tmp_path):
+    net = TinyResNet()
+    lopfast.save(net, tmp_path / "a.pt", arch="not-registered-anywhere")
+    with pytest.raises(ModelFileError, match="not registered"):
+        lopfast.load(tmp_path / "a.pt")
+    lopfast.save(net, tmp_path / "b.pt")
+    with pytest.raises(ModelFileError, match="model="):
+        lopfast.load(tmp_path / "b.pt")
+
+
+def test_torchvision_arch(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    net = tv.models.get_model("resnet18", num_classes=5).eval()
+    lopfast.save(net, tmp_path / "tv.pt", arch="resnet18", arch_kwargs={"num_classes": 5})
+    loaded = lopfast.load(tmp_path / "tv.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded(x))
+
+
+_EXECUTED = []
+
+
+class _Plain:
+    pass
+
+
+class _Payload:
+    """Unpickling this would run code (append to _EXECUTED)."""
+
+    def __reduce__(self):
+        return (_EXECUTED.append, ("ran",))
+
+
+def test_pickled_object_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": lio.FORMAT, "version": 1, "state_dict": {}, "structure": {}, "metadata": {},
+                "x": _Payload()}, path)
+    with pytest.raises(ModelFileError, match="pickled") as info:
+        lopfast.load(path, model=TinyResNet())
+    assert str(path) in str(info.value)
+    assert _EXECUTED == []
+
+    torch.save(_Plain(), tmp_path / "plain.pt")
+    with pytest.raises(ModelFileError):
+        lopfast.load(tmp_path / "plain.pt", model=TinyResNet())
+
+
+def test_truncated_and_garbage_files_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    lopfast.save(TinyResNet(), good)
+    blob = good.read_bytes()
+    for i, cut in enumerate((len(blob) // 2, 100, 10)):
+        bad = tmp_path / f"cut{i}.pt"
+        bad.write_bytes(blob[:cut])
+        with pytest.raises(ModelFileError, match="cut") as info:
+            lopfast.load(bad, model=TinyResNet())
+        assert isinstance(info.value, ValueError)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(2048))
+    with pytest.raises(ModelFileError, match="garbage"):
+        lopfast.load(garbage, model=TinyResNet())
+    with pytest.raises(FileNotFoundError):
+        lopfast.load(tmp_path / "missing.pt")
+
+
+def test_tampered_files_refused(tmp_path):
+    pruned = _pruned(TinyResNet)
+    lopfast.save(pruned, tmp_path / "p.pt")
+    payload = torch.load(tmp_path / "p.pt", weights_only=True)
+
+    def write(name, p):
+        torch.save(p, tmp_path / name)
+        return tmp_path / name
+
+    bad = dict(payload, structure=dict(payload["structure"]))
+    bad["structure"]["stem.0"] = dict(bad["structure"]["stem.0"], out_channels=3)
+    with pytest.raises(ModelFileError, match="do not fit"):
+        lopfast.load(write("shape.pt", bad), model=TinyResNet())
+
+    bad = dict(payload, state_dict={k: v for k, v in payload["state_dict"].items() if k != "fc.bias"})
+    with pytest.raises(ModelFileError, match="fc.bias"):
+        lopfast.load(write("missing.pt", bad), model=TinyResNet())
+
+    bad = dict(payload, structure=dict(payload["structure"]))
+    bad["structure"]["stem.0"] = {"type": "Conv2d", "in_channels": 3}
+    with pytest.raises(ModelFileError, match="stem.0"):
+        lopfast.load(write("spec.pt", bad), model=TinyResNet())
+
+    bad = dict(payload, structure=dict(payload["structure"], **{"nowhere.conv": {"type": "Linear"}}))
+    with pytest.raises(ModelFileError, match="nowhere.conv"):
+        lopfast.load(write("path.pt", bad), model=TinyResNet())
+
+    with pytest.raises(ModelFileError, match="format"):
+        lopfast.load(write("other.pt", {"weights": torch.zeros(2)}), model=TinyResNet())
+    with pytest.raises(ModelFileError, match="version"):
+        lopfast.load(write("future.pt", dict(payload, version=99)), model=TinyResNet())
+
+    # a zip member rewritten after the fact (not a valid record any more)
+    src = tmp_path / "p.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp_path / "zip.pt", "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data[: len(data) // 2]
+            zout.writestr(item, data)
+    with pytest.raises(ModelFileError):
+        lopfast.load(tmp_path / "zip.pt", model=TinyResNet())
+
+
+def test_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="metadata"):
+        lopfast.save(TinyResNet(), tmp_path / "m.pt", opt=object())
+    with pytest.raises(TypeError, match="arch"):
+        lopfast.save(TinyResNet(), tmp_path / "m.pt", arch=3)
+    with pytest.raises(TypeError, match="model"):
+        lopfast.save("net", tmp_path / "m.pt")
+    with pytest.raises(TypeError, match="path"):
+        lopfast.save(TinyResNet(), 3)
+    lopfast.save(TinyResNet(), tmp_path / "m.pt")
+    with pytest.raises(TypeError, match="model"):
+        lopfast.load(tmp_path / "m.pt", model="net")
+    assert not any(p.name.startswith(".lopfast-") for p in tmp_path.iterdir())  # no temp files left
