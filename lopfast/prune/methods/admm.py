@@ -60,7 +60,9 @@ def admm(engine, ratio, target, data, opts):
     (default: once per epoch). Finally the channels with the smallest group L2 norm (the
     ones ADMM drove to zero) are removed. Options: loss_fn=cross_entropy, lr=0.01,
     momentum=0.9, weight_decay=5e-4, epochs=2, rho=1e-2, admm_every=None.
-    Cost on the test nets: the training (~20 ms per 8-image step) plus one ``l2`` prune.
+    Measured cost (2 epochs over 4 batches of 8x3x16x16, 1 CPU thread, TinyResNet /
+    TinyMobileNetV2): ratio=0.5: 106 / 123 ms; target search: 241 / 147 ms. Real use needs
+    many epochs: the cost is that of training with one extra elementwise term.
     """
     from lopfast.prune.api import _check_options, _pos_int, _unpack
 
