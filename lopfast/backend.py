@@ -62,11 +62,16 @@ def triton_available() -> bool:
 
 
 def cuda_extension():
-    """The compiled CUDA extension module, or None when it was not built."""
+    """The compiled CUDA extension module, or None when it was not built.
+
+    Falls back to compiling ``csrc/`` on first use where CUDA torch and nvcc exist
+    (``lopfast.ops.cuda_ext.jit_extension``)."""
     try:
         from lopfast import _C  # type: ignore[attr-defined]
     except Exception:
-        return None
+        from lopfast.ops.cuda_ext import jit_extension
+
+        return jit_extension()
     return _C
 
 

@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lopfast.backend import cuda_extension, resolve_backend
+from lopfast.backend import resolve_backend
 from lopfast.layers.decompose import collapse as _reference_collapse
 
 Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -173,24 +173,6 @@ def _triton_many(layers: Sequence[Layer]) -> List[torch.Tensor]:
     return [piece.view(s.G * s.n_g, s.m_g, s.kh, s.kw) for piece, s in zip(pieces, shapes)]
 
 
-# ----------------------------------------------------------------------------- CUDA C++ op
-class _CollapseCuda(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w1, w2, w3, groups):
-        ext = cuda_extension()
-        ctx.save_for_backward(w1, w2, w3)
-        ctx.groups = groups
-        return ext.collapse_forward(w1.contiguous(), w2.contiguous(), w3.contiguous(), groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w1, w2, w3 = ctx.saved_tensors
-        ext = cuda_extension()
-        d1, d2, d3 = ext.collapse_backward(w1.contiguous(), w2.contiguous(), w3.contiguous(), ctx.groups,
-                                           grad.to(w1.dtype).contiguous())
-        return d1, d2, d3, None
-
-
 # ----------------------------------------------------------------------------- public API
 def _check_layer(layer, i: int) -> Layer:
     try:
@@ -234,7 +216,9 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
         if name == "triton":
             outs = _triton_many([checked[i] for i in idx])
         elif name == "cuda":
-            outs = [_CollapseCuda.apply(*checked[i]) for i in idx]
+            from lopfast.ops.cuda_ext import CollapseCuda
+
+            outs = [CollapseCuda.apply(*checked[i]) for i in idx]
         else:
             outs = [reference_collapse(*checked[i]) for i in idx]
         for i, o in zip(idx, outs):

@@ -1,0 +1,115 @@
+"""The CUDA C++ extension (``lopfast._C``, sources in ``csrc/``): loading and autograd wrappers.
+
+``lopfast._C`` is built by ``LOPFAST_BUILD_CUDA=1 pip install --no-build-isolation .``. When it
+was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
+``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, nvcc, and the source tree, i.e.
+an editable install; ``LOPFAST_JIT_CUDA=0`` turns this off). Everything else gets None, and
+``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+_jit_state: dict = {}
+
+
+def jit_extension():
+    """The extension compiled from ``csrc/`` on first call (cached), or None where impossible."""
+    if "module" in _jit_state:
+        return _jit_state["module"]
+    module = None
+    if (
+        os.environ.get("LOPFAST_JIT_CUDA", "1") != "0"
+        and torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and CSRC.is_dir()
+    ):
+        from torch.utils import cpp_extension
+
+        if cpp_extension.CUDA_HOME is not None:
+            arch = os.environ.get("LOPFAST_CUDA_ARCH")
+            if arch and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+            sources = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
+            try:
+                module = cpp_extension.load(
+                    name="lopfast_C_jit", sources=sources, extra_cuda_cflags=["-O3"],
+                    extra_include_paths=[str(CSRC)], verbose=False,
+                )
+            except Exception as exc:  # a broken toolchain must not break the torch/triton paths
+                warnings.warn(f"lopfast: compiling the CUDA extension from {CSRC} failed: {exc}")
+    _jit_state["module"] = module
+    return module
+
+
+def _ext():
+    from lopfast.backend import cuda_extension
+
+    ext = cuda_extension()
+    if ext is None:
+        raise RuntimeError(
+            "lopfast: the CUDA extension lopfast._C is not built (build it with "
+            "`LOPFAST_BUILD_CUDA=1 pip install --no-build-isolation .` on a machine with CUDA torch and nvcc)"
+        )
+    return ext
+
+
+class CollapseCuda(torch.autograd.Function):
+    """One chain collapsed by the CUDA C++ kernels: 2 launches forward, 5 backward."""
+
+    @staticmethod
+    def forward(ctx, w1, w2, w3, groups):
+        ctx.save_for_backward(w1, w2, w3)
+        ctx.groups = groups
+        return _ext().collapse_forward(w1.contiguous(), w2.contiguous(), w3.contiguous(), int(groups))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1, w2, w3 = ctx.saved_tensors
+        d1, d2, d3 = _ext().collapse_backward(
+            w1.contiguous(), w2.contiguous(), w3.contiguous(), ctx.groups, grad.to(w1.dtype).contiguous()
+        )
+        return d1, d2, d3, None
+
+
+class SPLossCuda(torch.autograd.Function):
+    """SP Gram loss over (student, teacher) pairs by the CUDA C++ kernels.
+
+    ``apply(n, *students, *teachers)``: returns the 0-d loss (fp32; fp64 for fp64 features).
+    Teachers get no gradient (they are the distillation target)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *feats):
+        students = [f.reshape(f.shape[0], -1).contiguous() for f in feats[:n]]
+        teachers = [f.detach().reshape(f.shape[0], -1).to(students[0].dtype).contiguous() for f in feats[n:]]
+        ctx.save_for_backward(*students, *teachers)
+        ctx.n = n
+        ctx.shapes = [f.shape for f in feats[:n]]
+        ctx.dtypes = [f.dtype for f in feats[:n]]
+        return _ext().sp_loss_forward(students, teachers)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = ctx.n
+        grads = _ext().sp_loss_backward(list(saved[:n]), list(saved[n:]), grad.contiguous())
+        out = [g.reshape(s).to(dt) for g, s, dt in zip(grads, ctx.shapes, ctx.dtypes)]
+        return (None, *out, *([None] * n))
+
+
+def sp_loss_cuda(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SP loss sum_pairs |Gn_T - Gn_S|_F^2 / b^2 on the CUDA C++ backend (differentiable in students)."""
+    students, teachers = list(students), list(teachers)
+    if len(students) != len(teachers) or not students:
+        raise ValueError("sp_loss_cuda: need the same positive number of student and teacher features")
+    return SPLossCuda.apply(len(students), *students, *teachers)
+
+
+__all__ = ["CollapseCuda", "SPLossCuda", "jit_extension", "sp_loss_cuda"]
