@@ -36,3 +36,9 @@ from lopfast.io import ModelFileError, load, register_architecture, save  # noqa
 from lopfast.prune import PruneReport  # noqa: E402
 
 __all__ += ["ModelFileError", "PruneReport", "load", "prune", "register_architecture", "save"]
+
+# Prune -> expand -> distill -> contract pipeline, model zoo and data (issue 6); the `lopfast`
+# command line lives in lopfast.cli. Importing it also registers the zoo with lopfast.io.
+from lopfast.pipeline import RunConfig, build_model, load_data, run_pipeline  # noqa: E402
+
+__all__ += ["RunConfig", "build_model", "load_data", "run_pipeline"]
