@@ -43,6 +43,7 @@ FAST_OPTIONS = {
     "thinet": {"batches": 1, "samples": 64},
     "eagleeye": {"candidates": 2, "calib_batches": 1, "eval_batches": 1, "seed": 3},
     "admm": {"epochs": 1, "lr": 0.01},
+    "amc": {"episodes": 4, "warmup": 2, "batch_size": 4, "hidden": 32},
 }
 
 
@@ -134,8 +135,6 @@ def test_argument_errors():
         lopfast.prune(model, X, ratio=0.5, ignored=["nope"])
     with pytest.raises(ValueError, match="expand"):
         lopfast.prune(lopfast.expand(model, 2.0), X, ratio=0.5)
-    with pytest.raises(NotImplementedError, match="DDPG"):
-        lopfast.prune(model, X, method="amc", ratio=0.5, data=DATA)
 
 
 def test_bn_method_needs_batchnorm():
@@ -259,3 +258,29 @@ def test_admm_drives_dropped_channels_to_zero():
     assert len(strong.extra["train_loss"]) == 3
     # a larger rho pulls the filters onto the channel-sparse set
     assert strong.extra["primal_residual"] < weak.extra["primal_residual"]
+
+
+def test_amc_cost_model_matches_pruning_and_agent_learns():
+    from lopfast.prune.engine import Engine, _forward, output_layers
+    from lopfast.prune.importance import magnitude_importance
+    from lopfast.prune.methods.amc import CostModel
+
+    model = _net("mobilenetv2")
+    ignored = output_layers(model, X)
+    engine, cm = Engine(model, X, ignored), CostModel(model, X, ignored, _forward)
+    order = [n for n, _ in model.named_modules()]
+    roots = [order.index(grp["root"]) for grp in cm.groups]
+    assert roots == sorted(roots)  # AMC walks from input to output
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ratios = (0.9 * torch.rand(len(cm.groups), generator=g)).tolist()
+        per_layer = {n: r for grp, r in zip(cm.groups, ratios) for n in grp["members"]}
+        pruned, _ = engine.prune(magnitude_importance(1), per_layer)
+        assert cm.cost(ratios)[0] == count_params(pruned)
+    # budget walls keep every episode on target; the report carries the episode rewards
+    _, report = lopfast.prune(model, X, method="amc", target_removed=0.78, data=DATA, episodes=6, warmup=3,
+                              batch_size=4, hidden=32)
+    assert all(abs(ep["removed"] - 0.78) < 0.02 for ep in report.extra["episodes"])
+    assert len(report.extra["episodes"]) == 6
+    with pytest.raises(ValueError, match="max_ratio"):
+        lopfast.prune(model, X, method="amc", target_removed=0.97, data=DATA, episodes=2, warmup=1)

@@ -2,7 +2,7 @@
 
 ``prune(model, example_inputs, method=..., ratio=... | target_removed=...)`` returns a
 physically smaller copy and a :class:`PruneReport`. Methods: l1, l2, bn, taylor, hrank,
-thinet, eagleeye, admm (amc raises NotImplementedError). Needs torch-pruning
+thinet, eagleeye, admm, amc. Needs torch-pruning
 (``pip install 'lopfast[prune]'``).
 """
 from lopfast.prune.api import METHODS, PruneReport, prune

@@ -23,7 +23,7 @@ from lopfast.prune.importance import (
 )
 
 METHODS = ("l1", "l2", "bn", "taylor", "hrank", "thinet", "eagleeye", "admm", "amc")
-DATA_METHODS = ("taylor", "hrank", "thinet", "eagleeye", "admm")
+DATA_METHODS = ("taylor", "hrank", "thinet", "eagleeye", "admm", "amc")
 
 
 @dataclass
@@ -319,7 +319,7 @@ def prune(
             removed fraction is within 0.005 of it. Give exactly one of ``ratio`` and
             ``target_removed``.
         data: iterable of (inputs, targets) batches, needed by taylor, hrank, thinet,
-            eagleeye (calibration/scoring) and admm (training data).
+            eagleeye (calibration/scoring), amc (reward) and admm (training data).
         ignored: module names (or modules of ``model``) whose output channels are kept.
         global_pruning: rank channels across layers (l1, l2, bn, taylor, hrank, thinet).
         **method_options: the method's options (unknown ones raise TypeError).
