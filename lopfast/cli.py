@@ -186,6 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # bad input: a one-line message saying what to change, no traceback
         print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from lopfast.pipeline._api import MissingAPIError
+
+        if not isinstance(exc, MissingAPIError):
+            raise
+        print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lopfast {args.command}: interrupted; continue with --resume --out <same dir>", file=sys.stderr)
         return 130
@@ -246,6 +253,9 @@ def _dispatch(args) -> int:
     if _rank0():
         print()
         print(stages.format_table(results))
+        for name, r in results["methods"].items():
+            if "error" in r:
+                print(f"{name}: {r['error']}")
         print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'results.json')} and accuracy.png")
     return 0
 

@@ -212,3 +212,19 @@ def test_export_torchscript(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(ts(x), model(x))
+
+
+def test_missing_building_block_fails_that_method_only(tmp_path, monkeypatch):
+    from lopfast.pipeline._api import MissingAPIError, require
+
+    def fake_require(name, needed_for):
+        if name == "SPDistiller":
+            raise MissingAPIError(f"{needed_for} needs lopfast.SPDistiller")
+        return require(name, needed_for)
+
+    monkeypatch.setattr(stages, "require", fake_require)
+    cfg = RunConfig(**{**TINY, "methods": ["lop", "ft"]})
+    res = stages.run_pipeline(cfg, str(tmp_path / "run"), quiet=True)
+    assert "needs lopfast.SPDistiller" in res["methods"]["lop"]["error"]
+    assert res["methods"]["ft"]["acc"] >= 0
+    assert "not run" in stages.format_table(res)

@@ -42,7 +42,7 @@ import torch.nn as nn
 import lopfast
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
-from lopfast.pipeline._api import has, require
+from lopfast.pipeline._api import MissingAPIError, has, require
 from lopfast.pipeline.data import DATASETS, check_dataset_name, load_data
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
 
@@ -566,7 +566,13 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
         "methods": {},
     }
     for method in cfg.methods:
-        r = recover(method, cfg, teacher, pruned, data, out, device, log, resume, params_before=teacher_params)
+        try:
+            r = recover(method, cfg, teacher, pruned, data, out, device, log, resume, params_before=teacher_params)
+        except MissingAPIError as exc:
+            # a method whose building block is missing fails alone; the others still run
+            log(f"[{method}] not run: {exc}")
+            results["methods"][method] = {"method": method, "error": str(exc)}
+            continue
         results["methods"][method] = {k: v for k, v in r.items() if k != "history"}
     results["seconds"] = time.time() - t0
     _write_json(os.path.join(out, "results.json"), results)
@@ -587,6 +593,9 @@ def format_table(results: dict) -> str:
     rows.append(("pruned, no recovery", f"{p['params']:,}", f"{p['macs']:,}", f"{100 * p['removed']:.1f}",
                  f"{p['acc']:.2f}%"))
     for name, r in results["methods"].items():
+        if "error" in r:
+            rows.append((name, "-", "-", "-", "not run (see log)"))
+            continue
         rows.append((name, f"{r['params']:,}", f"{r['macs']:,}", f"{100 * (r['removed'] or 0):.1f}", f"{r['acc']:.2f}%"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
@@ -602,8 +611,10 @@ def plot_curves(results: dict, out: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in results["methods"]:
+    for name, r in results["methods"].items():
         path = os.path.join(out, name, "result.json")
+        if "error" in r:
+            continue
         if os.path.exists(path):
             with open(path) as f:
                 hist = json.load(f)["history"]
@@ -643,7 +654,12 @@ def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: boo
         pruned, report = prune_stage(cfg, teacher, data, out, device, log, target=t, tag=tag)
         removed = 1 - zoo.count_params(pruned) / n0
         for m in cfg.methods:
-            r = recover(m, cfg, teacher, pruned, data, out, device, log, resume, tag=f"{tag}/{m}", params_before=n0)
+            try:
+                r = recover(m, cfg, teacher, pruned, data, out, device, log, resume, tag=f"{tag}/{m}",
+                            params_before=n0)
+            except MissingAPIError as exc:
+                log(f"[{tag}/{m}] not run: {exc}")
+                continue
             rows.append({"target": t, "removed": removed, "method": m, "acc": r["acc"], "params": r["params"],
                          "macs": r["macs"], "teacher_acc": teacher_acc})
     if rank == 0:
