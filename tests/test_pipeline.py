@@ -228,3 +228,17 @@ def test_missing_building_block_fails_that_method_only(tmp_path, monkeypatch):
     assert "needs lopfast.SPDistiller" in res["methods"]["lop"]["error"]
     assert res["methods"]["ft"]["acc"] >= 0
     assert "not run" in stages.format_table(res)
+
+
+def test_sweep_writes_csv_and_plot(tmp_path):
+    from lopfast.cli import main
+
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--model", "digitsnet", "--dataset", "digits", "--device", "cpu", "--train-subset", "256",
+               "--test-subset", "128", "--batch-size", "64", "--pretrain-epochs", "1", "--epochs", "1",
+               "--methods", "ft,lop-nokd", "--targets", "0.5,0.8", "--out", str(out), "--quiet"])
+    assert rc == 0
+    lines = (out / "sweep.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("target,removed,method,acc")
+    assert len(lines) == 1 + 2 * 2
+    assert (out / "sweep.png").stat().st_size > 0
