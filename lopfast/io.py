@@ -244,7 +244,13 @@ def read(path: PathLike, map_location=None) -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise ModelFileError(f"{path}: refused to load: the file contains pickled objects other than tensors "
                              f"and plain data (weights_only=True): {_first_line(e)}") from None
-    except Exception as e:  # truncated/corrupt archives surface as RuntimeError, EOFError, zip errors...
+    except RuntimeError as e:
+        if "map_location" in str(e):  # saved on a device this machine lacks
+            raise ModelFileError(f"{path}: the tensors were saved on a device that is not available here; "
+                                 f"pass map_location='cpu': {_first_line(e)}") from None
+        raise ModelFileError(f"{path}: not a readable lopfast model file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+    except Exception as e:  # truncated/corrupt archives also surface as EOFError, OSError, zip errors...
         raise ModelFileError(f"{path}: not a readable lopfast model file (truncated or corrupt?): "
                              f"{type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -282,7 +288,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -
         map_location: as for ``torch.load`` (``None`` keeps the saved devices).
 
     Raises ModelFileError (a ValueError naming the path) for corrupt, truncated or
-    pickle-carrying files and for files that do not fit ``model``.
+    pickle-carrying files and for files that do not fit ``model``. The saved metadata is
+    ``lopfast.io.read(path)["metadata"]``.
     """
     payload = read(path, map_location=map_location)
     path = os.fspath(path)
