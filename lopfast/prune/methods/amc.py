@@ -202,8 +202,9 @@ def amc(engine, ratio, target, data, opts):
     actions, then truncated-normal exploration with sigma 0.5 decayed by 0.95 per episode;
     each transition gets the episode reward minus a moving-average baseline. The best
     policy seen is applied; if channel rounding leaves the removed parameter fraction more
-    than 0.5 points off ``target_removed``, its ratios are scaled together to land in the
-    band (``budget="params"`` only).
+    than 0.5 points off ``target_removed``, the best policy inside the band is taken, and
+    if no episode landed inside it the best policy's ratios are scaled together to land
+    there (``budget="params"`` only).
 
     Options (paper defaults where the paper gives them): episodes=400, warmup=100,
     max_ratio=0.8, min_ratio=0.0, budget="params", eval_batches=2, hidden=300,
@@ -337,9 +338,12 @@ def amc(engine, ratio, target, data, opts):
         model, rec = engine.prune(imp, ratio_dict(prev))
         acc, _ = evaluate(model, evals, F.cross_entropy)
         reward = -(1.0 - acc)  # R_err
-        history.append({"reward": reward, "removed": engine.removed_fraction(model)})
-        if best is None or reward > best[0]:
-            best = (reward, list(prev), model, rec)
+        removed = engine.removed_fraction(model)
+        history.append({"reward": reward, "removed": removed})
+        # policies inside the 0.5-point band first (channel rounding can leave one outside)
+        key = (which == 1 or abs(removed - target) <= TOLERANCE, reward)
+        if best is None or key > best[0]:
+            best = (key, list(prev), model, rec)
         baseline = reward if baseline is None else 0.95 * baseline + 0.05 * reward
         for t, (s, a) in enumerate(transitions):
             s2 = transitions[t + 1][0] if t + 1 < n else s
@@ -360,5 +364,5 @@ def amc(engine, ratio, target, data, opts):
         model, rec, chosen = engine.search(lambda r: engine.prune(imp, r), target, spec=spec,
                                            hi=1.0 / peak, what="AMC ratio scale")
     model.train(engine.base.training)
-    return model, rec, chosen, {"episodes": history[-20:], "best_reward": best[0],
+    return model, rec, chosen, {"episodes": history[-20:], "best_reward": best[0][1],
                                 "target_effective": target, "budget": o["budget"]}
