@@ -175,6 +175,48 @@ def test_net_train_step(benchmark, variant, precision, device):
     _record(("net", f"resnetish-w{NET['width']}", 3, precision), variant, benchmark, flops)
 
 
+# ----------------------------------------------------------------------------- weight space only
+COLLAPSE_VARIANTS = ["pack-only", "reference-per-layer"] + (["triton-per-layer", "triton-grouped"] if CUDA else [])
+
+
+@pytest.mark.parametrize("variant", COLLAPSE_VARIANTS)
+def test_net_collapse_only(benchmark, variant, device):
+    """Only the weight-space work of one step of the expanded net: W_eff of every layer and
+    the factor gradients from given dW_eff. ``pack-only`` is the torch.cat of all factors the
+    grouped path pays each step (the price of not keeping them in one flat buffer)."""
+    torch.manual_seed(0)
+    net = lopfast.expand(resnetish(NET["width"]).to(device), rate=3)
+    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in net.modules()
+              if isinstance(m, lopfast.ExpandedConv2d)]
+    params = [w for layer in layers for w in layer[:3]]
+    grads = [torch.randn(m.weight.shape, device=device) for m in net.modules() if isinstance(m, lopfast.ExpandedConv2d)]
+
+    def step():
+        if variant == "pack-only":
+            torch.cat([w.detach().reshape(-1) for w in params])
+        elif variant == "triton-grouped":
+            outs = lopfast.collapse_many(layers, backend="triton")
+            torch.autograd.backward(outs, grads)
+        else:
+            backend = "torch" if variant == "reference-per-layer" else "triton"
+            outs = [lopfast.ops.collapse.collapse(*layer, backend=backend) for layer in layers]
+            torch.autograd.backward(outs, grads)
+        sync(device)
+
+    step()
+    benchmark.group = "net-collapse-only"
+    benchmark.extra_info.update(variant=variant, layers=len(layers), factor_numel=sum(p.numel() for p in params))
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
+    # flops of the weight-space work: forward + 3 backward triple products per tap and group
+    flops = 0
+    for w1, w2, w3, g in layers:
+        p_g, m_g = w1.shape[0] // g, w1.shape[1]
+        q_g, T = w2.shape[0] // g, w2.shape[2] * w2.shape[3]
+        n_g = w3.shape[0] // g
+        flops += 4 * 2 * g * T * (q_g * p_g * m_g + n_g * q_g * m_g)
+    _record(("collapse", f"resnetish-w{NET['width']}", 3, "fp32"), variant, benchmark, flops)
+
+
 # ----------------------------------------------------------------------------- report
 @pytest.fixture(scope="module", autouse=True)
 def ratio_table():

@@ -39,9 +39,8 @@ Launchers only: tensors in, tensors out; no ``torch.nn``, no other lopfast impor
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import triton

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import HAS_CUDA, requires_cuda, requires_triton
+from conftest import requires_cuda, requires_triton
 
 import lopfast
 from lopfast.layers.decompose import collapse as ref_collapse

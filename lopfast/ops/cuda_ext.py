@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import torch
 
