@@ -1,0 +1,353 @@
+"""Similarity-preserving distillation loss (paper Sec. 2.2, Eq. 7-11): reference, registration, dispatch.
+
+For each (student, teacher) layer pair with batch b: Q = activation as (b, -1), G = Q Q^T,
+every row of G divided by its L2 norm (``F.normalize``, eps 1e-12: a zero row stays zero),
+and ``L = sum_pairs ||G_T - G_S||_F^2 / b^2``, a float32 scalar whatever the input dtype
+(accumulation is always fp32). Gradients flow to the student features only.
+
+Layers of this file, top to bottom:
+
+* input handling: ``row_view`` turns any activation whose samples are each one dense block of
+  memory (contiguous NCHW, channels_last, any permutation) into a (b, F) view *without a copy*
+  (the Gram does not depend on the feature order within a sample); only non-sample-dense
+  inputs are copied.
+* the PyTorch reference (``backend="torch"``, and what CPU tensors run): plain differentiable
+  torch code, fp32 accumulation.
+* the Triton path: ``kernels/sp_gram.py`` launchers wired as ``torch.library.triton_op`` ops
+  ``lopfast::sp_gram``, ``lopfast::sp_loss_fwd``, ``lopfast::sp_loss_bwd`` (CPU kernels = the
+  reference, autograd registered, torch.compile-traceable on CUDA), plus an
+  ``autograd.Function`` calling the same launchers directly. The Function is what runs for
+  ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1`` (the registered CPU kernel
+  would otherwise take CPU tensors away from Triton) and on torch < 2.6 (no ``triton_op``).
+* ``_resolve`` (the one place that chooses an implementation) and the public functions
+  ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from lopfast.backend import resolve_backend
+
+EPS = 1e-12
+_OP = "sp_loss"
+
+Features = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+__all__ = ["row_view", "sp_gram", "sp_loss", "sp_loss_from_gram", "sp_loss_reference"]
+
+
+# ----------------------------------------------------------------------------- input handling
+
+
+def row_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (b, F) matrix with dense rows, a view of ``t`` whenever each sample is one block.
+
+    The features of a sample are ordered by memory position (dims sorted by stride), so
+    contiguous and channels_last activations are both read as they lie. Only an input whose
+    samples are not each one dense block (e.g. a transposed batch) is copied.
+    """
+    b = t.shape[0]
+    if t.dim() == 1:
+        return t.reshape(b, 1)
+    inner = sorted(range(1, t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
+    v = t.permute(0, *inner)
+    try:
+        q = v.view(b, -1)
+    except RuntimeError:
+        q = v.reshape(b, -1)  # copies
+    if q.shape[1] > 1 and q.stride(1) != 1:
+        q = q.contiguous()
+    return q
+
+
+def _as_list(x: Features, argname: str) -> List[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise TypeError(f"{argname} must be a Tensor or a sequence of Tensors, got {type(x).__name__}")
+    out = list(x)
+    if not out:
+        raise ValueError(f"{argname} is empty: at least one layer pair is needed")
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{argname}[{i}] must be a Tensor, got {type(t).__name__}")
+    return out
+
+
+def _check_features(feats: List[torch.Tensor], argname: str, b: Optional[int], device) -> Tuple[int, torch.device]:
+    for i, t in enumerate(feats):
+        if t.dim() < 1:
+            raise ValueError(f"{argname}[{i}] must have a batch dimension, got a 0-d tensor")
+        if not (t.is_floating_point()):
+            raise TypeError(f"{argname}[{i}] must be a floating point tensor, got {t.dtype}")
+        if b is None:
+            b = t.shape[0]
+        elif t.shape[0] != b:
+            raise ValueError(
+                f"{argname}[{i}] has batch size {t.shape[0]}, expected {b}: every student and teacher "
+                "feature of one step must come from the same mini-batch")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{argname}[{i}] is on {t.device}, expected {device}")
+    return b, device  # type: ignore[return-value]
+
+
+def _check_gram(gram: torch.Tensor, n: int, b: int, device) -> None:
+    if not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (n, b, b):
+        shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+        raise ValueError(f"teacher_gram must have shape ({n}, {b}, {b}) (pairs, batch, batch), got {shape}")
+    if gram.device != device:
+        raise ValueError(f"teacher_gram is on {gram.device}, expected {device}")
+
+
+# ----------------------------------------------------------------------------- PyTorch reference
+
+
+def _gram32(t: torch.Tensor) -> torch.Tensor:
+    q = row_view(t)
+    q = q if q.dtype == torch.float32 else q.float()
+    return q @ q.t()
+
+
+def reference_gram(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Normalised Grams (P, b, b) fp32 (differentiable; the teacher side is detached by callers)."""
+    return torch.stack([F.normalize(_gram32(t), p=2.0, dim=1, eps=EPS) for t in features])
+
+
+def sp_loss_reference(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch SP loss of the student features against normalised teacher Grams (P, b, b)."""
+    b = student[0].shape[0]
+    loss = torch.zeros((), device=teacher_gram.device, dtype=torch.float32)
+    for s, gt in zip(student, teacher_gram):
+        d = gt - F.normalize(_gram32(s), p=2.0, dim=1, eps=EPS)
+        loss = loss + (d * d).sum()
+    return loss / (b * b)
+
+
+def _ref_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    graw = torch.stack([_gram32(s) for s in student])
+    d = teacher_gram - F.normalize(graw, p=2.0, dim=2, eps=EPS)
+    b = graw.shape[1]
+    return (d * d).sum() / (b * b), graw
+
+
+def _ref_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor,
+             graw: torch.Tensor) -> List[torch.Tensor]:
+    b = graw.shape[1]
+    n = graw.norm(dim=2, keepdim=True)
+    big = n > EPS
+    denom = torch.where(big, n, torch.full_like(n, EPS))
+    gsn = graw / denom
+    d = grad.float().reshape(()) * (2.0 / (b * b)) * (gsn - teacher_gram)
+    proj = (d * gsn).sum(dim=2, keepdim=True)
+    dg = torch.where(big, d - proj * gsn, d) / denom
+    m = dg + dg.transpose(1, 2)
+    return [_scatter_rows(m[p] @ row_view(s).float(), s) for p, s in enumerate(student)]
+
+
+def _scatter_rows(dq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A gradient with the memory layout of ``like`` whose row view holds ``dq``."""
+    g = _empty_grad(like)
+    row_view(g).copy_(dq)
+    return g
+
+
+def _empty_grad(like: torch.Tensor) -> torch.Tensor:
+    g = torch.empty_like(like)  # keeps the strides of a dense input (channels_last stays so)
+    v = row_view(g)
+    if v.data_ptr() != g.data_ptr() or (v.shape[1] > 1 and v.stride(1) != 1):  # pragma: no cover
+        g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return g
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+try:
+    from lopfast.kernels import HAS_TRITON
+    if HAS_TRITON:
+        from lopfast.kernels import sp_gram as _K
+    else:  # pragma: no cover
+        _K = None
+except Exception:  # pragma: no cover - a broken triton install
+    _K = None
+
+
+def _allow_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _triton_gram(features: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+    qs = [row_view(t) for t in features]
+    return _K.row_normalize(_K.gram(qs, allow_tf32=_allow_tf32(), wrap=wrap), wrap=wrap)
+
+
+def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, wrap=None):
+    qs = [row_view(s) for s in student]
+    graw = _K.gram(qs, allow_tf32=_allow_tf32(), wrap=wrap)
+    return _K.sp_finish(graw, teacher_gram, wrap=wrap), graw
+
+
+def _triton_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor,
+                graw: torch.Tensor, wrap=None) -> List[torch.Tensor]:
+    grad = grad.reshape(()).to(torch.float32).contiguous()
+    dg = _K.sp_grad_gram(grad, graw, teacher_gram, wrap=wrap)
+    grads = [_empty_grad(s) for s in student]
+    _K.sp_grad_features(dg, [row_view(s) for s in student], [row_view(g) for g in grads],
+                        allow_tf32=_allow_tf32(), wrap=wrap)
+    return grads
+
+
+class _SPLossTritonFn(torch.autograd.Function):
+    """Direct launches of the Triton kernels (CPU interpreter, torch < 2.6)."""
+
+    @staticmethod
+    def forward(ctx, teacher_gram, *student):
+        loss, graw = _triton_fwd(student, teacher_gram)
+        ctx.save_for_backward(teacher_gram, graw, *student)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        teacher_gram, graw, *student = ctx.saved_tensors
+        grads = _triton_bwd(grad, student, teacher_gram, graw)
+        return (None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])])
+
+
+class _Ops:
+    """The torch.library ops of one namespace (``lopfast``; tests build a second one without CPU kernels)."""
+
+    def __init__(self, namespace: str, cpu_reference: bool = True):
+        tl_op = torch.library.triton_op
+        wrap = torch.library.wrap_triton
+
+        @tl_op(f"{namespace}::sp_gram", mutates_args=())
+        def sp_gram_op(features: List[torch.Tensor]) -> torch.Tensor:
+            return _triton_gram(features, wrap=wrap)
+
+        @tl_op(f"{namespace}::sp_loss_fwd", mutates_args=())
+        def fwd_op(student: List[torch.Tensor], teacher_gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            return _triton_fwd(student, teacher_gram, wrap=wrap)
+
+        @tl_op(f"{namespace}::sp_loss_bwd", mutates_args=())
+        def bwd_op(grad: torch.Tensor, student: List[torch.Tensor], teacher_gram: torch.Tensor,
+                   gram: torch.Tensor) -> List[torch.Tensor]:
+            return _triton_bwd(grad, student, teacher_gram, gram, wrap=wrap)
+
+        if cpu_reference:
+            @sp_gram_op.register_kernel("cpu")
+            def _(features):
+                return reference_gram(features)
+
+            @fwd_op.register_kernel("cpu")
+            def _(student, teacher_gram):
+                return _ref_fwd(student, teacher_gram)
+
+            @bwd_op.register_kernel("cpu")
+            def _(grad, student, teacher_gram, gram):
+                return _ref_bwd(grad, student, teacher_gram, gram)
+
+        def setup_context(ctx, inputs, output):
+            student, teacher_gram = inputs
+            ctx.n = len(student)
+            ctx.save_for_backward(teacher_gram, output[1], *student)
+
+        def backward(ctx, grad_loss, grad_gram):
+            teacher_gram, graw, *student = ctx.saved_tensors
+            return list(bwd_op(grad_loss, student, teacher_gram, graw)), None
+
+        fwd_op.register_autograd(backward, setup_context=setup_context)
+        self.sp_gram, self.sp_loss_fwd, self.sp_loss_bwd = sp_gram_op, fwd_op, bwd_op
+
+    def loss(self, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> torch.Tensor:
+        return self.sp_loss_fwd(list(student), teacher_gram)[0]
+
+
+HAS_TRITON_OP = _K is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+OPS: Optional[_Ops] = _Ops("lopfast") if HAS_TRITON_OP else None
+
+
+# ----------------------------------------------------------------------------- dispatch and public API
+
+
+def _resolve(backend: Optional[str], device: torch.device) -> str:
+    """The one place that decides which implementation runs: "torch" or "triton"."""
+    name = resolve_backend(backend, device, _OP)
+    if name == "cuda":
+        raise RuntimeError(
+            "sp_loss: backend 'cuda' (the CUDA C++ extension lopfast._C) has no SP-loss kernel yet; "
+            "use backend='triton' or 'torch'")
+    if name == "triton" and _K is None:  # pragma: no cover
+        raise RuntimeError("sp_loss: backend 'triton' requested but the Triton kernels failed to import")
+    return name
+
+
+def _use_op(device: torch.device) -> bool:
+    # the registered op sends CPU tensors to its CPU (reference) kernel, so CPU tensors that must
+    # reach Triton (interpreter) take the direct autograd.Function instead
+    return OPS is not None and device.type != "cpu"
+
+
+def _gram_impl(features: List[torch.Tensor], name: str, device) -> torch.Tensor:
+    with torch.no_grad():
+        if name == "torch":
+            return reference_gram(features)
+        if _use_op(device):
+            return OPS.sp_gram(features)
+        return _triton_gram(features)
+
+
+def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device) -> torch.Tensor:
+    gt = gt.detach().to(torch.float32)
+    if name == "torch":
+        return sp_loss_reference(student, gt)
+    gt = gt.contiguous()
+    if _use_op(device):
+        return OPS.loss(student, gt)
+    return _SPLossTritonFn.apply(gt, *student)
+
+
+def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
+    """Row-normalised Gram matrices (P, b, b) float32 of the features (no autograd: the teacher side).
+
+    ``features`` is one tensor or a sequence of P tensors of the same batch size b.
+    """
+    feats = _as_list(features, "features")
+    b, device = _check_features(feats, "features", None, None)
+    return _gram_impl([t.detach() for t in feats], _resolve(backend, device), device)
+
+
+def sp_loss_from_gram(student: Features, teacher_gram: torch.Tensor, *,
+                      backend: Optional[str] = "auto") -> torch.Tensor:
+    """SP loss of student features against precomputed normalised teacher Grams (``sp_gram``)."""
+    s = _as_list(student, "student")
+    b, device = _check_features(s, "student", None, None)
+    _check_gram(teacher_gram, len(s), b, device)
+    return _loss_impl(s, teacher_gram, _resolve(backend, device), device)
+
+
+def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
+    """Similarity-preserving distillation loss, paper Eq. 7-11; a float32 scalar.
+
+    Args:
+        student: a Tensor or a sequence of Tensors (b, ...): the student's activations, one per
+            layer pair. Gradients flow to them.
+        teacher: the matching teacher activations (same length; channels and spatial size may
+            differ from the student's, the batch size may not). Detached.
+        backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "torch",
+            "triton" (on CPU only under ``TRITON_INTERPRET=1``) or "cuda" (not available for this
+            op yet: raises). ``lopfast.use_backend`` sets the default.
+
+    >>> loss = lopfast.sp_loss([s1, s2], [t1, t2])   # sum over the two pairs
+    """
+    s = _as_list(student, "student")
+    t = _as_list(teacher, "teacher")
+    if len(s) != len(t):
+        raise ValueError(f"student has {len(s)} feature tensors but teacher has {len(t)}: one per layer pair")
+    b, device = _check_features(s, "student", None, None)
+    _check_features(t, "teacher", b, device)
+    name = _resolve(backend, device)
+    gt = _gram_impl([x.detach() for x in t], name, device)
+    return _loss_impl(s, gt, name, device)
