@@ -21,11 +21,18 @@ inside a plain ``torch.autograd.Function``.
 
 Flat layout (documented choice): the op concatenates the factors every call (one
 ``torch.cat``, a copy of all factors) rather than requiring them to be views into one flat
-parameter buffer. The copy is one launch and O(parameters) bytes, negligible next to the
-activations of a training step, and it keeps every ``nn.Parameter`` an ordinary tensor that
-optimizers, checkpoints, DDP buckets and ``expand``/``contract`` handle as before. The
-gradient comes back as one flat buffer whose per-factor pieces are views (``torch.split``'s
-backward is a single ``cat``; its forward split is free).
+parameter buffer. The copy is one launch and O(parameters) bytes: measured for the 15-conv
+ResNet-ish net of bench/bench_collapse.py at rate 3 (45 factors, 1.7 M floats) it takes
+0.36 ms on a 2-core CPU against 27.6 ms for the reference collapse fwd+bwd of the same layers
+(on an H100, 13.6 MB of traffic is ~10 us). It keeps every ``nn.Parameter`` an ordinary
+tensor that optimizers, checkpoints, DDP buckets and ``expand``/``contract`` handle as before;
+views into one flat buffer would save the copy but break as soon as anything re-assigns a
+parameter (``load_state_dict(assign=True)``, ``surgery``, optimizer state restore). For
+models with hundreds of millions of factor entries the copy becomes visible (~0.3 ms per
+100 M floats on an H100) and a flat-parameter mode would be the next step. The gradient
+comes back as one flat buffer whose per-factor pieces are views (``torch.split``'s backward
+is a single ``cat``; its forward split is free), and ``AccumulateGrad`` stores them without a
+copy: with ``zero_grad(set_to_none=True)`` all factor gradients share that one buffer.
 """
 from __future__ import annotations
 
