@@ -278,3 +278,32 @@ def test_gpu_cuda_extension_matches_reference():
         gr = torch.autograd.grad(r, ref, g)
         for a, b in zip(gk, gr):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_without_triton_op():
+    """torch < 2.6 has no torch.library.triton_op: the same launchers run in an autograd.Function."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+        import torch
+        del torch.library.triton_op, torch.library.wrap_triton  # what torch 2.4/2.5 look like
+        import lopfast
+        from lopfast.ops import collapse as op
+        assert not op._HAS_TRITON_OP
+        torch.manual_seed(0)
+        ws = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(6, 3, 1, 1), (4, 3, 3, 1), (4, 2, 1, 1)]]
+        out = op.collapse(*ws, 2, backend="triton")
+        ref = [w.detach().clone().requires_grad_() for w in ws]
+        r = op.reference_collapse(*ref, 2)
+        assert torch.allclose(out, r, atol=1e-12)
+        g = torch.randn_like(r)
+        for a, b in zip(torch.autograd.grad(out, ws, g), torch.autograd.grad(r, ref, g)):
+            assert torch.allclose(a, b, atol=1e-12)
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
