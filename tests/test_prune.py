@@ -263,7 +263,7 @@ def test_admm_drives_dropped_channels_to_zero():
 def test_amc_cost_model_matches_pruning_and_agent_learns():
     from lopfast.prune.engine import Engine, _forward, output_layers
     from lopfast.prune.importance import magnitude_importance
-    from lopfast.prune.methods.amc import CostModel
+    from lopfast.prune.cost import CostModel
 
     model = _net("mobilenetv2")
     ignored = output_layers(model, X)
@@ -284,3 +284,13 @@ def test_amc_cost_model_matches_pruning_and_agent_learns():
     assert len(report.extra["episodes"]) == 6
     with pytest.raises(ValueError, match="max_ratio"):
         lopfast.prune(model, X, method="amc", target_removed=0.97, data=DATA, episodes=2, warmup=1)
+
+
+def test_search_without_cost_model_prunes_every_trial(monkeypatch):
+    from lopfast.prune.engine import Engine
+
+    monkeypatch.setattr(Engine, "cost_model", lambda self, required=False: None)
+    pruned, report = lopfast.prune(_net("resnet"), X, method="l1", target_removed=0.6837)
+    assert abs(report.removed_fraction - 0.6837) <= TOLERANCE
+    assert report.extra["prune_evaluations"] > 1
+    assert pruned(X).shape == (1, 10)

@@ -152,7 +152,9 @@ def _prune_l1(engine, ratio, target, data, opts):
     Score: sum |W| of each output channel, averaged (after mean-normalisation) over every
     layer coupled to the channel (residual partners, BN, depthwise). No data. Measured cost
     (1 CPU thread, tests/nets.py: TinyResNet 38.6k params / TinyMobileNetV2 17.2k params):
-    ratio=0.5: 26 / 43 ms; target_removed=0.6837 (search, 14 / 2 prunes): 142 / 63 ms.
+    ratio=0.5: 34 / 42 ms; target_removed=0.6837: 38 / 71 ms (the search runs on the cost
+    model, one real prune). CIFAR MobileNetV2 / ResNet-56 / VGG-16 at the paper's four
+    targets: 0.2-0.4 s each.
     """
     _check_options("l1", opts, {})
     return _run(engine, magnitude_importance(1), ratio, target) + ({},)
@@ -161,7 +163,7 @@ def _prune_l1(engine, ratio, target, data, opts):
 def _prune_l2(engine, ratio, target, data, opts):
     """L2 filter norm (the L2 variant studied by Li et al. 2017). No data.
 
-    Measured cost as ``l1`` (ratio=0.5: 21 / 44 ms; target search: 144 / 64 ms on
+    Measured cost as ``l1`` (ratio=0.5: 36 / 54 ms; target search: 41 / 44 ms on
     TinyResNet / TinyMobileNetV2, 1 CPU thread).
     """
     _check_options("l2", opts, {})
@@ -172,8 +174,8 @@ def _prune_bn(engine, ratio, target, data, opts):
     """BN scale |gamma| (network slimming, Liu et al., ICCV 2017).
 
     Meaningful after sparsity-regularised training of the BN scales; groups without a BN
-    fall back to L1. No data. Measured cost as ``l1`` (ratio=0.5: 22 / 46 ms; target
-    search: 152 / 56 ms on TinyResNet / TinyMobileNetV2, 1 CPU thread).
+    fall back to L1. No data. Measured cost as ``l1`` (ratio=0.5: 37 / 37 ms; target
+    search: 35 / 40 ms on TinyResNet / TinyMobileNetV2, 1 CPU thread).
     """
     _check_options("bn", opts, {})
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in engine.base.modules()):
@@ -202,7 +204,7 @@ def _prune_taylor(engine, ratio, target, data, opts):
     Score: |sum W * dL/dW| per channel, gradients of ``loss_fn`` (default cross-entropy)
     accumulated over ``batches`` batches of ``data`` (default 4) once on the unpruned model.
     Measured cost (4 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2):
-    ratio=0.5: 50 / 97 ms; target search: 171 / 137 ms.
+    ratio=0.5: 74 / 71 ms; target search: 66 / 73 ms.
     """
     o = _check_options("taylor", opts, {"loss_fn": F.cross_entropy, "batches": 4})
     batches = _take(data, _pos_int(o["batches"], "batches"))
@@ -233,7 +235,7 @@ def _prune_hrank(engine, ratio, target, data, opts):
     Score: average rank of each filter's output feature map over ``batches`` batches
     (default 4), one batched ``torch.linalg.matrix_rank`` per conv per batch. Measured cost
     (4 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
-    80 / 254 ms; target search: 183 / 263 ms (the ranks are computed once).
+    107 / 189 ms; target search: 105 / 191 ms (the ranks are computed once).
     """
     o = _check_options("hrank", opts, {"batches": 4})
     imp = HRankImportance.from_data(engine.base, data, batches=_pos_int(o["batches"], "batches"))
@@ -251,7 +253,7 @@ def _prune_thinet(engine, ratio, target, data, opts):
     the pruned layer reproduces the original layer's output (``rescale=True``). Depthwise
     consumers are pruned together with their producer and are not rescaled. Measured cost
     (2 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
-    122 / 296 ms; target search: 228 / 296 ms.
+    186 / 231 ms; target search: 224 / 192 ms.
     """
     o = _check_options("thinet", opts, {"batches": 2, "samples": 256, "seed": 0, "rescale": True})
     batches, samples = _pos_int(o["batches"], "batches"), _pos_int(o["samples"], "samples")

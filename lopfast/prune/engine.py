@@ -107,6 +107,8 @@ class Engine:
         self.params_before = count_params(base)
         self.prunable = prunable_layers(base, self.ignored)
         self.evaluations = 0
+        # whether the cost model has matched a real pruning ("exact"), failed to ("wrong"), or is untested
+        self._model_state = "untested"
 
     def caps(self, model: nn.Module) -> Dict[str, float]:
         """Largest ratio per layer that still keeps one channel.
@@ -167,6 +169,40 @@ class Engine:
     def removed_fraction(self, model: nn.Module) -> float:
         return 1.0 - count_params(model) / self.params_before
 
+    def cost_model(self, required: bool = False):
+        """The analytic :class:`~lopfast.prune.cost.CostModel` of ``base`` (built once).
+
+        ``None`` if it cannot be built (unless ``required``): callers then prune to count.
+        """
+        if not hasattr(self, "_cost_model"):
+            from lopfast.prune.cost import CostModel
+
+            try:
+                self._cost_model = CostModel(self.base, self.example_inputs, self.ignored, _forward)
+            except Exception:
+                if required:
+                    raise
+                self._cost_model = None
+        return self._cost_model
+
+    def predicted_fraction(self, ratios: RatioSpec) -> float:
+        """Removed parameter fraction of ``prune(..., ratios)`` from the cost model (local pruning).
+
+        torch-pruning takes each group's ratio from its root layer, capped to keep a channel.
+        """
+        cm = self.cost_model(required=True)
+        caps = self._caps0()
+        per = []
+        for g in cm.groups:
+            r = float(ratios.get(g["root"], 0.0)) if isinstance(ratios, dict) else float(ratios)
+            per.append(min(max(r, 0.0), caps.get(g["root"], 0.0)))
+        return 1.0 - cm.cost(per)[0] / self.params_before
+
+    def _caps0(self) -> Dict[str, float]:
+        if not hasattr(self, "_caps"):
+            self._caps = self.caps(self.base)
+        return self._caps
+
     def search(self, prune_at: Callable[[RatioSpec], Tuple[nn.Module, dict]], target: float,
                spec: Optional[Callable[[float], RatioSpec]] = None, hi: float = 1.0,
                what: str = "channel ratio") -> Tuple[nn.Module, dict, RatioSpec]:
@@ -175,30 +211,63 @@ class Engine:
         Bisects ``x`` in [0, hi] with ratios ``spec(x)`` (default: ``x`` for every layer);
         removing one channel from every layer of a small net can jump over the 0.5-point band,
         so (for local pruning) the layers are then moved one at a time from the ratios just
-        below the band to those just above. ``prune_at(ratios)`` returns (model, record).
-        Raises ValueError if even ``hi`` removes too little, or if no step lands in the band.
+        below the band to those just above, and finally the deciding layer through its
+        intermediate ratios. For local pruning the parameter count of every trial comes from
+        the cost model (it does not depend on which channels go) and only the result is
+        pruned and checked; if the check disagrees, or for global pruning, every trial is
+        pruned. ``prune_at(ratios)`` returns (model, record). Raises ValueError if even
+        ``hi`` removes too little, or if no trial lands in the band.
         Returns (model, record, ratios used).
         """
         spec = spec or (lambda x: x)
-        model, rec = prune_at(spec(hi))
-        top = self.removed_fraction(model)
+        if not self.global_pruning and self.cost_model() is not None and self._model_state != "wrong":
+            try:
+                ratios = self._search(self.predicted_fraction, target, spec, hi, what)
+            except ValueError:
+                if self._model_state == "exact":
+                    raise  # the model has matched real pruning: pruning every trial would fail too
+                ratios = None
+            if ratios is not None:
+                model, rec = prune_at(ratios)
+                exact = abs(self.removed_fraction(model) - self.predicted_fraction(ratios)) < 1e-12
+                self._model_state = "exact" if exact else "wrong"
+                if abs(self.removed_fraction(model) - target) <= TOLERANCE:
+                    return model, rec, ratios
+        cache: Dict[int, Tuple[nn.Module, dict]] = {}
+
+        def measure(ratios):
+            model, rec = prune_at(ratios)
+            cache.clear()  # keep only the latest copy alive
+            cache[id(ratios)] = (model, rec)
+            return self.removed_fraction(model)
+
+        ratios = self._search(measure, target, spec, hi, what)
+        if id(ratios) in cache:
+            model, rec = cache[id(ratios)]
+        else:
+            model, rec = prune_at(ratios)
+        return model, rec, ratios
+
+    def _search(self, measure: Callable[[RatioSpec], float], target: float, spec: Callable[[float], RatioSpec],
+                hi: float, what: str) -> RatioSpec:
+        top_spec = spec(hi)
+        top = measure(top_spec)
         if abs(top - target) <= TOLERANCE:
-            return model, rec, spec(hi)
+            return top_spec
         if top < target - TOLERANCE:
             raise ValueError(
                 f"target_removed={target:.4f} is more than this architecture can lose: with every prunable "
                 f"layer cut as far as allowed only {top:.4f} of the parameters go (the input channels, "
                 f"the classifier outputs and the ignored layers {self.ignored} are kept)"
             )
-        lo, best = 0.0, (None, None, 0.0, spec(0.0))
+        lo, best = 0.0, 0.0
         for _ in range(40):
             mid = 0.5 * (lo + hi)
-            model, rec = prune_at(spec(mid))
-            got = self.removed_fraction(model)
-            if abs(got - target) < abs(best[2] - target):
-                best = (model, rec, got, spec(mid))
+            ratios = spec(mid)
+            got = measure(ratios)
+            best = got if abs(got - target) < abs(best - target) else best
             if abs(got - target) <= TOLERANCE:
-                return model, rec, spec(mid)
+                return ratios
             if got < target:
                 lo = mid
             else:
@@ -213,12 +282,10 @@ class Engine:
                 k = (a + b) // 2
                 ratios = dict(below)
                 ratios.update({n: above[n] for n in names[:k]})
-                model, rec = prune_at(ratios)
-                got = self.removed_fraction(model)
-                if abs(got - target) < abs(best[2] - target):
-                    best = (model, rec, got, ratios)
+                got = measure(ratios)
+                best = got if abs(got - target) < abs(best - target) else best
                 if abs(got - target) <= TOLERANCE:
-                    return model, rec, ratios
+                    return ratios
                 if got < target:
                     a = k
                 else:
@@ -230,24 +297,21 @@ class Engine:
                 layer = names[a]
                 r_lo, r_hi = below[layer], above[layer]
                 for _ in range(12):
-                    r_mid = 0.5 * (r_lo + r_hi)
                     ratios = dict(base_ratios)
-                    ratios[layer] = r_mid
-                    model, rec = prune_at(ratios)
-                    got = self.removed_fraction(model)
-                    if abs(got - target) < abs(best[2] - target):
-                        best = (model, rec, got, ratios)
+                    ratios[layer] = 0.5 * (r_lo + r_hi)
+                    got = measure(ratios)
+                    best = got if abs(got - target) < abs(best - target) else best
                     if abs(got - target) <= TOLERANCE:
-                        return model, rec, ratios
+                        return ratios
                     if got < target:
-                        r_lo = r_mid
+                        r_lo = ratios[layer]
                     else:
-                        r_hi = r_mid
+                        r_hi = ratios[layer]
                     if r_hi - r_lo < 1e-4:
                         break
         raise ValueError(
             f"no {what} removes {target:.4f} of the parameters within {TOLERANCE}: removing a single "
-            f"channel more jumps from below to above it (closest: {best[2]:.4f}); the network is too small "
+            f"channel more jumps from below to above it (closest: {best:.4f}); the network is too small "
             f"for this precision"
         )
 

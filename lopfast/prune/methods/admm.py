@@ -61,7 +61,7 @@ def admm(engine, ratio, target, data, opts):
     ones ADMM drove to zero) are removed. Options: loss_fn=cross_entropy, lr=0.01,
     momentum=0.9, weight_decay=5e-4, epochs=2, rho=1e-2, admm_every=None.
     Measured cost (2 epochs over 4 batches of 8x3x16x16, 1 CPU thread, TinyResNet /
-    TinyMobileNetV2): ratio=0.5: 106 / 123 ms; target search: 241 / 147 ms. Real use needs
+    TinyMobileNetV2): ratio=0.5: 121 / 154 ms; target search: 150 / 226 ms. Real use needs
     many epochs: the cost is that of training with one extra elementwise term.
     """
     from lopfast.prune.api import _check_options, _pos_int, _unpack

@@ -10,105 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast.prune.engine import TOLERANCE, _under
-from lopfast.prune.importance import magnitude_importance, require_tp
-
-
-# ---------------------------------------------------------------------------- cost model
-class CostModel:
-    """Parameter and MAC counts as a function of per-group pruning ratios, without pruning.
-
-    Built once from torch-pruning's dependency graph: every conv/linear/BN dimension is tied
-    to the channel groups that cover it (a concatenation's consumer is covered by several),
-    and keeps ``max(1, int(C (1 - r)))`` of a group's C channels, as torch-pruning does.
-    AMC needs this to enforce the budget while the episode is still running.
-    """
-
-    def __init__(self, base: nn.Module, example_inputs, ignored: List[str], forward) -> None:
-        tp = require_tp()
-        names = {m: n for n, m in base.named_modules()}
-        ignored_modules = [m for n, m in base.named_modules()
-                           if _under(n, ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
-        was_training = base.training
-        base.eval()
-        hw: Dict[str, int] = {}
-        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: hw.__setitem__(n, o.shape[-1] * o.shape[-2]))
-                 for n, m in base.named_modules() if isinstance(m, nn.Conv2d)]
-        try:
-            with torch.no_grad():
-                forward(base, example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        dg = tp.DependencyGraph().build_dependency(base, example_inputs=example_inputs)
-        base.train(was_training)
-        self.groups: List[dict] = []
-        cover: Dict[Tuple[str, str], Dict[int, int]] = {}
-        position = {m: i for i, m in enumerate(base.modules())}
-        # AMC walks the network from input to output
-        ordered = sorted(dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=[nn.Conv2d, nn.Linear]),
-                         key=lambda g: position.get(g[0].dep.layer, 0))
-        for group in ordered:
-            root = group[0].dep.layer
-            gi = len(self.groups)
-            members = []
-            for item in group:
-                layer, fn = item.dep.layer, item.dep.pruning_fn
-                name = names.get(layer)
-                if name is None or not isinstance(layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                    continue
-                side = "out" if dg.is_out_channel_pruning_fn(fn) else "in"
-                if isinstance(layer, nn.BatchNorm2d):
-                    side = "out"
-                cover.setdefault((name, side), {})[gi] = len(item.idxs)
-                if side == "out" and isinstance(layer, (nn.Conv2d, nn.Linear)):
-                    members.append(name)
-            self.groups.append({"root": names[root], "channels": len(group[0].idxs), "members": members})
-        self.layers = []
-        for n, m in base.named_modules():
-            if isinstance(m, nn.Conv2d):
-                dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
-                per_out = (1 if dw else m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-                self.layers.append(dict(name=n, out=m.out_channels, inn=m.in_channels, dw=dw, per=per_out,
-                                        bias=m.bias is not None, hw=hw.get(n, 1), bn=False, groups=m.groups))
-            elif isinstance(m, nn.Linear):
-                self.layers.append(dict(name=n, out=m.out_features, inn=m.in_features, dw=False, per=m.in_features,
-                                        bias=m.bias is not None, hw=1, bn=False, groups=1))
-            elif isinstance(m, nn.BatchNorm2d):
-                self.layers.append(dict(name=n, out=m.num_features, inn=0, dw=False, per=0,
-                                        bias=False, hw=0, bn=m.affine, groups=1))
-        self.cover = cover
-        self.params0, self.macs0 = self.cost([0.0] * len(self.groups))
-
-    def keep(self, ratios: List[float]) -> List[int]:
-        return [max(1, int(g["channels"] * (1.0 - r) + 1e-9)) for g, r in zip(self.groups, ratios)]
-
-    def _dim(self, name: str, side: str, full: int, keep: List[int]) -> float:
-        cov = self.cover.get((name, side), {})
-        kept = full - sum(cov.values())
-        for gi, n in cov.items():
-            kept += n * keep[gi] / self.groups[gi]["channels"]
-        return kept
-
-    def cost(self, ratios: List[float]) -> Tuple[float, float]:
-        """(parameters, MACs) of the model pruned at ``ratios`` (one per group)."""
-        keep = self.keep(ratios)
-        params = macs = 0.0
-        for L in self.layers:
-            out = self._dim(L["name"], "out", L["out"], keep)
-            if L["bn"]:
-                params += 2 * out
-                continue
-            if L["per"] == 0:
-                continue
-            if L["dw"]:
-                w = out * L["per"]
-            else:
-                inn = self._dim(L["name"], "in", L["inn"], keep)
-                w = out * inn / L["groups"] * (L["per"] / (L["inn"] // L["groups"]))
-            params += w + (out if L["bias"] else 0)
-            macs += w * L["hw"]
-        return params, macs
+from lopfast.prune.engine import TOLERANCE
+from lopfast.prune.importance import magnitude_importance
 
 
 # ---------------------------------------------------------------------------- DDPG
@@ -210,12 +113,12 @@ def amc(engine, ratio, target, data, opts):
     max_ratio=0.8, min_ratio=0.0, budget="params", eval_batches=2, hidden=300,
     lr_actor=1e-4, lr_critic=1e-3, tau=0.01, batch_size=64, buffer=2000, sigma=0.5,
     sigma_decay=0.95, seed=0. Measured cost (1 CPU thread, TinyResNet / TinyMobileNetV2,
-    2 evaluation batches of 8x3x16x16): ~36 / 44 ms per warm-up episode, ~70 / 130 ms per
-    learning episode (one prune, one evaluation, one DDPG update per group), so the paper's
-    400 episodes take ~25-45 s there; the tests use 4-6 episodes.
+    2 evaluation batches of 8x3x16x16): 20 episodes (10 warm-up) take 0.6-1.1 s / 1.4-1.5 s,
+    i.e. ~36 / 44 ms per warm-up episode and ~70 / 130 ms per learning episode (one prune,
+    one evaluation, one DDPG update per group), so the paper's 400 episodes take ~25-50 s
+    there; the tests use 4-6 episodes.
     """
     from lopfast.prune.api import _check_options, _pos_int, _take
-    from lopfast.prune.engine import _forward
     from lopfast.prune.methods.eagleeye import evaluate
 
     o = _check_options("amc", opts, {
@@ -240,7 +143,7 @@ def amc(engine, ratio, target, data, opts):
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(o["seed"]))  # the agent's weight initialisation
     try:
-        cm = CostModel(engine.base, engine.example_inputs, engine.ignored, _forward)
+        cm = engine.cost_model(required=True)
         agent = DDPG(11, hidden=_pos_int(o["hidden"], "hidden"), lr_actor=o["lr_actor"], lr_critic=o["lr_critic"],
                      tau=o["tau"], discount=1.0, batch_size=_pos_int(o["batch_size"], "batch_size"),
                      buffer=_pos_int(o["buffer"], "buffer"), generator=gen)

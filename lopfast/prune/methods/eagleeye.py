@@ -61,9 +61,9 @@ def eagleeye(engine, ratio, target, data, opts):
     next ``eval_batches`` batches (the same ones if ``data`` is shorter). The best candidate
     is returned, with its recalibrated BN statistics. Options: candidates=10,
     calib_batches=4, eval_batches=2, low=0.3, seed=0, loss_fn=cross_entropy.
-    Measured cost (10 candidates, 4+2 batches of 8x3x16x16, 1 CPU thread): 1.3 s on
-    TinyResNet, 1.5-1.7 s on TinyMobileNetV2 (~0.15 s per candidate: its ratio search, ~6-9
-    prunes, dominates the recalibration).
+    Measured cost (10 candidates, 4+2 batches of 8x3x16x16, 1 CPU thread): 0.6-0.7 s on
+    TinyResNet and TinyMobileNetV2 (~60 ms per candidate: one prune, the recalibration and
+    the evaluation; the ratio search runs on the cost model).
     """
     from lopfast.prune.api import _check_options, _pos_int, _take
 
