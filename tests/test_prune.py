@@ -294,3 +294,18 @@ def test_search_without_cost_model_prunes_every_trial(monkeypatch):
     assert abs(report.removed_fraction - 0.6837) <= TOLERANCE
     assert report.extra["prune_evaluations"] > 1
     assert pruned(X).shape == (1, 10)
+
+
+def test_mlp_head_with_batchnorm1d_and_broken_trace():
+    def net(act):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), act,
+                             nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 5))
+
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = lopfast.prune(net(nn.ReLU()), x, target_removed=0.5)
+    assert abs(report.removed_fraction - 0.5) <= TOLERANCE and report.extra["prune_evaluations"] == 1
+    assert pruned.eval()(x).shape == (2, 5)
+    # torch-pruning mis-maps the flatten behind PReLU(1): refused rather than returned broken
+    with pytest.raises(ValueError, match="no longer runs"):
+        lopfast.prune(net(nn.PReLU()), x, target_removed=0.5)

@@ -372,6 +372,7 @@ def prune(
 
     pruned, record, used_ratio, extra = _IMPL[method](engine, ratio, target_removed, data, method_options)
 
+    _check_consistent(pruned, example_inputs, method)
     params_after = count_params(pruned)
     macs_after = count_macs(pruned, example_inputs)
     before = {n: _width(m) for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -398,6 +399,25 @@ def prune(
         extra=_jsonable(extra),
     )
     return pruned, report
+
+
+def _check_consistent(pruned: nn.Module, example_inputs, method: str) -> None:
+    """Run the pruned model once: a dependency torch-pruning could not trace shows up here."""
+    from lopfast.prune.engine import _forward
+
+    was_training = pruned.training
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            _forward(pruned, example_inputs)
+    except RuntimeError as e:
+        raise ValueError(
+            f"method={method!r}: the pruned model no longer runs ({str(e).splitlines()[0]}); torch-pruning "
+            "mis-traced a channel dependency of this architecture (seen with a single-parameter PReLU "
+            "before a flatten). Keep the layers around it with ignored=[...]"
+        ) from e
+    finally:
+        pruned.train(was_training)
 
 
 def _width(m: nn.Module) -> int:

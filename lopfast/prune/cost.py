@@ -19,7 +19,8 @@ class CostModel:
     Built once from torch-pruning's dependency graph: every conv/linear/BN dimension is tied
     to the channel groups that cover it (a concatenation's consumer is covered by several),
     and keeps ``max(1, int(C (1 - r)))`` of a group's C channels, as torch-pruning does.
-    AMC needs this to enforce the budget while the episode is still running.
+    The ratio search counts its trials with it, and AMC enforces its budget with it while an
+    episode is still running. Parameters of other layers are counted as unprunable.
     """
 
     def __init__(self, base: nn.Module, example_inputs, ignored: List[str], forward) -> None:
@@ -53,10 +54,10 @@ class CostModel:
             for item in group:
                 layer, fn = item.dep.layer, item.dep.pruning_fn
                 name = names.get(layer)
-                if name is None or not isinstance(layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                if name is None or not isinstance(layer, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
                     continue
                 side = "out" if dg.is_out_channel_pruning_fn(fn) else "in"
-                if isinstance(layer, nn.BatchNorm2d):
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                     side = "out"
                 cover.setdefault((name, side), {})[gi] = len(item.idxs)
                 if side == "out" and isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -72,11 +73,14 @@ class CostModel:
             elif isinstance(m, nn.Linear):
                 self.layers.append(dict(name=n, out=m.out_features, inn=m.in_features, dw=False, per=m.in_features,
                                         bias=m.bias is not None, hw=1, bn=False, groups=1))
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self.layers.append(dict(name=n, out=m.num_features, inn=0, dw=False, per=0,
                                         bias=False, hw=0, bn=m.affine, groups=1))
         self.cover = cover
-        self.params0, self.macs0 = self.cost([0.0] * len(self.groups))
+        self._fixed = 0.0
+        modelled, self.macs0 = self.cost([0.0] * len(self.groups))
+        self._fixed = float(sum(p.numel() for p in base.parameters())) - modelled
+        self.params0 = modelled + self._fixed
 
     def keep(self, ratios: List[float]) -> List[int]:
         # exactly torch-pruning's rounding: it keeps int(C * (1 - r)) channels
@@ -92,7 +96,7 @@ class CostModel:
     def cost(self, ratios: List[float]) -> Tuple[float, float]:
         """(parameters, MACs) of the model pruned at ``ratios`` (one per group)."""
         keep = self.keep(ratios)
-        params = macs = 0.0
+        params, macs = self._fixed, 0.0
         for L in self.layers:
             out = self._dim(L["name"], "out", L["out"], keep)
             if L["bn"]:
