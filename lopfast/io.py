@@ -10,7 +10,6 @@ loads the state_dict strictly.
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import tempfile

@@ -6,17 +6,16 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
-from lopfast.prune.engine import Engine, count_macs, count_params, output_layers, prunable_layers
+from lopfast.prune.engine import Engine, count_macs, count_params, output_layers
 from lopfast.prune.importance import (
     HRankImportance,
-    PrecomputedImportance,
     ThiNetImportance,
     magnitude_importance,
     require_tp,
@@ -139,10 +138,6 @@ def _run(engine: Engine, importance, ratio, target, prepare=None):
     return engine.search(lambda r: engine.prune(importance, r, prepare=prepare), target,
                          hi=engine.max_layer_ratio if engine.global_pruning else 1.0)
 
-
-def _ratio_summary(ratios):
-    """A float for a uniform ratio; for per-layer ratios None (they go to report.extra)."""
-    return ratios if not isinstance(ratios, dict) else None
 
 
 # ---------------------------------------------------------------------------- criteria
@@ -338,7 +333,7 @@ def prune(
     if (ratio is None) == (target_removed is None):
         raise ValueError("give exactly one of ratio (channels removed per layer) and target_removed "
                          "(fraction of parameters removed)")
-    for name, v, hi_ok in (("ratio", ratio, False), ("target_removed", target_removed, False)):
+    for name, v in (("ratio", ratio), ("target_removed", target_removed)):
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

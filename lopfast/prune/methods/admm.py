@@ -3,7 +3,7 @@ Alternating Direction Method of Multipliers", ECCV 2018), channel (group) sparsi
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn

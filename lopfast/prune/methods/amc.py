@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Tuple
+from typing import List
 
 import torch
 import torch.nn as nn

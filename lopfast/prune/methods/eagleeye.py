@@ -2,8 +2,7 @@
 Pruning", ECCV 2020): random layer-wise ratios, adaptive-BN scoring, best candidate kept."""
 from __future__ import annotations
 
-import copy
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
