@@ -228,7 +228,9 @@ def _prune_hrank(engine, ratio, target, data, opts):
     """HRank (Lin et al., "HRank: Filter Pruning using High-Rank Feature Map", CVPR 2020).
 
     Score: average rank of each filter's output feature map over ``batches`` batches
-    (default 4), one batched ``torch.linalg.matrix_rank`` per conv per batch. Measured cost
+    (default 4), one batched ``torch.linalg.matrix_rank`` per conv per batch. The rank is
+    taken on the conv's own output (the HRank code hooks the activation after BN/ReLU,
+    which can differ by one or more). Measured cost
     (4 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
     107 / 189 ms; target search: 105 / 191 ms (the ranks are computed once).
     """
@@ -246,7 +248,10 @@ def _prune_thinet(engine, ratio, target, data, opts):
     locations per batch default 256, ``seed``). After pruning, the kept input channels of
     every consuming conv/linear are rescaled by least squares so that, on the same data,
     the pruned layer reproduces the original layer's output (``rescale=True``). Depthwise
-    consumers are pruned together with their producer and are not rescaled. Measured cost
+    consumers are pruned together with their producer and are not rescaled. Difference
+    from the paper: the scores are collected once on the unpruned model (ThiNet re-collects
+    them layer by layer on the partially pruned network); the rescaling, done layer by layer
+    on the pruned network, compensates for earlier layers. Measured cost
     (2 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
     186 / 231 ms; target search: 224 / 192 ms.
     """
