@@ -42,3 +42,9 @@ __all__ += ["ModelFileError", "PruneReport", "load", "prune", "register_architec
 from lopfast.pipeline import RunConfig, build_model, load_data, run_pipeline  # noqa: E402
 
 __all__ += ["RunConfig", "build_model", "load_data", "run_pipeline"]
+
+# Similarity-preserving distillation (issue 3): fused Triton SP loss, feature taps, layer pairs.
+from lopfast.distill import FeatureTaps, SPDistiller, SPLoss, sp_pairs  # noqa: E402
+from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram  # noqa: E402
+
+__all__ += ["FeatureTaps", "SPDistiller", "SPLoss", "sp_gram", "sp_loss", "sp_loss_from_gram", "sp_pairs"]

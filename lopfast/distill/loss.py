@@ -1,0 +1,124 @@
+"""``SPLoss`` (module form of ``lopfast.sp_loss``) and ``SPDistiller`` (teacher + student + hooks + loss).
+
+Training step with the distiller (paper Eq. 12, ``gamma`` the SP weight)::
+
+    import torch.nn.functional as F
+    import lopfast
+
+    student = lopfast.expand(pruned_model, rate=3.0)          # ExpandedConv2d at the conv paths
+    distiller = lopfast.SPDistiller(teacher, student)           # pairs every expanded conv by path
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    for x, y in loader:
+        logits, sp = distiller(x)                               # student output, float32 SP loss
+        loss = F.cross_entropy(logits, y) + gamma * sp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    distiller.close()                                           # or: with lopfast.SPDistiller(...) as d:
+
+With DistributedDataParallel pass the wrapper as ``student``: hooks go on the inner module
+(``ddp.module``) and the wrapper itself is called, so DDP's gradient hooks and buffer syncs run.
+``student_forward=fn`` replaces the call (``fn(*args, **kwargs)`` must run the hooked modules).
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from lopfast.backend import check_backend
+from lopfast.distill.pairs import sp_pairs
+from lopfast.distill.taps import FeatureTaps
+from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram
+
+
+class SPLoss(nn.Module):
+    """Module form of ``lopfast.sp_loss``: ``SPLoss()(student_feats, teacher_feats)`` -> float32 scalar."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = check_backend(backend)
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        return sp_loss(student, teacher, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class SPDistiller:
+    """Similarity-preserving distillation of ``student`` from ``teacher`` over paired layers.
+
+    ``distiller(*inputs)`` runs the teacher under ``torch.no_grad`` in eval mode, with hooks that
+    reduce each tapped activation to its normalised Gram at once (the activation is not kept),
+    then the student with grad (its tapped outputs are kept for the loss), and returns
+    ``(student_output, sp_loss)``; the loss is a float32 scalar (paper Eq. 11).
+
+    Args:
+        teacher: the unpruned network (put in eval mode on every call).
+        student: the expanded pruned network, possibly wrapped in DDP / DataParallel.
+        layers: None (every expanded layer of the student at a path that exists in the teacher)
+            or a list of module names present in both (see ``lopfast.sp_pairs``).
+        backend: backend of the SP loss ("auto", "torch", "triton", "cuda").
+        student_forward: callable run instead of ``student(*inputs)``.
+
+    A plain object, not an ``nn.Module``: the teacher's parameters never leak into the student's
+    ``parameters()`` / ``state_dict()``. ``close()`` (or leaving a ``with`` block) removes every hook.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, layers: Optional[Sequence[str]] = None,
+                 backend: str = "auto", student_forward: Optional[Callable[..., Any]] = None):
+        self.backend = check_backend(backend)
+        self.teacher = teacher
+        self.student = student
+        self.student_forward = student if student_forward is None else student_forward
+        self.pairs = sp_pairs(teacher, student, layers)
+        self.layers = [name for name, _, _ in self.pairs]
+        self._teacher_taps = FeatureTaps(teacher, self.layers, transform=self._reduce)
+        try:
+            self._student_taps = FeatureTaps(student, self.layers)
+        except Exception:  # pragma: no cover
+            self._teacher_taps.close()
+            raise
+
+    def _reduce(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        return sp_gram(output.detach(), backend=self.backend)  # (1, b, b) float32
+
+    @property
+    def closed(self) -> bool:
+        return not self._teacher_taps.active
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("SPDistiller is closed (its hooks were removed)")
+
+    def teacher_grams(self, *args, **kwargs) -> torch.Tensor:
+        """Run the teacher on the inputs; the normalised Grams (P, b, b) of the paired layers."""
+        self._check_open()
+        self.teacher.eval()
+        self._teacher_taps.clear()
+        with torch.no_grad():
+            self.teacher(*args, **kwargs)
+        return torch.cat(self._teacher_taps.collect())
+
+    def __call__(self, *args, **kwargs):
+        gt = self.teacher_grams(*args, **kwargs)
+        self._student_taps.clear()
+        try:
+            out = self.student_forward(*args, **kwargs)
+            feats = self._student_taps.collect()
+        finally:
+            self._student_taps.clear()
+        return out, sp_loss_from_gram(feats, gt, backend=self.backend)
+
+    def close(self) -> None:
+        self._teacher_taps.close()
+        self._student_taps.close()
+
+    def __enter__(self) -> "SPDistiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SPDistiller(pairs={len(self.layers)}, backend={self.backend!r}, closed={self.closed})"

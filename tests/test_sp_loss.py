@@ -1,0 +1,297 @@
+"""SP distillation loss (paper Eq. 7-11): Triton kernels (interpreter on CPU) and PyTorch reference
+against an independent float64 reference, layouts, zero rows, errors, torch.library registration."""
+import pytest
+import torch
+
+import lopfast
+from conftest import HAS_CUDA, HAS_TRITON, requires_cuda, requires_triton
+from lopfast.ops import sp_loss as sp_ops
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+
+def ref_sp_loss64(student, teacher):
+    """Eq. 7-11 in float64, written out plainly."""
+    total = torch.zeros((), dtype=torch.float64, device=student[0].device)
+    for a_s, a_t in zip(student, teacher):
+        b = a_s.shape[0]
+        q_s = a_s.double().reshape(b, -1)                     # Q_S = reshape(A_S), b x m'h'w'
+        q_t = a_t.double().detach().reshape(b, -1)            # Q_T = reshape(A_T), b x mhw
+        g_s = q_s @ q_s.T                                     # Eq. 9
+        g_t = q_t @ q_t.T                                     # Eq. 7
+        g_s = g_s / g_s.norm(dim=1, keepdim=True).clamp_min(1e-12)  # Eq. 10 (F.normalize)
+        g_t = g_t / g_t.norm(dim=1, keepdim=True).clamp_min(1e-12)  # Eq. 8
+        total = total + ((g_t - g_s) ** 2).sum() / b ** 2     # Eq. 11
+    return total
+
+
+def torch_same_dtype(student, teacher):
+    """The loop a user would write, in the input dtype (the error budget of the kernels)."""
+    total = 0.0
+    for a_s, a_t in zip(student, teacher):
+        b = a_s.shape[0]
+        q_s, q_t = a_s.reshape(b, -1), a_t.detach().reshape(b, -1)
+        g_s = torch.nn.functional.normalize(q_s @ q_s.T, dim=1)
+        g_t = torch.nn.functional.normalize(q_t @ q_t.T, dim=1)
+        total = total + ((g_t - g_s) ** 2).sum() / b ** 2
+    return total
+
+
+def run(fn, student, teacher):
+    s = [x.detach().clone().requires_grad_(True) for x in student]
+    loss = fn(s, teacher)
+    grads = torch.autograd.grad(loss, s)
+    return loss.detach(), grads
+
+
+def assert_close_to_ref(student, teacher, backend, atol_rel):
+    ref_loss, ref_grads = run(ref_sp_loss64, [x.double() for x in student], teacher)  # fp64 leaves
+    same_loss, same_grads = run(torch_same_dtype, student, teacher)
+    loss, grads = run(lambda s, t: lopfast.sp_loss(s, t, backend=backend), student, teacher)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    err = (loss.double() - ref_loss).abs()
+    budget = 2 * (same_loss.double() - ref_loss).abs() + atol_rel * max(ref_loss.abs().item(), 1e-3)
+    assert err <= budget, (err, budget)
+    for g, g_same, g_ref, x in zip(grads, same_grads, ref_grads, student):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        scale = g_ref.abs().max().item() + 1e-12
+        err = (g.double() - g_ref).abs()
+        budget = 2 * (g_same.double() - g_ref).abs() + atol_rel * scale
+        assert bool((err <= budget).all()), (err - budget).max()
+
+
+# ----------------------------------------------------------------------------- shapes, dtypes, backends
+
+SHAPES = {  # b -> list of (student shape, teacher shape) per pair; features never multiples of a block
+    1: [((3, 5, 5), (2, 7, 7))],
+    2: [((5, 3, 3), (6, 4, 3)), ((7,), (3, 11))],
+    7: [((3, 5, 5), (2, 7, 7)), ((9, 2, 3), (5, 3, 3))],
+    33: [((6, 3, 3), (5, 7)), ((37,), (3, 4, 3))],
+}
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=requires_cuda),  # the interpreter has no bf16
+]
+
+
+def make(b, shapes, dtype, device=DEVICE):
+    s = [torch.randn(b, *ss, device=device).relu().to(dtype) for ss, _ in shapes]
+    t = [torch.randn(b, *ts, device=device).relu().to(dtype) for _, ts in shapes]
+    return s, t
+
+
+@pytest.mark.parametrize("b", sorted(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_fp64_reference(b, dtype, backend):
+    s, t = make(b, SHAPES[b], dtype)
+    before = sum(lopfast.kernels.sp_gram.LAUNCHES.values()) if backend == "triton" else 0
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_close_to_ref(s, t, backend, atol)
+    if backend == "triton":  # the kernels ran (forward gram/finish + backward)
+        launched = lopfast.kernels.sp_gram.LAUNCHES
+        assert sum(launched.values()) > before
+
+
+@requires_triton
+def test_many_pairs_one_launch_per_eight():
+    """10 pairs of different shapes and dtypes: ceil(10/8) = 2 Gram launches per side."""
+    K = lopfast.kernels.sp_gram
+    b = 3
+    shapes = [((i + 1, 2, 3), (2, i + 2)) for i in range(10)]
+    s, t = make(b, shapes, torch.float32)
+    s[3] = s[3].half()
+    t[5] = t[5].half()
+    K.LAUNCHES.clear()
+    assert_close_to_ref(s, t, "triton", 1e-3)
+    assert K.LAUNCHES["gram"] == 4          # teacher 2 + student 2
+    assert K.LAUNCHES["row_normalize"] == 1 and K.LAUNCHES["sp_finish"] == 1
+    assert K.LAUNCHES["sp_grad_gram"] == 1 and K.LAUNCHES["sp_grad_features"] == 2
+
+
+def test_auto_is_reference_on_cpu_and_use_backend():
+    if HAS_CUDA:
+        pytest.skip("CPU dispatch")
+    K = lopfast.kernels.sp_gram
+    s, t = make(4, SHAPES[7], torch.float32)
+    before = sum(K.LAUNCHES.values())
+    lopfast.sp_loss(s, t)
+    with lopfast.use_backend("torch"):
+        lopfast.sp_loss(s, t)
+    assert sum(K.LAUNCHES.values()) == before
+    if HAS_TRITON:
+        with lopfast.use_backend("triton"):
+            lopfast.sp_loss(s, t)
+        assert sum(K.LAUNCHES.values()) > before
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_row_view_is_a_view_for_sample_dense_layouts():
+    x = torch.randn(4, 6, 5, 3)
+    cl = x.to(memory_format=torch.channels_last)
+    sliced = x[:, :4]  # each sample still one dense block, sample stride 90 != 60 features
+    for t in (x, cl, sliced, x.permute(0, 2, 3, 1)):
+        q = sp_ops.row_view(t)
+        assert q.shape == (4, t[0].numel()) and q.stride(1) == 1
+        assert q.data_ptr() == t.data_ptr() and q.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        g = q @ q.T
+        torch.testing.assert_close(g, t.reshape(4, -1) @ t.reshape(4, -1).T)
+    # a batch-transposed tensor has no dense samples: copied
+    y = torch.randn(30, 4).T
+    q = sp_ops.row_view(y)
+    assert q.is_contiguous() and q.data_ptr() != y.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_and_strided_inputs(backend):
+    b = 5
+    base = torch.randn(b, 7, 3, 5).relu()
+    s_cl = torch.randn(b, 6, 4, 3).to(memory_format=torch.channels_last)
+    s_sl = torch.randn(b, 9, 3, 3)[:, 2:7]
+    s_tr = torch.randn(11, b).T  # not sample-dense: copied, still right
+    student = [s_cl, s_sl, s_tr]
+    teacher = [base, base[:, :3], torch.randn(b, 4)]
+    assert_close_to_ref(student, teacher, backend, 1e-5)
+    s = [x.detach().clone().requires_grad_(True) if i != 0 else
+         x.detach().clone().to(memory_format=torch.channels_last).requires_grad_(True) for i, x in enumerate(student)]
+    loss = lopfast.sp_loss(s, teacher, backend=backend)
+    (g0,) = torch.autograd.grad(loss, s[:1])
+    assert g0.is_contiguous(memory_format=torch.channels_last)  # gradient keeps the layout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows(backend):
+    s, t = make(6, SHAPES[7], torch.float32)
+    s[0][2] = 0.0   # a dead sample in a student layer
+    t[1][4] = 0.0   # and in a teacher layer
+    t[0][2] = 0.0
+    assert_close_to_ref(s, t, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_detached_and_grad_output(backend):
+    s, t = make(4, SHAPES[7], torch.float16)
+    s = [x.requires_grad_() for x in s]
+    t = [x.requires_grad_() for x in t]
+    loss = lopfast.sp_loss(s, t, backend=backend)
+    assert loss.dtype == torch.float32 and loss.requires_grad
+    g1 = torch.autograd.grad(loss, s, retain_graph=True)
+    g2 = torch.autograd.grad(loss, s, grad_outputs=torch.tensor(2.5))
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(c.float(), 2.5 * a.float(), rtol=2e-3, atol=1e-6)
+    loss2 = lopfast.sp_loss(s, t, backend=backend)
+    (loss2 * 3).sum().backward()
+    assert all(x.grad is None for x in t)
+    assert all(x.grad is not None for x in s)
+
+
+def test_sp_gram_and_from_gram_agree():
+    s, t = make(7, SHAPES[7], torch.float32)
+    gt = lopfast.sp_gram(t, backend="torch")
+    assert gt.shape == (2, 7, 7) and gt.dtype == torch.float32
+    torch.testing.assert_close(lopfast.sp_loss_from_gram(s, gt), lopfast.sp_loss(s, t))
+    if HAS_TRITON and not HAS_CUDA:
+        torch.testing.assert_close(lopfast.sp_gram(t, backend="triton"), gt, atol=1e-6, rtol=1e-5)
+
+
+def test_module_form():
+    s, t = make(3, SHAPES[2], torch.float32)
+    m = lopfast.SPLoss(backend="torch")
+    torch.testing.assert_close(m(s, t), lopfast.sp_loss(s, t))
+    torch.testing.assert_close(m(s[0], t[0]), lopfast.sp_loss([s[0]], [t[0]]))
+    assert "torch" in repr(m)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    s, t = make(4, SHAPES[7], torch.float32)
+    with pytest.raises(ValueError, match="student has 2 .* teacher has 1"):
+        lopfast.sp_loss(s, t[:1])
+    with pytest.raises(ValueError, match=r"teacher\[1\] has batch size 3"):
+        lopfast.sp_loss(s, [t[0], t[1][:3]])
+    with pytest.raises(ValueError, match=r"student\[1\] has batch size 2"):
+        lopfast.sp_loss([s[0], s[1][:2]], t)
+    with pytest.raises(ValueError, match="student is empty"):
+        lopfast.sp_loss([], [])
+    with pytest.raises(ValueError, match="0-d"):
+        lopfast.sp_loss(torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(TypeError, match="teacher"):
+        lopfast.sp_loss(s, 3)
+    with pytest.raises(TypeError, match=r"student\[0\]"):
+        lopfast.sp_loss([1], [t[0]])
+    with pytest.raises(ValueError, match="backend"):
+        lopfast.sp_loss(s, t, backend="tpu")
+    with pytest.raises(RuntimeError, match="cuda|CUDA"):
+        lopfast.sp_loss(s, t, backend="cuda")
+    with pytest.raises(ValueError, match="teacher_gram must have shape"):
+        lopfast.sp_loss_from_gram(s, torch.zeros(1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@pytest.mark.skipif(sp_ops.OPS is None, reason="torch.library.triton_op needs torch >= 2.6 and triton")
+def test_opcheck():
+    s, t = make(5, SHAPES[7], torch.float32)
+    s = [x.requires_grad_() for x in s]
+    gt = lopfast.sp_gram(t, backend="torch")
+    # Under TRITON_INTERPRET=1 the fake (meta) run of a triton_op body launches the interpreter on
+    # fake tensors, which have no data: the fake-tensor / AOT checks only run on the GPU.
+    utils = ("test_schema", "test_autograd_registration") if not HAS_CUDA else (
+        "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(sp_ops.OPS.sp_gram, ([x.detach() for x in t],), test_utils=utils)
+    torch.library.opcheck(sp_ops.OPS.sp_loss_fwd, (s, gt), test_utils=utils)
+    loss, graw = sp_ops.OPS.sp_loss_fwd(s, gt)
+    torch.library.opcheck(sp_ops.OPS.sp_loss_bwd, (torch.tensor(1.0), [x.detach() for x in s], gt, graw.detach()),
+                          test_utils=utils)
+    # the registered op (CPU kernel = reference) agrees with the plain reference, forward and backward
+    ref = sp_ops.sp_loss_reference(s, gt)
+    torch.testing.assert_close(loss, ref)
+    for a, c in zip(torch.autograd.grad(loss, s), torch.autograd.grad(ref, s)):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.skipif(HAS_CUDA or sp_ops.OPS is None, reason="interpreter check of the triton_op bodies")
+def test_triton_op_bodies_run_triton_under_interpreter():
+    """The ops that run on CUDA, built without CPU kernels: CPU tensors reach the Triton kernels."""
+    ops = sp_ops._Ops("lopfast_sptest", cpu_reference=False)
+    K = lopfast.kernels.sp_gram
+    s, t = make(7, SHAPES[7], torch.float32, device="cpu")
+    s = [x.requires_grad_() for x in s]
+    K.LAUNCHES.clear()
+    gt = ops.sp_gram(t)
+    loss = ops.loss(s, gt)
+    grads = torch.autograd.grad(loss, s)
+    assert K.LAUNCHES["gram"] == 2 and K.LAUNCHES["sp_grad_features"] == 1
+    ref_loss, ref_grads = run(ref_sp_loss64, s, t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
+@requires_cuda
+@requires_triton
+@pytest.mark.gpu
+def test_compile_fullgraph_gpu():
+    s, t = make(16, [((8, 5, 5), (6, 7, 7)), ((12, 3, 3), (9, 3, 3))], torch.float32)
+    s = [x.requires_grad_() for x in s]
+
+    def f(s, t):
+        return lopfast.sp_loss(s, t, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(s, t)
+    grads = torch.autograd.grad(loss, s)
+    ref_loss, ref_grads = run(ref_sp_loss64, s, t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-3, atol=1e-4 * r.abs().max().item())
