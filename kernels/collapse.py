@@ -33,8 +33,10 @@ the product in two (``M = Y . Z`` into an fp32 workspace ``Wk``, then ``X . M``)
 second halves of all split products run in a second launch. So: forward 1 launch (2 when some
 layer is big), backward 1 launch (2 when some layer is big), whatever the number of layers.
 
-Accumulation is fp32 (fp64 for fp64 factors), ``tl.dot`` with ``input_precision="ieee"`` so
-fp32 factors are not silently rounded to tf32; outputs are written in the factors' dtype.
+Accumulation is fp32 (fp64 for fp64 factors). ``tl.dot`` runs with ``input_precision="ieee"``
+(fp32 FMA, no tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, the same
+rule PyTorch's own matmuls follow, so the kernel never rounds more than the reference would.
+fp16/bf16 factors are upcast to fp32 before the products. Outputs are in the factors' dtype.
 Launchers only: tensors in, tensors out; no ``torch.nn``, no other lopfast imports.
 """
 from __future__ import annotations
@@ -79,11 +81,14 @@ def _load_tile(a_ptr, b_ptr, w_ptr, src, off, r_idx, c_idx, s_r, s_c, mask, ACC:
 
 
 @triton.jit
-def _mm(a, b, F64: tl.constexpr):
-    # fp32 operands: ask for IEEE fp32 explicitly; the GPU default (tf32) would round the
-    # factors to 10 mantissa bits and make the collapsed layer differ from the chain.
+def _mm(a, b, F64: tl.constexpr, TF32: tl.constexpr):
+    # fp32 operands: IEEE fp32 unless the caller allows tf32 (the launcher follows
+    # torch.backends.cuda.matmul.allow_tf32, as PyTorch's own matmuls do); Triton's GPU default
+    # would be tf32 regardless, rounding the factors to 10 mantissa bits.
     if F64:
         return tl.dot(a, b)
+    elif TF32:
+        return tl.dot(a, b, input_precision="tf32")
     else:
         return tl.dot(a, b, input_precision="ieee")
 
@@ -92,7 +97,7 @@ def _mm(a, b, F64: tl.constexpr):
 def _chain3_kernel(
     a_ptr, b_ptr, w_ptr, o_ptr, desc_ptr, tile_ptr,
     BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
-    ACC: tl.constexpr, F64: tl.constexpr,
+    ACC: tl.constexpr, F64: tl.constexpr, TF32: tl.constexpr,
 ):
     """One output tile of O = X.Y.Z (has_y=1) or O = X.Z (has_y=0), per tap or tap-summed."""
     pid = tl.program_id(0)
@@ -152,13 +157,13 @@ def _chain3_kernel(
                                     mk[:, None] & ml[None, :], ACC)
                     zv = _load_tile(a_ptr, b_ptr, w_ptr, z_src, zo, rl, rj, z_sl, z_sj,
                                     ml[:, None] & mj[None, :], ACC)
-                    inner += _mm(yv, zv, F64)
+                    inner += _mm(yv, zv, F64, TF32)
             else:
                 inner = _load_tile(a_ptr, b_ptr, w_ptr, z_src, zo, rk, rj, z_sl, z_sj,
                                    mk[:, None] & mj[None, :], ACC)
             xv = _load_tile(a_ptr, b_ptr, w_ptr, x_src, xo, ri, rk, x_si, x_sk,
                             mi[:, None] & mk[None, :], ACC)
-            acc += _mm(xv, inner, F64)
+            acc += _mm(xv, inner, F64, TF32)
     oo = o_off + t_lo * o_st + ri[:, None] * o_si + rj[None, :] * o_sj
     om = mi[:, None] & mj[None, :]
     if o_dst == 0:
@@ -405,7 +410,8 @@ def launch_chain3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, desc: tor
     kern = wrap(_chain3_kernel)
     meta = dict(BI=block, BJ=block, BK=block, BL=block,
                 ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                F64=acc == torch.float64)
+                F64=acc == torch.float64,
+                TF32=a.device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32))
     n_tiles = tiles.shape[0]
     for lo, hi in ((0, split), (split, n_tiles)):
         if hi > lo:

@@ -326,13 +326,15 @@ def test_kernel_compiles_for_sm90():
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         from lopfast.kernels.collapse import _chain3_kernel
-        for pt, f64 in (("fp32", False), ("fp16", False), ("bf16", False), ("fp64", True)):
+        for pt, f64, tf32 in (("fp32", False, False), ("fp32", False, True), ("fp16", False, False),
+                              ("bf16", False, False), ("fp64", True, False)):
             acc = "fp64" if f64 else "fp32"
             sig = {"a_ptr": "*" + pt, "b_ptr": "*" + pt, "w_ptr": "*" + acc, "o_ptr": "*" + pt,
                    "desc_ptr": "*i64", "tile_ptr": "*i64", "BI": "constexpr", "BJ": "constexpr",
-                   "BK": "constexpr", "BL": "constexpr", "ACC": "constexpr", "F64": "constexpr"}
+                   "BK": "constexpr", "BL": "constexpr", "ACC": "constexpr", "F64": "constexpr",
+                   "TF32": "constexpr"}
             consts = {"BI": 32, "BJ": 32, "BK": 32, "BL": 32,
-                      "ACC": tl.float64 if f64 else tl.float32, "F64": f64}
+                      "ACC": tl.float64 if f64 else tl.float32, "F64": f64, "TF32": tf32}
             k = triton.compile(ASTSource(fn=_chain3_kernel, signature=sig, constexprs=consts),
                                target=GPUTarget("cuda", 90, 32))
             assert k.asm["ptx"], pt
