@@ -63,13 +63,12 @@ def _sp_reference(students, teachers):
 def test_gpu_sp_loss_cuda_matches_reference(dtype):
     if cuda_extension() is None:
         pytest.skip("lopfast._C not built and not compilable here")
-    from lopfast.ops.cuda_ext import sp_loss_cuda
-
     shapes = [((12, 5, 7, 7), (12, 9, 7, 7)), ((12, 33), (12, 17)), ((12, 3, 4, 4), (12, 3, 4, 4))]
     students = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s, _ in shapes]
     teachers = [torch.randn(t, device="cuda", dtype=dtype) for _, t in shapes]
     students[2].data[3].zero_()  # a zero row of G stays zero
-    loss = sp_loss_cuda(students, teachers)
+    loss = lopfast.sp_loss(students, teachers, backend="cuda")
+    assert loss.dtype == torch.float32 and loss.dim() == 0
     ref_s = [s.detach().double().requires_grad_() for s in students]
     ref = _sp_reference(ref_s, teachers)
     tol = 1e-9 if dtype == torch.float64 else 2e-3

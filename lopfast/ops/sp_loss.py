@@ -277,8 +277,8 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     name = resolve_backend(backend, device, _OP)
     if name == "cuda":
         raise RuntimeError(
-            "sp_loss: backend 'cuda' (the CUDA C++ extension lopfast._C) has no SP-loss kernel yet; "
-            "use backend='triton' or 'torch'")
+            "sp_gram / sp_loss_from_gram: backend 'cuda' (the CUDA C++ extension lopfast._C) only "
+            "implements the whole loss (sp_loss); use backend='triton' or 'torch' here")
     if name == "triton" and _K is None:  # pragma: no cover
         raise RuntimeError("sp_loss: backend 'triton' requested but the Triton kernels failed to import")
     return name
@@ -337,8 +337,8 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         teacher: the matching teacher activations (same length; channels and spatial size may
             differ from the student's, the batch size may not). Detached.
         backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "torch",
-            "triton" (on CPU only under ``TRITON_INTERPRET=1``) or "cuda" (not available for this
-            op yet: raises). ``lopfast.use_backend`` sets the default.
+            "triton" (on CPU only under ``TRITON_INTERPRET=1``) or "cuda" (the CUDA C++ extension,
+            csrc/sp_gram_kernels.cu). ``lopfast.use_backend`` sets the default.
 
     >>> loss = lopfast.sp_loss([s1, s2], [t1, t2])   # sum over the two pairs
     """
@@ -348,6 +348,11 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         raise ValueError(f"student has {len(s)} feature tensors but teacher has {len(t)}: one per layer pair")
     b, device = _check_features(s, "student", None, None)
     _check_features(t, "teacher", b, device)
+    if resolve_backend(backend, device, _OP) == "cuda":
+        # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only entries
+        from lopfast.ops.cuda_ext import sp_loss_cuda
+
+        return sp_loss_cuda(s, t).float()
     name = _resolve(backend, device)
     gt = _gram_impl([x.detach() for x in t], name, device)
     return _loss_impl(s, gt, name, device)
