@@ -72,7 +72,8 @@ def test_gpu_sp_loss_cuda_matches_reference(dtype):
     ref_s = [s.detach().double().requires_grad_() for s in students]
     ref = _sp_reference(ref_s, teachers)
     tol = 1e-9 if dtype == torch.float64 else 2e-3
-    assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    loss_tol = max(tol, 1e-6)  # the loss is returned in float32 whatever the inputs
+    assert abs(loss.item() - ref.item()) <= loss_tol * max(1.0, abs(ref.item()))
     g = torch.autograd.grad(loss * 3, students)
     gr = torch.autograd.grad(ref * 3, ref_s)
     for a, b in zip(g, gr):
