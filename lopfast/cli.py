@@ -19,15 +19,17 @@ from typing import List, Optional, Sequence
 __all__ = ["main", "DEMO_DEFAULTS"]
 
 # The demo: a tiny ResNet on sklearn's 8x8 digits, pruned hard and recovered by ft and lop with
-# the same budget. Sized to finish in a couple of minutes on a 2-core CPU.
+# the same budget. Sized to finish in a couple of minutes on a 2-core CPU. 95% removed: at
+# ~90% both methods recover the easy digits fully; the paper's gain shows at extreme ratios.
+# batch 64: 1437 training images give 23 steps an epoch (batch 256 would give 6).
 DEMO_DEFAULTS = {
     "model": "digitsnet",
     "dataset": "digits",
     "batch_size": 64,
     "pretrain_epochs": 40,
-    "target": 0.9,
+    "target": 0.95,
     "methods": ["ft", "lop"],
-    "epochs": 40,
+    "epochs": 30,
     "gamma": 100.0,
     "device": "cpu",
 }
@@ -52,6 +54,7 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
                    help="continue an interrupted run in --out: finished stages are loaded, the running one resumes")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
+    g.add_argument("--threads", type=int, default=S, help="CPU threads (default: 1 for digits, torch's default otherwise)")
     g.add_argument("--quiet", action="store_true", default=S, help="less console output")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=S, help="zoo model: digitsnet, resnet20/32/56/110, vgg16, mobilenet_v2, "
@@ -107,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("demo", help="digits end to end: pretrain, prune ~90%%, ft vs lop, table + plot",
-                       description="Pretrain a small ResNet on the 8x8 digits, prune ~90%% of its weights (l1), "
+    p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop, table + plot",
+                       description="Pretrain a small ResNet on the 8x8 digits, prune 95%% of its weights (l1), "
                                    "recover with ft and lop on the same budget, contract, verify, print a table, "
                                    "write results.json and accuracy.png.")
     _add_common(p)

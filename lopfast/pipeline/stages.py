@@ -98,6 +98,7 @@ class RunConfig:
     amp: str = "auto"
     compile: bool = False
     device: str = "auto"
+    threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
     seed: int = 0
     export: List[str] = field(default_factory=list)
 
@@ -140,7 +141,7 @@ class RunConfig:
             raise ValueError(f"linear_depth must be 2 or 3, got {self.linear_depth!r}")
         if not isinstance(self.gamma, (int, float)) or self.gamma < 0 or not math.isfinite(self.gamma):
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        for name in ("epochs", "scratch_epochs", "pretrain_epochs", "train_subset", "test_subset"):
+        for name in ("epochs", "scratch_epochs", "pretrain_epochs", "train_subset", "test_subset", "threads"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -526,6 +527,12 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     """Validate ``cfg`` and load its data (raises before any training)."""
     cfg.validate()
     device = _resolve_device(cfg.device) if device is None else torch.device(device)
+    if device.type == "cpu":
+        # 8x8 digits batches are far too small to split across threads: extra threads only
+        # add synchronisation, and on a busy machine spinning OpenMP workers cost 5-10x
+        threads = cfg.threads if cfg.threads is not None else (1 if cfg.dataset == "digits" else None)
+        if threads is not None:
+            torch.set_num_threads(threads)
     data = load_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset, download=cfg.download,
                      workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda")
