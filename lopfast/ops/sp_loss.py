@@ -348,8 +348,9 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         raise ValueError(f"student has {len(s)} feature tensors but teacher has {len(t)}: one per layer pair")
     b, device = _check_features(s, "student", None, None)
     _check_features(t, "teacher", b, device)
-    if resolve_backend(backend, device, _OP) == "cuda":
-        # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only entries
+    if not torch.compiler.is_compiling() and resolve_backend(backend, device, _OP) == "cuda":
+        # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only
+        # entries; skipped while dynamo traces (an opaque extension call; _resolve decides there)
         from lopfast.ops.cuda_ext import sp_loss_cuda
 
         return sp_loss_cuda(s, t).float()
