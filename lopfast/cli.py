@@ -305,24 +305,14 @@ def _export(args) -> int:
 
 
 def _load_any(path: str):
-    """Load a model saved by lopfast.save (lopfast.load) or by a pipeline stage."""
-    import lopfast
+    """Load a model saved by lopfast.save or by a pipeline stage; returns (model, metadata)."""
     from lopfast.pipeline import stages
     from lopfast.pipeline.train import load_checkpoint
 
-    try:
-        ck = load_checkpoint(path)
-    except Exception:
-        ck = None
-    if isinstance(ck, dict) and "arch" in ck and "state_dict" in ck:
-        return stages.load_stage_model(path), {"arch": ck["arch"]}
-    if getattr(lopfast, "load", None) is None:
-        raise ValueError(f"{path!r} is not a pipeline stage file and lopfast.load is unavailable to read it")
-    import lopfast.pipeline  # noqa: F401  (registers the zoo with lopfast.io)
-    from lopfast.io import read
-
-    model = lopfast.load(path, map_location="cpu")
-    return model, dict(read(path, map_location="cpu").get("metadata", {}))
+    model = stages.load_model_file(path)
+    ck = load_checkpoint(path)
+    meta = dict(ck.get("metadata", {})) if isinstance(ck, dict) else {}
+    return model, meta
 
 
 if __name__ == "__main__":  # python -m lopfast.cli (torchrun entry)

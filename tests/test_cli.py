@@ -100,3 +100,17 @@ def test_export_command(tmp_path, capsys):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(ts(x), model(x))
+
+
+def test_export_reads_lopfast_save_files(tmp_path, capsys):
+    import lopfast
+    from lopfast.pipeline.models import build_model
+
+    if not hasattr(lopfast, "save"):
+        pytest.skip("lopfast.save is not available")
+    model = build_model("digitsnet", width=8).eval()
+    path = tmp_path / "final.pt"
+    lopfast.save(model, str(path), arch="digitsnet", arch_kwargs={"width": 8}, dataset="digits")
+    rc = cli.main(["export", str(path)])  # input shape from the metadata's dataset
+    assert rc == 0
+    assert (tmp_path / "final.ts").exists()

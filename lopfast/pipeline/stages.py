@@ -223,6 +223,18 @@ def _save_stage_model(model: nn.Module, path: str, arch: str, arch_kwargs: dict)
                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
 
 
+def load_model_file(path: str) -> nn.Module:
+    """Load a model written by a pipeline stage or by ``lopfast.save`` (e.g. a run's final model.pt)."""
+    try:
+        ck = load_checkpoint(path)
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a readable model file ({type(exc).__name__}: {exc})") from None
+    if isinstance(ck, dict) and "arch" in ck and "state_dict" in ck:
+        return load_stage_model(path)
+    load = require("load", f"reading {path}")
+    return load(path, map_location="cpu")
+
+
 def load_stage_model(path: str) -> nn.Module:
     """Rebuild a (possibly pruned) zoo model written by a stage: arch + shapes from the state dict."""
     ck = load_checkpoint(path)
@@ -315,7 +327,7 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     """Train the unpruned model from scratch (scratch preset) or load ``cfg.teacher``; returns (model, acc)."""
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
     if cfg.teacher:
-        model = load_stage_model(cfg.teacher)
+        model = load_model_file(cfg.teacher)
         return model.to(device), evaluate(model.to(device), data.test, device, cfg.amp)["acc"]
     d = os.path.join(out, "pretrain")
     final = os.path.join(d, "model.pt")
@@ -470,7 +482,10 @@ def recover(method: str, cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, 
     if dist_info()[0] == 0:
         save_final(final, os.path.join(d, "model.pt"), cfg, data, method=method, acc=ev["acc"])
         for fmt in cfg.export:
-            export_model(final, os.path.join(d, "model"), fmt, example, log)
+            try:
+                export_model(final, os.path.join(d, "model"), fmt, example, log)
+            except Exception as exc:  # an exporter failure must not lose the trained result
+                log(f"[export] {fmt} export failed: {type(exc).__name__}: {exc}")
         _write_json(res_path, result)
     log(f"[{tag}] final accuracy {ev['acc']:.2f}% with {params} params")
     return result
