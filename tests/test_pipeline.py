@@ -242,3 +242,18 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     assert lines[0].startswith("target,removed,method,acc")
     assert len(lines) == 1 + 2 * 2
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_cifar_resnet_run_on_tiny_image_folder(tmp_path):
+    """The CIFAR path end to end (RGB, pad-4 crop + flip, ResNet-20) on a few PNGs made here."""
+    from lopfast.cli import main
+
+    _png_folder(tmp_path / "data", n_per_class=8)
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+               "--device", "cpu", "--batch-size", "8", "--pretrain-epochs", "1", "--epochs", "1",
+               "--methods", "ft,lop", "--target", "0.5", "--gamma", "10", "--out", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert 0.45 < res["pruned"]["removed"] < 0.55
+    assert res["methods"]["lop"]["contract_max_rel_diff"] < 1e-4
