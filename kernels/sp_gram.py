@@ -111,7 +111,8 @@ def _gram_part(q_ptr, F, stride_b, chunk, g_ptr, b, ti, tj,
         tl.atomic_add(g_ptr + gj[None, :] + rows_i[:, None], acc, mask=mask)
 
 
-@triton.jit
+# b is never specialised: Triton turns an int argument equal to 1 into a constexpr (b = 1 is legal)
+@triton.jit(do_not_specialize=["b"])
 def _gram_kernel(
     g_ptr, b, slot0,
     p0, p1, p2, p3, p4, p5, p6, p7,
@@ -154,10 +155,12 @@ def _gram_kernel(
                 _gram_part(p7, f7, s7, pid - c7, g_ptr + (slot0 + 7) * bb, b, ti, tj, BLOCK_B, BLOCK_K, K_ITERS, PRECISION)
 
 
-def _precision(q: torch.Tensor, allow_tf32: bool) -> str:
-    if q.dtype == torch.float32 and not allow_tf32:
+def _precision(qs: Sequence[torch.Tensor], allow_tf32: bool) -> str:
+    # only fp32 operands are affected: "ieee" = PyTorch's default fp32 matmul; fp16/bf16 dots run on
+    # tensor cores with fp32 accumulation whatever this says ("tf32" is Triton's default setting)
+    if any(q.dtype == torch.float32 for q in qs) and not allow_tf32:
         return "ieee"
-    return "tf32" if q.dtype == torch.float32 else "ieee"
+    return "tf32"
 
 
 def _launch(kernel, wrap: Optional[Callable]):
@@ -192,8 +195,7 @@ def gram(qs: Sequence[torch.Tensor], *, allow_tf32: bool = False, wrap: Optional
         ps, fs, ss, cs, total = _multi_args(sub, chunk)
         if total == 0:
             continue
-        prec = _precision(sub[0], allow_tf32) if all(q.dtype == sub[0].dtype for q in sub) else (
-            "tf32" if allow_tf32 else "ieee")
+        prec = _precision(sub, allow_tf32)
         LAUNCHES["gram"] += 1
         _launch(_gram_kernel, wrap)[(total, nt * nt)](
             out, b, grp.start, *ps, *fs, *ss, *cs,
@@ -316,7 +318,7 @@ def _grad_part(q_ptr, dq_ptr, F, stride_b, dstride_b, col_blk, dg_ptr, b, ti,
              acc.to(dq_ptr.dtype.element_ty), mask=mi[:, None] & mk[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["b"])
 def _sp_grad_features_kernel(
     dg_ptr, b, slot0,
     p0, p1, p2, p3, p4, p5, p6, p7,

@@ -295,3 +295,18 @@ def test_compile_fullgraph_gpu():
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-3, atol=1e-4 * r.abs().max().item())
+
+
+def test_dynamo_traces_dispatch_fullgraph():
+    """The Python around the op (checks, backend choice) traces with fullgraph=True (no GPU needed)."""
+    s, t = make(4, SHAPES[7], torch.float32, device="cpu")
+    s = [x.requires_grad_() for x in s]
+
+    def f(s, t):
+        return lopfast.sp_loss(s, t)  # "auto": the reference on CPU
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    loss = compiled(s, t)
+    torch.testing.assert_close(loss, lopfast.sp_loss(s, t))
+    with lopfast.use_backend("torch"):
+        torch.testing.assert_close(compiled(s, t), loss)

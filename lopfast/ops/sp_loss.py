@@ -272,9 +272,16 @@ OPS: Optional[_Ops] = _Ops("lopfast") if HAS_TRITON_OP else None
 # ----------------------------------------------------------------------------- dispatch and public API
 
 
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: Optional[str], device_type: str) -> str:
+    # Dynamo cannot trace ContextVar.get (lopfast.use_backend): under torch.compile the choice is
+    # made once, when the graph is traced (backend and device type are constants there)
+    return resolve_backend(backend, torch.device(device_type), _OP)
+
+
 def _resolve(backend: Optional[str], device: torch.device) -> str:
     """The one place that decides which implementation runs: "torch" or "triton"."""
-    name = resolve_backend(backend, device, _OP)
+    name = _resolve_name(backend, device.type)
     if name == "cuda":
         raise RuntimeError(
             "sp_gram / sp_loss_from_gram: backend 'cuda' (the CUDA C++ extension lopfast._C) only "
