@@ -45,6 +45,16 @@ def _csv(kind):
     return parse
 
 
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({exc})")
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: bool = True) -> None:
     S = argparse.SUPPRESS  # unset flags stay absent so config files / command defaults show through
     g = p.add_argument_group("run")
@@ -59,6 +69,8 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=S, help="zoo model: digitsnet, resnet20/32/56/110, vgg16, mobilenet_v2, "
                                               "resnet50 (torchvision) or tv:<name> (default resnet20)")
+    g.add_argument("--model-kwargs", dest="model_kwargs", type=_json_object, default=S,
+                   help='extra builder arguments as JSON, e.g. \'{"width": 16}\'')
     g.add_argument("--dataset", default=S, help="digits, cifar10 (default), cifar100, imagenet")
     g.add_argument("--data-dir", dest="data_dir", default=S, help="data directory (cifar: pickle or image-folder layout)")
     g.add_argument("--download", action="store_true", default=S, help="download CIFAR if missing (MD5 checked)")
@@ -113,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop, table + plot",
                        description="Pretrain a small ResNet on the 8x8 digits, prune 95%% of its weights (l1), "
                                    "recover with ft and lop on the same budget, contract, verify, print a table, "
-                                   "write results.json and accuracy.png.")
+                                   "write results.json and accuracy.png.",
+                       epilog="demo defaults (any flag overrides them): "
+                              + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()))
     _add_common(p)
     p = sub.add_parser("pretrain", help="train the unpruned model (the teacher)")
     _add_common(p, recovery=False, prune=False)

@@ -552,7 +552,11 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset, download=cfg.download,
                      workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda")
     # model-dependent checks, on a meta-free CPU build (cheap for the zoo)
-    probe = zoo.build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes, **cfg.model_kwargs)
+    try:
+        probe = zoo.build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
+                                **cfg.model_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model_kwargs {cfg.model_kwargs} are not accepted by {cfg.model}: {exc}") from None
     limit = zoo.max_removable_fraction(probe)
     if cfg.target >= limit:
         raise ValueError(f"target={cfg.target} is above what {cfg.model} can lose by channel pruning "
