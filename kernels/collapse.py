@@ -236,7 +236,8 @@ class _Program:
     """Descriptor rows plus the tile rows of each launch phase."""
 
     desc: List[List[int]] = field(default_factory=list)
-    phases: Tuple[List[Tuple[float, List[int]]], List[Tuple[float, List[int]]]] = field(
+    # per phase: (estimated work of one program, int64 tile rows of one descriptor)
+    phases: Tuple[List[Tuple[int, torch.Tensor]], List[Tuple[int, torch.Tensor]]] = field(
         default_factory=lambda: ([], [])
     )
     ws_numel: int = 0
@@ -256,16 +257,18 @@ class _Program:
             row[_F[k]] = int(v)
         d = len(self.desc)
         self.desc.append(row)
-        taps = [(t, t + 1) for t in range(T)] if per_tap else [(0, T)]
         # estimated work of one program, used to schedule the biggest tiles first
         kp, lp = _ceil(K, block), _ceil(L, block)
         t_cnt = 1 if per_tap else T
         work = t_cnt * kp * block * block * ((lp + 1) * block if has_y else block)
-        for g in range(G):
-            for t_lo, t_hi in taps:
-                for i0 in range(0, I, block):
-                    for j0 in range(0, J, block):
-                        self.phases[phase].append((work, [d, g, t_lo, t_hi, i0, j0]))
+        # tile rows (d, g, t_lo, t_hi, i0, j0) for every group x tap range x i-tile x j-tile,
+        # built as one tensor product (a Python loop takes seconds for ResNet-50-sized plans)
+        ar = lambda *a: torch.arange(*a, dtype=torch.int64)  # noqa: E731
+        t_lo = ar(T) if per_tap else ar(1)
+        g, t, i0, j0 = torch.meshgrid(ar(G), t_lo, ar(0, I, block), ar(0, J, block), indexing="ij")
+        t_hi = t + 1 if per_tap else torch.full_like(t, T)
+        tiles = torch.stack([torch.full_like(g, d), g, t, t_hi, i0, j0], dim=-1).reshape(-1, TILE_FIELDS)
+        self.phases[phase].append((work, tiles))
 
 
 def _ceil(a: int, b: int) -> int:
@@ -342,14 +345,15 @@ class CollapsePlan:
 
 
 def _finish(prog: _Program) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
-    rows = []
+    parts = []
     for ph in prog.phases:
         # longest programs first: with many tiny layers next to a big one, the big tiles
-        # must not be the tail that keeps the launch alive
-        rows += [r for _, r in sorted(ph, key=lambda wr: -wr[0])]
+        # must not be the tail that keeps the launch alive (stable sort: order within ties kept)
+        parts += [tiles for _, tiles in sorted(ph, key=lambda wt: -wt[0])]
     desc = torch.tensor(prog.desc or [[0] * NDESC], dtype=torch.int64)
-    tiles = torch.tensor(rows, dtype=torch.int64).reshape(-1, TILE_FIELDS)
-    return desc, tiles, len(prog.phases[0]), prog.ws_numel
+    tiles = torch.cat(parts) if parts else torch.zeros(0, TILE_FIELDS, dtype=torch.int64)
+    n_first = sum(t.shape[0] for _, t in prog.phases[0])
+    return desc, tiles, n_first, prog.ws_numel
 
 
 def plan_collapse(shapes: Sequence[LayerShape], block: int = DEFAULT_BLOCK, split: str = "auto") -> CollapsePlan:
