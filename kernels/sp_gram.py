@@ -76,6 +76,7 @@ GRAD_BLOCK_J = 16 if _INTERPRET else 32
 GRAD_BLOCK_K = 16 if _INTERPRET else 64
 GRAD_MAX_BLOCK_I = 32 if _INTERPRET else 128
 ROW_BLOCK = 8 if _INTERPRET else 16
+GRAD_NUM_WARPS = 4 if _INTERPRET else 8  # (BLOCK_I x BLOCK_K) fp32 accumulator: 64 registers a thread at 8 warps
 
 
 def _next_pow2(n: int) -> int:
@@ -378,7 +379,7 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
         _launch(_sp_grad_features_kernel, wrap)[(total, triton.cdiv(b, block_i))](
             dg, b, grp.start, *ps, *ds, *fs, *ss, *ts, *cs,
             NT=len(sub), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-            PRECISION="tf32" if allow_tf32 else "ieee",
+            PRECISION="tf32" if allow_tf32 else "ieee", num_warps=GRAD_NUM_WARPS,
         )
 
 

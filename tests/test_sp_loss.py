@@ -152,12 +152,12 @@ def test_row_view_is_a_view_for_sample_dense_layouts():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_and_strided_inputs(backend):
     b = 5
-    base = torch.randn(b, 7, 3, 5).relu()
-    s_cl = torch.randn(b, 6, 4, 3).to(memory_format=torch.channels_last)
-    s_sl = torch.randn(b, 9, 3, 3)[:, 2:7]
-    s_tr = torch.randn(11, b).T  # not sample-dense: copied, still right
+    base = torch.randn(b, 7, 3, 5, device=DEVICE).relu()
+    s_cl = torch.randn(b, 6, 4, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    s_sl = torch.randn(b, 9, 3, 3, device=DEVICE)[:, 2:7]
+    s_tr = torch.randn(11, b, device=DEVICE).T  # not sample-dense: copied, still right
     student = [s_cl, s_sl, s_tr]
-    teacher = [base, base[:, :3], torch.randn(b, 4)]
+    teacher = [base, base[:, :3], torch.randn(b, 4, device=DEVICE)]
     assert_close_to_ref(student, teacher, backend, 1e-5)
     s = [x.detach().clone().requires_grad_(True) if i != 0 else
          x.detach().clone().to(memory_format=torch.channels_last).requires_grad_(True) for i, x in enumerate(student)]
@@ -183,7 +183,7 @@ def test_teacher_detached_and_grad_output(backend):
     loss = lopfast.sp_loss(s, t, backend=backend)
     assert loss.dtype == torch.float32 and loss.requires_grad
     g1 = torch.autograd.grad(loss, s, retain_graph=True)
-    g2 = torch.autograd.grad(loss, s, grad_outputs=torch.tensor(2.5))
+    g2 = torch.autograd.grad(loss, s, grad_outputs=torch.tensor(2.5, device=DEVICE))
     for a, c in zip(g1, g2):
         torch.testing.assert_close(c.float(), 2.5 * a.float(), rtol=2e-3, atol=1e-6)
     loss2 = lopfast.sp_loss(s, t, backend=backend)
@@ -251,7 +251,7 @@ def test_opcheck():
     torch.library.opcheck(sp_ops.OPS.sp_gram, ([x.detach() for x in t],), test_utils=utils)
     torch.library.opcheck(sp_ops.OPS.sp_loss_fwd, (s, gt), test_utils=utils)
     loss, graw = sp_ops.OPS.sp_loss_fwd(s, gt)
-    torch.library.opcheck(sp_ops.OPS.sp_loss_bwd, (torch.tensor(1.0), [x.detach() for x in s], gt, graw.detach()),
+    torch.library.opcheck(sp_ops.OPS.sp_loss_bwd, (torch.tensor(1.0, device=DEVICE), [x.detach() for x in s], gt, graw.detach()),
                           test_utils=utils)
     # the registered op (CPU kernel = reference) agrees with the plain reference, forward and backward
     ref = sp_ops.sp_loss_reference(s, gt)

@@ -192,7 +192,7 @@ def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, wra
 
 def _triton_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor,
                 graw: torch.Tensor, wrap=None) -> List[torch.Tensor]:
-    grad = grad.reshape(()).to(torch.float32).contiguous()
+    grad = grad.reshape(()).to(device=graw.device, dtype=torch.float32).contiguous()
     dg = _K.sp_grad_gram(grad, graw, teacher_gram, wrap=wrap)
     grads = [_empty_grad(s) for s in student]
     _K.sp_grad_features(dg, [row_view(s) for s in student], [row_view(g) for g in grads],
