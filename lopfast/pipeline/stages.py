@@ -611,18 +611,20 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table: params, MACs, % removed and accuracy per model."""
-    rows = [("model", "params", "MACs", "% removed", "accuracy")]
+    """A plain-text table: params, MACs, % removed, accuracy and training time per model."""
+    rows = [("model", "params", "MACs", "% removed", "accuracy", "train time")]
     t = results["teacher"]
-    rows.append(("unpruned (teacher)", f"{t['params']:,}", f"{t['macs']:,}", "0.0", f"{t['acc']:.2f}%"))
+    rows.append(("unpruned (teacher)", f"{t['params']:,}", f"{t['macs']:,}", "0.0", f"{t['acc']:.2f}%", ""))
     p = results["pruned"]
     rows.append(("pruned, no recovery", f"{p['params']:,}", f"{p['macs']:,}", f"{100 * p['removed']:.1f}",
-                 f"{p['acc']:.2f}%"))
+                 f"{p['acc']:.2f}%", ""))
     for name, r in results["methods"].items():
         if "error" in r:
-            rows.append((name, "-", "-", "-", "not run (see log)"))
+            rows.append((name, "-", "-", "-", "not run", "(see log)"))
             continue
-        rows.append((name, f"{r['params']:,}", f"{r['macs']:,}", f"{100 * (r['removed'] or 0):.1f}", f"{r['acc']:.2f}%"))
+        secs = r.get("train_seconds")
+        rows.append((f"{name} ({r['epochs']} ep)", f"{r['params']:,}", f"{r['macs']:,}",
+                     f"{100 * (r['removed'] or 0):.1f}", f"{r['acc']:.2f}%", f"{secs:.0f}s" if secs is not None else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
     sep = "  ".join("-" * w for w in widths)
