@@ -81,7 +81,7 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g = p.add_argument_group("training")
     g.add_argument("--teacher", default=S, help="pretrained model.pt to start from (skips pretraining)")
     g.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=int, default=S,
-                   help="pretraining epochs (default 280, scratch preset; milestones rescale)")
+                   help="pretraining epochs (default 280, scratch preset; milestones rescale; 0: use the model as built, e.g. torchvision weights)")
     g.add_argument("--pretrain-lr", dest="pretrain_lr", type=float, default=S, help="pretraining LR (default 0.1)")
     g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4")

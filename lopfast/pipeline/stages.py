@@ -63,6 +63,8 @@ class RunConfig:
 
     ``epochs`` / ``scratch_epochs`` / ``pretrain_epochs`` of None use the paper presets
     (150 / 280 / 280); a smaller number rescales the LR milestones proportionally.
+    ``pretrain_epochs=0`` takes the model as built as the teacher (e.g. torchvision weights
+    through ``model_kwargs={"weights": "DEFAULT"}``).
     """
 
     model: str = "resnet20"
@@ -141,7 +143,11 @@ class RunConfig:
             raise ValueError(f"linear_depth must be 2 or 3, got {self.linear_depth!r}")
         if not isinstance(self.gamma, (int, float)) or self.gamma < 0 or not math.isfinite(self.gamma):
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        for name in ("epochs", "scratch_epochs", "pretrain_epochs", "train_subset", "test_subset", "threads"):
+        # pretrain_epochs may be 0: take the model as built (e.g. torchvision weights)
+        positive = ("epochs", "scratch_epochs", "train_subset", "test_subset", "threads")
+        if self.pretrain_epochs != 0:
+            positive += ("pretrain_epochs",)
+        for name in positive:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -338,9 +344,14 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     os.makedirs(d, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = zoo.build_model(cfg.model, **arch_kwargs)
-    tc = _train_cfg(cfg, "scratch", cfg.pretrain_epochs, cfg.pretrain_lr)
-    res = train(model, data, tc, device=device, checkpoint=os.path.join(d, "ckpt.pt"), resume=resume,
-                desc="pretrain", log=log)
+    if cfg.pretrain_epochs == 0:
+        log("[pretrain] --pretrain-epochs 0: using the model as built (pretrained weights), no training")
+        model.to(device)
+        res = {"history": [], "final": evaluate(model, data.test, device, cfg.amp)}
+    else:
+        tc = _train_cfg(cfg, "scratch", cfg.pretrain_epochs, cfg.pretrain_lr)
+        res = train(model, data, tc, device=device, checkpoint=os.path.join(d, "ckpt.pt"), resume=resume,
+                    desc="pretrain", log=log)
     if dist_info()[0] == 0:
         _save_stage_model(model, final, cfg.model, arch_kwargs)
         _write_json(os.path.join(d, "history.json"), res["history"])
