@@ -247,6 +247,7 @@ def _dispatch(args) -> int:
     if args.command == "prune" and not cfg.teacher:
         raise ValueError("lopfast prune needs --teacher PATH (the model.pt written by `lopfast pretrain`)")
     data, device = stages.prepare(cfg, dev, rank, world)
+    stages.check_out_dir(cfg, out)
     os.makedirs(out, exist_ok=True)
     log = stages.RunLog(out, quiet)
     stages._write_json(os.path.join(out, "config.json"), cfg.to_dict())

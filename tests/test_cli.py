@@ -114,3 +114,12 @@ def test_export_reads_lopfast_save_files(tmp_path, capsys):
     rc = cli.main(["export", str(path)])  # input shape from the metadata's dataset
     assert rc == 0
     assert (tmp_path / "final.ts").exists()
+
+
+def test_reusing_out_dir_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = stages.RunConfig(model="digitsnet", dataset="digits", device="cpu", target=0.5)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    rc, err = run(["run", *BASE, "--target", "0.6", "--out", str(out)], capsys)
+    assert rc == 2 and "different settings (target)" in err

@@ -575,6 +575,25 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     return data, device
 
 
+# settings that do not change what earlier stages computed: a run directory may be reused with others
+_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
+
+
+def check_out_dir(cfg: RunConfig, out: str) -> None:
+    """Refuse to reuse a run directory whose saved config differs (its finished stages would be stale)."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    new = cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+    if diff:
+        raise ValueError(f"--out {out} holds a run with different settings ({', '.join(diff)}); its finished stages "
+                         "would not match: choose a new --out, or rerun with the settings of its config.json")
+
+
 def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool = False, data=None,
                  device=None) -> dict:
     """pretrain -> prune -> recover with every ``cfg.methods`` -> contract/verify/evaluate/save.
@@ -584,6 +603,7 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
     rank, world = dist_info()
     if data is None:
         data, device = prepare(cfg, device, rank, world)
+    check_out_dir(cfg, out)
     os.makedirs(out, exist_ok=True)
     log = RunLog(out, quiet)
     _write_json(os.path.join(out, "config.json"), cfg.to_dict())
@@ -682,6 +702,7 @@ def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: boo
     cfg.target = max(targets)  # validated against the architecture in prepare()
     rank, world = dist_info()
     data, device = prepare(cfg, None, rank, world)
+    check_out_dir(cfg, out)
     os.makedirs(out, exist_ok=True)
     log = RunLog(out, quiet)
     _write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "targets": list(targets)})
