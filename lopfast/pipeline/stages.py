@@ -514,6 +514,8 @@ def _check_layers(names: Sequence[str], teacher: nn.Module, student: nn.Module) 
 def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> None:
     """Save the deployable compact model with ``lopfast.save`` (arch metadata lets ``lopfast.load`` rebuild it)."""
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
+    # a CPU, contiguous copy: the file loads anywhere (map_location not needed)
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if has("save"):
         lopfast.save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
     else:  # lopfast.io missing: keep the result in the stage format so nothing is lost
