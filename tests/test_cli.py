@@ -56,6 +56,7 @@ def test_top_level_help(capsys):
         (["run", *BASE, "--export", "tflite"], "unknown export format"),
         (["run", *BASE, "--teacher", "/nonexistent/model.pt"], "teacher file"),
         (["prune", *BASE], "needs --teacher"),
+        (["run", *BASE, "--sp-layers", "layer1,layer9"], "sp_layers \\['layer9'\\] are not modules"),
         (["sweep", *BASE, "--targets", "0.5,1.2"], "targets must be a fraction"),
         (["run", *BASE, "--resume", "--out", "/nonexistent/run"], "--resume needs --out"),
         (["export", "/nonexistent/model.pt"], "does not exist"),

@@ -507,7 +507,7 @@ def _check_layers(names: Sequence[str], teacher: nn.Module, student: nn.Module) 
     s = dict(student.named_modules())
     bad = [n for n in names if n not in t or n not in s]
     if bad:
-        raise ValueError(f"sp_layers {bad} are not modules of both teacher and student; "
+        raise ValueError(f"sp_layers {bad} are not modules of the model; "
                          f"valid names include {[n for n in s if n in t and n][:8]} ...")
 
 
@@ -574,6 +574,8 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     if cfg.target >= limit:
         raise ValueError(f"target={cfg.target} is above what {cfg.model} can lose by channel pruning "
                          f"(at most {limit:.4f}); choose a smaller --target")
+    if cfg.sp_layers is not None:
+        _check_layers(cfg.sp_layers, probe, probe)  # pruning and expansion keep module paths
     return data, device
 
 
