@@ -21,6 +21,7 @@ shrinks them so the whole file runs in a few minutes on a laptop CPU:
 
 A ratio table (median / median of compact) is printed at the end and written to
 bench/results/collapse-<cpu|gpu>.json, with achieved GFLOP/s of the compact-equivalent work.
+On CPU every benchmark runs with one intra-op thread (see ``_one_cpu_thread``).
 """
 import json
 import os
@@ -62,6 +63,27 @@ def _step_fn(module, x, grad, precision, device):
     return step
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """One intra-op thread on CPU: on a small shared box (2 cores, other jobs running) two
+    OpenMP threads make a plain nn.Conv2d step swing between 1 and 60 ms, as one thread
+    waits at every barrier for the other to be scheduled again; one thread is stable."""
+    if CUDA:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _warm(step):
+    step()  # warm-up: Triton compilation, allocator, oneDNN primitives
+    return step
+
+
 def _record(key, variant, benchmark, flops):
     st = benchmark.stats.stats
     _results.setdefault(key, {})[variant] = (st.median, st.min, flops)
@@ -92,9 +114,12 @@ def _make_layer(variant, layer, rate, device):
 def test_layer_train_step(benchmark, layer, rate, variant, precision, device):
     if variant == "compact" and rate != RATES[0]:
         pytest.skip("compact does not depend on the rate: measured once per layer")
-    module, x, grad, flops = _make_layer(variant, layer, rate, device)
-    step = _step_fn(module, x, grad, precision, device)
-    step()  # warm-up: Triton compilation, allocator
+    def build():
+        module, x, grad, flops = _make_layer(variant, layer, rate, device)
+        return _step_fn(module, x, grad, precision, device), flops
+
+    step, flops = build()
+    _warm(step)
     benchmark.group = f"layer-{layer}-{precision}"
     benchmark.extra_info.update(layer=layer, rate=rate, variant=variant, precision=precision, bench_size=BENCH_SIZE)
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
@@ -147,30 +172,35 @@ def _net_flops(net, size, batch):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("variant", NET_VARIANTS)
 def test_net_train_step(benchmark, variant, precision, device):
-    torch.manual_seed(0)
-    net = resnetish(NET["width"]).to(device)
-    flops = _net_flops(net, NET["size"], NET["batch"])
-    hook = None
-    backend = None
-    if variant != "compact":
-        net = lopfast.expand(net, rate=3)
-        lopfast.set_mode(net, "chain" if variant == "chain" else "collapsed")
-        if variant == "collapsed-grouped":
-            hook = lopfast.CollapsedForward(net)
-        backend = "torch" if variant == "collapsed-eager" else None
-    x = torch.randn(NET["batch"], 3, NET["size"], NET["size"], device=device)
-    grad = torch.randn(NET["batch"], 10, device=device)
-    inner = _step_fn(net, x, grad, precision, device)
+    hooks = []
 
-    def step():
-        with lopfast.use_backend(backend or "auto"):
-            inner()
+    def build():
+        torch.manual_seed(0)
+        net = resnetish(NET["width"]).to(device)
+        flops = _net_flops(net, NET["size"], NET["batch"])
+        backend = None
+        if variant != "compact":
+            net = lopfast.expand(net, rate=3)
+            lopfast.set_mode(net, "chain" if variant == "chain" else "collapsed")
+            if variant == "collapsed-grouped":
+                hooks.append(lopfast.CollapsedForward(net))
+            backend = "torch" if variant == "collapsed-eager" else None
+        x = torch.randn(NET["batch"], 3, NET["size"], NET["size"], device=device)
+        grad = torch.randn(NET["batch"], 10, device=device)
+        inner = _step_fn(net, x, grad, precision, device)
 
-    step()
+        def step():
+            with lopfast.use_backend(backend or "auto"):
+                inner()
+
+        return step, flops
+
+    step, flops = build()
+    _warm(step)
     benchmark.group = f"net-{precision}"
     benchmark.extra_info.update(variant=variant, precision=precision, bench_size=BENCH_SIZE, **NET)
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
-    if hook is not None:
+    for hook in hooks:
         hook.remove()
     _record(("net", f"resnetish-w{NET['width']}", 3, precision), variant, benchmark, flops)
 
