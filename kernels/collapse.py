@@ -241,6 +241,8 @@ class _Program:
         default_factory=lambda: ([], [])
     )
     ws_numel: int = 0
+    # split intermediates already scheduled, by (operands, sizes, groups, taps)
+    shared: dict = field(default_factory=dict)
 
     def add(self, phase: int, has_y: int, I, J, K, L, X: _Mat, Y: Optional[_Mat], Z: _Mat,
             O: _Mat, G: int, T: int, per_tap: bool, block: int) -> None:
@@ -280,9 +282,11 @@ def _emit_product(prog: _Program, X: _Mat, Y: _Mat, Z: _Mat, O: _Mat, I: int, K:
     """Schedule O = X.Y.Z (X: I x K, Y: K x L, Z: L x J) for all groups and taps.
 
     Candidates: fused right (X.(Y.Z) per tile), fused left (the same on the transpose),
-    split right (M = Y.Z, then X.M), split left (M = X.Y, then M.Z). Fused is kept unless
-    its recomputation costs more than 1.5x the split flops (the split pays a workspace
-    round trip and possibly a second launch).
+    split right (M = Y.Z, then X.M), split left (M = X.Y, then M.Z). A split intermediate
+    already computed for another product of the same program is reused for free (the
+    backward's dW.A1^T serves dA2 and dA3, A3^T.dW serves dA1 and dA2). Fused is kept unless
+    its recomputation costs more than 1.5x the split flops (the split pays a workspace round
+    trip and possibly a second launch).
     """
     b = block
     c = lambda n: _ceil(n, b) * b  # noqa: E731 - padded size
@@ -290,23 +294,37 @@ def _emit_product(prog: _Program, X: _Mat, Y: _Mat, Z: _Mat, O: _Mat, I: int, K:
     def fused(I_, K_, L_, J_):
         return _ceil(I_, b) * _ceil(J_, b) * (c(K_) * c(L_) * b + b * c(K_) * b)
 
+    taps_r = T if (Y.st or Z.st) else 1
+    taps_l = T if (X.st or Y.st) else 1
+    key_r = (Y, Z, K, L, J, G, taps_r)
+    key_l = (X, Y, I, K, L, G, taps_l)
     fused_r, fused_l = fused(I, K, L, J), fused(J, L, K, I)
-    split_r = c(K) * c(L) * c(J) + c(I) * c(K) * c(J)
-    split_l = c(I) * c(K) * c(L) + c(I) * c(L) * c(J)
+    split_r = (0 if key_r in prog.shared else c(K) * c(L) * c(J)) + c(I) * c(K) * c(J)
+    split_l = (0 if key_l in prog.shared else c(I) * c(K) * c(L)) + c(I) * c(L) * c(J)
     use_split = split == "always" or (split == "auto" and min(fused_r, fused_l) > 1.5 * min(split_r, split_l))
     if not use_split:
         if fused_l < fused_r:  # O^T = Z^T . Y^T . X^T, right-associated
             X, Y, Z, O, I, K, L, J = Z.T, Y.T, X.T, O.T, J, L, K, I
         prog.add(0, 1, I, J, K, L, X, Y, Z, O, G, T, per_tap, b)
         return
-    if split_l < split_r:  # work on the transpose so that the split is always M = Y.Z
-        X, Y, Z, O, I, K, L, J = Z.T, Y.T, X.T, O.T, J, L, K, I
-    # M_t = Y_t . Z_t (K x J per group and tap) in the workspace, tap-major inside a group
-    taps_m = T if (Y.st or Z.st) else 1
-    M = _Mat(SRC_WS, prog.ws_numel, taps_m * K * J, J, 1, K * J if taps_m > 1 else 0)
-    prog.ws_numel += G * taps_m * K * J
-    prog.add(0, 0, K, J, L, 0, Y, None, Z, M, G, taps_m, True, b)
-    prog.add(1, 0, I, J, K, 0, X, None, M, O, G, T, per_tap, b)
+    if split_r <= split_l:
+        # M_t = Y_t . Z_t (K x J per group and tap) in the workspace, tap-major inside a group
+        M = prog.shared.get(key_r)
+        if M is None:
+            M = _Mat(SRC_WS, prog.ws_numel, taps_r * K * J, J, 1, K * J if taps_r > 1 else 0)
+            prog.ws_numel += G * taps_r * K * J
+            prog.add(0, 0, K, J, L, 0, Y, None, Z, M, G, taps_r, True, b)
+            prog.shared[key_r] = M
+        prog.add(1, 0, I, J, K, 0, X, None, M, O, G, T, per_tap, b)
+    else:
+        # M_t = X_t . Y_t (I x L), then O = M . Z
+        M = prog.shared.get(key_l)
+        if M is None:
+            M = _Mat(SRC_WS, prog.ws_numel, taps_l * I * L, L, 1, I * L if taps_l > 1 else 0)
+            prog.ws_numel += G * taps_l * I * L
+            prog.add(0, 0, I, L, K, 0, X, None, Y, M, G, taps_l, True, b)
+            prog.shared[key_l] = M
+        prog.add(1, 0, I, J, L, 0, M, None, Z, O, G, T, per_tap, b)
 
 
 @dataclass
