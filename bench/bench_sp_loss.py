@@ -112,10 +112,11 @@ def ratio_table():
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                   torch=torch.__version__, size=BENCH_SIZE,
+                   torch=torch.__version__, size=BENCH_SIZE, compile=COMPILE, rounds=ROUNDS,
                    gpu=torch.cuda.get_device_name() if CUDA else None)
     (out / f"sp_loss-{'gpu' if CUDA else 'cpu'}.json").write_text(json.dumps(
-        dict(command="pytest bench/bench_sp_loss.py --benchmark-only", machine=machine, results=rows), indent=2))
+        dict(command=f"LOPFAST_BENCH_COMPILE={int(COMPILE)} LOPFAST_BENCH_ROUNDS={ROUNDS} "
+                     "pytest bench/bench_sp_loss.py --benchmark-only", machine=machine, results=rows), indent=2))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
