@@ -20,6 +20,17 @@ try:
 except Exception:  # pragma: no cover
     HAS_TRITON = False
 
+# CI runs the property tests on a fixed sequence of examples, so a red build is reproducible;
+# locally hypothesis explores new ones each run.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
+
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lopfast
@@ -64,6 +64,8 @@ def make_conv(cfg, dtype):
 
 @settings(max_examples=60, deadline=None)
 @given(conv_configs())
+@example(dict(in_channels=9, out_channels=9, kernel_size=(1, 2), stride=(1, 2), padding=(0, 0), dilation=(1, 1),
+              groups=3, bias=False, padding_mode="zeros", rate=1.0, init="normal", batch=1, size=(9, 9), seed=0))
 def test_from_conv_exact_in_float32(cfg):
     torch.manual_seed(cfg["seed"])
     conv = make_conv(cfg, torch.float32)
@@ -71,18 +73,28 @@ def test_from_conv_exact_in_float32(cfg):
     exp = lopfast.ExpandedConv2d.from_conv(conv, cfg["rate"], init=cfg["init"], generator=gen)
     x = torch.randn(cfg["batch"], cfg["in_channels"], *cfg["size"])
     ref = conv(x)
+    # Orthogonal factors are perfectly conditioned: float32 rounding only. The paper's Gaussian
+    # factors amplify the rounding of the stored float32 factors by cond(W1) * cond(W3) (a
+    # square Gaussian matrix at rate 1 can be badly conditioned), so their bound scales with it.
+    tol = 1e-5
+    if cfg["init"] == "normal":
+        G = cfg["groups"]
+        w1 = exp.weight1.detach().double().reshape(G, -1, exp.weight1.shape[1])
+        w3 = exp.weight3.detach().double().reshape(G, exp.weight3.shape[0] // G, -1)
+        cond = (torch.linalg.cond(w1).max() * torch.linalg.cond(w3).max()).item()
+        tol = max(tol, 2e-6 * cond)
     for mode in ("collapsed", "chain"):
         exp.mode = mode
         out = exp(x)
         assert out.shape == ref.shape
-        assert rel_err(out, ref) < 1e-5, mode
+        assert rel_err(out, ref) < tol, mode
     # the contracted conv gives the weight back
     back = exp.contract()
     assert type(back) is nn.Conv2d
-    assert rel_err(back.weight, conv.weight) < 1e-5
+    assert rel_err(back.weight, conv.weight) < tol
     if conv.bias is not None:
         assert torch.equal(back.bias, conv.bias)
-    assert rel_err(back(x), ref) < 1e-5
+    assert rel_err(back(x), ref) < tol
     for attr in ("stride", "padding", "dilation", "groups", "padding_mode", "kernel_size"):
         assert getattr(back, attr) == getattr(conv, attr)
 

@@ -131,7 +131,10 @@ class ExpandedConv2d(nn.Conv2d):
         """Expand a trained conv into an exactly equivalent chain (paper Eq. 3).
 
         The outer factors are random (orthonormal columns/rows for ``init="orthogonal"``,
-        Gaussian for ``"normal"``), the middle one is solved in float64. ``generator`` (a CPU
+        Gaussian for ``"normal"``), the middle one is solved in float64. Orthogonal factors
+        reproduce the conv to float32 rounding; Gaussian ones (the paper's literal choice)
+        amplify the rounding of the stored factors by cond(W1)*cond(W3), which for a rate
+        near 1 (square random matrices) can reach 1e3 or more. ``generator`` (a CPU
         ``torch.Generator``) makes the draw reproducible. The result lives on the conv's
         device and dtype and has its ``training`` flag.
         """
