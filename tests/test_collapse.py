@@ -87,13 +87,13 @@ def test_single_layer_float16(name):
 
 
 def test_single_layer_float32_split_auto():
-    _compare([CASES["odd3x3"], CASES["pointwise"]], torch.float32, "auto")
+    _compare([CASES["pointwise"], CASES["groups_nonsquare"]], torch.float32, "auto")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_grouped_many_mixed_layers(dtype):
-    """All five shapes (plus repeats) in one grouped call."""
-    cases = [c for n, c in CASES.items() if n != "odd3x3"] + [CASES["depthwise"], (1, 4, 4, 8, 8, 3, 3)]
+    """Five different layers (groups, depthwise, 1x1, non-square, plain 3x3) in one grouped call."""
+    cases = [c for n, c in CASES.items() if n != "odd3x3"] + [(1, 4, 4, 8, 8, 3, 3)]
     _compare(cases, dtype, "auto")
 
 
