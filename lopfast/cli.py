@@ -6,6 +6,19 @@ Settings are layered: built-in defaults < the command's defaults (e.g. the demo'
 ``--config FILE`` (a JSON object of setting names, as in config.json) < explicit flags.
 Multi-process training: ``torchrun --nproc_per_node N -m lopfast.cli run ...`` (NCCL on GPU,
 gloo on CPU).
+
+Examples::
+
+    lopfast demo                                   # digits, ~1 min on a 2-core CPU
+    lopfast demo --epochs 5 --pretrain-epochs 5    # quicker, smaller budget
+    lopfast run --model resnet56 --dataset cifar10 --data-dir ~/data/cifar10 \
+        --target 0.9 --methods ft,lop,scratch,expandnets,distill,lop-nokd --gamma 3000
+    lopfast pretrain --model vgg16 --dataset cifar10 --download --out runs/vgg
+    lopfast prune --model vgg16 --dataset cifar10 --teacher runs/vgg/pretrain/model.pt --target 0.95
+    lopfast sweep --model resnet20 --dataset cifar10 --targets 0.5,0.7,0.9 --methods ft,lop
+    lopfast run --config runs/demo-.../config.json --out runs/again   # rerun a saved config
+    lopfast run ... --out runs/x --resume          # continue after an interruption
+    lopfast export runs/x/lop/model.pt --format torchscript,onnx
 """
 from __future__ import annotations
 
