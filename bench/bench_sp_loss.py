@@ -93,7 +93,14 @@ def make(net, dtype, device):
 
 @pytest.fixture(scope="module", autouse=True)
 def ratio_table():
-    yield
+    # one CPU thread: on a shared 2-core box two OpenMP threads make medians swing several-fold
+    old = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
     if not _results:
         return
     rows = []
@@ -113,6 +120,7 @@ def ratio_table():
     out.mkdir(exist_ok=True)
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                    torch=torch.__version__, size=BENCH_SIZE, compile=COMPILE, rounds=ROUNDS,
+                   threads=None if CUDA else 1,
                    gpu=torch.cuda.get_device_name() if CUDA else None)
     (out / f"sp_loss-{'gpu' if CUDA else 'cpu'}.json").write_text(json.dumps(
         dict(command=f"LOPFAST_BENCH_COMPILE={int(COMPILE)} LOPFAST_BENCH_ROUNDS={ROUNDS} "
