@@ -35,7 +35,7 @@ LAYERS = {
 RATES = [2, 3]
 COMPILE = os.environ.get("LOPFAST_BENCH_COMPILE", "1" if torch.cuda.is_available() else "0") == "1"
 VARIANTS = ["compact", "collapsed", "chain"] + (["collapsed-compile"] if COMPILE else [])
-ROUNDS = int(os.environ.get("LOPFAST_BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("LOPFAST_BENCH_ROUNDS", "7"))
 
 _results = {}
 
@@ -59,7 +59,19 @@ def _make(variant, layer, rate, device):
 
 @pytest.fixture(scope="module", autouse=True)
 def ratio_table():
+    # One CPU thread by default: on a shared 2-core machine two OpenMP threads make even the
+    # plain conv's step swing several-fold between rounds (LOPFAST_BENCH_THREADS overrides).
+    old_threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("LOPFAST_BENCH_THREADS", "1")))
     yield
+    try:
+        _write_table()
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _write_table():
     if not _results:
         return
     rows = []
@@ -76,12 +88,13 @@ def ratio_table():
     out.mkdir(exist_ok=True)
     machine = dict(
         host=socket.gethostname(), platform=platform.platform(), processor=platform.processor(),
-        cpus=os.cpu_count(), torch=torch.__version__,
+        cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     )
     tag = "gpu" if torch.cuda.is_available() else "cpu"
     (out / f"expanded_conv-{tag}.json").write_text(
-        json.dumps(dict(command="pytest bench/bench_expanded_conv.py --benchmark-only", machine=machine,
+        json.dumps(dict(command=f"LOPFAST_BENCH_COMPILE={int(COMPILE)} LOPFAST_BENCH_ROUNDS={ROUNDS} "
+                                "pytest bench/bench_expanded_conv.py --benchmark-only", machine=machine,
                         results=rows), indent=2)
     )
 
