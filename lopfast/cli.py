@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop, table + plot",
-                       description="Pretrain a small ResNet on the 8x8 digits, prune 95%% of its weights (l1), "
+                       description="Pretrain a small ResNet on the 8x8 digits, prune 95% of its weights (l1), "
                                    "recover with ft and lop on the same budget, contract, verify, print a table, "
                                    "write results.json and accuracy.png.",
                        epilog="demo defaults (any flag overrides them): "
