@@ -273,8 +273,9 @@ def ratio_table():
               f" {r['compact_equiv_gflops']:>8.1f}")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
+    # CPU timings ran on one thread (the fixture above); it is restored by the time we get here
     machine = dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                   gpu=torch.cuda.get_device_name() if CUDA else None, threads=torch.get_num_threads())
+                   gpu=torch.cuda.get_device_name() if CUDA else None, threads=None if CUDA else 1)
     (out / f"collapse-{'gpu' if CUDA else 'cpu'}.json").write_text(json.dumps(
         dict(command="pytest bench/bench_collapse.py --benchmark-only", size=BENCH_SIZE, machine=machine,
              results=rows), indent=2))
