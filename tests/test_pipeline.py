@@ -115,6 +115,26 @@ def _tiny_train(tmp_path, teacher=None, interrupt_after=None, resume=False, tag=
     return (model, res), ck
 
 
+def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = load_data("digits", batch_size=64, train_subset=128, test_subset=64, seed=3)
+    torch.manual_seed(0)
+    model = build_model("digitsnet", width=8)
+    ck = str(tmp_path / "div.pt")
+    calls = []
+
+    def blow_up(epoch, rec):
+        calls.append(epoch)
+        with torch.no_grad():  # after a good first epoch, poison the weights
+            next(model.parameters()).fill_(float("inf"))
+
+    with pytest.raises(RuntimeError, match="diverged in epoch 2.*lower --lr or --gamma"):
+        train(model, data, TrainConfig(3, 0.05, (), seed=5), checkpoint=ck, on_epoch_end=blow_up)
+    assert calls == [0]
+    good = load_checkpoint(ck)
+    assert good["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("distill", [False, pytest.param(True, marks=needs_distiller)])
 def test_resume_matches_uninterrupted(tmp_path, distill):
     teacher = build_model("digitsnet", width=8).eval() if distill else None

@@ -308,6 +308,13 @@ def train(
             if world > 1:
                 dist.all_reduce(sums[:2])
                 _broadcast_buffers(model)
+            if not bool(torch.isfinite(sums[:2]).all()):
+                # checked once per epoch (no per-step host sync) and before the checkpoint is
+                # written, so the last good checkpoint survives for a --resume with other settings
+                raise RuntimeError(
+                    f"[{desc}] training diverged in epoch {epoch + 1}: the loss is NaN or infinite "
+                    f"(lr {cfg.lr}, SP weight gamma {cfg.sp_gamma}); lower --lr or --gamma, or set --clip-grad"
+                )
             ev = evaluate(model, data.test, device, cfg.amp)
             nb = max(float(sums[2]), 1.0)
             rec = {
