@@ -6,64 +6,8 @@ import torch
 import torch.nn as nn
 
 import lopfast
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer1 = BasicBlock(8, 8, 1)
-        self.layer2 = BasicBlock(8, 12, 2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(12, 10)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: pointwise expand -> depthwise 3x3 -> pointwise project (+ residual)."""
-
-    def __init__(self, c, t=4):
-        super().__init__()
-        h = c * t
-        self.block = nn.Sequential(
-            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c),
-        )
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
-class TinyMobileNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU6())
-        self.blocks = nn.Sequential(InvertedResidual(6), InvertedResidual(6))
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x):
-        x = self.blocks(self.stem(x))
-        return self.head(x.mean((2, 3)))
+from nets import TinyMobileNetV2 as TinyMobileNet
+from nets import TinyResNet
 
 
 def _randomise_bn(model):
