@@ -106,6 +106,24 @@ def _batches(data: Iterable, limit: int):
         else:
             yield batch, None
 
+def _forward_batches(model: nn.Module, data, batches: int, handles, method: str) -> None:
+    """Run ``model`` in eval mode over ``batches`` batches of ``data`` so the hooks in
+    ``handles`` record what they need; the hooks are removed and the mode restored after."""
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for x, _ in _batches(data, batches):
+            model(x)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError(f"data yielded no batches; {method} needs at least one batch of inputs")
+
+
 
 def feature_map_ranks(maps: torch.Tensor) -> torch.Tensor:
     """Rank of every feature map of a (B, C, H, W) activation, batched: returns (B, C).
@@ -141,19 +159,7 @@ def hrank_scores(model: nn.Module, data: Iterable, *, batches: int = 4) -> Dict[
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for x, _ in _batches(data, batches):
-            model(x)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("data yielded no batches; hrank needs at least one batch of inputs")
+    _forward_batches(model, data, batches, handles, "hrank")
     return {n: (sums[n] / counts[n]).float() for n in sums}
 
 
@@ -258,19 +264,7 @@ def thinet_scores(model: nn.Module, data: Iterable, *, batches: int = 2, samples
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for x, _ in _batches(data, batches):
-            model(x)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("data yielded no batches; thinet needs at least one batch of inputs")
+    _forward_batches(model, data, batches, handles, "thinet")
     scores = {}
     for n, parts in zs.items():
         if not parts:
