@@ -106,6 +106,7 @@ def _batches(data: Iterable, limit: int):
         else:
             yield batch, None
 
+
 def _forward_batches(model: nn.Module, data, batches: int, handles, method: str) -> None:
     """Run ``model`` in eval mode over ``batches`` batches of ``data`` so the hooks in
     ``handles`` record what they need; the hooks are removed and the mode restored after."""
@@ -122,7 +123,6 @@ def _forward_batches(model: nn.Module, data, batches: int, handles, method: str)
         model.train(was_training)
     if seen == 0:
         raise ValueError(f"data yielded no batches; {method} needs at least one batch of inputs")
-
 
 
 def feature_map_ranks(maps: torch.Tensor) -> torch.Tensor:
