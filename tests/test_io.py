@@ -23,12 +23,7 @@ def _clean_registry(monkeypatch):
     monkeypatch.setattr(lio, "_ARCHITECTURES", {})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pruned(net_cls=TinyMobileNetV2):

@@ -26,13 +26,7 @@ from lopfast.prune import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convs on a shared 2-core box: thread hand-offs cost 100x the arithmetic.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
