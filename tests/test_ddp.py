@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import lopfast
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.train import TrainConfig, train
 
@@ -31,7 +32,7 @@ class NoBNNet(nn.Module):
 CFG = dict(epochs=2, lr=0.05, milestones=(1,), seed=7)
 
 
-def _run(rank, world, ckpt_dir, init_file):
+def _run(rank, world, ckpt_dir, init_file, distill=False):
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -39,7 +40,12 @@ def _run(rank, world, ckpt_dir, init_file):
         data = load_data("digits", batch_size=50, train_subset=300, test_subset=100, seed=1, rank=rank, world_size=world)
         torch.manual_seed(0)
         model = NoBNNet()
-        res = train(model, data, TrainConfig(**CFG), checkpoint=os.path.join(ckpt_dir, "ck.pt"))
+        teacher = None
+        if distill:
+            teacher = NoBNNet().eval()
+            model = lopfast.expand(model, 2.0, generator=torch.Generator().manual_seed(0))
+        cfg = TrainConfig(**CFG, sp_gamma=10.0 if distill else 0.0)
+        res = train(model, data, cfg, teacher=teacher, checkpoint=os.path.join(ckpt_dir, "ck.pt"))
         torch.save({"state": model.state_dict(), "acc": res["final"]["acc"]}, os.path.join(ckpt_dir, f"out{rank}.pt"))
     finally:
         if world > 1:
@@ -61,3 +67,17 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     assert r0["acc"] == pytest.approx(ref["acc"], abs=1.0)  # metrics are all-reduced: both ranks report the same
     assert r0["acc"] == r1["acc"]
     assert (multi / "ck.pt").exists()  # only rank 0 writes, once per epoch
+
+
+def test_two_gloo_ranks_with_sp_distillation_stay_identical(tmp_path):
+    # The SP loss is a batch statistic (a b x b Gram per rank), so unlike the task loss it is not
+    # the single-process value; what must hold is that DDP keeps the ranks in lockstep.
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    mp.spawn(_run, args=(2, str(multi), str(tmp_path / "init"), True), nprocs=2, join=True)
+    r0 = torch.load(multi / "out0.pt", weights_only=True)
+    r1 = torch.load(multi / "out1.pt", weights_only=True)
+    assert any(k.endswith("weight2") for k in r0["state"])  # the expanded student was trained
+    for k, v in r0["state"].items():
+        assert torch.isfinite(v).all(), k
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0, msg=k)

@@ -11,14 +11,14 @@ scratch, distillation). Choices and why:
   leaves a torn file. It holds model, optimizer, scheduler, epoch, history and the RNG
   states; the data order of an epoch is seeded by (seed, epoch) in the loaders, so a resumed
   run replays exactly the batches an uninterrupted one would.
-* Data parallel over ``torch.distributed`` (gloo on CPU, NCCL on GPU, started by torchrun):
-  every rank draws the same global batch and keeps its slice; per-rank losses are scaled by
-  ``local / global`` batch size and gradients are summed with one flat all-reduce, which is
-  exactly the single-process gradient for per-sample losses. This is done by hand rather than
-  with ``DistributedDataParallel`` because the SP distiller drives the student itself and
-  hooks its inner layers (a DDP wrapper would rename them), and because it keeps
-  single-process and multi-process runs bit-comparable. BatchNorm buffers are broadcast from
-  rank 0 before evaluation and checkpointing; metrics are all-reduced; only rank 0 writes.
+* Data parallel with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU, started by
+  torchrun), so gradient all-reduces overlap the backward: every rank draws the same global
+  batch and keeps its slice; per-rank losses are scaled by ``world * local / global`` batch
+  size, so DDP's gradient average equals the single-process gradient for per-sample losses.
+  The SP distiller hooks the layers of the wrapped module and calls the DDP wrapper. The
+  teacher runs in inference mode on every rank. BatchNorm buffers are broadcast from rank 0
+  before evaluation and checkpointing (not at every forward); metrics are all-reduced; only
+  rank 0 writes.
 """
 from __future__ import annotations
 
@@ -101,28 +101,9 @@ def dist_info() -> Tuple[int, int]:
     return 0, 1
 
 
-def _allreduce_grads(params: List[nn.Parameter]) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)  # SUM: the per-rank losses are already scaled by local/global
-    off = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[off:off + n].view_as(g))
-        off += n
-
-
 def _broadcast_buffers(model: nn.Module) -> None:
     for b in model.buffers():
         dist.broadcast(b, 0)
-
-
-def _sync_params(model: nn.Module) -> None:
-    for p in model.parameters():
-        dist.broadcast(p.data, 0)
-    _broadcast_buffers(model)
 
 
 # --------------------------------------------------------------------------- misc helpers
@@ -256,8 +237,16 @@ def train(
         log(f"[{desc}] resumed from {checkpoint} at epoch {start}/{cfg.epochs}")
     else:
         torch.manual_seed(cfg.seed)
+    forward = model
     if world > 1:
-        _sync_params(model)  # identical start on every rank
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's parameters and buffers once here (identical start); BN
+        # buffers are then synchronised per epoch, not at every forward
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda" else None, broadcast_buffers=False,
+        )
 
     distiller = None
     if teacher is not None:
@@ -265,8 +254,8 @@ def train(
         teacher.to(device).eval()
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
-        distiller = SPDistiller(teacher, model, layers=list(sp_layers) if sp_layers is not None else None)
-    forward = model
+        # given the DDP wrapper, the distiller hooks the inner module and calls the wrapper
+        distiller = SPDistiller(teacher, forward, layers=list(sp_layers) if sp_layers is not None else None)
     fast = None
     if device.type == "cuda" and getattr(lopfast, "CollapsedForward", None) is not None and any(
         isinstance(m, ExpandedConv2d) for m in model.modules()
@@ -294,9 +283,8 @@ def train(
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") / gbs
                 total = loss if sp is None else loss + cfg.sp_gamma * frac * sp.float()
                 opt.zero_grad(set_to_none=True)
-                total.backward()
-                if world > 1:
-                    _allreduce_grads(params)
+                # DDP averages gradients over ranks; each rank's share is already local/global
+                (total * world if world > 1 else total).backward()
                 if cfg.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                 opt.step()
