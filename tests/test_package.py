@@ -28,3 +28,25 @@ def test_installed_copy_has_kernels_subpackage(tmp_path):
         env={**os.environ, "PYTHONPATH": str(target)},
     ).stdout.split()
     assert all(line.startswith(str(target)) for line in out), out
+
+
+def test_works_without_triton_and_says_so_only_when_asked():
+    # triton is optional: with it missing, lopfast imports quietly, runs the reference, and a
+    # forced triton backend is a clear error
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, lopfast, torch.nn as nn\n"
+        "m = lopfast.expand(nn.Conv2d(3, 4, 3))\n"
+        "assert m(torch.randn(1, 3, 5, 5)).shape == (1, 4, 3, 3)\n"
+        "assert torch.isfinite(lopfast.sp_loss(torch.randn(4, 3), torch.randn(4, 5)))\n"
+        "try:\n"
+        "    lopfast.sp_loss(torch.randn(4, 3), torch.randn(4, 5), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton is not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('forced triton without triton did not fail')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Triton not available" not in proc.stderr, proc.stderr

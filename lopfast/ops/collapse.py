@@ -47,7 +47,11 @@ from lopfast.layers.decompose import collapse as _reference_collapse
 
 Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+from lopfast.kernels import HAS_TRITON  # noqa: E402
+
+# Registering a triton_op without triton installed makes torch log a warning at import time
+# (and the op could never run): register only where triton imports.
+_HAS_TRITON_OP = HAS_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 _options = threading.local()
 
