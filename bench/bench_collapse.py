@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 import lopfast
-from conftest import BENCH_SIZE, sync
+from conftest import BENCH_SIZE, make_conv_layer, sync, timing
 
 CUDA = torch.cuda.is_available()
 FULL = BENCH_SIZE == "full"
@@ -85,7 +85,9 @@ def _warm(step):
 
 
 def _record(key, variant, benchmark, flops):
-    st = benchmark.stats.stats
+    st = timing(benchmark)
+    if st is None:
+        return
     _results.setdefault(key, {})[variant] = (st.median, st.min, flops)
 
 
@@ -93,15 +95,7 @@ def _record(key, variant, benchmark, flops):
 def _make_layer(variant, layer, rate, device):
     spec = LAYERS[layer]
     c = spec["channels"]
-    torch.manual_seed(0)
-    conv = nn.Conv2d(c, c, 3, padding=1, bias=False, device=device)
-    if variant == "compact":
-        module = conv
-    else:
-        module = lopfast.ExpandedConv2d.from_conv(conv, rate)
-        module.mode = "chain" if variant == "chain" else "collapsed"
-    x = torch.randn(spec["batch"], c, spec["size"], spec["size"], device=device)
-    grad = torch.randn(spec["batch"], c, spec["size"], spec["size"], device=device)
+    module, x, grad = make_conv_layer(variant, c, spec["size"], spec["batch"], rate, device)
     # fwd + bwd (input and weight grads) of the compact conv: 3 x 2*b*c*c*9*h*w
     flops = 3 * 2 * spec["batch"] * c * c * 9 * spec["size"] ** 2
     return module, x, grad, flops

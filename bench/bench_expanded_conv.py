@@ -23,10 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
-import lopfast
-from conftest import sync
+from conftest import make_conv_layer, sync, timing
 
 LAYERS = {
     "cifar-64ch-32x32-b64": dict(channels=64, size=32, batch=64),
@@ -42,19 +40,7 @@ _results = {}
 
 def _make(variant, layer, rate, device):
     spec = LAYERS[layer]
-    c = spec["channels"]
-    torch.manual_seed(0)
-    conv = nn.Conv2d(c, c, 3, padding=1, bias=False, device=device)
-    if variant == "compact":
-        module = conv
-    else:
-        module = lopfast.ExpandedConv2d.from_conv(conv, rate)
-        module.mode = "chain" if variant == "chain" else "collapsed"
-        if variant == "collapsed-compile":
-            module = torch.compile(module)
-    x = torch.randn(spec["batch"], c, spec["size"], spec["size"], device=device, requires_grad=True)
-    grad = torch.randn(spec["batch"], c, spec["size"], spec["size"], device=device)
-    return module, x, grad
+    return make_conv_layer(variant, spec["channels"], spec["size"], spec["batch"], rate, device, input_grad=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,7 +104,10 @@ def test_train_step(benchmark, layer, rate, variant, device):
     benchmark.group = f"{layer}"
     benchmark.extra_info.update(layer=layer, rate=rate, variant=variant)
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
+    st = timing(benchmark)
+    if st is None:
+        return
+    median = st.median
     for r in RATES:
         if variant == "compact" or r == rate:
             _results.setdefault((layer, r), {})[variant] = median

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import lopfast
-from conftest import BENCH_SIZE, sync
+from conftest import BENCH_SIZE, sync, timing
 
 CUDA = torch.cuda.is_available()
 COMPILE = os.environ.get("LOPFAST_BENCH_COMPILE", "1" if CUDA else "0") == "1"
@@ -150,6 +150,9 @@ def test_sp_loss_fwd_bwd(benchmark, net, dtype, variant, device):
     benchmark.group = f"{net}-{dtype}"
     benchmark.extra_info.update(net=net, dtype=dtype, variant=variant, **info)
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
+    st = timing(benchmark)
+    if st is None:
+        return
+    median = st.median
     benchmark.extra_info.update(GBps=info["bytes"] / median / 1e9, GFLOPs=info["flops"] / median / 1e9)
     _results.setdefault((net, dtype), {})[variant] = (median, info)
