@@ -15,7 +15,7 @@ import torch.nn as nn
 from conftest import requires_cuda, requires_triton
 
 import lopfast
-from lopfast.layers.decompose import collapse as ref_collapse
+from lopfast.ops.collapse import reference_collapse as ref_collapse
 
 pytestmark = requires_triton
 

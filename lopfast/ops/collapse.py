@@ -5,7 +5,7 @@ Entry points:
     ``collapse_many([(w1, w2, w3, groups), ...])``   every layer of a model in one grouped call
 
 Backends (``lopfast.backend.resolve_backend``): ``"torch"`` is the reference
-(``lopfast.layers.decompose.collapse``, a few einsums per layer); ``"triton"`` packs all
+(``reference_collapse``, a few einsums per layer); ``"triton"`` packs all
 layers' factors into one flat buffer and runs the table-driven kernel of
 ``lopfast.kernels.collapse``: 1 launch forward and 1 backward for any number of layers (2 each
 when a big layer is split, see the kernel module), plus one ``torch.cat`` each way;
@@ -43,7 +43,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lopfast.backend import resolve_backend
-from lopfast.layers.decompose import collapse as _reference_collapse
 
 Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
@@ -74,8 +73,33 @@ def plan_options(block: int = 32, split: str = "auto") -> Iterator[None]:
 
 
 def reference_collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The PyTorch reference (``lopfast.layers.decompose.collapse``)."""
-    return _reference_collapse(w1, w2, w3, groups)
+    """The PyTorch reference: effective kernel of the 1x1 -> kxk -> 1x1 chain: W = W3 . W2 . W1 per tap and group.
+
+    Differentiable; the contraction order is chosen by cost (it matters when n and m differ).
+    Returns a tensor of shape (n, m_g, kh, kw) in the dtype of the inputs.
+    """
+    G = groups
+    p, m_g = w1.shape[0], w1.shape[1]
+    q, p_g, kh, kw = w2.shape
+    n, q_g = w3.shape[0], w3.shape[1]
+    if p != G * p_g or q != G * q_g or n % G:
+        raise ValueError(
+            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+            f"w3 {tuple(w3.shape)}"
+        )
+    n_g = n // G
+    a1 = w1.reshape(G, p_g, m_g)
+    a2 = w2.reshape(G, q_g, p_g, kh * kw)
+    a3 = w3.reshape(G, n_g, q_g)
+    # (W3 W2) W1 costs n q p + n p m per tap, W3 (W2 W1) costs q p m + n q m.
+    if n_g * q_g * p_g + n_g * p_g * m_g <= q_g * p_g * m_g + n_g * q_g * m_g:
+        t = torch.einsum("gnq,gqpt->gnpt", a3, a2)
+        out = torch.einsum("gnpt,gpm->gnmt", t, a1)
+    else:
+        t = torch.einsum("gqpt,gpm->gqmt", a2, a1)
+        out = torch.einsum("gnq,gqmt->gnmt", a3, t)
+    return out.reshape(n, m_g, kh, kw)
+
 
 
 # ----------------------------------------------------------------------------- Triton op
@@ -241,7 +265,7 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
              backend: Optional[str] = None) -> torch.Tensor:
     """Effective kernel W3.W2.W1 (per tap and group) of one expanded conv, differentiable.
 
-    Same maths and shapes as ``lopfast.layers.decompose.collapse``; ``backend`` picks the
+    Same maths and shapes as ``reference_collapse``; ``backend`` picks the
     implementation (None/"auto": Triton on CUDA tensors, the reference elsewhere).
     """
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
