@@ -43,6 +43,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lopfast.backend import resolve_backend
+from lopfast.ops.collapse_gemm import matmul_many
 
 Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
@@ -224,6 +225,21 @@ def _check_layer(layer, i: int) -> Layer:
     return w1, w2, w3, int(groups)
 
 
+BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")
+
+
+def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The collapse implementation for ``backend`` on tensors of ``device``/``dtype``.
+
+    "matmul" (folded GEMMs on torch.matmul) is a collapse-only backend, so it is accepted
+    here before the shared resolver sees the name."""
+    if backend == "matmul":
+        return "matmul"
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return resolve_backend(backend, device, "collapse")
+
+
 def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
     """Effective kernels of many expanded convs at once, differentiable.
 
@@ -236,20 +252,23 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
     if not checked:
         return []
     if torch.compiler.is_compiling():
-        # Backend choice (a ContextVar) and planning (Python loops building int64 tables)
-        # are host-side work dynamo cannot trace without graph breaks. Under torch.compile
-        # the reference einsums are traced instead and Inductor generates their kernels;
-        # to compile the Triton op itself, call torch.ops.lopfast.collapse_packed with a
-        # plan built outside the compiled region.
-        return [reference_collapse(*layer) for layer in checked]
+        # Backend choice (a ContextVar) and the Triton planning (Python loops building int64
+        # tables) are host-side work dynamo cannot trace without graph breaks. Under
+        # torch.compile the folded GEMMs ("matmul", plain differentiable torch ops) are traced
+        # instead, or the einsum reference when backend="torch" is asked for explicitly.
+        if backend == "torch":
+            return [reference_collapse(*layer) for layer in checked]
+        return matmul_many(checked)
     results: List[Optional[torch.Tensor]] = [None] * len(checked)
     buckets: Dict[tuple, List[int]] = {}
     for i, (w1, _, _, _) in enumerate(checked):
         buckets.setdefault((w1.device, w1.dtype), []).append(i)
-    for (device, _), idx in buckets.items():
-        name = resolve_backend(backend, device, "collapse")
+    for (device, dtype), idx in buckets.items():
+        name = _resolve(backend, device, dtype)
         if name == "triton":
             outs = _triton_many([checked[i] for i in idx])
+        elif name == "matmul":
+            outs = matmul_many([checked[i] for i in idx])
         elif name == "cuda":
             from lopfast.ops.cuda_ext import CollapseCuda
 
