@@ -122,14 +122,97 @@ def test_many_layers_mixed_classes(dtype, backend, device):
     _compare(cases, dtype, backend, device)
 
 
+# all widths multiples of 16: the aligned (64 x 64 tile, 16-byte load) kernel variants
+GPU_ALIGNED = [(1, 64, 80, 96, 112, 3, 3), (1, 144, 16, 48, 32, 3, 3), (2, 32, 48, 64, 64, 1, 1), (2, 32, 48, 64, 64, 1, 1)]
+# odd widths: the unaligned (32 x 32 tile) variants, several tiles each way
+GPU_UNALIGNED = [(1, 70, 80, 96, 100, 3, 3), (1, 130, 8, 40, 24, 3, 3)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_sized_layers(backend, device):
-    """Products that span several tiles in every dimension at the shipped GPU tile sizes
-    (64 x 64 x 32), both association orders, a K longer than one tile and two layers of
-    one class; through the interpreter a handful of large tiles stays quick."""
-    cases = [(1, 70, 80, 96, 100, 3, 3), (1, 130, 8, 40, 24, 3, 3), (2, 40, 36, 72, 80, 1, 1), (2, 40, 36, 72, 80, 1, 1)]
-    assert {shape_class(*_factors(c, torch.float64, "cpu"), c[0]).left for c in cases[:2]} == {True, False}
-    _compare(cases, torch.float32, backend, device)
+    """Products that span several tiles in every dimension at the shipped GPU tile sizes,
+    both association orders, K longer than one K step with a tail, two layers of one class,
+    aligned and unaligned variants; through the interpreter a handful of tiles stays quick."""
+    for cases in (GPU_ALIGNED[:2], GPU_UNALIGNED):
+        assert {shape_class(*_factors(c, torch.float64, "cpu"), c[0]).left for c in cases} == {True, False}
+    _compare(GPU_ALIGNED + GPU_UNALIGNED, torch.float32, backend, device)
+
+
+def _plan(cases):
+    kc = pytest.importorskip("lopfast.kernels.collapse")
+    specs = []
+    for c in cases:
+        sc = shape_class(*_factors(c, torch.float64, "cpu"), c[0])
+        specs.append(kc.ClassSpec(1, sc.G, sc.n, sc.m, sc.p, sc.q, sc.T, sc.left))
+    return kc, kc.plan_collapse(specs)
+
+
+def _launches(flat, kc):
+    return [flat[i:i + kc.LAUNCH_FIELDS] for i in range(0, len(flat), kc.LAUNCH_FIELDS)]
+
+
+@requires_triton
+def test_plan_tiles_and_alignment():
+    """The GPU-sized cases really run the aligned variants on several 64 x 64 tiles, the odd
+    ones the unaligned variants; forward 2 launches and backward 4 for one association order."""
+    kc, plan = _plan(GPU_ALIGNED[:1])
+    fwd, bwd = _launches(plan.fwd, kc), _launches(plan.bwd, kc)
+    assert len(fwd) == 2 and len(bwd) == 4
+    assert all(lz[5] == 1 for lz in fwd + bwd)  # aligned
+    assert all(lz[8] >= 2 for lz in fwd + bwd) and sum(lz[8] for lz in fwd + bwd) >= 50  # tiles
+    _, plan = _plan(GPU_UNALIGNED[:1])
+    assert all(lz[5] == 0 and lz[8] >= 4 for lz in _launches(plan.fwd + plan.bwd, kc))
+
+
+@requires_triton
+def test_triton_launch_counts(monkeypatch, device):
+    """Many layers of several shape classes (one association order, all aligned): 2 kernel
+    launches forward and 4 backward, whatever the number of layers."""
+    import lopfast.kernels.collapse as kc
+
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    real_wrap = op._wrap()
+    monkeypatch.setattr(op, "_wrap", lambda: (lambda k: Counting(real_wrap(k))))
+    cases = [(1, 16, 16, 48, 48, 3, 3)] * 3 + [(1, 16, 32, 96, 48, 3, 3), (2, 16, 32, 48, 96, 1, 1)]
+    assert len({shape_class(*_factors(c, torch.float64, "cpu"), c[0]).left for c in cases}) == 1
+    layers = [(_factors(c, torch.float32, device, seed=i), c[0]) for i, c in enumerate(cases)]
+    params = [w.requires_grad_() for ws, _ in layers for w in ws]
+    outs = lopfast.collapse_many([(*ws, G) for ws, G in layers], backend="triton")
+    assert len(launches) == 2
+    launches.clear()
+    torch.autograd.grad(sum((o * o).sum() for o in outs), params)
+    assert len(launches) == 4
+
+
+@requires_triton
+def test_triton_fp64_runs_on_matmul(monkeypatch, device):
+    """fp64 never reaches tl.dot (sm_90 cannot compile it): backend="triton" runs the folded
+    GEMMs on torch.matmul for fp64 factors, exactly."""
+    import lopfast.kernels.collapse as kc
+
+    monkeypatch.setattr(kc, "run_launches", lambda *a, **k: pytest.fail("fp64 reached the Triton kernel"))
+    _compare([CASES["odd3x3"], CASES["right_order"]], torch.float64, "triton", device)
+
+
+@requires_triton
+def test_triton_deterministic(device):
+    """No atomics, fixed-order K loops: two runs agree bitwise, forward and backward."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton backend on this machine")
+    layers = [(_factors(c, torch.float32, device, seed=i), c[0]) for i, c in enumerate([GPU_ALIGNED[0], CASES["tall5x2"]])]
+    a_out, a_grad = _run(layers, "triton")
+    b_out, b_grad = _run(layers, "triton")
+    for a, b in zip(a_out + a_grad, b_out + b_grad):
+        assert torch.equal(a, b)
 
 
 def test_matmul_backend_compiles_fullgraph(device):
@@ -268,4 +351,51 @@ def test_fallback_without_triton_op():
         print("ok")
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@requires_triton
+def test_aot_variants_compile_for_sm90_without_spills():
+    """The real (not interpreted) Triton compiler lowers the heaviest shipped variants to sm_90
+    with no GPU present, with the divisibility specialisation runtime uses, and ptxas reports
+    no spills (tests/test_aot.py compiles every variant of aot_variants(); this keeps the
+    collapse honest on its own). Own process: the interpreter switch is on in this one."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, re, subprocess, tempfile
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from lopfast.kernels.collapse import aot_variants
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        want = ("collapse_gemm_fp32_ieee_ak_bk_al16", "collapse_gemm_bf16_am_bn_al16", "collapse_gemm_fp32_tf32_ak_bn")
+        variants = {v["name"]: v for v in aot_variants()}
+        assert len(variants) == 24, sorted(variants)
+        for name in want:
+            v = variants[name]
+            args = list(v["signature"])
+            attrs = {(args.index(a),): [["tt.divisibility", 16]] for a in v["divisible_by_16"]}
+            k = triton.compile(ASTSource(fn=v["fn"], signature=v["signature"], constexprs=v["constexprs"], attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]))
+            ptx = k.asm["ptx"]
+            assert ptx, name
+            if os.path.exists(ptxas):
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                    f.write(ptx)
+                r = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                                   capture_output=True, text=True)
+                assert r.returncode == 0, r.stderr[-2000:]
+                spills = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", r.stderr)
+                assert spills and all(s == ("0", "0") for s in spills), (name, r.stderr)
+                print(name, re.search(r"Used \\d+ registers", r.stderr).group(0))
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and ("ASTSource" in res.stderr and "ImportError" in res.stderr):
+        pytest.skip("this triton has no ASTSource/GPUTarget AOT API")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
