@@ -31,14 +31,7 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _backends():
-    names = ["torch", "matmul"]
-    if HAS_TRITON and (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-        names.append("triton")
-    return names
-
-
-BACKENDS = _backends()
+BACKENDS = list(op.available_backends(torch.device("cuda" if CUDA else "cpu"), torch.float32))
 
 # (G, n_g, m_g, p_g, q_g, kh, kw)
 CASES = {
@@ -101,6 +94,12 @@ def _compare(cases, dtype, backend, device):
     for j, (kg, tg, rg) in enumerate(zip(k_grad, t_grad, r_grad)):
         assert kg.dtype == dtype and kg.shape == rg.shape
         _assert_close(kg, tg, rg, atol, f"{backend} layer {j // 3} dW{j % 3 + 1}")
+
+
+def test_available_backends():
+    dev = torch.device("cuda" if CUDA else "cpu")
+    assert op.available_backends(dev, torch.float64) == ("torch", "matmul")
+    assert ("triton" in BACKENDS) == (HAS_TRITON and (CUDA or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 def test_cases_cover_both_orders():
@@ -208,7 +207,7 @@ def test_triton_deterministic(device):
     """No atomics, fixed-order K loops: two runs agree bitwise, forward and backward."""
     if "triton" not in BACKENDS:
         pytest.skip("no Triton backend on this machine")
-    layers = [(_factors(c, torch.float32, device, seed=i), c[0]) for i, c in enumerate([GPU_ALIGNED[0], CASES["tall5x2"]])]
+    layers = [(_factors(c, torch.float32, device, seed=i), c[0]) for i, c in enumerate([GPU_ALIGNED[2], CASES["tall5x2"]])]
     a_out, a_grad = _run(layers, "triton")
     b_out, b_grad = _run(layers, "triton")
     for a, b in zip(a_out + a_grad, b_out + b_grad):
@@ -399,3 +398,23 @@ def test_aot_variants_compile_for_sm90_without_spills():
     if res.returncode != 0 and ("ASTSource" in res.stderr and "ImportError" in res.stderr):
         pytest.skip("this triton has no ASTSource/GPUTarget AOT API")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@requires_cuda
+@requires_triton
+def test_gpu_triton_op_opcheck_and_compile():
+    """The grouped op itself (plan built outside the compiled region) passes opcheck and
+    compiles whole; torch.compile of collapse_many traces the "matmul" path instead."""
+    if not op._HAS_TRITON_OP:
+        pytest.skip("torch without triton_op")
+    import lopfast.kernels.collapse as kc
+
+    layers = [(*_factors(c, torch.float32, "cuda", seed=i), c[0]) for i, c in enumerate(GPU_ALIGNED[:2])]
+    classes = [shape_class(*lay) for lay in layers]
+    plan = op._get_plan(tuple(kc.ClassSpec(1, c.G, c.n, c.m, c.p, c.q, c.T, c.left) for c in classes),
+                        torch.device("cuda"))
+    x = torch.randn(plan.x_numel, device="cuda", requires_grad=True)
+    args = (plan.tables.view(-1), plan.fwd, plan.bwd, plan.sizes, "ieee")
+    torch.library.opcheck(torch.ops.lopfast.collapse_grouped, (x,) + args)
+    f = torch.compile(lambda t: torch.ops.lopfast.collapse_grouped(t, *args)[0], fullgraph=True)
+    torch.testing.assert_close(f(x), torch.ops.lopfast.collapse_grouped(x, *args)[0])

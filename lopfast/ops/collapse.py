@@ -263,6 +263,19 @@ def _check_layer(layer, i: int) -> Layer:
 BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")
 
 
+def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
+    """Collapse backends that run natively on tensors of ``device``/``dtype`` on this machine:
+    the candidates a measured ``auto`` (lopfast.dispatch) times against the reference. "cuda"
+    (the C++ fallback) is left to the caller, since probing it may build the extension."""
+    from lopfast.backend import triton_interpreting
+
+    names = ["torch", "matmul"]
+    on_triton = device.type == "cuda" or triton_interpreting()
+    if HAS_TRITON and on_triton and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        names.append("triton")  # fp64 would run on "matmul" anyway: not a separate candidate
+    return tuple(names)
+
+
 def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The collapse implementation for ``backend`` on tensors of ``device``/``dtype``.
 
@@ -327,4 +340,4 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
 
 
-__all__ = ["BACKENDS", "collapse", "collapse_many", "reference_collapse"]
+__all__ = ["BACKENDS", "available_backends", "collapse", "collapse_many", "reference_collapse"]
