@@ -36,7 +36,7 @@ Launchers only: tensors in, tensors out; no ``torch.nn``, no other lopfast impor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import triton
