@@ -214,6 +214,22 @@ def test_triton_deterministic(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_factors(backend, device):
+    """channels_last W2, W1 a transposed view, W3 a slice of a bigger tensor: same results."""
+    c = CASES["odd3x3"]
+    w1, w2, w3 = _factors(c, torch.float32, device)
+    w1_t = w1.reshape(w1.shape[0], -1).t().contiguous().t().reshape(w1.shape)  # column-major storage
+    w2_cl = w2.contiguous(memory_format=torch.channels_last)
+    w3_big = torch.cat([w3, torch.randn_like(w3)], dim=1)[:, : w3.shape[1]]
+    assert not w1_t.is_contiguous() and not w2_cl.is_contiguous() and not w3_big.is_contiguous()
+    got, g_got = _run([([w1_t, w2_cl, w3_big], 1)], backend)
+    tor, g_tor = _run([([w1, w2, w3], 1)], "torch")
+    ref, g_ref = _run([([w.double() for w in (w1, w2, w3)], 1)], "torch")
+    for a, t, r in zip(got + g_got, tor + g_tor, ref + g_ref):
+        _assert_close(a, t, r, _atol(torch.float32), f"{backend} non-contiguous")
+
+
 def test_matmul_backend_compiles_fullgraph(device):
     """The folded GEMMs are plain differentiable torch ops: torch.compile traces them whole."""
     layers = [(_factors(c, torch.float32, device, seed=i), c[0]) for i, c in enumerate(CASES.values())]
