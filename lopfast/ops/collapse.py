@@ -43,8 +43,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lopfast import backend as _backend
 from lopfast.backend import resolve_backend
 from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many
+
+# "matmul" exists for the collapse only: declare it where the shared resolver supports per-op
+# backends (then use_backend("matmul") works too), and use the measured dispatch where it exists.
+if hasattr(_backend, "register_backend"):
+    _backend.register_backend("collapse", "matmul")
+try:
+    from lopfast import dispatch as _dispatch
+except ImportError:  # pragma: no cover - depends on merge order
+    _dispatch = None
 
 from lopfast.kernels import HAS_TRITON  # noqa: E402
 
@@ -276,16 +286,39 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, .
     return tuple(names)
 
 
-def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The collapse implementation for ``backend`` on tensors of ``device``/``dtype``.
+def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    """The collapse backends the measured dispatch times here, each ``fn(layers) -> [W_eff, ...]``."""
+    cands: Dict[str, object] = {"torch": lambda ls: [reference_collapse(*layer) for layer in ls],
+                                "matmul": matmul_many}
+    if "triton" in available_backends(device, dtype):
+        cands["triton"] = _triton_many
+    if device.type == "cuda" and _backend.cuda_extension() is not None:
+        from lopfast.ops.cuda_ext import CollapseCuda
+
+        cands["cuda"] = lambda ls: [CollapseCuda.apply(*layer) for layer in ls]
+    return cands
+
+
+def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, layers: Sequence[Layer]) -> str:
+    """The collapse implementation for ``backend`` on ``layers`` (one device and dtype).
 
     "matmul" (folded GEMMs on torch.matmul) is a collapse-only backend, so it is accepted
-    here before the shared resolver sees the name."""
+    here before the shared resolver sees the name. ``auto`` on CUDA asks the measured
+    dispatch where it exists; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
     if backend == "matmul":
-        return "matmul"
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return resolve_backend(backend, device, "collapse")
+        name = "matmul"
+    else:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        name = resolve_backend(backend, device, "collapse")
+        if (_dispatch is not None and hasattr(_backend, "is_auto") and _dispatch.tunable(device)
+                and _backend.is_auto(backend, "collapse")):
+            name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(layers), device=device,
+                                    candidates=_auto_candidates(device, dtype), reference="torch",
+                                    args=(list(layers),), static=name)
+    if name == "triton" and dtype == torch.float64:
+        name = "matmul"  # sm_90 has no fp64 tl.dot: the folded GEMMs on torch.matmul instead
+    return name
 
 
 def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
@@ -312,19 +345,18 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
     for i, (w1, _, _, _) in enumerate(checked):
         buckets.setdefault((w1.device, w1.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
-        name = _resolve(backend, device, dtype)
-        if name == "triton" and dtype == torch.float64:
-            name = "matmul"  # sm_90 has no fp64 tl.dot: the folded GEMMs on torch.matmul instead
+        group = [checked[i] for i in idx]
+        name = _resolve(backend, device, dtype, group)
         if name == "triton":
-            outs = _triton_many([checked[i] for i in idx])
+            outs = _triton_many(group)
         elif name == "matmul":
-            outs = matmul_many([checked[i] for i in idx])
+            outs = matmul_many(group)
         elif name == "cuda":
             from lopfast.ops.cuda_ext import CollapseCuda
 
-            outs = [CollapseCuda.apply(*checked[i]) for i in idx]
+            outs = [CollapseCuda.apply(*layer) for layer in group]
         else:
-            outs = [reference_collapse(*checked[i]) for i in idx]
+            outs = [reference_collapse(*layer) for layer in group]
         for i, o in zip(idx, outs):
             results[i] = o
     return results  # type: ignore[return-value]
