@@ -326,8 +326,10 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
 
     ``layers``: a sequence of ``(w1, w2, w3, groups)`` (the factor shapes of
     ``ExpandedConv2d``: W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1)). Returns one
-    (n, m_g, kh, kw) tensor per layer, in the factors' dtype. On the Triton backend all layers
-    of one device and dtype are collapsed by one kernel launch (and differentiated by one).
+    (n, m_g, kh, kw) tensor per layer, in the factors' dtype. ``backend``: see the module
+    docstring; on "matmul" each shape class costs one batched GEMM per product, on "triton"
+    all layers of one device and dtype share 2 grouped-GEMM launches forward and 4 backward
+    (a few more when both association orders or unaligned widths occur).
     """
     checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
     if not checked:
@@ -366,8 +368,9 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
              backend: Optional[str] = None) -> torch.Tensor:
     """Effective kernel W3.W2.W1 (per tap and group) of one expanded conv, differentiable.
 
-    Same maths and shapes as ``reference_collapse``; ``backend`` picks the
-    implementation (None/"auto": Triton on CUDA tensors, the reference elsewhere).
+    Same maths and shapes as ``reference_collapse``; ``backend`` picks the implementation
+    (None/"auto": on CUDA the measured choice of lopfast.dispatch where present, else Triton;
+    the reference on CPU).
     """
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
 
