@@ -399,6 +399,8 @@ def test_aot_variants_compile_for_sm90_without_spills():
                                options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]))
             ptx = k.asm["ptx"]
             assert ptx, name
+            if name.startswith("collapse_gemm_bf16"):  # aligned 16-bit: Hopper MMA and 16-byte async copies
+                assert "wgmma" in ptx and re.search(r"cp\\.async\\.cg\\.shared\\.global.*0x10", ptx), name
             if os.path.exists(ptxas):
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
                     f.write(ptx)
