@@ -368,22 +368,28 @@ def run_launches(bufs: Sequence[torch.Tensor], tables: torch.Tensor, launches: S
                    ALIGNED=bool(aligned), PREC=p, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def collapse_forward(x: torch.Tensor, plan: CollapsePlan, prec: str = "ieee",
-                     wrap: Callable = lambda k: k) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Canonical effective kernels (flat, per-class layout of ``plan``) and the forward workspace."""
-    out = torch.empty(plan.out_numel, device=x.device, dtype=x.dtype)
-    ws = torch.empty(max(plan.ws_numel, 1), device=x.device, dtype=x.dtype)
-    run_launches([x, ws, out], plan.tables.view(-1), plan.fwd, prec, wrap)
+def collapse_forward(x: torch.Tensor, tables: torch.Tensor, launches: Sequence[int], sizes: Sequence[int],
+                     prec: str = "ieee", wrap: Callable = lambda k: k) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed canonical effective kernels and the forward workspace (kept for the backward).
+
+    ``tables``/``launches``/``sizes``: ``plan.tables.view(-1)``, ``plan.fwd``, ``plan.sizes``.
+    Zero-filled so the alignment padding between classes is defined (outputs are compared
+    bitwise by opcheck and the determinism tests)."""
+    out = torch.zeros(sizes[1], device=x.device, dtype=x.dtype)
+    ws = torch.zeros(max(sizes[2], 1), device=x.device, dtype=x.dtype)
+    run_launches([x, ws, out], tables, launches, prec, wrap)
     return out, ws
 
 
-def collapse_backward(x: torch.Tensor, ws: torch.Tensor, grad: torch.Tensor, plan: CollapsePlan,
-                      prec: str = "ieee", wrap: Callable = lambda k: k) -> torch.Tensor:
-    """Flat gradient of the packed factors from the flat gradient of the canonical output."""
-    gws = torch.empty(max(plan.gws_numel, 1), device=x.device, dtype=x.dtype)
-    dx = torch.zeros(plan.x_numel, device=x.device, dtype=x.dtype)  # padding stays zero
-    grad = grad.to(x.dtype).contiguous()  # the incoming gradient may be stride-0 (from .sum())
-    run_launches([x, ws, grad, gws, dx], plan.tables.view(-1), plan.bwd, prec, wrap)
+def collapse_backward(x: torch.Tensor, ws: torch.Tensor, grad: torch.Tensor, tables: torch.Tensor,
+                      launches: Sequence[int], sizes: Sequence[int], prec: str = "ieee",
+                      wrap: Callable = lambda k: k) -> torch.Tensor:
+    """Gradient of the packed factors from the gradient of the packed canonical kernels."""
+    gws = torch.empty(max(sizes[3], 1), device=x.device, dtype=x.dtype)  # fully written before read
+    dx = torch.zeros(sizes[0], device=x.device, dtype=x.dtype)  # alignment padding stays zero
+    # the incoming gradient may be expanded (stride 0, e.g. from .sum()) or in another dtype
+    grad = grad.to(x.dtype).contiguous()
+    run_launches([x, ws, grad, gws, dx], tables, launches, prec, wrap)
     return dx
 
 

@@ -121,21 +121,11 @@ def _wrap():
 
 
 def _fwd_impl(x, tables, fwd, sizes, prec):
-    kc = _kernels()
-    out = torch.empty(sizes[1], device=x.device, dtype=x.dtype)
-    ws = torch.empty(max(sizes[2], 1), device=x.device, dtype=x.dtype)
-    kc.run_launches([x, ws, out], tables, fwd, prec, _wrap())
-    return out, ws
+    return _kernels().collapse_forward(x, tables, fwd, sizes, prec, _wrap())
 
 
 def _bwd_impl(x, ws, grad, tables, bwd, sizes, prec):
-    kc = _kernels()
-    gws = torch.empty(max(sizes[3], 1), device=x.device, dtype=x.dtype)
-    dx = torch.zeros(sizes[0], device=x.device, dtype=x.dtype)  # alignment padding stays zero
-    # the incoming gradient may be expanded (stride 0, e.g. from .sum()) or in another dtype
-    grad = grad.to(x.dtype).contiguous()
-    kc.run_launches([x, ws, grad, gws, dx], tables, bwd, prec, _wrap())
-    return dx
+    return _kernels().collapse_backward(x, ws, grad, tables, bwd, sizes, prec, _wrap())
 
 
 if _HAS_TRITON_OP:
