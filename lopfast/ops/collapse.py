@@ -42,7 +42,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lopfast.backend import resolve_backend
+from lopfast import dispatch as _dispatch
+from lopfast.backend import cuda_extension, is_auto, resolve_backend
 from lopfast.layers.decompose import collapse as _reference_collapse
 
 Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -200,6 +201,18 @@ def _check_layer(layer, i: int) -> Layer:
     return w1, w2, w3, int(groups)
 
 
+def _auto_candidates() -> Dict[str, object]:
+    """The collapse backends that can run on CUDA here, each ``fn(layers) -> [W_eff, ...]``."""
+    from lopfast.ops.cuda_ext import CollapseCuda
+
+    cands: Dict[str, object] = {"torch": lambda ls: [reference_collapse(*layer) for layer in ls]}
+    if HAS_TRITON:
+        cands["triton"] = _triton_many
+    if cuda_extension() is not None:
+        cands["cuda"] = lambda ls: [CollapseCuda.apply(*layer) for layer in ls]
+    return cands
+
+
 def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
     """Effective kernels of many expanded convs at once, differentiable.
 
@@ -224,6 +237,10 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
         buckets.setdefault((w1.device, w1.dtype), []).append(i)
     for (device, _), idx in buckets.items():
         name = resolve_backend(backend, device, "collapse")
+        if _dispatch.tunable(device) and is_auto(backend, "collapse"):  # measured choice (lopfast.dispatch)
+            group = [checked[i] for i in idx]
+            name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(group), device=device,
+                                    candidates=_auto_candidates(), reference="torch", args=(group,), static=name)
         if name == "triton":
             outs = _triton_many([checked[i] for i in idx])
         elif name == "cuda":

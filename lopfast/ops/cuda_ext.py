@@ -3,8 +3,8 @@
 ``lopfast._C`` is built by ``LOPFAST_BUILD_CUDA=1 pip install --no-build-isolation .``. When it
 was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
 ``torch.utils.cpp_extension.load`` (``lopfast.backend.jit_extension``; needs a CUDA build of
-torch, nvcc, and the source tree, i.e. an editable install; ``LOPFAST_JIT_CUDA=0`` turns this off). Everything else gets None, and
-``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+torch, nvcc, and the source tree, i.e. an editable install; ``LOPFAST_JIT_CUDA=0`` turns this
+off). Everything else gets None, and ``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
 """
 from __future__ import annotations
 
