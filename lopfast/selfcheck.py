@@ -292,6 +292,28 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
     out = file or sys.stdout
     t_start = time.perf_counter()
     rows: List[Dict] = []
+
+    def make_report(complete: bool) -> dict:
+        return dict(
+            ok=complete and all(r["status"] != "FAIL" for r in rows), complete=complete, device=str(dev),
+            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            torch=torch.__version__, triton=_triton_version(),
+            interpreter=dev.type == "cpu" and _interpreter_active(),
+            big_shapes=big, seed=seed, seconds=round(time.perf_counter() - t_start, 2),
+            error_measure="max|out-ref|/max|ref| vs float64 plain formulas; budget = 2 x plain PyTorch "
+                          "same-dtype error + ATOL[dtype]",
+            rows=rows,
+        )
+
+    def write(report: dict) -> None:
+        if not json_path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        tmp = f"{json_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(tmp, json_path)
+
     for case in _cases(dev, [lookup[n] for n in names], big, seed):
         budgets = [2 * _err(b, r) + ATOL[case.compute_dtype()] for b, r in zip(case.base, case.ref)]
         for backend, why in _backends(case.op, dev):
@@ -316,22 +338,11 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
             for direction, e, b in zip(("fwd", "bwd"), errs, budgets):
                 rows.append(dict(row_base, direction=direction, status="pass" if e <= b else "FAIL",
                                  error=e, budget=b, ms=ms, note=note))
-    report = dict(
-        ok=all(r["status"] != "FAIL" for r in rows), device=str(dev),
-        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, triton=_triton_version(), interpreter=dev.type == "cpu" and _interpreter_active(),
-        big_shapes=big, seed=seed, seconds=round(time.perf_counter() - t_start, 2),
-        error_measure="max|out-ref|/max|ref| vs float64 plain formulas; budget = 2 x plain PyTorch "
-                      "same-dtype error + ATOL[dtype]",
-        rows=rows,
-    )
+        write(make_report(False))  # a run stopped by a time limit keeps what it checked
+    report = make_report(True)
+    write(report)
     if verbose:
         print(format_table(report), file=out)
-    if json_path:
-        d = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(d, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=1, default=str)
     return report
 
 
