@@ -133,11 +133,13 @@ def cuda_extension():
 
     Falls back to compiling ``csrc/`` on first use where CUDA torch and nvcc exist
     (``jit_extension``)."""
-    try:
-        from lopfast import _C  # type: ignore[attr-defined]
-    except Exception:
-        return jit_extension()
-    return _C
+    if "ext" not in _jit_state:  # looked up once: ops ask on every call under backend="auto"
+        try:
+            from lopfast import _C  # type: ignore[attr-defined]
+        except Exception:
+            _C = jit_extension()
+        _jit_state["ext"] = _C
+    return _jit_state["ext"]
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:

@@ -296,12 +296,14 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
 def _measured(backend: Optional[str], device: torch.device, entry: str, args: tuple, impl, cuda=None):
     """``backend`` itself, or for "auto" on CUDA the measured fastest backend of this call's
     shapes (``lopfast.dispatch``); ``impl(name, *args)`` runs the entry on backend ``name``."""
-    if not _dispatch.tunable(device) or not is_auto(backend, _OP):
+    if torch.compiler.is_compiling() or not _dispatch.tunable(device) or not is_auto(backend, _OP):
+        # under torch.compile _resolve keeps the static default (dynamo cannot trace use_backend's
+        # ContextVar, and the shape key may hold symbolic sizes)
         return backend
     cands = {"torch": functools.partial(impl, "torch")}
     if _K is not None:
         cands["triton"] = functools.partial(impl, "triton")
-    if cuda is not None and not torch.compiler.is_compiling() and cuda_extension() is not None:
+    if cuda is not None and cuda_extension() is not None:
         cands["cuda"] = cuda
     return _dispatch.choose(op=f"{_OP}.{entry}", key=_dispatch.shape_key(*args), device=device,
                             candidates=cands, reference="torch", args=args)
