@@ -1,7 +1,9 @@
 """Backend selection shared by every lopfast op.
 
 Backends:
-    ``"auto"``   Triton on CUDA tensors when Triton is installed, the PyTorch reference elsewhere.
+    ``"auto"``   on CUDA tensors the fastest correct backend, measured once per op and shapes by
+                 ``lopfast.dispatch`` (``LOPFAST_DISPATCH=off``: Triton when installed); the
+                 PyTorch reference elsewhere.
     ``"torch"``  the plain PyTorch reference (always available; what runs on CPU).
     ``"triton"`` the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``.
     ``"cuda"``   the CUDA C++ extension (``lopfast._C``), when it was built.
