@@ -200,7 +200,9 @@ def test_shape_key_distinguishes_shape_dtype_layout():
     assert k != dispatch.shape_key([a.double()], 1)
     assert k != dispatch.shape_key([a.to(memory_format=torch.channels_last)], 1)
     assert k != dispatch.shape_key([a], 2)
+    assert k != dispatch.shape_key([a.requires_grad_()], 1)
     hash(k)
+    assert "float32" in repr(k)  # the disk key names the dtype
 
 
 # ----------------------------------------------------------------------------- wired into the ops
