@@ -138,7 +138,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------- selfcheck
-phase selfcheck 75 "$PY" -m lopfast.cli selfcheck --json "$OUT_DIR/selfcheck.json"
+phase selfcheck 100 "$PY" -m lopfast.cli selfcheck --json "$OUT_DIR/selfcheck.json"
 
 # ---------------------------------------------------------------------------- tests
 KERNEL_TESTS=""
