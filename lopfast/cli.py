@@ -1,4 +1,4 @@
-"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export.
+"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export, selfcheck.
 
 Every command writes into ``--out DIR`` (default: a fresh ``runs/<command>-<timestamp>``):
 config.json (enough to rerun with ``--config``), log.txt, checkpoints, results.json, plots.
@@ -158,7 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", dest="input_shape", type=_csv(int), default=None,
                    help="C,H,W of one input (default from the model's dataset: digits 1,8,8; cifar 3,32,32; imagenet 3,224,224)")
     p.add_argument("--out", default=None, help="output directory (default: next to the model)")
+    _add_selfcheck(sub)
     return parser
+
+
+def _add_selfcheck(sub) -> None:
+    from lopfast.selfcheck import add_arguments
+
+    p = sub.add_parser("selfcheck", help="check every backend of every op against float64 on this machine",
+                       description="Runs every available backend (torch, triton, cuda, auto) of every lopfast op "
+                                   "(collapse, collapse_many, sp_loss, ExpandedConv2d; forward and backward) against "
+                                   "float64 references, prints a table; exit status 1 when any check fails. On CPU "
+                                   "the Triton kernels run through the interpreter.")
+    add_arguments(p)
+
+
+def _selfcheck(args) -> int:
+    from lopfast.selfcheck import run
+
+    return run(args)
 
 
 def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
@@ -229,6 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "selfcheck":
+        return _selfcheck(args)
     from lopfast.pipeline import stages
     from lopfast.pipeline.stages import RunConfig
 

@@ -43,18 +43,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lopfast import backend as _backend
-from lopfast.backend import resolve_backend
+from lopfast import dispatch as _dispatch
+from lopfast.backend import cuda_extension, is_auto, register_backend, resolve_backend
 from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many
 
-# "matmul" exists for the collapse only: declare it where the shared resolver supports per-op
-# backends (then use_backend("matmul") works too), and use the measured dispatch where it exists.
-if hasattr(_backend, "register_backend"):
-    _backend.register_backend("collapse", "matmul")
-try:
-    from lopfast import dispatch as _dispatch
-except ImportError:  # pragma: no cover - depends on merge order
-    _dispatch = None
+# "matmul" exists for the collapse only: declared to the shared resolver, so backend="matmul"
+# and use_backend("matmul") reach it, and the measured dispatch may pick it.
+register_backend("collapse", "matmul")
 
 from lopfast.kernels import HAS_TRITON  # noqa: E402
 
@@ -260,7 +255,7 @@ def _check_layer(layer, i: int) -> Layer:
     return w1, w2, w3, int(groups)
 
 
-BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")
+BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")  # of the collapse (lopfast.backend.op_backends)
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -282,7 +277,7 @@ def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, obje
                                 "matmul": matmul_many}
     if "triton" in available_backends(device, dtype):
         cands["triton"] = _triton_many
-    if device.type == "cuda" and _backend.cuda_extension() is not None:
+    if device.type == "cuda" and cuda_extension() is not None:
         from lopfast.ops.cuda_ext import CollapseCuda
 
         cands["cuda"] = lambda ls: [CollapseCuda.apply(*layer) for layer in ls]
@@ -292,20 +287,13 @@ def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, obje
 def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, layers: Sequence[Layer]) -> str:
     """The collapse implementation for ``backend`` on ``layers`` (one device and dtype).
 
-    "matmul" (folded GEMMs on torch.matmul) is a collapse-only backend, so it is accepted
-    here before the shared resolver sees the name. ``auto`` on CUDA asks the measured
-    dispatch where it exists; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
-    if backend == "matmul":
-        name = "matmul"
-    else:
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        name = resolve_backend(backend, device, "collapse")
-        if (_dispatch is not None and hasattr(_backend, "is_auto") and _dispatch.tunable(device)
-                and _backend.is_auto(backend, "collapse")):
-            name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(layers), device=device,
-                                    candidates=_auto_candidates(device, dtype), reference="torch",
-                                    args=(list(layers),), static=name)
+    ``auto`` on CUDA asks the measured dispatch (lopfast.dispatch) among every backend that
+    runs here; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
+    name = resolve_backend(backend, device, "collapse")  # "matmul" is registered for the collapse
+    if _dispatch.tunable(device) and is_auto(backend, "collapse"):  # measured choice (lopfast.dispatch)
+        name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(layers), device=device,
+                                candidates=_auto_candidates(device, dtype), reference="torch",
+                                args=(list(layers),), static=name)
     if name == "triton" and dtype == torch.float64:
         name = "matmul"  # sm_90 has no fp64 tl.dot: the folded GEMMs on torch.matmul instead
     return name

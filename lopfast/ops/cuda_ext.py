@@ -2,56 +2,22 @@
 
 ``lopfast._C`` is built by ``LOPFAST_BUILD_CUDA=1 pip install --no-build-isolation .``. When it
 was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
-``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, nvcc, and the source tree, i.e.
-an editable install; ``LOPFAST_JIT_CUDA=0`` turns this off). Everything else gets None, and
-``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+``torch.utils.cpp_extension.load`` (``lopfast.backend.jit_extension``; needs a CUDA build of
+torch, nvcc, and the source tree, i.e. an editable install; ``LOPFAST_JIT_CUDA=0`` turns this
+off). Everything else gets None, and ``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
 """
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
-
-_jit_state: dict = {}
-
-
-def jit_extension():
-    """The extension compiled from ``csrc/`` on first call (cached), or None where impossible."""
-    if "module" in _jit_state:
-        return _jit_state["module"]
-    module = None
-    if (
-        os.environ.get("LOPFAST_JIT_CUDA", "1") != "0"
-        and torch.version.cuda is not None
-        and torch.cuda.is_available()
-        and CSRC.is_dir()
-    ):
-        from torch.utils import cpp_extension
-
-        if cpp_extension.CUDA_HOME is not None:
-            arch = os.environ.get("LOPFAST_CUDA_ARCH")
-            if arch and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-            sources = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
-            try:
-                module = cpp_extension.load(
-                    name="lopfast_C_jit", sources=sources, extra_cuda_cflags=["-O3"],
-                    extra_include_paths=[str(CSRC)], verbose=False,
-                )
-            except Exception as exc:  # a broken toolchain must not break the torch/triton paths
-                warnings.warn(f"lopfast: compiling the CUDA extension from {CSRC} failed: {exc}")
-    _jit_state["module"] = module
-    return module
+# The loader lives in lopfast.backend (below the ops); re-exported here for callers of the
+# old location.
+from lopfast.backend import CSRC, cuda_extension, jit_extension  # noqa: F401
 
 
 def _ext():
-    from lopfast.backend import cuda_extension
-
     ext = cuda_extension()
     if ext is None:
         raise RuntimeError(

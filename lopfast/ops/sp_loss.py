@@ -22,13 +22,15 @@ Layers of this file, top to bottom:
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
 """
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from lopfast.backend import resolve_backend
+from lopfast import dispatch as _dispatch
+from lopfast.backend import cuda_extension, is_auto, resolve_backend
 
 EPS = 1e-12
 _OP = "sp_loss"
@@ -291,6 +293,22 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _measured(backend: Optional[str], device: torch.device, entry: str, args: tuple, impl, cuda=None):
+    """``backend`` itself, or for "auto" on CUDA the measured fastest backend of this call's
+    shapes (``lopfast.dispatch``); ``impl(name, *args)`` runs the entry on backend ``name``."""
+    if torch.compiler.is_compiling() or not _dispatch.tunable(device) or not is_auto(backend, _OP):
+        # under torch.compile _resolve keeps the static default (dynamo cannot trace use_backend's
+        # ContextVar, and the shape key may hold symbolic sizes)
+        return backend
+    cands = {"torch": functools.partial(impl, "torch")}
+    if _K is not None:
+        cands["triton"] = functools.partial(impl, "triton")
+    if cuda is not None and cuda_extension() is not None:
+        cands["cuda"] = cuda
+    return _dispatch.choose(op=f"{_OP}.{entry}", key=_dispatch.shape_key(*args), device=device,
+                            candidates=cands, reference="torch", args=args)
+
+
 def _use_op(device: torch.device) -> bool:
     # the registered op sends CPU tensors to its CPU (reference) kernel, so CPU tensors that must
     # reach Triton (interpreter) take the direct autograd.Function instead
@@ -323,6 +341,7 @@ def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Ten
     """
     feats = _as_list(features, "features")
     b, device = _check_features(feats, "features", None, None)
+    backend = _measured(backend, device, "gram", (feats,), lambda n, f: _gram_impl([t.detach() for t in f], n, device))
     return _gram_impl([t.detach() for t in feats], _resolve(backend, device), device)
 
 
@@ -332,6 +351,7 @@ def sp_loss_from_gram(student: Features, teacher_gram: torch.Tensor, *,
     s = _as_list(student, "student")
     b, device = _check_features(s, "student", None, None)
     _check_gram(teacher_gram, len(s), b, device)
+    backend = _measured(backend, device, "from_gram", (s, teacher_gram), lambda n, a, g: _loss_impl(a, g, n, device))
     return _loss_impl(s, teacher_gram, _resolve(backend, device), device)
 
 
@@ -355,6 +375,8 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         raise ValueError(f"student has {len(s)} feature tensors but teacher has {len(t)}: one per layer pair")
     b, device = _check_features(s, "student", None, None)
     _check_features(t, "teacher", b, device)
+    backend = _measured(backend, device, "loss", (s, t), lambda n, a, b_: sp_loss(a, b_, backend=n),
+                        cuda=lambda a, b_: sp_loss(a, b_, backend="cuda"))
     if not torch.compiler.is_compiling() and resolve_backend(backend, device, _OP) == "cuda":
         # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only
         # entries; skipped while dynamo traces (an opaque extension call; _resolve decides there)
