@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lopfast
-from conftest import HAS_CUDA, requires_triton
+from conftest import requires_triton
 
 
 class Block(nn.Module):
@@ -197,10 +197,11 @@ def test_distiller_ddp_single_process():
 
 
 @requires_triton
-@pytest.mark.skipif(HAS_CUDA, reason="interpreter check")
-def test_distiller_triton_backend_matches_torch():
+def test_distiller_triton_backend_matches_torch(device):
+    """The Triton kernels (on the GPU, or through the interpreter on CPU) against the reference."""
     teacher, student = make_pair()
-    x = torch.randn(5, 3, 8, 8)
+    teacher, student = teacher.to(device), student.to(device)
+    x = torch.randn(5, 3, 8, 8, device=device)
     with lopfast.SPDistiller(teacher, student, backend="torch") as d:
         _, sp_ref = d(x)
         g_ref = torch.autograd.grad(sp_ref, student.stem.weight1)
