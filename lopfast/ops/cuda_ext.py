@@ -5,6 +5,9 @@ was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
 ``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, nvcc, and the source tree, i.e.
 an editable install; ``LOPFAST_JIT_CUDA=0`` turns this off). Everything else gets None, and
 ``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+Both builds use the flags of ``lopfast/_build_flags.py``. A JIT build that fails where it should
+work (CUDA torch, a GPU, nvcc) warns and keeps the error: ``jit_build_error()`` returns it, and
+the tests fail on it rather than skipping.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from lopfast._build_flags import CXX_FLAGS, NVCC_FLAGS
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -40,13 +45,28 @@ def jit_extension():
             sources = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
             try:
                 module = cpp_extension.load(
-                    name="lopfast_C_jit", sources=sources, extra_cuda_cflags=["-O3"],
-                    extra_include_paths=[str(CSRC)], verbose=False,
+                    name="lopfast_C_jit", sources=sources, extra_cflags=list(CXX_FLAGS),
+                    extra_cuda_cflags=list(NVCC_FLAGS), extra_include_paths=[str(CSRC)], verbose=False,
                 )
             except Exception as exc:  # a broken toolchain must not break the torch/triton paths
+                _jit_state["error"] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"lopfast: compiling the CUDA extension from {CSRC} failed: {exc}")
     _jit_state["module"] = module
     return module
+
+
+def can_build() -> bool:
+    """True where the JIT build is expected to work: CUDA torch, a GPU, nvcc, the csrc/ sources."""
+    if torch.version.cuda is None or not torch.cuda.is_available() or not CSRC.is_dir():
+        return False
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME is not None
+
+
+def jit_build_error():
+    """The error of a failed JIT build (a string), or None."""
+    return _jit_state.get("error")
 
 
 def _ext():
@@ -112,4 +132,4 @@ def sp_loss_cuda(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tens
     return SPLossCuda.apply(len(students), *students, *teachers)
 
 
-__all__ = ["CollapseCuda", "SPLossCuda", "jit_extension", "sp_loss_cuda"]
+__all__ = ["CollapseCuda", "SPLossCuda", "can_build", "jit_build_error", "jit_extension", "sp_loss_cuda"]
