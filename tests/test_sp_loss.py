@@ -124,13 +124,35 @@ def test_matches_fp64_reference(b, dtype, backend, device):
 def test_gpu_sized_tiles_and_chunks(b, dtype, backend, device):
     """Several row tiles / several 512-feature chunks at the GPU block sizes (interpreter on CPU)."""
     K = lopfast.kernels.sp_gram if HAS_TRITON else None
-    if K is not None:
-        chunk = K.GRAM_BLOCK_K * K.GRAM_K_ITERS
-        assert b > K.GRAM_BLOCK_B or max(torch.Size(s).numel() for s, _ in BIG_SHAPES[b]) > 2 * chunk
     s, t = make(b, BIG_SHAPES[b], dtype, device)
+    if K is not None:  # the case spans several row tiles or several split-K chunks of one tensor
+        k_iters, programs = K.gram_plan([sp_ops.row_view(x) for x in s[:1]])
+        assert b > K.GRAM_BLOCK_B or s[0][0].numel() > 2 * K.GRAM_BLOCK_K * k_iters
     before = dict(K.LAUNCHES) if K is not None else {}
     assert_close_to_ref(s, t, backend, 1e-5 if dtype == torch.float32 else 2e-3)
     _check_kernels_ran(backend, {k: before.get(k, 0) for k in ("gram", "sp_grad_features")})
+
+
+@requires_triton
+@pytest.mark.parametrize("sms", [1, 4, 132, None])  # 132: an H100/H200
+def test_split_k_sized_to_the_machine(sms, device, monkeypatch):
+    """The split-K adapts to the SM count (long chunks on a small machine, short ones on a big one);
+    every split gives the same Gram, and the grid holds the upper-triangle tiles only."""
+    K = lopfast.kernels.sp_gram
+    monkeypatch.setattr(K, "NUM_SMS", sms)
+    qs = [sp_ops.row_view(x) for x in make(130, [((7, 150), (1,)), ((3, 37), (1,))], torch.float32, device)[0]]
+    k_iters, programs = K.gram_plan(qs)
+    nt = -(-130 // K.GRAM_BLOCK_B)
+    if sms is not None:
+        target = K.GRAM_WAVES * sms
+        assert programs <= target + len(qs) * nt * (nt + 1) // 2  # about GRAM_WAVES waves, no more
+        # 19 feature blocks x 6 upper tiles = 114 programs at one block each: a big GPU takes them
+        # as they are, a small one gets longer chunks
+        assert (k_iters == 1) if sms == 132 else (k_iters > 1)
+    ref = torch.stack([q.double() @ q.double().T for q in qs])
+    for determ in (False, True):
+        g = K.gram(qs, deterministic=determ)
+        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 @requires_cuda
@@ -404,7 +426,7 @@ def test_dynamo_traces_dispatch_fullgraph():
 @pytest.mark.parametrize("b", [7, 5])
 def test_deterministic_mode_is_bitwise_repeatable(b, device):
     """torch.use_deterministic_algorithms(True): the Gram's split-K atomics give way to per-chunk
-    partials summed in chunk order; loss and gradients repeat bit for bit (b = 5: 9 chunks)."""
+    partials summed in chunk order; loss and gradients repeat bit for bit (b = 5: several chunks)."""
     K = lopfast.kernels.sp_gram
     s, t = make(b, SHAPES[7] if b == 7 else BIG_SHAPES[5], torch.float32, device)
 
