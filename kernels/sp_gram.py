@@ -294,14 +294,17 @@ def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: 
     if b * b >= 2**31:  # the kernel's in-slot offsets are int32
         raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
     dev = qs[0].device
-    out = (torch.empty if deterministic else torch.zeros)((len(qs), b, b), device=dev, dtype=torch.float32)
+    # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
+    # from per-group partial buffers without writing into views (functional under torch.compile)
+    out = None if deterministic else torch.zeros((len(qs), b, b), device=dev, dtype=torch.float32)
+    pieces: List[torch.Tensor] = []
     nt = triton.cdiv(b, GRAM_BLOCK_B)
     for grp in _groups(len(qs)):
         sub = [qs[i] for i in grp]
         k_iters, _ = gram_plan(sub)
         ps, fs, ss, cs, total = _multi_args(sub, GRAM_BLOCK_K * k_iters)
         if total == 0:  # every tensor of the group has 0 features: Grams are 0
-            out[grp.start:grp.stop].zero_()
+            pieces += [torch.zeros((b, b), device=dev, dtype=torch.float32) for _ in sub]
             continue
         target = out if not deterministic else torch.empty((total, b, b), device=dev, dtype=torch.float32)
         LAUNCHES["gram"] += 1
@@ -314,13 +317,11 @@ def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: 
         )
         if deterministic:  # second stage: each tensor's chunk partials, summed in chunk order
             lo = 0
-            for i, hi in zip(grp, [*cs[:len(sub) - 1], total]):
-                if hi > lo:
-                    torch.sum(target[lo:hi], dim=0, out=out[i])
-                else:
-                    out[i].zero_()
+            for hi in [*cs[:len(sub) - 1], total]:
+                pieces.append(target[lo:hi].sum(dim=0) if hi > lo
+                              else torch.zeros((b, b), device=dev, dtype=torch.float32))
                 lo = hi
-    return out
+    return torch.stack(pieces) if deterministic else out
 
 
 # ----------------------------------------------------------------------------- normalisation and loss
