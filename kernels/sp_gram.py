@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -86,12 +85,11 @@ import triton.language as tl
 
 MAX_TENSORS = 8
 EPS = 1e-12
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LAUNCHES: "collections.Counter[str]" = collections.Counter()
 
 # Tile sizes: the GPU's, also under the interpreter, so CPU tests run exactly the tiling (row tiles,
-# 512-feature chunks, mirrored tiles) the GPU runs; bigger tiles mean fewer interpreted programs.
+# split-K chunks, mirrored tiles) the GPU runs; bigger tiles mean fewer interpreted programs.
 GRAM_BLOCK_B = 64
 GRAM_BLOCK_K = 64
 GRAM_WAVES = 3  # split-K: about this many waves of programs over the GPU's SMs per Gram launch
