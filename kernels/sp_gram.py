@@ -184,30 +184,30 @@ def _gram_kernel(
     else:
         base = pid.to(tl.int64) * bb
         step = 0
-    if True:  # (kept as a block: one branch per tensor, NT is a constexpr so unused ones vanish)
-        if pid < c1:
-            _gram_part(p0, f0, s0, pid, k_iters, g_ptr + base, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 1:
-            if (pid >= c1) & (pid < c2):
-                _gram_part(p1, f1, s1, pid - c1, k_iters, g_ptr + base + 1 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 2:
-            if (pid >= c2) & (pid < c3):
-                _gram_part(p2, f2, s2, pid - c2, k_iters, g_ptr + base + 2 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 3:
-            if (pid >= c3) & (pid < c4):
-                _gram_part(p3, f3, s3, pid - c3, k_iters, g_ptr + base + 3 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 4:
-            if (pid >= c4) & (pid < c5):
-                _gram_part(p4, f4, s4, pid - c4, k_iters, g_ptr + base + 4 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 5:
-            if (pid >= c5) & (pid < c6):
-                _gram_part(p5, f5, s5, pid - c5, k_iters, g_ptr + base + 5 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 6:
-            if (pid >= c6) & (pid < c7):
-                _gram_part(p6, f6, s6, pid - c6, k_iters, g_ptr + base + 6 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
-        if NT > 7:
-            if pid >= c7:
-                _gram_part(p7, f7, s7, pid - c7, k_iters, g_ptr + base + 7 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    # one branch per tensor (NT is a constexpr: unused branches are not compiled)
+    if pid < c1:
+        _gram_part(p0, f0, s0, pid, k_iters, g_ptr + base, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 1:
+        if (pid >= c1) & (pid < c2):
+            _gram_part(p1, f1, s1, pid - c1, k_iters, g_ptr + base + 1 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 2:
+        if (pid >= c2) & (pid < c3):
+            _gram_part(p2, f2, s2, pid - c2, k_iters, g_ptr + base + 2 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 3:
+        if (pid >= c3) & (pid < c4):
+            _gram_part(p3, f3, s3, pid - c3, k_iters, g_ptr + base + 3 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 4:
+        if (pid >= c4) & (pid < c5):
+            _gram_part(p4, f4, s4, pid - c4, k_iters, g_ptr + base + 4 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 5:
+        if (pid >= c5) & (pid < c6):
+            _gram_part(p5, f5, s5, pid - c5, k_iters, g_ptr + base + 5 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 6:
+        if (pid >= c6) & (pid < c7):
+            _gram_part(p6, f6, s6, pid - c6, k_iters, g_ptr + base + 6 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+    if NT > 7:
+        if pid >= c7:
+            _gram_part(p7, f7, s7, pid - c7, k_iters, g_ptr + base + 7 * step, b, ti, tj, BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
 
 
 def _dot_precision(qs: Sequence[torch.Tensor], precision: str) -> str:
