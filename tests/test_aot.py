@@ -124,6 +124,12 @@ def child_main() -> int:
             rows.append(row)
     for (mod, v), row in zip(variants, rows):
         row["name"] = v["name"]
+    api = ("TypeError", "AttributeError", "KeyError")
+    if rows and all(r.get("error", "").startswith(api) for r in rows):
+        # every variant failed in the same Python-level way: this triton's ASTSource/compile API
+        # differs from the one used here (e.g. the attrs format); a kernel bug fails in the compiler
+        print(json.dumps({"skip": f"triton {triton.__version__}: AOT API mismatch ({rows[0]['error'][:300]})"}))
+        return 0
     print(json.dumps({"triton": triton.__version__, "ptxas": ptxas, "rows": rows}))
     return 0
 
