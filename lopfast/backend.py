@@ -93,6 +93,8 @@ def triton_available() -> bool:
     return HAS_TRITON
 
 
+from lopfast._build_flags import CXX_FLAGS, NVCC_FLAGS  # noqa: E402  (one set for setup.py and the JIT build)
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 _jit_state: dict = {}
@@ -121,10 +123,11 @@ def jit_extension():
             sources = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
             try:
                 module = cpp_extension.load(
-                    name="lopfast_C_jit", sources=sources, extra_cuda_cflags=["-O3"],
-                    extra_include_paths=[str(CSRC)], verbose=False,
+                    name="lopfast_C_jit", sources=sources, extra_cflags=list(CXX_FLAGS),
+                    extra_cuda_cflags=list(NVCC_FLAGS), extra_include_paths=[str(CSRC)], verbose=False,
                 )
             except Exception as exc:  # a broken toolchain must not break the torch/triton paths
+                _jit_state["error"] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"lopfast: compiling the CUDA extension from {CSRC} failed: {exc}")
     _jit_state["module"] = module
     return module

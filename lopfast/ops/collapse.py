@@ -57,21 +57,7 @@ from lopfast.kernels import HAS_TRITON  # noqa: E402
 # (and the op could never run): register only where triton imports.
 _HAS_TRITON_OP = HAS_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
-try:  # the shared precision policy (lopfast.ops._precision); same rule inline until it lands
-    from lopfast.ops._precision import fp32_matmul_precision
-except ImportError:  # pragma: no cover - depends on merge order
-
-    def fp32_matmul_precision() -> str:
-        matmul = torch.backends.cuda.matmul
-        try:
-            if hasattr(matmul, "fp32_precision"):
-                p = str(matmul.fp32_precision)
-                if p == "none":
-                    p = str(getattr(torch.backends, "fp32_precision", "none"))
-                return "tf32" if p == "tf32" else "ieee"
-            return "tf32" if bool(matmul.allow_tf32) else "ieee"
-        except Exception:
-            return "ieee"
+from lopfast.ops._precision import fp32_matmul_precision  # noqa: E402
 
 
 def reference_collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -5,6 +5,9 @@ was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
 ``torch.utils.cpp_extension.load`` (``lopfast.backend.jit_extension``; needs a CUDA build of
 torch, nvcc, and the source tree, i.e. an editable install; ``LOPFAST_JIT_CUDA=0`` turns this
 off). Everything else gets None, and ``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+Both builds use the flags of ``lopfast/_build_flags.py``. A JIT build that fails where it should
+work (CUDA torch, a GPU, nvcc) warns and keeps the error: ``jit_build_error()`` returns it, and
+the tests fail on it rather than skipping.
 """
 from __future__ import annotations
 
@@ -14,7 +17,21 @@ import torch
 
 # The loader lives in lopfast.backend (below the ops); re-exported here for callers of the
 # old location.
-from lopfast.backend import CSRC, cuda_extension, jit_extension  # noqa: F401
+from lopfast.backend import CSRC, _jit_state, cuda_extension, jit_extension  # noqa: F401
+
+
+def can_build() -> bool:
+    """True where the JIT build is expected to work: CUDA torch, a GPU, nvcc, the csrc/ sources."""
+    if torch.version.cuda is None or not torch.cuda.is_available() or not CSRC.is_dir():
+        return False
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME is not None
+
+
+def jit_build_error():
+    """The error of a failed JIT build (a string), or None."""
+    return _jit_state.get("error")
 
 
 def _ext():
@@ -78,4 +95,4 @@ def sp_loss_cuda(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tens
     return SPLossCuda.apply(len(students), *students, *teachers)
 
 
-__all__ = ["CollapseCuda", "SPLossCuda", "jit_extension", "sp_loss_cuda"]
+__all__ = ["CollapseCuda", "SPLossCuda", "can_build", "jit_build_error", "jit_extension", "sp_loss_cuda"]
