@@ -84,7 +84,7 @@ DATA_ALLOCATIONS = ("eagleeye", "amc")
 PROCEDURES: Dict[str, Dict[str, Tuple[Any, _Check]]] = {
     "none": {},
     "admm": {"loss_fn": (CE, FN), "lr": (0.01, POS), "momentum": (0.9, UNIT), "weight_decay": (0.0, NONNEG),
-             "epochs": (30, POS_INT), "rho": (0.01, POS), "rho_growth": (1.3, GROWTH), "rho_max": (10.0, POS),
+             "epochs": (30, POS_INT), "rho": (1.0, POS), "rho_growth": (1.3, GROWTH), "rho_max": (10.0, POS),
              "admm_every": (None, OPT_POS_INT), "tol": (1e-3, POS), "retrain_epochs": (0, NONNEG_INT)},
     "slimming": {"loss_fn": (CE, FN), "lr": (0.01, POS), "momentum": (0.9, UNIT), "weight_decay": (1e-4, NONNEG),
                  "epochs": (10, POS_INT), "sparsity": (1e-4, NONNEG)},

@@ -58,22 +58,26 @@ def admm(engine, ratio, target, data, o):
     group coupled by the dependency graph (conv/linear output rows, BN scale and shift), Z
     is the Euclidean projection of W + U onto "at most n_keep channels of the group are
     non-zero" (keep the largest group norms), and the scaled dual U += W - Z. Z/U are
-    updated every ``admm_every`` steps (default: four times per epoch); after each update rho
-    grows by ``rho_growth`` up to ``rho_max`` (U rescaled by rho_old/rho_new, as scaled ADMM
-    requires). Training stops when the relative primal residual ||W - Z|| / ||W|| falls below
-    ``tol`` or after ``epochs`` epochs; the residual is reported
-    (``extra["primal_residual"]``, with its history) and a warning is raised when it did not
-    fall below ``tol``. The channels cut are exactly Z's zero set (``extra["cut_is_support"]``).
-    ``retrain_epochs`` > 0 then retrains the pruned (masked) network on ``data`` with the
-    same optimizer settings (the paper's masked retraining).
+    updated every ``admm_every`` optimizer steps (default: once per epoch); after each update
+    rho grows by ``rho_growth`` up to ``rho_max`` (U rescaled by rho_old/rho_new, as scaled
+    ADMM requires). Training stops when the relative primal residual ||W - Z|| / ||W|| falls
+    below ``tol`` or after ``epochs`` epochs; the residual is reported
+    (``extra["primal_residual"]``, its history in ``extra["residual_history"]``) and a
+    warning is raised when it did not fall below ``tol``. The channels cut are exactly Z's
+    zero set (``extra["zero_set"]``, checked in ``extra["cut_is_support"]``).
+    ``retrain_epochs`` > 0 then retrains the cut network on ``data`` with the same optimizer
+    settings (the paper's masked retraining: the cut channels are physically gone).
 
-    Options: loss_fn=cross_entropy, lr=0.01, momentum=0.9, weight_decay=0, epochs=30,
-    rho=0.01, rho_growth=1.3, rho_max=10, admm_every=None, tol=1e-3, retrain_epochs=0.
-    On the sklearn digits test net (ratio 0.5) these defaults converge in a few epochs and the
-    cut net keeps its accuracy without fine-tuning. Departures from the paper: the paper
-    schedules rho per ADMM iteration similarly (x1.3 .. 1.5) but over many more epochs and
-    prunes weights/filters of pretrained ImageNet nets; group (channel) sparsity here covers
-    every coupled layer so the cut is exact.
+    Options: loss_fn=cross_entropy, lr=0.01, momentum=0.9, weight_decay=0, epochs=30 (at
+    most), rho=1, rho_growth=1.3, rho_max=10, admm_every=None (once per epoch), tol=1e-3,
+    retrain_epochs=0. Measured on the digits test net (ratio 0.5, 22 batches of 64 per
+    epoch, 1 CPU thread): these defaults reach residual 9e-4 in 12 epochs (5.9 s) and the cut
+    net scores 98.5 % without fine-tuning (unpruned 98.7 %, L1 cut at the same ratio 10.1 %);
+    updating Z/U every 11 steps instead needed a lower rho_max (3-5) and still had residual
+    0.005-0.007 after 30 epochs, and rho=1 without growth 0.0028 after 30 epochs. Departures
+    from the paper: Zhang et al. prune pretrained ImageNet nets with tens of epochs per rho
+    value and weight- or filter-level sets; here the set is channel groups of the dependency
+    graph so that the cut is exact.
     Measured cost: one epoch of training plus an elementwise term; see the README table.
     """
     from lopfast.prune.criteria import Criterion
@@ -124,7 +128,7 @@ def admm(engine, ratio, target, data, o):
     data_list = list(data)
     if not data_list:
         raise ValueError("data yielded no batches; admm trains on data")
-    every = o["admm_every"] or max(1, len(data_list) // 4)
+    every = o["admm_every"] or len(data_list)
     opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
     was_training = model.training
     model.train()
