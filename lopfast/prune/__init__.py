@@ -10,16 +10,14 @@ thinet, eagleeye, admm, amc, lamp, fpgm, obd, random) and ``criterion=`` / ``all
 """
 from lopfast.prune.api import DATA_METHODS, METHODS, PruneReport, prune
 from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PRESETS, PROCEDURES
+from lopfast.prune.criteria import activation_sites, hrank_post_activation_scores, sampled_contributions
 from lopfast.prune.engine import TOLERANCE, count_macs, count_params
 from lopfast.prune.importance import (
     HRankImportance,
     PrecomputedImportance,
-    ThiNetImportance,
-    channel_contributions,
     feature_map_ranks,
     hrank_scores,
     thinet_order,
-    thinet_scores,
 )
 
 __all__ = [
@@ -33,15 +31,15 @@ __all__ = [
     "HRankImportance",
     "PrecomputedImportance",
     "PruneReport",
-    "ThiNetImportance",
-    "channel_contributions",
     "count_macs",
     "count_params",
     "feature_map_ranks",
+    "activation_sites",
+    "hrank_post_activation_scores",
     "hrank_scores",
+    "sampled_contributions",
     "prune",
     "thinet_order",
-    "thinet_scores",
 ]
 
 

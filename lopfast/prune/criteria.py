@@ -291,12 +291,12 @@ def sampled_contributions(module: nn.Module, x: torch.Tensor, positions: int, ge
     w = module.weight.detach()
     x = x.detach()
     if isinstance(module, nn.Linear):
-        xs = x.reshape(-1, x.shape[-1])
-        total = xs.shape[0]
-        n = min(total, positions * (x.shape[0] if x.dim() > 1 else 1))
-        pos = torch.randint(total, (n,), generator=gen).to(x.device)
+        seq = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, C): L = 1 for a plain (B, C) input
+        n = seq.shape[0] * positions
+        img = torch.arange(seq.shape[0]).repeat_interleave(positions).to(x.device)
+        loc = torch.randint(seq.shape[1], (n,), generator=gen).to(x.device)
         o = torch.randint(w.shape[0], (n,), generator=gen).to(x.device)
-        z = (xs[pos] * w[o]).T  # (C_in, N)
+        z = (seq[img, loc] * w[o]).T  # (C_in, N)
         return z.double().cpu(), z.sum(0).double().cpu()
     b = x.shape[0]
     cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C*k, L)
