@@ -206,9 +206,13 @@ class Engine:
             drop = torch.argsort(torch.as_tensor(scores, dtype=torch.float64), stable=True)[: n - keep]
             drop = sorted(int(i) for i in drop)
             cut = dg.get_pruning_group(layer, fn, drop)
+            for item in cut:
+                lname = names.get(item.dep.layer)
+                if lname is not None and isinstance(item.dep.layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                    side = "out" if dg.is_out_channel_pruning_fn(item.dep.pruning_fn) else "in"
+                    record.setdefault((lname, side), []).extend(int(i) for i in item.idxs)
             cut.prune()
             criterion.after_prune(model, drop)
-            record.setdefault((name, "out"), []).extend(drop)
         model.train(was_training)
         self.evaluations += 1
         return model, record

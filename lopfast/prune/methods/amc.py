@@ -124,7 +124,7 @@ def amc(engine, crit, ratio, target, data, o):
     import warnings
 
     from lopfast.prune.methods.eagleeye import evaluate
-    from lopfast.prune.methods.thinet import reconstruct
+    from lopfast.prune.methods.thinet import layer_features, reconstruct
 
     if engine.global_pruning:
         raise ValueError("allocation='amc' chooses layer-wise ratios itself; global_pruning must be False")
@@ -141,7 +141,8 @@ def amc(engine, crit, ratio, target, data, o):
                          f"{'plus recon_batches=' + str(n_rec) + ' reconstruction batches ' if n_rec else ''}"
                          f"(lower them or pass more data)")
     evals = batches[len(batches) - n_val:]
-    recon_xs = [x for x, _ in batches[:n_rec]]
+    features = layer_features(engine.base, [x for x, _ in batches[:n_rec]], positions=o["positions"],
+                              seed=int(o["seed"])) if n_rec else {}
     gen = torch.Generator().manual_seed(int(o["seed"]))
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(o["seed"]))  # the agent's weight initialisation
@@ -242,7 +243,7 @@ def amc(engine, crit, ratio, target, data, o):
             transitions.append((s, (a - lo_r) / max(hi_r - lo_r, 1e-12)))
         model, rec = crit.prune(engine, ratio_dict(prev))
         if n_rec:
-            reconstruct(engine.base, model, rec, recon_xs, positions=o["positions"], seed=int(o["seed"]) + ep)
+            reconstruct(engine.base, model, rec, features)
         acc, _ = evaluate(model, evals, F.cross_entropy)
         reward = -(1.0 - acc)  # R_err
         removed = engine.removed_fraction(model) if which == 0 else engine.predicted_macs_fraction(ratio_dict(prev))
