@@ -78,7 +78,9 @@ def admm(engine, ratio, target, data, o):
     from the paper: Zhang et al. prune pretrained ImageNet nets with tens of epochs per rho
     value and weight- or filter-level sets; here the set is channel groups of the dependency
     graph so that the cut is exact.
-    Measured cost: one epoch of training plus an elementwise term; see the README table.
+    Measured cost: that of training plus an elementwise term; one epoch of 4 batches of 128
+    CIFAR images (one CPU thread, shared box, target_removed=0.9): ResNet-56 17.3 s,
+    MobileNetV2 70.9 s, 0.8 / 2.9 GB above the model (one backward's activations).
     """
     from lopfast.prune.criteria import Criterion
     from lopfast.prune.importance import PrecomputedImportance
