@@ -67,6 +67,9 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     sp_gamma: float = 0.0
+    sp_reduction: str = "mean"  # SP loss over layer pairs: "mean" (gamma per pair) or "sum" (Eq. 11 literally)
+    factor_weight_decay: Optional[float] = None  # weight decay of expanded factors (weight1..); None: weight_decay
+    factor_lr_scale: float = 1.0  # LR multiplier of expanded factors
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -79,6 +82,12 @@ class TrainConfig:
             raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
         if self.sp_gamma < 0:
             raise ValueError(f"gamma (SP loss weight) must be >= 0, got {self.sp_gamma!r}")
+        if self.sp_reduction not in ("mean", "sum"):
+            raise ValueError(f"sp_reduction must be 'mean' or 'sum', got {self.sp_reduction!r}")
+        if self.factor_weight_decay is not None and not self.factor_weight_decay >= 0:
+            raise ValueError(f"factor_weight_decay must be >= 0 or None, got {self.factor_weight_decay!r}")
+        if not (self.factor_lr_scale > 0 and math.isfinite(self.factor_lr_scale)):
+            raise ValueError(f"factor_lr_scale must be a positive number, got {self.factor_lr_scale!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
 
 
@@ -235,6 +244,26 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", 
     return {"acc": 100.0 * float(stats[0]) / n, "loss": float(stats[1]) / n}
 
 
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
+    """One SGD group for the expanded factors (``weight1``, ``weight2`` ... of expanded layers), one for the rest.
+
+    The factors' product is the compact weight, so weight decay on the factors regularises it
+    differently from weight decay on the compact weight; both knobs default to the plain setting.
+    """
+    factors, rest = [], []
+    for mod in model.modules():
+        expanded = hasattr(mod, "contract") or type(mod).__name__.startswith("Expanded")
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (factors if expanded and name.startswith("weight") and name != "weight" else rest).append(p)
+    groups = [{"params": rest}]
+    if factors:
+        wd = cfg.weight_decay if cfg.factor_weight_decay is None else cfg.factor_weight_decay
+        groups.append({"params": factors, "weight_decay": wd, "lr": cfg.lr * cfg.factor_lr_scale})
+    return groups
+
+
 def train(
     model: nn.Module,
     data,
@@ -281,7 +310,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=cfg.lr_decay)
     history: List[dict] = []
     start = 0
@@ -314,7 +343,8 @@ def train(
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
         # given the DDP wrapper, the distiller hooks the inner module and calls the wrapper
-        distiller = SPDistiller(teacher, forward, layers=list(sp_layers) if sp_layers is not None else None)
+        distiller = SPDistiller(teacher, forward, layers=list(sp_layers) if sp_layers is not None else None,
+                                reduction=cfg.sp_reduction)
     fast = None
     if device.type == "cuda" and getattr(lopfast, "CollapsedForward", None) is not None and any(
         isinstance(m, ExpandedConv2d) for m in model.modules()
