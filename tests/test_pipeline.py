@@ -74,23 +74,30 @@ def test_prune_report_and_rebuild(pruned_run):
 
 
 @needs_distiller
-def test_demo_reduced(tmp_path):
+def test_demo_reduced(tmp_path, capsys):
     from lopfast.cli import main
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--pretrain-epochs", "3", "--epochs", "2", "--train-subset", "512",
-               "--quiet"])
+               "--seeds", "2", "--quiet"])
     assert rc == 0
-    res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"ft", "lop"}
-    assert res["pruned"]["removed"] > 0.85
-    for m in ("ft", "lop"):
-        assert res["methods"][m]["params"] == res["pruned"]["params"]
-    assert res["methods"]["lop"]["contract_max_rel_diff"] < 1e-4
-    assert (out / "accuracy.png").stat().st_size > 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model"] == "digitsnet" and cfg["epochs"] == 2
-    table = stages.format_table(res)
+    printed = capsys.readouterr().out
+    assert "(n=2" in printed and "lop − ft = " in printed and "its spread" in printed
+    runs = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    # the seeds share one teacher (trained by the first) and vary the recovery only
+    assert runs[0]["teacher"]["acc"] == runs[1]["teacher"]["acc"]
+    assert not (out / "seed1" / "pretrain").exists()
+    for res in runs:
+        assert set(res["methods"]) == {"ft", "lop"}
+        assert res["pruned"]["removed"] > 0.9
+        for m in ("ft", "lop"):
+            assert res["methods"][m]["params"] == res["pruned"]["params"]
+        assert res["methods"]["lop"]["contract_max_rel_diff"] < 1e-4
+    assert (out / "seed0" / "accuracy.png").stat().st_size > 0
+    assert (out / "seeds.csv").exists()
+    cfg = json.loads((out / "seed1" / "config.json").read_text())
+    assert cfg["model"] == "digitsnet" and cfg["epochs"] == 2 and cfg["seed"] == 1
+    table = stages.format_table(runs[0])
     assert "lop" in table and "pruned, no recovery" in table
 
 
@@ -326,3 +333,24 @@ def test_onednn_guard_is_exact():
     torch.testing.assert_close(out, ref)
     for a, b in zip(g, gref):
         torch.testing.assert_close(a, b)
+
+
+def test_run_and_sweep_with_seeds(tmp_path, capsys):
+    import csv
+
+    from lopfast import cli
+
+    args = ["--model", "digitsnet", "--model-kwargs", '{"width": 16}', "--dataset", "digits", "--train-subset", "256",
+            "--test-subset", "96", "--batch-size", "64", "--pretrain-epochs", "1", "--epochs", "1", "--device", "cpu",
+            "--methods", "ft,lop", "--seeds", "2", "--quiet"]
+    assert cli.main(["run", *args, "--target", "0.7", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "(n=2" in out and "lop − ft" in out and "spread" in out
+    with open(tmp_path / "run" / "seeds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("ft", "0"), ("ft", "1"), ("lop", "0"), ("lop", "1")]
+    assert cli.main(["sweep", *args, "--targets", "0.5,0.7", "--out", str(tmp_path / "sweep")]) == 0
+    assert "(n=2" in capsys.readouterr().out
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 2 * 2  # targets x methods x seeds
+    assert (tmp_path / "sweep" / "sweep.png").exists()
