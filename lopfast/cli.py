@@ -35,16 +35,16 @@ __all__ = ["main", "DEMO_DEFAULTS"]
 
 # The demo: a small ResNet on sklearn's 8x8 digits, pruned hard, recovered by ft and lop with the
 # same budget over 3 seeds, so the table shows a spread and says whether the difference exceeds
-# it. 97 % removed: at 95 % fine-tuning alone gets within ~2 points of the teacher on these easy
-# digits, at 97 % it falls clearly short. batch 64: 1437 training images give 23 steps an epoch.
-# The seeds share one teacher (and so one pruned model) and vary the recovery only: that keeps
-# the demo near a minute on a 2-core CPU. gamma is the package default (DEFAULT_GAMMA).
+# it. 95 % removed, batch 256 (6 steps an epoch, 180 fine-tuning steps): there fine-tuning falls
+# ~5 points short of the teacher (issue 13: 92.78 vs ~98), where the paper's claim can show. It
+# is the cell of the gamma sweep (``lopfast reproduce gamma``) at the default gamma. The seeds
+# share one teacher (and so one pruned model) and vary the recovery only (data order,
+# augmentation, expansion init): that keeps the demo near a minute on a 2-core CPU.
 DEMO_DEFAULTS = {
     "model": "digitsnet",
     "dataset": "digits",
-    "batch_size": 64,
     "pretrain_epochs": 40,
-    "target": 0.97,
+    "target": 0.95,
     "methods": ["ft", "lop"],
     "epochs": 30,
     "device": "cpu",
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("demo", help="digits end to end: pretrain, prune 97%%, ft vs lop over 3 seeds, mean ± std",
-                       description="Pretrain a small ResNet on the 8x8 digits, prune 97% of its weights (l1), "
+    p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop over 3 seeds, mean ± std",
+                       description="Pretrain a small ResNet on the 8x8 digits, prune 95% of its weights (l1), "
                                    "recover with ft and lop on the same budget for 3 seeds, contract, verify, print "
                                    "mean ± std per method and whether lop − ft exceeds its spread.",
                        epilog="demo defaults (any flag overrides them): "

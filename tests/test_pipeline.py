@@ -266,7 +266,7 @@ def test_sweep_writes_csv_and_plot(tmp_path):
                "--methods", "ft,lop-nokd", "--targets", "0.5,0.8", "--out", str(out), "--quiet"])
     assert rc == 0
     lines = (out / "sweep.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("target,removed,method,acc")
+    assert lines[0].startswith("target,removed,method,seed,acc")
     assert len(lines) == 1 + 2 * 2
     assert (out / "sweep.png").stat().st_size > 0
 
@@ -340,7 +340,7 @@ def test_run_and_sweep_with_seeds(tmp_path, capsys):
 
     from lopfast import cli
 
-    args = ["--model", "digitsnet", "--model-kwargs", '{"width": 16}', "--dataset", "digits", "--train-subset", "256",
+    args = ["--model", "digitsnet", "--model-kwargs", '{"width": 24}', "--dataset", "digits", "--train-subset", "256",
             "--test-subset", "96", "--batch-size", "64", "--pretrain-epochs", "1", "--epochs", "1", "--device", "cpu",
             "--methods", "ft,lop", "--seeds", "2", "--quiet"]
     assert cli.main(["run", *args, "--target", "0.7", "--out", str(tmp_path / "run")]) == 0
@@ -349,7 +349,7 @@ def test_run_and_sweep_with_seeds(tmp_path, capsys):
     with open(tmp_path / "run" / "seeds.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], r["seed"]) for r in rows) == [("ft", "0"), ("ft", "1"), ("lop", "0"), ("lop", "1")]
-    assert cli.main(["sweep", *args, "--targets", "0.5,0.7", "--out", str(tmp_path / "sweep")]) == 0
+    assert cli.main(["sweep", *args, "--targets", "0.7823,0.898", "--out", str(tmp_path / "sweep")]) == 0
     assert "(n=2" in capsys.readouterr().out
     with open(tmp_path / "sweep" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 2 * 2  # targets x methods x seeds
