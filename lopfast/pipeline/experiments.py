@@ -214,7 +214,8 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     from lopfast.pipeline.report import format_summary, plot_sweep
 
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} (lopfast reproduce --list)")
+        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
+                         "(lopfast reproduce --list)")
     exp = EXPERIMENTS[name]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
@@ -255,7 +256,9 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     paper = {(_label(m, (c[1] if var else ""), exp) if var else m, c[0] if var else c): v
              for (m, c), v in exp.paper.items()} if var else dict(exp.paper)
     compare = _compare(exp, table_rows)
-    header = (f"{exp.title}. Budget `{budget}`{' (digitsnet on digits: checks the machinery, not the paper)' if budget == 'smoke' and exp.dataset != 'digits' else ''}; "
+    stand_in = budget == "smoke" and exp.dataset != "digits"
+    header = (f"{exp.title}. Budget `{budget}`"
+              f"{' (digitsnet on digits: checks the machinery, not the paper)' if stand_in else ''}; "
               f"seeds {', '.join(map(str, seed_list))}; model {base['model']}, data {base['dataset']}, "
               f"pruning {base['prune_method']}. Top-1 % as mean ± std (n), paper in brackets; "
               "a − b is paired by seed ('exceeds spread': |mean| > std).")
