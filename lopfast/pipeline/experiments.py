@@ -138,11 +138,15 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
         variants=tuple((m, {"prune_method": m}) for m in ("amc", "hrank", "thinet", "eagleeye")),
         notes="the paper gives Fig. 4 as a plot only: no numbers to compare with"),
     Experiment(
-        "gamma", "SP weight gamma per layer pair (digitsnet, digits, l1, 95 %)", "digitsnet", "digits", "l1",
-        (0.95,), ("ft", "lop"),
-        variants=(("g300", {"gamma": 300.0}), ("g3000", {"gamma": 3000.0}), ("g30000", {"gamma": 30000.0})),
-        variant_methods={"g300": ("ft", "lop")}, budgets=_DIGITS_BUDGETS,
-        notes="the evidence behind lopfast.distill.DEFAULT_GAMMA"),
+        "gamma", "SP weight gamma per layer pair and the LOP-only knobs (digitsnet, digits, l1, 95 %)", "digitsnet",
+        "digits", "l1", (0.95,), ("ft", "lop"),
+        variants=(("g300", {"gamma": 300.0}), ("g3000", {"gamma": 3000.0}), ("g30000", {"gamma": 30000.0}),
+                  ("g3000-fwd0", {"gamma": 3000.0, "factor_weight_decay": 0.0}),
+                  ("g3000-flr3", {"gamma": 3000.0, "factor_lr_scale": 3.0}),
+                  ("lr0.03", {"gamma": 3000.0, "lr": 0.03})),
+        # ft once at the default lr, and once at 3x lr: the control for the factors' 3x lr
+        variant_methods={"g300": ("ft", "lop"), "lr0.03": ("ft", "lop")}, budgets=_DIGITS_BUDGETS,
+        notes="the evidence behind lopfast.distill.DEFAULT_GAMMA (and the factor weight decay / LR knobs)"),
 ]}
 
 
@@ -281,7 +285,7 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
 
 
 def _label(method: str, variant: str, exp: Experiment) -> str:
-    if not variant or (exp.variant_methods is not None and method in _NO_VARIANT):
+    if not variant or (exp.variant_methods is not None and method in _NO_VARIANT and variant == exp.variants[0][0]):
         return method
     return f"{method} {variant}"
 
@@ -404,7 +408,7 @@ def _collect(exp: Experiment, budget: str, base: dict, units, cells, exp_dir: st
                     extra = json.load(f)
             _, label, over, method = cell
             key = (method, (t, label)) if exp.variants[0][0] else (method, t)
-            if exp.variant_methods is not None and method in _NO_VARIANT:
+            if exp.variant_methods is not None and method in _NO_VARIANT and label not in exp.variant_methods:
                 key = (method, (t, exp.variants[0][0]))
             rows.append({
                 "experiment": exp.name, "budget": budget, "model": base["model"], "dataset": base["dataset"],
