@@ -243,45 +243,55 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     units = [(s, t) for s in seed_list for t in targets]
     cells = _cells(exp, targets, methods)
     t0 = time.time()
+
+    def write_outputs(plot: bool) -> dict:
+        # after every finished unit: a run cut short (a GPU lease ending) still leaves its table
+        rows = _collect(exp, budget, base, units, cells, exp_dir)
+        csv_path = os.path.join(exp_dir, "results.csv")
+        with open(csv_path + ".tmp", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(csv_path + ".tmp", csv_path)
+        table_rows = [{**r, "method": _label(r["method"], r["variant"], exp)} for r in rows]
+        var = bool(exp.variants[0][0])
+        paper = {(_label(m, (c[1] if var else ""), exp) if var else m, c[0] if var else c): v
+                 for (m, c), v in exp.paper.items()} if var else dict(exp.paper)
+        compare = _compare(exp, table_rows)
+        stand_in = budget == "smoke" and exp.dataset != "digits"
+        header = (f"{exp.title}. Budget `{budget}`"
+                  f"{' (digitsnet on digits: checks the machinery, not the paper)' if stand_in else ''}; "
+                  f"seeds {', '.join(map(str, seed_list))}; model {base['model']}, data {base['dataset']}, "
+                  f"pruning {base['prune_method']}. Top-1 % as mean ± std (n), paper in brackets; "
+                  "a − b is paired by seed ('exceeds spread': |mean| > std).")
+        md = (format_summary(table_rows, cell=("target",), paper=paper, compare=compare, title=header)
+              if rows else header)
+        md_path = os.path.join(exp_dir, "results.md")
+        with open(md_path, "w") as f:
+            f.write(md + "\n")
+        png = None
+        if plot and rows:
+            try:
+                paper_pts: Dict[str, list] = {}
+                for (m, c), v in paper.items():
+                    t = c[0] if isinstance(c, tuple) else c
+                    paper_pts.setdefault(m, []).append((100 * t, v))
+                png = plot_sweep(table_rows, os.path.join(exp_dir, "results.png"), title=exp.title[:60],
+                                 paper=paper_pts or None)
+            except Exception as exc:  # a missing matplotlib must not lose the results
+                if not quiet:
+                    print(f"[plot] skipped: {exc}")
+        return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "table": md}
+
     if parallel > 1 and len(units) > 1:
-        _run_parallel(name, budget, base, units, cells, out, exp_dir, parallel, quiet)
+        _run_parallel(name, budget, base, units, cells, out, exp_dir, parallel, quiet,
+                      on_done=lambda: write_outputs(False))
     else:
         for s, t in units:
             _run_unit(name, budget, base, s, t, cells, out, exp_dir, quiet)
-    rows = _collect(exp, budget, base, units, cells, exp_dir)
-    csv_path = os.path.join(exp_dir, "results.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
-    table_rows = [{**r, "method": _label(r["method"], r["variant"], exp)} for r in rows]
-    var = bool(exp.variants[0][0])
-    paper = {(_label(m, (c[1] if var else ""), exp) if var else m, c[0] if var else c): v
-             for (m, c), v in exp.paper.items()} if var else dict(exp.paper)
-    compare = _compare(exp, table_rows)
-    stand_in = budget == "smoke" and exp.dataset != "digits"
-    header = (f"{exp.title}. Budget `{budget}`"
-              f"{' (digitsnet on digits: checks the machinery, not the paper)' if stand_in else ''}; "
-              f"seeds {', '.join(map(str, seed_list))}; model {base['model']}, data {base['dataset']}, "
-              f"pruning {base['prune_method']}. Top-1 % as mean ± std (n), paper in brackets; "
-              "a − b is paired by seed ('exceeds spread': |mean| > std).")
-    md = format_summary(table_rows, cell=("target",), paper=paper, compare=compare, title=header)
-    md_path = os.path.join(exp_dir, "results.md")
-    with open(md_path, "w") as f:
-        f.write(md + "\n")
-    png = None
-    try:
-        paper_pts: Dict[str, list] = {}
-        for (m, c), v in paper.items():
-            t = c[0] if isinstance(c, tuple) else c
-            paper_pts.setdefault(m, []).append((100 * t, v))
-        png = plot_sweep(table_rows, os.path.join(exp_dir, "results.png"), title=exp.title[:60],
-                         paper=paper_pts or None)
-    except Exception as exc:  # a missing matplotlib must not lose the results
-        if not quiet:
-            print(f"[plot] skipped: {exc}")
-    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "table": md, "seconds": time.time() - t0}
+            write_outputs(False)
+    res = write_outputs(True)
+    return {**res, "seconds": time.time() - t0}
 
 
 def _label(method: str, variant: str, exp: Experiment) -> str:
@@ -370,7 +380,7 @@ def _worker(args):
     return args[3], args[4]
 
 
-def _run_parallel(name, budget, base, units, cells, out, exp_dir, parallel, quiet) -> None:
+def _run_parallel(name, budget, base, units, cells, out, exp_dir, parallel, quiet, on_done=None) -> None:
     """(seed, target) units in ``parallel`` processes (spawned: CUDA does not survive fork).
 
     Teachers first, one process per seed, so no two units train the same teacher.
@@ -387,6 +397,8 @@ def _run_parallel(name, budget, base, units, cells, out, exp_dir, parallel, quie
             futs = [pool.submit(_worker, (name, budget, base, s, t, cells, out, exp_dir, quiet)) for s, t in phase]
             for f in futs:
                 f.result()  # re-raises a worker's error here
+                if on_done is not None:
+                    on_done()
 
 
 def _collect(exp: Experiment, budget: str, base: dict, units, cells, exp_dir: str) -> List[dict]:

@@ -34,7 +34,10 @@ def format_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+    seed = results.get("config", {}).get("seed")
+    note = (f"one seed ({seed}), n=1: no spread; --seeds N gives mean ± std and whether lop − ft exceeds it"
+            if len(results["methods"]) > 1 else None)
+    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]] + ([note] if note else []))
 
 
 def plot_curves(results: dict, out: str) -> Optional[str]:
