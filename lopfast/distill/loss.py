@@ -6,7 +6,7 @@ Training step with the distiller (paper Eq. 12, ``gamma`` the SP weight)::
     import lopfast
 
     student = lopfast.expand(pruned_model, rate=3.0)          # ExpandedConv2d at the conv paths
-    distiller = lopfast.SPDistiller(teacher, student, reduction="mean")  # pairs every expanded conv by path
+    distiller = lopfast.SPDistiller(teacher, student)        # pairs every expanded conv by path; mean over pairs
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     for x, y in loader:
         logits, sp = distiller(x)                               # student output, float32 SP loss
@@ -30,7 +30,7 @@ from lopfast.distill.pairs import sp_pairs
 from lopfast.distill.taps import FeatureTaps
 from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram
 
-#: Default SP weight gamma (Eq. 12) for ``SPDistiller(..., reduction="mean")``: the weight
+#: Default SP weight gamma (Eq. 12) for ``SPDistiller`` (whose default ``reduction="mean"``): the weight
 #: Tung & Mori use for one layer pair on CIFAR, applied to the SP loss *averaged* over the
 #: distilled pairs, so it does not grow with the number of pairs (the old default, 3000 on the
 #: *sum* over digitsnet's 6 pairs, is 18000 per pair and cost lop 2.4 points, issue 13).
@@ -90,9 +90,9 @@ class SPDistiller:
             or a list of module names present in both (see ``lopfast.sp_pairs``).
         backend: backend of the SP loss ("auto", "torch", "triton", "cuda").
         student_forward: callable run instead of ``student(*inputs)``.
-        reduction: "sum" (default: Eq. 11 literally, the loss grows with the number of pairs) or
-            "mean" (averaged over pairs: one gamma fits any model; lopfast's pipeline uses it
-            with ``DEFAULT_GAMMA``).
+        reduction: "mean" (default: averaged over pairs, so one gamma, ``DEFAULT_GAMMA``, fits any
+            model; what the pipeline and CLI use) or "sum" (Eq. 11 literally: the loss grows with
+            the number of pairs, so gamma must shrink with it).
 
     A plain object, not an ``nn.Module``: the teacher's parameters never leak into the student's
     ``parameters()`` / ``state_dict()``. ``close()`` (or leaving a ``with`` block) removes every hook.
@@ -100,7 +100,7 @@ class SPDistiller:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, layers: Optional[Sequence[str]] = None,
                  backend: str = "auto", student_forward: Optional[Callable[..., Any]] = None,
-                 reduction: str = "sum"):
+                 reduction: str = "mean"):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
