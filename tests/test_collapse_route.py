@@ -150,3 +150,43 @@ def test_cpu_auto_is_the_reference_untimed(monkeypatch):
     monkeypatch.setattr(dispatch, "choose", lambda **kw: pytest.fail("CPU must not measure"))
     _, layers, _ = _layers()
     assert op.route(layers) == {"torch": [0, 1, 2, 3]}
+
+
+# ----------------------------------------------------------------------------- memory of "matmul"
+def _saved_bytes(fn, layers):
+    """Bytes autograd keeps for the backward of ``fn(layers)`` beyond the factors themselves."""
+    params = {w.untyped_storage().data_ptr() for layer in layers for w in layer[:3]}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = fn(layers)
+    return sum(seen.values()), outs
+
+
+def test_matmul_keeps_only_the_intermediate():
+    """The eager "matmul" backward rebuilds the canonical copies of the factors (W2 with its
+    taps moved, the stacked W1/W3) instead of saving them: autograd keeps exactly the
+    intermediates S/U; plain autograd of the same GEMMs keeps the copies too. Same results."""
+    from lopfast.ops.collapse_gemm import bucket, matmul_many
+
+    work, layers, _ = _layers(torch.float64)
+    inter = sum(len(idx) * c.inter_numel * 8 for (c, _, _), idx in bucket(layers).items())
+    # the canonical copies: W2 of every layer, W1 and W3 where a class stacks several (BIG)
+    copies = sum(layer[1].numel() * 8 for layer in layers)
+    copies += sum((layers[i][0].numel() + layers[i][2].numel()) * 8 for i in (0, 2))
+    lean, out_lean = _saved_bytes(lambda ls: matmul_many(ls), layers)
+    plain, out_plain = _saved_bytes(lambda ls: matmul_many(ls, recompute=False), layers)
+    assert lean == inter
+    assert plain >= inter + copies
+    g = [torch.randn_like(o) for o in out_lean]
+    params = [w for layer in layers for w in layer[:3]]
+    for a, b in zip(torch.autograd.grad(out_lean, params, g), torch.autograd.grad(out_plain, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(out_lean, out_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
