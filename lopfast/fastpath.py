@@ -65,8 +65,8 @@ class _Graph:
     same aliasing: replay re-runs the captured function and copies its results into the
     tensors the capture returned."""
 
-    def __init__(self, emulate: bool, pool=None) -> None:
-        self.emulate, self.pool = emulate, pool
+    def __init__(self, emulate: bool, pool=None, stream=None) -> None:
+        self.emulate, self.pool, self.stream = emulate, pool, stream
         self.graph = None if emulate else torch.cuda.CUDAGraph()
         self.fn: Optional[Callable[[], List[torch.Tensor]]] = None
         self.static: List[torch.Tensor] = []
@@ -75,7 +75,7 @@ class _Graph:
         if self.emulate:
             self.fn, self.static = fn, fn()
         else:
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
                 self.static = fn()
         return self.static
 
@@ -101,10 +101,13 @@ class GraphedCollapse:
         self.key = self.signature(self.layers)
         self.needs = [w for w in self.params if w.requires_grad]
         self._live: Optional[List[torch.Tensor]] = None
+        # one side stream for warm-up and both captures: autograd runs each backward op on the
+        # stream of its forward op, so the backward capture must be on the forward's stream
+        stream = None if emulate else torch.cuda.Stream()
         if not emulate:
-            self._warm_up(warmup)
+            self._warm_up(warmup, stream)
         pool = None if emulate else torch.cuda.graph_pool_handle()
-        self.fwd, self.bwd = _Graph(emulate, pool), _Graph(emulate, pool)
+        self.fwd, self.bwd = _Graph(emulate, pool, stream), _Graph(emulate, pool, stream)
         self.out = self.fwd.capture(self._forward)
         self.gout = [torch.empty_like(o) for o in self.out]
         self.grads = self.bwd.capture(self._backward) if self.needs else []
@@ -131,10 +134,9 @@ class GraphedCollapse:
                                     retain_graph=self.fwd.emulate, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self.needs)]
 
-    def _warm_up(self, iters: int) -> None:
+    def _warm_up(self, iters: int, stream) -> None:
         # Triton compilation, the measured dispatch (it never times during a capture) and
         # cuBLAS workspaces happen here, outside the capture, on the stream it will use
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(iters):
