@@ -108,6 +108,7 @@ def test_cpu_model_runs_eager():
         lopfast.CollapsedForward(net, cuda_graph="yes")
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_gpu_graphed_steps_equal_eager():
     """The real CUDA graphs: captured once, then replayed steps match the eager collapse."""
