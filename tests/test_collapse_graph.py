@@ -27,7 +27,7 @@ def _net(dtype=torch.float64, device="cpu"):
     return lopfast.expand(net, rate=2).to(device)
 
 
-def _train(net, fast, steps, x, accumulate=1, set_to_none=True, crops=1):
+def _train(net, steps, x, accumulate=1, set_to_none=True, crops=1):
     """SGD steps (in-place parameter updates); returns every loss and the final parameters."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     losses = []
@@ -52,10 +52,10 @@ def test_graphed_steps_equal_eager(accumulate, set_to_none, crops):
     a, b = _net(), None
     b = copy.deepcopy(a)
     with lopfast.CollapsedForward(a, backend="matmul"):
-        want, pa = _train(a, None, 3, x, accumulate, set_to_none, crops)
+        want, pa = _train(a, 3, x, accumulate, set_to_none, crops)
     fast = lopfast.CollapsedForward(b, backend="matmul", cuda_graph=True)
     fast._emulate = True
-    got, pb = _train(b, fast, 3, x, accumulate, set_to_none, crops)
+    got, pb = _train(b, 3, x, accumulate, set_to_none, crops)
     assert fast.captures == 1
     static = {g.untyped_storage().data_ptr() for g in fast.graph.grads + fast.graph.out}
     assert all(p.grad.untyped_storage().data_ptr() not in static for p in b.parameters())
@@ -116,9 +116,9 @@ def test_gpu_graphed_steps_equal_eager():
     a = _net(torch.float32, "cuda")
     b = copy.deepcopy(a)
     with lopfast.CollapsedForward(a):
-        want, pa = _train(a, None, 3, x, accumulate=2, set_to_none=False)
+        want, pa = _train(a, 3, x, accumulate=2, set_to_none=False)
     with lopfast.CollapsedForward(b, cuda_graph=True) as fast:
-        got, pb = _train(b, fast, 3, x, accumulate=2, set_to_none=False)
+        got, pb = _train(b, 3, x, accumulate=2, set_to_none=False)
         assert fast.captures == 1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for u, v in zip(pb, pa):

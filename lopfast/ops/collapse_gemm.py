@@ -209,7 +209,8 @@ class FoldedClass(torch.autograd.Function):
         # back to the factor layouts: views for W1 / W3, one copy for W2 (taps back last)
         d1 = da1.reshape(L, G * p, m, 1, 1).unbind(0)
         d3 = da3.reshape(L, G * n, q, 1, 1).unbind(0)
-        d2 = da2c.reshape(L, G, q, T, p).transpose(-1, -2).contiguous().reshape(L, G * q, p, c.kh, c.kw).unbind(0)
+        d2 = da2c.reshape(L, G, q, T, p).transpose(-1, -2).contiguous()
+        d2 = d2.reshape(L, G * q, p, c.kh, c.kw).unbind(0)
         grads = []
         for i in range(L):
             grads += [d1[i], d2[i], d3[i]]
