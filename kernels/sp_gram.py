@@ -77,7 +77,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple
+import os
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -220,6 +221,12 @@ def _dot_precision(qs: Sequence[torch.Tensor], precision: str) -> str:
     return "tf32"
 
 
+def _precision_checked(precision: str) -> bool:
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    return True
+
+
 def _check_rows(qs: Sequence[torch.Tensor], argname: str) -> None:
     for i, q in enumerate(qs):
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -282,15 +289,20 @@ def _multi_args(qs: Sequence[torch.Tensor], chunk: int):
 
 
 def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: bool = False,
-         wrap: Optional[Callable] = None) -> torch.Tensor:
+         wrap: Optional[Callable] = None, table: Optional[bool] = None) -> torch.Tensor:
     """Raw Grams ``Q Q^T`` of every row view in ``qs`` (same b), as one fp32 (P, b, b) tensor.
 
     ``precision`` ("ieee" or "tf32") applies to fp32 inputs; ``deterministic`` replaces the split-K
-    atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable)."""
+    atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable). ``table``: True
+    walks every pair in one launch per dtype through a device-side pair table (CUDA only), False
+    launches per group of ``MAX_TENSORS``, None picks the table on CUDA for at least
+    ``TABLE_MIN_PAIRS`` pairs when ``table_supported`` (never while torch.compile traces)."""
     _check_rows(qs, "qs")
     b = qs[0].shape[0]
     if b * b >= 2**31:  # the kernel's in-slot offsets are int32
         raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
+    if _precision_checked(precision) and _use_table(qs, table):
+        return _gram_by_table(qs, precision, deterministic, wrap)
     dev = qs[0].device
     # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
     # from per-group partial buffers without writing into views (functional under torch.compile)
@@ -507,12 +519,14 @@ def _grad_block_i(b: int) -> int:
 
 
 def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], *,
-                     precision: str = "ieee", wrap: Optional[Callable] = None) -> None:
+                     precision: str = "ieee", wrap: Optional[Callable] = None,
+                     table: Optional[bool] = None) -> None:
     """Write ``dqs[p] = (dg[p] + dg[p]^T) @ qs[p]`` for every pair (row views, dense rows).
 
     M = dg + dg^T is formed once (one elementwise pass over the small (P, b, b) tensor), so each
     program reads one M tile per step instead of two. bf16 inputs multiply on bf16 tensor cores
-    (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``)."""
+    (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``).
+    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA)."""
     if not qs:
         return
     _check_rows(qs, "qs")
@@ -521,6 +535,9 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     m = dg + dg.transpose(1, 2)
+    if _use_table(qs, table):
+        _grad_features_by_table(m, qs, dqs, precision, wrap)
+        return
     for grp in _groups(len(qs)):
         sub = [qs[i] for i in grp]
         dsub = [dqs[i] for i in grp]
@@ -540,6 +557,246 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
         )
 
 
+# ----------------------------------------------------------------------------- device-side pair table (CUDA)
+#
+# The per-pair launchers above take each tensor as its own pointer argument: at most MAX_TENSORS
+# per launch. On CUDA every pair of a step goes into ONE launch instead: an int64 device table
+# holds, per pair, the address of its row view (``data_ptr``), feature count, sample stride, output
+# slot and (backward) the gradient's address and stride, followed by a flattened work list; the
+# kernel loads the address and casts it to a pointer of the launch's dtype (``int -> pointer``,
+# the idiom of Triton's grouped-GEMM tutorial). The table is built on the host from Python ints
+# (sizes, strides and addresses are host metadata: no host sync) and copied with one non-blocking
+# H2D copy from pinned memory (the caching host allocator keeps the pinned buffer until the copy
+# ran; the device table is stream-ordered like any temporary). The features themselves are
+# referenced by the op's inputs until the kernel has run.
+#
+# Not for: the interpreter (it cannot follow loaded pointers), traced tensors (torch.compile:
+# ``data_ptr`` of a FakeTensor does not exist, so the traced op keeps the per-pair launches) and
+# CUDA-graph capture (the table's addresses and pinned source would be baked into the graph).
+# ``table_supported`` says when it can run. A launch holds the tensors of ONE dtype (the pointer
+# type is a constexpr of the compiled kernel): mixed-dtype steps launch once per dtype.
+
+PAIR_COLS = 8  # addr, F, sample stride, slot, dq addr, dq sample stride, 0, 0 (64 bytes: aligned rows)
+GRAM_WORK_COLS = 5  # pair, ti, tj, chunk, element offset of the output (b, b) slot
+GRAD_WORK_COLS = 2  # pair, feature column block
+TABLE_MIN_PAIRS = MAX_TENSORS + 1  # auto: below this the per-pair launch is already one launch
+USE_TABLE = True  # module switch (tests, measurements); ``table=`` of a launcher overrides it
+
+_PAIR_COLS_C = tl.constexpr(PAIR_COLS)
+_GRAM_WORK_COLS_C = tl.constexpr(GRAM_WORK_COLS)
+_GRAD_WORK_COLS_C = tl.constexpr(GRAD_WORK_COLS)
+
+
+class TablePlan(NamedTuple):
+    """A table as host ints: ``PAIR_COLS`` per pair, then the work list (``n_work`` rows).
+
+    ``partials[p] = (lo, hi)``: in deterministic Gram mode, the partial slots of pair p (summed in
+    this order by the second stage); in atomic mode ``(slot, slot + 1)``."""
+
+    ints: List[int]
+    n_pairs: int
+    n_work: int
+    n_partials: int
+    partials: List[Tuple[int, int]]
+
+
+def _pair_row(addr: int, F: int, stride: int, slot: int, daddr: int = 0, dstride: int = 0) -> List[int]:
+    return [int(addr), int(F), int(stride), int(slot), int(daddr), int(dstride), 0, 0]
+
+
+def gram_tiles(b: int) -> List[Tuple[int, int]]:
+    """The upper-triangle (ti <= tj) b-tiles of a (b, b) Gram, column by column."""
+    nt = triton.cdiv(b, GRAM_BLOCK_B)
+    return [(ti, tj) for tj in range(nt) for ti in range(tj + 1)]
+
+
+def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int], b: int, chunk: int,
+                     deterministic: bool) -> TablePlan:
+    """Table of one Gram launch: ``pairs[p] = (address, F, sample stride)``, ``slots[p]`` the pair's
+    slot in the (P, b, b) output; ``chunk`` features per split-K chunk. Work item = (pair, upper
+    tile, chunk), tiles innermost (programs running together share a feature chunk in L2). Atomic
+    mode: the item adds into its pair's slot; deterministic mode: each (pair, chunk) owns a
+    partial slot, numbered pair by pair in chunk order."""
+    if chunk <= 0 or b <= 0:
+        raise ValueError(f"chunk and b must be positive, got chunk={chunk}, b={b}")
+    tiles = gram_tiles(b)
+    ints: List[int] = []
+    for p, (addr, F, stride) in enumerate(pairs):
+        ints += _pair_row(addr, F, stride, slots[p])
+    work: List[int] = []
+    partials: List[Tuple[int, int]] = []
+    nxt = 0
+    bb = b * b
+    for p, (_, F, _) in enumerate(pairs):
+        n_chunks = triton.cdiv(int(F), chunk)
+        partials.append((nxt, nxt + n_chunks) if deterministic else (slots[p], slots[p] + 1))
+        for c in range(n_chunks):
+            off = (nxt + c) * bb if deterministic else slots[p] * bb
+            for ti, tj in tiles:
+                work += [p, ti, tj, c, off]
+        if deterministic:
+            nxt += n_chunks
+    n_work = len(work) // GRAM_WORK_COLS
+    return TablePlan(ints + work, len(pairs), n_work, nxt if deterministic else len(pairs), partials)
+
+
+def build_grad_table(pairs: Sequence[Tuple[int, int, int, int, int]], slots: Sequence[int],
+                     block_k: int) -> TablePlan:
+    """Table of one dQ launch: ``pairs[p] = (q address, F, q sample stride, dq address, dq sample
+    stride)``, ``slots[p]`` the pair's slot of M; one work item per (pair, feature column block)."""
+    ints: List[int] = []
+    work: List[int] = []
+    for p, (addr, F, stride, daddr, dstride) in enumerate(pairs):
+        ints += _pair_row(addr, F, stride, slots[p], daddr, dstride)
+        for c in range(triton.cdiv(int(F), block_k)):
+            work += [p, c]
+    return TablePlan(ints + work, len(pairs), len(work) // GRAD_WORK_COLS, len(pairs),
+                     [(s, s + 1) for s in slots])
+
+
+def table_supported(qs: Sequence[torch.Tensor]) -> bool:
+    """Whether the table path can run on these tensors: real (not traced) CUDA tensors, compiled
+    kernels (no interpreter), no CUDA-graph capture in progress."""
+    if not qs or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
+    if not all(type(q) in (torch.Tensor, torch.nn.Parameter) and q.is_cuda for q in qs):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
+    if table is None:
+        return USE_TABLE and len(qs) >= TABLE_MIN_PAIRS and table_supported(qs)
+    if table and not table_supported(qs):
+        raise ValueError("table=True needs real CUDA tensors outside the interpreter, torch.compile "
+                         "tracing and CUDA-graph capture (the kernel follows device addresses)")
+    return bool(table)
+
+
+def _by_dtype(qs: Sequence[torch.Tensor]) -> List[List[int]]:
+    """Indices of ``qs`` grouped by dtype, groups in order of first appearance."""
+    groups: "collections.OrderedDict[torch.dtype, List[int]]" = collections.OrderedDict()
+    for i, q in enumerate(qs):
+        groups.setdefault(q.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _upload(plan: TablePlan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, work) int64 views of one device table filled by one non-blocking pinned H2D copy."""
+    host = torch.tensor(plan.ints, dtype=torch.int64).pin_memory()
+    dev = host.to(device, non_blocking=True)
+    cut = plan.n_pairs * PAIR_COLS
+    return dev[:cut], dev[cut:]
+
+
+def _ptr_align(*ptrs: int) -> bool:
+    return all(int(p) % 16 == 0 for p in ptrs)
+
+
+@triton.jit(do_not_specialize=["b", "k_iters"])
+def _gram_table_kernel(g_ptr, pairs_ptr, work_ptr, ref_ptr, b, k_iters,
+                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr, ALIGN: tl.constexpr, ATOMIC: tl.constexpr):
+    w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAM_WORK_COLS_C
+    pair = tl.load(w)
+    ti = tl.load(w + 1).to(tl.int32)
+    tj = tl.load(w + 2).to(tl.int32)
+    chunk = tl.load(w + 3)
+    g_off = tl.load(w + 4)
+    row = pairs_ptr + pair * _PAIR_COLS_C
+    addr = tl.load(row)
+    F = tl.load(row + 1)
+    stride_b = tl.load(row + 2)
+    if ALIGN > 1:  # the launcher checked every address is 16-byte aligned: keeps vectorised loads
+        addr = tl.multiple_of(addr, 16)
+    # ref_ptr is a real argument of the launch's dtype: its type is the pointer type to cast to
+    q_ptr = addr.to(ref_ptr.dtype)
+    _gram_part(q_ptr, F, stride_b, chunk, k_iters, g_ptr + g_off, b, ti, tj,
+               BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["b"])
+def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, b,
+                                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAD_WORK_COLS_C
+    pair = tl.load(w)
+    col_blk = tl.load(w + 1)
+    row = pairs_ptr + pair * _PAIR_COLS_C
+    addr = tl.load(row)
+    F = tl.load(row + 1)
+    stride_b = tl.load(row + 2)
+    slot = tl.load(row + 3)
+    daddr = tl.load(row + 4)
+    dstride_b = tl.load(row + 5)
+    if ALIGN > 1:
+        addr = tl.multiple_of(addr, 16)
+        daddr = tl.multiple_of(daddr, 16)
+    _grad_part(addr.to(ref_ptr.dtype), daddr.to(ref_ptr.dtype), F, stride_b, dstride_b, col_blk,
+               m_ptr + slot * b * b, b, tl.program_id(1),
+               BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
+
+
+def _gram_by_table(qs: Sequence[torch.Tensor], precision: str, deterministic: bool,
+                   wrap: Optional[Callable]) -> torch.Tensor:
+    b = qs[0].shape[0]
+    dev = qs[0].device
+    P = len(qs)
+    out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+    pieces: List[Optional[torch.Tensor]] = [None] * P
+    for idx in _by_dtype(qs):
+        sub = [qs[i] for i in idx]
+        k_iters, _ = gram_plan(sub)
+        plan = build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in sub],
+                                idx if not deterministic else list(range(len(sub))),
+                                b, GRAM_BLOCK_K * k_iters, deterministic)
+        target = out
+        if deterministic:
+            target = torch.empty((max(plan.n_partials, 1), b, b), device=dev, dtype=torch.float32)
+        if plan.n_work:
+            pairs, work = _upload(plan, dev)
+            fp32 = sub[0].dtype == torch.float32
+            align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub])
+            align = align if _ptr_align(*[q.data_ptr() for q in sub]) else 1
+            LAUNCHES["gram"] += 1
+            LAUNCHES["gram_table"] += 1
+            LAUNCHES["gram_deterministic"] += int(deterministic)
+            _launch(_gram_table_kernel, wrap)[(plan.n_work,)](
+                target, pairs, work, sub[0], b, k_iters,
+                BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=_dot_precision(sub, precision),
+                ALIGN=align, ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(fp32))
+        if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
+            for i, (lo, hi) in zip(idx, plan.partials):
+                pieces[i] = (target[lo:hi].sum(dim=0) if hi > lo
+                             else torch.zeros((b, b), device=dev, dtype=torch.float32))
+    return torch.stack(pieces) if deterministic else out  # type: ignore[arg-type]
+
+
+def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor],
+                            precision: str, wrap: Optional[Callable]) -> None:
+    b = qs[0].shape[0]
+    block_i = _grad_block_i(b)
+    for idx in _by_dtype(qs):
+        sub = [qs[i] for i in idx]
+        dsub = [dqs[i] for i in idx]
+        plan = build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))
+                                 for q, d in zip(sub, dsub)], idx, GRAD_BLOCK_K)
+        if not plan.n_work:
+            continue
+        pairs, work = _upload(plan, m.device)
+        align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *[d.stride(0) for d in dsub])
+        align = align if _ptr_align(*[q.data_ptr() for q in sub], *[d.data_ptr() for d in dsub]) else 1
+        LAUNCHES["sp_grad_features"] += 1
+        LAUNCHES["sp_grad_features_table"] += 1
+        _launch(_sp_grad_features_table_kernel, wrap)[(plan.n_work, triton.cdiv(b, block_i))](
+            m, pairs, work, sub[0], b,
+            BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision, ALIGN=align,
+            SPLIT_BF16=sub[0].dtype == torch.bfloat16, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
+
+
 # ----------------------------------------------------------------------------- AOT variants
 
 _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -547,6 +804,8 @@ _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # identical to NT = 1's, so registers match (checked: 191-222 vs 170-195, no spills): CI compiles
 # the 8-tensor form for the two training dtypes (fp32 default, bf16 autocast) only
 _NT8_TAGS = ("fp32_ieee", "bf16")
+# the table kernels' variants: every (dtype, precision) the launchers can pick
+TABLE_AOT_DTYPES = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"))
 
 
 def aot_variants() -> List[dict]:
@@ -596,6 +855,33 @@ def aot_variants() -> List[dict]:
                         fn=_sp_grad_features_kernel, signature=sig, constexprs=consts,
                         divisible_by_16=["m_ptr"] + [f"{c}{i}" for c in "pd" for i in range(8)],
                         num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
+    # the device-side table kernels (CUDA only: the interpreter cannot run them, so this compile
+    # and the GPU tests are what checks them): one pointer type per variant, same tiles as above
+    for dt, prec in TABLE_AOT_DTYPES:
+        tag = dt if dt != "fp32" else f"fp32_{prec}"
+        for align in (16, 1):
+            for atomic in (True, False):
+                sig = {a: "i32" for a in _gram_table_kernel.arg_names}
+                sig.update(g_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt])
+                consts = dict(BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=align,
+                              ATOMIC=atomic)
+                sig.update({k: "constexpr" for k in consts})
+                out.append(dict(
+                    name=f"sp_gram_table_{tag}_align{align}_{'atomic' if atomic else 'det'}",
+                    fn=_gram_table_kernel, signature=sig, constexprs=consts,
+                    divisible_by_16=["g_ptr", "pairs_ptr", "work_ptr", "ref_ptr"],
+                    num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
+            for block_i in (16, GRAD_MAX_BLOCK_I):
+                sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt])
+                consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
+                              PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
+                sig.update({k: "constexpr" for k in consts})
+                out.append(dict(
+                    name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
+                    fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
+                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr"],
+                    num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
     for b in (16, 256, 1024):
         br, bc = _row_block(b)
         consts = dict(BLOCK_R=br, BLOCK_C=bc)
