@@ -26,11 +26,20 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   launch has about ``GRAM_WAVES`` = 3 waves of programs on the device's SMs (``gram_plan``):
   long chunks (few atomics) for big Grams, short ones when there is little else to spread.
   Partial Grams of each feature chunk are reduced with fp32 atomics into a slot of
-  one (P, b, b) buffer (zeroed first). So all P Grams take ceil(P / T) launches: 7 for the 55
-  pairs of a ResNet-56. Why not one launch with a table of data pointers: the Triton interpreter
-  (our CPU CI) cannot load through loaded pointers, and separate allocations (the activations of
-  a network) cannot be addressed from one base pointer without one. Scalar argument lists
-  work everywhere.
+  one (P, b, b) buffer (zeroed first). So all P Grams take ceil(P / T) launches on this path: 7
+  for the 55 pairs of a ResNet-56. Scalar argument lists work everywhere, the interpreter (our
+  CPU CI) included.
+* ``gram`` on CUDA, the *table* path (``_gram_table_kernel``, section "device-side pair table"):
+  an int64 device table holds per pair the row view's address, feature count, sample stride and
+  output slot, followed by a flattened work list of (pair, upper tile, split-K chunk, output
+  offset); the kernel loads the address and casts it to a pointer of the launch's dtype. ONE
+  launch per dtype covers every pair of the step (1 instead of 7 for ResNet-56), with the same
+  tiles, split-K plan, atomic / deterministic modes and precision as above. The table is built
+  from host metadata and sent with one non-blocking pinned H2D copy (no host sync). The
+  interpreter cannot follow loaded pointers and a traced tensor (torch.compile) has no address,
+  so the per-pair launches stay for CPU tests, tracing and CUDA-graph capture
+  (``table_supported``); with ``table=None`` the launchers take the table for at least
+  ``TABLE_MIN_PAIRS`` (9) pairs, where it saves launches; ``table=True/False`` forces a path.
 * ``sp_finish``: row norms of the student Grams, normalisation, difference to the (already
   normalised) teacher Grams and the loss of all P pairs in ONE launch (all Grams are b x b,
   since b is shared), one partial per program summed in a fixed order (no atomics).
@@ -42,10 +51,14 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   of rows and computes ``dQ[rows, cols] = sum_j M[rows, j] Q[j, cols]`` on tensor cores (bf16
   inputs: two bf16 MMAs with M split into hi + lo bf16 parts; fp32/fp16: fp32 dot in the
   policy's precision); with b <= BLOCK_I (128) every student activation is read once and its
-  gradient written once.
+  gradient written once. On CUDA the table path does the same in ONE launch per dtype
+  (``_sp_grad_features_table_kernel``: work list of (pair, feature column block)).
 
-Totals: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given the teacher
-Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T).
+Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given
+the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T). Table path
+(CUDA, one dtype): forward 1 + 1 (+ memset + table copy), teacher 1 + 1 (+ the same), backward
+1 + 1 (+ table copy): ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a
+step to 6.
 
 Feature offsets are int64 (rows * sample-stride and chunk * CHUNK are widened before use), so
 a single tensor may exceed 2**31 elements. fp32 inputs use ``input_precision="ieee"`` in
@@ -659,12 +672,22 @@ def table_supported(qs: Sequence[torch.Tensor]) -> bool:
     kernels (no interpreter), no CUDA-graph capture in progress."""
     if not qs or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
     # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
     if not all(type(q) in (torch.Tensor, torch.nn.Parameter) and q.is_cuda for q in qs):
         return False
     return not torch.cuda.is_current_stream_capturing()
+
+
+def _dispatch_mode_active() -> bool:
+    # make_fx / FakeTensorMode / proxy tracing push a dispatch mode (a real-tensor trace would
+    # otherwise bake this call's addresses into a graph); eager launches run with none
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return _get_current_dispatch_mode() is not None
 
 
 def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
@@ -896,6 +919,7 @@ def aot_variants() -> List[dict]:
 
 
 __all__ = [
-    "EPS", "LAUNCHES", "MAX_TENSORS", "aot_variants", "gram", "row_normalize", "sp_finish", "sp_grad_features",
-    "sp_grad_gram",
+    "EPS", "LAUNCHES", "MAX_TENSORS", "TABLE_MIN_PAIRS", "TablePlan", "aot_variants", "build_grad_table",
+    "build_gram_table", "gram", "gram_tiles", "row_normalize", "sp_finish", "sp_grad_features", "sp_grad_gram",
+    "table_supported",
 ]

@@ -317,3 +317,18 @@ def test_table_kernels_are_in_the_aot_report():
             assert {f"sp_gram_table_{tag}_align{align}_atomic", f"sp_gram_table_{tag}_align{align}_det",
                     f"sp_grad_features_table_{tag}_bi16_align{align}",
                     f"sp_grad_features_table_{tag}_bi128_align{align}"} <= names
+
+
+def test_traced_tensors_never_take_the_table(monkeypatch):
+    """torch.compile traces the ops with fake CUDA tensors (no data_ptr): they keep the per-pair
+    launches even with the interpreter switched off."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    try:
+        with FakeTensorMode():
+            qs = [torch.empty(4, 32, device="cuda"), torch.empty(4, 16, device="cuda")]
+            assert all(q.is_cuda for q in qs)
+            assert not K.table_supported(qs) and not K._use_table(qs, None)
+    except RuntimeError as exc:  # pragma: no cover - a torch that cannot fake CUDA tensors
+        pytest.skip(f"fake CUDA tensors unavailable here: {exc}")
