@@ -30,16 +30,17 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   for the 55 pairs of a ResNet-56. Scalar argument lists work everywhere, the interpreter (our
   CPU CI) included.
 * ``gram`` on CUDA, the *table* path (``_gram_table_kernel``, section "device-side pair table"):
-  an int64 device table holds per pair the row view's address, feature count, sample stride and
-  output slot, followed by a flattened work list of (pair, upper tile, split-K chunk, output
-  offset); the kernel loads the address and casts it to a pointer of the launch's dtype. ONE
+  an int64 device table holds per pair the row view's address, feature count, sample stride,
+  output slot and element offset from pair 0's tensor (the kernel's one pointer argument),
+  followed by a flattened work list of (pair, upper tile, split-K chunk, output offset). ONE
   launch per dtype covers every pair of the step (1 instead of 7 for ResNet-56), with the same
-  tiles, split-K plan, atomic / deterministic modes and precision as above. The table is built
-  from host metadata and sent with one non-blocking pinned H2D copy (no host sync). The
-  interpreter cannot follow loaded pointers and a traced tensor (torch.compile) has no address,
-  so the per-pair launches stay for CPU tests, tracing and CUDA-graph capture
-  (``table_supported``); with ``table=None`` the launchers take the table for at least
-  ``TABLE_MIN_PAIRS`` (9) pairs, where it saves launches; ``table=True/False`` forces a path.
+  tiles, split-K plan, atomic / deterministic modes, precision and 16-byte loads as above. The
+  table is built from host metadata and sent with one non-blocking pinned H2D copy (no host
+  sync). A traced tensor (torch.compile) has no address, so the traced op keeps the per-pair
+  launches, as does CUDA-graph capture (``table_supported``). Auto takes the table on CUDA from
+  ``TABLE_MIN_PAIRS`` (9) pairs on, where it saves launches; the CPU tests run the table kernels
+  through the interpreter with ``table=True`` (they add offsets to a real pointer: no loaded
+  pointers, which the interpreter could not follow).
 * ``sp_finish``: row norms of the student Grams, normalisation, difference to the (already
   normalised) teacher Grams and the loss of all P pairs in ONE launch (all Grams are b x b,
   since b is shared), one partial per program summed in a fixed order (no atomics).
@@ -136,8 +137,10 @@ def _gram_part(q_ptr, F, stride_b, chunk, k_iters, g_ptr, b, ti, tj,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, ALIGN: tl.constexpr, ATOMIC: tl.constexpr):
     if ALIGN > 1:  # the launcher checked it; restores the vectorised loads specialisation would give
-        F = tl.multiple_of(F, ALIGN)
-        stride_b = tl.multiple_of(stride_b, ALIGN)
+        # (x // A) * A is x itself here, but Triton's alignment analysis sees a multiple of A;
+        # tl.multiple_of on a kernel argument is dropped (AOT check: scalar 2-byte loads, no cp.async)
+        F = F // ALIGN * ALIGN
+        stride_b = stride_b // ALIGN * ALIGN
     rows_i = ti * BLOCK_B + tl.arange(0, BLOCK_B)
     rows_j = tj * BLOCK_B + tl.arange(0, BLOCK_B)
     mi = rows_i < b
@@ -452,10 +455,10 @@ def sp_grad_gram(grad: torch.Tensor, gs_raw: torch.Tensor, gt: torch.Tensor, *,
 def _grad_part(q_ptr, dq_ptr, F, stride_b, dstride_b, col_blk, m_ptr, b, ti,
                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
-    if ALIGN > 1:
-        F = tl.multiple_of(F, ALIGN)
-        stride_b = tl.multiple_of(stride_b, ALIGN)
-        dstride_b = tl.multiple_of(dstride_b, ALIGN)
+    if ALIGN > 1:  # as in _gram_part: visible to the alignment analysis, unlike tl.multiple_of
+        F = F // ALIGN * ALIGN
+        stride_b = stride_b // ALIGN * ALIGN
+        dstride_b = dstride_b // ALIGN * ALIGN
     rows_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = rows_i < b
     ks = col_blk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -573,27 +576,41 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
 # ----------------------------------------------------------------------------- device-side pair table (CUDA)
 #
 # The per-pair launchers above take each tensor as its own pointer argument: at most MAX_TENSORS
-# per launch. On CUDA every pair of a step goes into ONE launch instead: an int64 device table
-# holds, per pair, the address of its row view (``data_ptr``), feature count, sample stride, output
-# slot and (backward) the gradient's address and stride, followed by a flattened work list; the
-# kernel loads the address and casts it to a pointer of the launch's dtype (``int -> pointer``,
-# the idiom of Triton's grouped-GEMM tutorial). The table is built on the host from Python ints
-# (sizes, strides and addresses are host metadata: no host sync) and copied with one non-blocking
-# H2D copy from pinned memory (the caching host allocator keeps the pinned buffer until the copy
-# ran; the device table is stream-ordered like any temporary). The features themselves are
-# referenced by the op's inputs until the kernel has run.
+# per launch. The table path puts every pair of a step (of one dtype) into ONE launch: an int64
+# table holds, per pair, the address of its row view (``data_ptr``), feature count, sample
+# stride, output slot, (backward) the gradient's address and stride, and the element offset of
+# each from pair 0's tensor; a flattened work list follows. Pair 0's tensor is the kernel's
+# pointer argument and pair p is addressed as ``ref_ptr + off_p``. Why offsets and not a cast of
+# the loaded address to a pointer (``addr.to(tl.pointer_type(...))``, the grouped-GEMM tutorial's
+# idiom): a cast pointer carries no alignment, so Triton copies element by element (AOT check on
+# sm_90: scalar ``ld.global.b16`` / 4-byte ``cp.async``), while ``ref_ptr + off`` keeps the
+# runtime's 16-byte specialisation of ``ref_ptr`` and, with ALIGN, 16-byte ``cp.async`` like the
+# per-pair kernel. It relies on one flat address space (CUDA's; the host's under the
+# interpreter, which is why the interpreter can run the table kernels on CPU tensors and CPU
+# tests check them).
 #
-# Not for: the interpreter (it cannot follow loaded pointers), traced tensors (torch.compile:
-# ``data_ptr`` of a FakeTensor does not exist, so the traced op keeps the per-pair launches) and
-# CUDA-graph capture (the table's addresses and pinned source would be baked into the graph).
-# ``table_supported`` says when it can run. A launch holds the tensors of ONE dtype (the pointer
-# type is a constexpr of the compiled kernel): mixed-dtype steps launch once per dtype.
+# The table is built on the host from Python ints (sizes, strides and addresses are host
+# metadata: no host sync) and copied with one non-blocking H2D copy from pinned memory (the
+# caching host allocator keeps the pinned buffer until the copy ran; the device table is
+# stream-ordered like any temporary). The features themselves are referenced by the op's inputs
+# until the kernel has run.
+#
+# Not for: traced tensors (torch.compile: a FakeTensor has no ``data_ptr``, so the traced op keeps
+# the per-pair launches), CUDA-graph capture (the addresses and the pinned source would be baked
+# into the graph), CUDA tensors under the interpreter (copied one by one). ``table_supported``
+# says when it can run; auto (``USE_TABLE = None``) takes it on CUDA from ``TABLE_MIN_PAIRS``
+# pairs on. A launch holds the tensors of ONE dtype (the pointer type is fixed by ``ref_ptr``):
+# mixed-dtype steps launch once per dtype.
 
-PAIR_COLS = 8  # addr, F, sample stride, slot, dq addr, dq sample stride, 0, 0 (64 bytes: aligned rows)
+# addr, F, sample stride, slot, dq addr, dq sample stride, element offset of Q from pair 0's Q, the
+# same for dQ (64 bytes a row: aligned). The kernel reads the offsets; the addresses are for humans
+PAIR_COLS = 8
 GRAM_WORK_COLS = 5  # pair, ti, tj, chunk, element offset of the output (b, b) slot
 GRAD_WORK_COLS = 2  # pair, feature column block
 TABLE_MIN_PAIRS = MAX_TENSORS + 1  # auto: below this the per-pair launch is already one launch
-USE_TABLE = True  # module switch (tests, measurements); ``table=`` of a launcher overrides it
+# None: auto (CUDA tensors, at least TABLE_MIN_PAIRS pairs); True: wherever table_supported (the
+# interpreter included: tests); False: never. A launcher's ``table=`` argument overrides it.
+USE_TABLE: Optional[bool] = None
 
 _PAIR_COLS_C = tl.constexpr(PAIR_COLS)
 _GRAM_WORK_COLS_C = tl.constexpr(GRAM_WORK_COLS)
@@ -613,8 +630,22 @@ class TablePlan(NamedTuple):
     partials: List[Tuple[int, int]]
 
 
-def _pair_row(addr: int, F: int, stride: int, slot: int, daddr: int = 0, dstride: int = 0) -> List[int]:
-    return [int(addr), int(F), int(stride), int(slot), int(daddr), int(dstride), 0, 0]
+def _pair_row(addr: int, F: int, stride: int, slot: int, off: int,
+              daddr: int = 0, dstride: int = 0, doff: int = 0) -> List[int]:
+    return [int(addr), int(F), int(stride), int(slot), int(daddr), int(dstride), int(off), int(doff)]
+
+
+def _elem_offsets(addrs: Sequence[int], elem_size: int, argname: str) -> List[int]:
+    """Element offsets of the addresses from the first one (what the kernel adds to its pointer)."""
+    ref = int(addrs[0]) if addrs else 0
+    out = []
+    for i, a in enumerate(addrs):
+        d = int(a) - ref
+        if d % elem_size:
+            raise ValueError(f"{argname}[{i}]: address {a:#x} is not a whole number of {elem_size}-byte "
+                             f"elements away from {argname}[0] ({ref:#x})")
+        out.append(d // elem_size)
+    return out
 
 
 def gram_tiles(b: int) -> List[Tuple[int, int]]:
@@ -624,18 +655,21 @@ def gram_tiles(b: int) -> List[Tuple[int, int]]:
 
 
 def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int], b: int, chunk: int,
-                     deterministic: bool) -> TablePlan:
-    """Table of one Gram launch: ``pairs[p] = (address, F, sample stride)``, ``slots[p]`` the pair's
-    slot in the (P, b, b) output; ``chunk`` features per split-K chunk. Work item = (pair, upper
-    tile, chunk), tiles innermost (programs running together share a feature chunk in L2). Atomic
-    mode: the item adds into its pair's slot; deterministic mode: each (pair, chunk) owns a
-    partial slot, numbered pair by pair in chunk order."""
+                     deterministic: bool, elem_size: int) -> TablePlan:
+    """Table of one Gram launch: ``pairs[p] = (address, F, sample stride)`` of tensors of one dtype
+    (``elem_size`` bytes), ``slots[p]`` the pair's slot in the (P, b, b) output; ``chunk`` features
+    per split-K chunk. The kernel addresses pair p as ``ref + off_p`` (element offset from pair 0,
+    whose tensor is the launch's pointer argument). Work item = (pair, upper tile, chunk), tiles
+    innermost (programs running together share a feature chunk in L2). Atomic mode: the item adds
+    into its pair's slot; deterministic mode: each (pair, chunk) owns a partial slot, numbered
+    pair by pair in chunk order."""
     if chunk <= 0 or b <= 0:
         raise ValueError(f"chunk and b must be positive, got chunk={chunk}, b={b}")
     tiles = gram_tiles(b)
+    offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
     ints: List[int] = []
     for p, (addr, F, stride) in enumerate(pairs):
-        ints += _pair_row(addr, F, stride, slots[p])
+        ints += _pair_row(addr, F, stride, slots[p], offs[p])
     work: List[int] = []
     partials: List[Tuple[int, int]] = []
     nxt = 0
@@ -654,30 +688,43 @@ def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int]
 
 
 def build_grad_table(pairs: Sequence[Tuple[int, int, int, int, int]], slots: Sequence[int],
-                     block_k: int) -> TablePlan:
+                     block_k: int, elem_size: int) -> TablePlan:
     """Table of one dQ launch: ``pairs[p] = (q address, F, q sample stride, dq address, dq sample
-    stride)``, ``slots[p]`` the pair's slot of M; one work item per (pair, feature column block)."""
+    stride)`` (one dtype, ``elem_size`` bytes), ``slots[p]`` the pair's slot of M; one work item
+    per (pair, feature column block). Q and dQ are addressed from pair 0's Q and dQ."""
+    offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
+    doffs = _elem_offsets([p[3] for p in pairs], elem_size, "grads")
     ints: List[int] = []
     work: List[int] = []
     for p, (addr, F, stride, daddr, dstride) in enumerate(pairs):
-        ints += _pair_row(addr, F, stride, slots[p], daddr, dstride)
+        ints += _pair_row(addr, F, stride, slots[p], offs[p], daddr, dstride, doffs[p])
         for c in range(triton.cdiv(int(F), block_k)):
             work += [p, c]
     return TablePlan(ints + work, len(pairs), len(work) // GRAD_WORK_COLS, len(pairs),
                      [(s, s + 1) for s in slots])
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def table_supported(qs: Sequence[torch.Tensor]) -> bool:
-    """Whether the table path can run on these tensors: real (not traced) CUDA tensors, compiled
-    kernels (no interpreter), no CUDA-graph capture in progress."""
-    if not qs or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    if torch.compiler.is_compiling() or _dispatch_mode_active():
+    """Whether the table path can run on these tensors: real (not traced) tensors whose addresses
+    the kernel can offset between: CUDA tensors with compiled kernels outside CUDA-graph capture,
+    or CPU tensors under the interpreter (it follows host addresses; it copies CUDA tensors one by
+    one, which would break the offsets between them)."""
+    if not qs or torch.compiler.is_compiling() or _dispatch_mode_active():
         return False
     # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
-    if not all(type(q) in (torch.Tensor, torch.nn.Parameter) and q.is_cuda for q in qs):
+    if not all(type(q) in (torch.Tensor, torch.nn.Parameter) for q in qs):
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    if _interpreting():
+        if not all(q.device.type == "cpu" for q in qs):
+            return False
+    elif not all(q.is_cuda for q in qs) or torch.cuda.is_current_stream_capturing():
+        return False
+    # element offsets between tensors of one dtype are whole numbers of elements
+    return all(q.data_ptr() % q.element_size() == 0 for q in qs)
 
 
 def _dispatch_mode_active() -> bool:
@@ -692,10 +739,12 @@ def _dispatch_mode_active() -> bool:
 
 def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
     if table is None:
-        return USE_TABLE and len(qs) >= TABLE_MIN_PAIRS and table_supported(qs)
+        if USE_TABLE is None:  # auto: CUDA, where it saves launches
+            return len(qs) >= TABLE_MIN_PAIRS and qs[0].is_cuda and table_supported(qs)
+        return bool(USE_TABLE) and table_supported(qs)
     if table and not table_supported(qs):
-        raise ValueError("table=True needs real CUDA tensors outside the interpreter, torch.compile "
-                         "tracing and CUDA-graph capture (the kernel follows device addresses)")
+        raise ValueError("table=True needs real tensors on CUDA (outside CUDA-graph capture) or on the CPU "
+                         "under the interpreter, and not traced by torch.compile (the table holds addresses)")
     return bool(table)
 
 
@@ -709,14 +758,17 @@ def _by_dtype(qs: Sequence[torch.Tensor]) -> List[List[int]]:
 
 def _upload(plan: TablePlan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(pairs, work) int64 views of one device table filled by one non-blocking pinned H2D copy."""
-    host = torch.tensor(plan.ints, dtype=torch.int64).pin_memory()
-    dev = host.to(device, non_blocking=True)
+    host = torch.tensor(plan.ints, dtype=torch.int64)
+    if device.type != "cuda":  # the interpreter (CPU tensors): the host table is the table
+        dev = host
+    else:
+        dev = host.pin_memory().to(device, non_blocking=True)
     cut = plan.n_pairs * PAIR_COLS
     return dev[:cut], dev[cut:]
 
 
-def _ptr_align(*ptrs: int) -> bool:
-    return all(int(p) % 16 == 0 for p in ptrs)
+def _table_col(plan: TablePlan, col: int) -> List[int]:
+    return [plan.ints[p * PAIR_COLS + col] for p in range(plan.n_pairs)]
 
 
 @triton.jit(do_not_specialize=["b", "k_iters"])
@@ -730,35 +782,36 @@ def _gram_table_kernel(g_ptr, pairs_ptr, work_ptr, ref_ptr, b, k_iters,
     chunk = tl.load(w + 3)
     g_off = tl.load(w + 4)
     row = pairs_ptr + pair * _PAIR_COLS_C
-    addr = tl.load(row)
     F = tl.load(row + 1)
     stride_b = tl.load(row + 2)
-    if ALIGN > 1:  # the launcher checked every address is 16-byte aligned: keeps vectorised loads
-        addr = tl.multiple_of(addr, 16)
-    # ref_ptr is a real argument of the launch's dtype: its type is the pointer type to cast to
-    q_ptr = addr.to(ref_ptr.dtype)
-    _gram_part(q_ptr, F, stride_b, chunk, k_iters, g_ptr + g_off, b, ti, tj,
+    off = tl.load(row + 6)
+    if ALIGN > 1:  # the launcher checked it: with ref_ptr's own alignment, 16-byte vector loads
+        off = off // ALIGN * ALIGN
+    # pair 0's tensor is the pointer argument (its type fixes the dtype, runtime specialises its
+    # alignment); every pair is an element offset from it (a cast of the loaded address,
+    # addr.to(ref_ptr.dtype), would carry no alignment and fall back to element-wise copies)
+    _gram_part(ref_ptr + off, F, stride_b, chunk, k_iters, g_ptr + g_off, b, ti, tj,
                BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["b"])
-def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, b,
+def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr, b,
                                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                                    PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
     w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAD_WORK_COLS_C
     pair = tl.load(w)
     col_blk = tl.load(w + 1)
     row = pairs_ptr + pair * _PAIR_COLS_C
-    addr = tl.load(row)
     F = tl.load(row + 1)
     stride_b = tl.load(row + 2)
     slot = tl.load(row + 3)
-    daddr = tl.load(row + 4)
     dstride_b = tl.load(row + 5)
+    off = tl.load(row + 6)
+    doff = tl.load(row + 7)
     if ALIGN > 1:
-        addr = tl.multiple_of(addr, 16)
-        daddr = tl.multiple_of(daddr, 16)
-    _grad_part(addr.to(ref_ptr.dtype), daddr.to(ref_ptr.dtype), F, stride_b, dstride_b, col_blk,
+        off = off // ALIGN * ALIGN
+        doff = doff // ALIGN * ALIGN
+    _grad_part(ref_ptr + off, dref_ptr + doff, F, stride_b, dstride_b, col_blk,
                m_ptr + slot * b * b, b, tl.program_id(1),
                BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
 
@@ -775,15 +828,14 @@ def _gram_by_table(qs: Sequence[torch.Tensor], precision: str, deterministic: bo
         k_iters, _ = gram_plan(sub)
         plan = build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in sub],
                                 idx if not deterministic else list(range(len(sub))),
-                                b, GRAM_BLOCK_K * k_iters, deterministic)
+                                b, GRAM_BLOCK_K * k_iters, deterministic, sub[0].element_size())
         target = out
         if deterministic:
             target = torch.empty((max(plan.n_partials, 1), b, b), device=dev, dtype=torch.float32)
         if plan.n_work:
             pairs, work = _upload(plan, dev)
             fp32 = sub[0].dtype == torch.float32
-            align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub])
-            align = align if _ptr_align(*[q.data_ptr() for q in sub]) else 1
+            align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *_table_col(plan, 6))
             LAUNCHES["gram"] += 1
             LAUNCHES["gram_table"] += 1
             LAUNCHES["gram_deterministic"] += int(deterministic)
@@ -806,16 +858,16 @@ def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Se
         sub = [qs[i] for i in idx]
         dsub = [dqs[i] for i in idx]
         plan = build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))
-                                 for q, d in zip(sub, dsub)], idx, GRAD_BLOCK_K)
+                                 for q, d in zip(sub, dsub)], idx, GRAD_BLOCK_K, sub[0].element_size())
         if not plan.n_work:
             continue
         pairs, work = _upload(plan, m.device)
-        align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *[d.stride(0) for d in dsub])
-        align = align if _ptr_align(*[q.data_ptr() for q in sub], *[d.data_ptr() for d in dsub]) else 1
+        align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *[d.stride(0) for d in dsub],
+                       *_table_col(plan, 6), *_table_col(plan, 7))
         LAUNCHES["sp_grad_features"] += 1
         LAUNCHES["sp_grad_features_table"] += 1
         _launch(_sp_grad_features_table_kernel, wrap)[(plan.n_work, triton.cdiv(b, block_i))](
-            m, pairs, work, sub[0], b,
+            m, pairs, work, sub[0], dsub[0], b,
             BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision, ALIGN=align,
             SPLIT_BF16=sub[0].dtype == torch.bfloat16, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
 
@@ -896,14 +948,15 @@ def aot_variants() -> List[dict]:
                     num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
             for block_i in (16, GRAD_MAX_BLOCK_I):
                 sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
-                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt])
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
+                           dref_ptr=_TRITON_DTYPES[dt])
                 consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
                               PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
                 sig.update({k: "constexpr" for k in consts})
                 out.append(dict(
                     name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
                     fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
-                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr"],
+                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr", "dref_ptr"],
                     num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
     for b in (16, 256, 1024):
         br, bc = _row_block(b)

@@ -1,12 +1,13 @@
 """The SP loss's device-side pair table (kernels/sp_gram.py): one Gram launch and one dQ launch per
-dtype for every layer pair of a step, the kernel following device addresses loaded from an int64
-table.
+dtype for every layer pair of a step, each pair addressed by an element offset (read from an int64
+table) from pair 0's tensor.
 
-The interpreter cannot follow loaded pointers, so the table *kernels* run only on CUDA (the GPU
-tests below, skipped without one; the AOT test compiles them for sm_90 without a GPU). On CPU the
-table *builder* is checked: its rows, its work list, and an emulation in PyTorch that walks the
-work list exactly as the kernel does (address -> tensor, tile, chunk, output offset) and must
-reproduce Q Q^T and (dG + dG^T) Q.
+Device-aware like tests/test_sp_loss.py: on CUDA the table kernels run compiled; on CPU they run
+through the Triton interpreter (offsets from a real pointer are host addresses there), forced
+with ``table=True`` / ``USE_TABLE = True`` since auto takes the table on CUDA only. bf16 and the
+torch.compile / CUDA-graph fallbacks are GPU-only. The table *builder* is also checked on its own:
+rows, work list, and an emulation in PyTorch that walks the work list as the kernel does (offset ->
+tensor, tile, chunk, output offset) and must reproduce Q Q^T and (dG + dG^T) Q.
 """
 import pytest
 import torch
@@ -42,7 +43,8 @@ def emulate_gram(plan, tensors, b, chunk, deterministic):
     """The Gram table kernel, written in PyTorch over the table's ints (float64)."""
     ints = plan.ints
     rows = [ints[p * K.PAIR_COLS:(p + 1) * K.PAIR_COLS] for p in range(plan.n_pairs)]
-    by_addr = {q.data_ptr(): q for q in tensors}
+    esize = tensors[0].element_size()  # the kernel addresses pair p at pair 0's pointer + offset
+    by_addr = {tensors[0].data_ptr() + esize * r[6]: q for r, q in zip(rows, tensors)}
     work = ints[plan.n_pairs * K.PAIR_COLS:]
     n_slots = plan.n_partials
     out = torch.zeros(n_slots * b * b, dtype=torch.float64)
@@ -71,15 +73,17 @@ def test_gram_table_rows_work_list_and_emulation(b, deterministic):
     chunk = 128
     slots = [3, 0, 1, 2]  # the pairs' slots of the (P, b, b) output need not follow the table order
     plan = K.build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in qs], slots, b, chunk,
-                              deterministic)
+                              deterministic, 4)
     tiles = K.gram_tiles(b)
     nt = -(-b // K.GRAM_BLOCK_B)
     assert len(tiles) == nt * (nt + 1) // 2 and all(ti <= tj for ti, tj in tiles)
     chunks = [-(-q.shape[1] // chunk) for q in qs]
     assert plan.n_pairs == 4 and plan.n_work == sum(chunks) * len(tiles)
     assert len(plan.ints) == 4 * K.PAIR_COLS + plan.n_work * K.GRAM_WORK_COLS
-    for p, q in enumerate(qs):  # pair rows: address, feature count, sample stride, slot
-        assert plan.ints[p * K.PAIR_COLS:p * K.PAIR_COLS + 4] == [q.data_ptr(), q.shape[1], q.stride(0), slots[p]]
+    for p, q in enumerate(qs):  # pair rows: address, feature count, sample stride, slot, offset
+        row = plan.ints[p * K.PAIR_COLS:(p + 1) * K.PAIR_COLS]
+        assert row[:4] == [q.data_ptr(), q.shape[1], q.stride(0), slots[p]]
+        assert row[6] * 4 == q.data_ptr() - qs[0].data_ptr()
     work = [tuple(plan.ints[4 * K.PAIR_COLS + w * K.GRAM_WORK_COLS:][:K.GRAM_WORK_COLS]) for w in range(plan.n_work)]
     assert len({w[:4] for w in work}) == plan.n_work  # every (pair, tile, chunk) exactly once
     if deterministic:  # one partial slot per (pair, chunk), pair after pair, in chunk order
@@ -104,19 +108,19 @@ def test_grad_table_rows_and_emulation():
     qs = [sp_ops.row_view(x.contiguous()) for x in feats]
     dqs = [torch.empty_like(q) for q in qs]
     plan = K.build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))
-                               for q, d in zip(qs, dqs)], [0, 1, 2], K.GRAD_BLOCK_K)
+                               for q, d in zip(qs, dqs)], [0, 1, 2], K.GRAD_BLOCK_K, 4)
     blocks = [-(-q.shape[1] // K.GRAD_BLOCK_K) for q in qs]
     assert plan.n_work == sum(blocks)
     m = torch.randn(3, b, b, dtype=torch.float64)
     rows = [plan.ints[p * K.PAIR_COLS:(p + 1) * K.PAIR_COLS] for p in range(3)]
-    by_addr = {t.data_ptr(): t for t in qs}
-    by_daddr = {t.data_ptr(): t for t in dqs if t.numel()}
+    by_addr = {qs[0].data_ptr() + 4 * r[6]: t for r, t in zip(rows, qs)}
+    by_daddr = {dqs[0].data_ptr() + 4 * r[7]: t for r, t in zip(rows, dqs) if t.numel()}
     work = plan.ints[3 * K.PAIR_COLS:]
     seen = set()
     for w in range(plan.n_work):  # the dQ kernel: rows of M times a column block of Q
         p, c = work[w * K.GRAD_WORK_COLS:(w + 1) * K.GRAD_WORK_COLS]
-        addr, F, stride, slot, daddr, dstride = rows[p][:6]
-        q, d = by_addr[addr], by_daddr[daddr]
+        _, F, stride, slot, _, dstride, off, doff = rows[p]
+        q, d = by_addr[qs[0].data_ptr() + 4 * off], by_daddr[dqs[0].data_ptr() + 4 * doff]
         assert d.stride(0) == dstride and (p, c) not in seen
         seen.add((p, c))
         ks = slice(c * K.GRAD_BLOCK_K, min((c + 1) * K.GRAD_BLOCK_K, F))
@@ -125,19 +129,32 @@ def test_grad_table_rows_and_emulation():
         torch.testing.assert_close(dqs[p].double(), m[p] @ qs[p].double(), rtol=1e-5, atol=1e-5)
 
 
+def test_offsets_must_be_whole_elements():
+    with pytest.raises(ValueError, match=r"pairs\[1\]: address .* not a whole number of 4-byte"):
+        K.build_gram_table([(4096, 16, 16), (4098, 16, 16)], [0, 1], 4, 64, False, 4)
+
+
 def test_by_dtype_groups_in_order():
     qs = [torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 1), torch.zeros(2, 2).half()]
     assert K._by_dtype(qs) == [[0, 2], [1, 3]]
 
 
-def test_table_refused_where_it_cannot_run():
-    """CPU tensors (and the interpreter, and traced tensors) keep the per-pair launches; asking for
-    the table there is an error naming why."""
+def test_table_refused_where_it_cannot_run(monkeypatch):
+    """Traced tensors, CUDA tensors under the interpreter and (without the interpreter) CPU tensors
+    keep the per-pair launches; asking for the table there is an error naming why."""
     qs = [torch.randn(4, 8), torch.randn(4, 16)]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels: CPU tensors cannot take it
     assert not K.table_supported(qs)
     assert not K._use_table(qs, None) and not K._use_table(qs, False)
-    with pytest.raises(ValueError, match="table=True needs real CUDA tensors"):
+    with pytest.raises(ValueError, match="table=True needs real tensors on CUDA"):
         K.gram(qs, table=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs it on CPU tensors...
+    assert K.table_supported(qs) and K._use_table(qs, True)
+    assert not K._use_table(qs * 5, None)  # ...but auto takes it on CUDA only
+    monkeypatch.setattr(K, "USE_TABLE", True)
+    assert K._use_table(qs, None)
+    monkeypatch.setattr(K, "USE_TABLE", False)
+    assert not K._use_table(qs * 5, None)
 
 
 # ----------------------------------------------------------------------------- launch counts, per-pair path
@@ -186,13 +203,19 @@ def test_distiller_launch_count(device):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5 * scale)
 
 
-# ----------------------------------------------------------------------------- table kernels (CUDA)
+# ----------------------------------------------------------------------------- table kernels
+
+BF16 = pytest.param(torch.bfloat16, marks=requires_cuda)  # the interpreter has no bf16
+
 
 def resnet56_feats(b, dtype, device, width=1.0, unaligned=False):
-    """Activations of the 55 ResNet-56 layers; ``unaligned``: each a view at an odd element offset
-    with an odd sample stride (rows still dense: no copy, ALIGN = 1)."""
+    """Activations of the 55 ResNet-56 layers (on CPU at a quarter of the spatial size: the
+    interpreter pays per element); ``unaligned``: each a view at an odd element offset with an odd
+    sample stride (rows still dense: no copy, ALIGN = 1)."""
+    shrink = 1 if device.type == "cuda" else 4
     out = []
     for c, h, w in resnet56_shapes(width):
+        h, w = h // shrink, w // shrink
         if unaligned:
             buf = torch.randn(b, c * h * w + 1, device=device).relu().to(dtype)
             out.append(buf[:, 1:].view(b, c, h, w))
@@ -209,40 +232,42 @@ def _gram_budget_check(qs, g):
         assert bool((err <= 2 * (same - ref).abs() + 1e-5 * ref.abs().max()).all()), err.max()
 
 
-@requires_cuda
 @requires_triton
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("unaligned", [False, True])
 def test_table_gram_resnet56(dtype, deterministic, unaligned, device):
     """All 55 pairs in one launch against the float64 reference (2x the same-dtype error) and the
-    per-pair launches; aligned (ALIGN = 16) and odd addresses / strides (ALIGN = 1)."""
-    qs = [sp_ops.row_view(x) for x in resnet56_feats(8, dtype, device, unaligned=unaligned)]
+    per-pair launches; aligned (ALIGN = 16) and odd offsets / strides (ALIGN = 1)."""
+    qs = [sp_ops.row_view(x) for x in resnet56_feats(8 if device.type == "cuda" else 3, dtype, device,
+                                                     unaligned=unaligned)]
     aligned = all(q.data_ptr() % 16 == 0 and q.stride(0) % 16 == 0 for q in qs)
     assert aligned != unaligned and all(q.stride(1) == 1 for q in qs)
     before = K.LAUNCHES["gram_table"]
     g = K.gram(qs, deterministic=deterministic, table=True)
     assert K.LAUNCHES["gram_table"] == before + 1  # all 55 pairs, one launch
-    assert g.shape == (55, 8, 8) and g.dtype == torch.float32
+    assert g.shape == (55, qs[0].shape[0], qs[0].shape[0]) and g.dtype == torch.float32
     _gram_budget_check(qs, g)
-    per_pair = K.gram(qs, deterministic=deterministic, table=False)
-    torch.testing.assert_close(g, per_pair, rtol=1e-5, atol=1e-5 * per_pair.abs().max().item())
+    if device.type == "cuda":  # (on CPU the interpreted per-pair run would double the test's time)
+        per_pair = K.gram(qs, deterministic=deterministic, table=False)
+        torch.testing.assert_close(g, per_pair, rtol=1e-5, atol=1e-5 * per_pair.abs().max().item())
     if deterministic:
-        torch.testing.assert_close(K.gram(qs, deterministic=True, table=True), g, rtol=0, atol=0)
+        assert torch.equal(K.gram(qs, deterministic=True, table=True), g)
 
 
-@requires_cuda
 @requires_triton
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_table_loss_resnet56_fwd_bwd(dtype, device):
-    """55 pairs (pruned half-width student, full teacher), b = 8: one Gram launch per side, one dQ
-    launch, against the float64 reference with the 2x rule (auto picks the table: 55 >= 9 pairs)."""
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_table_loss_resnet56_fwd_bwd(dtype, device, monkeypatch):
+    """55 pairs (pruned half-width student, full teacher): one Gram launch per side, one dQ launch,
+    loss and gradients against the float64 reference with the 2x rule. On CUDA auto picks the table
+    (55 >= 9 pairs); on CPU it is forced (auto keeps the per-pair launches there)."""
     from test_sp_loss import assert_close_to_ref
 
-    s = resnet56_feats(8, dtype, device, width=0.5)
-    t = resnet56_feats(8, dtype, device)
+    if device.type != "cuda":
+        monkeypatch.setattr(K, "USE_TABLE", True)
+    b = 8 if device.type == "cuda" else 3
+    s = resnet56_feats(b, dtype, device, width=0.5)
+    t = resnet56_feats(b, dtype, device)
     K.LAUNCHES.clear()
     assert_close_to_ref(s, t, "triton", 1e-5 if dtype == torch.float32 else 2e-3)
     # assert_close_to_ref runs the loss once with grad: teacher + student Gram, one dQ
@@ -250,28 +275,27 @@ def test_table_loss_resnet56_fwd_bwd(dtype, device):
     assert K.LAUNCHES["sp_grad_features_table"] == 1 and K.LAUNCHES["sp_grad_features"] == 1
 
 
-@requires_cuda
 @requires_triton
-@pytest.mark.gpu
-def test_table_mixed_dtypes_one_launch_per_dtype(device):
+def test_table_mixed_dtypes_one_launch_per_dtype(device, monkeypatch):
     from test_sp_loss import assert_close_to_ref
 
-    s = [x if i % 2 else x.half() for i, x in enumerate(resnet56_feats(4, torch.float32, device, width=0.5))]
-    t = resnet56_feats(4, torch.float32, device)
+    monkeypatch.setattr(K, "USE_TABLE", True)
+    s = [x if i % 2 else x.half() for i, x in enumerate(resnet56_feats(3, torch.float32, device, width=0.5))]
+    t = resnet56_feats(3, torch.float32, device)
     K.LAUNCHES.clear()
     assert_close_to_ref(s, t, "triton", 2e-3)
     assert K.LAUNCHES["gram_table"] == 1 + 2  # teacher fp32; student fp16 and fp32
     assert K.LAUNCHES["sp_grad_features_table"] == 2
 
 
-@requires_cuda
 @requires_triton
-@pytest.mark.gpu
-def test_table_deterministic_loss_bitwise(device):
-    s = [x.requires_grad_() for x in resnet56_feats(6, torch.float32, device, width=0.5)]
-    t = resnet56_feats(6, torch.float32, device)
+def test_table_deterministic_loss_bitwise(device, monkeypatch):
+    monkeypatch.setattr(K, "USE_TABLE", True)
+    s = [x.requires_grad_() for x in resnet56_feats(3, torch.float32, device, width=0.5)]
+    t = resnet56_feats(3, torch.float32, device)
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    K.LAUNCHES.clear()
     try:
         runs = []
         for _ in range(2):
@@ -279,6 +303,7 @@ def test_table_deterministic_loss_bitwise(device):
             runs.append((loss.detach(), torch.autograd.grad(loss, s)))
     finally:
         torch.use_deterministic_algorithms(old)
+    assert K.LAUNCHES["gram_table"] == 4 and K.LAUNCHES["gram_deterministic"] == 4
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, c) for a, c in zip(runs[0][1], runs[1][1]))
 
@@ -292,13 +317,15 @@ def test_table_not_used_under_compile_or_graph_capture(device, monkeypatch):
     monkeypatch.setattr(K, "TABLE_MIN_PAIRS", 1)
     s = [x.requires_grad_() for x in resnet56_feats(4, torch.float32, device, width=0.5)[:12]]
     t = resnet56_feats(4, torch.float32, device)[:12]
-    eager = lopfast.sp_loss(s, t, backend="triton")
     before = K.LAUNCHES["gram_table"]
+    eager = lopfast.sp_loss(s, t, backend="triton")
+    assert K.LAUNCHES["gram_table"] == before + 2  # eager: the table (teacher + student)
     compiled = torch.compile(lambda a, c: lopfast.sp_loss(a, c, backend="triton"), fullgraph=True)
     loss = compiled(s, t)
-    assert K.LAUNCHES["gram_table"] == before
+    assert K.LAUNCHES["gram_table"] == before + 2
     torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-6)
     qs = [sp_ops.row_view(x.detach()) for x in s]
+    assert K.table_supported(qs)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         graph = torch.cuda.CUDAGraph()
