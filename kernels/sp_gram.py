@@ -79,9 +79,11 @@ Specialisation (compile count): Triton specialises every integer argument on ``%
 formerly ``== 1``), which would compile a new variant for each combination of batch size, feature
 counts and strides a model presents. Every integer argument is ``do_not_specialize``; instead the
 launcher passes one constexpr ``ALIGN`` (16 when every feature count and row stride of the launch
-is a multiple of 16, else 1) and the kernel re-asserts the divisibility with ``tl.multiple_of``:
-at most two variants per (kernel, tensor count, dtype, precision, mode), and the aligned one
-keeps vectorised loads. ``aot_variants()`` lists what runtime can compile (for the AOT report).
+is a multiple of 16, else 1) and the kernel re-asserts the divisibility as ``x // ALIGN * ALIGN``
+(the value is unchanged, and Triton's alignment analysis sees the multiple; ``tl.multiple_of`` on
+a kernel argument is dropped: the AOT PTX then shows scalar loads): at most two variants per
+(kernel, tensor count, dtype, precision, mode), and the aligned one keeps 16-byte ``cp.async``
+loads (tests/test_sp_table.py checks the PTX). ``aot_variants()`` lists what runtime can compile (for the AOT report).
 
 Every launcher takes ``wrap``: ``torch.library.wrap_triton`` when called from a ``triton_op``
 (so torch.compile can trace the launch), None for a direct launch (interpreter, old torch).

@@ -359,3 +359,40 @@ def test_traced_tensors_never_take_the_table(monkeypatch):
             assert not K.table_supported(qs) and not K._use_table(qs, None)
     except RuntimeError as exc:  # pragma: no cover - a torch that cannot fake CUDA tensors
         pytest.skip(f"fake CUDA tensors unavailable here: {exc}")
+
+
+@requires_triton
+def test_aligned_gram_variants_load_16_bytes():
+    """The aligned Gram variants (per-pair and table) compile for sm_90 to 16-byte async copies
+    (the alignment ALIGN re-asserts reaches Triton's analysis) and Hopper MMAs; compiled in a child
+    process, as tests/test_aot.py does (this one may run under the interpreter)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import re
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        import lopfast.kernels.sp_gram as K
+        vs = {v["name"]: v for v in K.aot_variants()}
+        for name in ("sp_gram_bf16_nt1_align16_atomic", "sp_gram_table_bf16_align16_atomic"):
+            v = vs[name]
+            fn = v["fn"]
+            attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v["divisible_by_16"]}
+            src = ASTSource(fn=fn, signature=v["signature"], constexprs=v["constexprs"], attrs=attrs)
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=v["num_warps"], num_stages=v["num_stages"]))
+            ptx = k.asm["ptx"]
+            assert "wgmma" in ptx, name
+            assert re.search(r"cp\\.async\\.cg\\.shared\\.global.*0x10", ptx), name
+            assert "ld.global.b16" not in ptx, name
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    if res.returncode != 0 and ("ASTSource" in res.stderr and "ImportError" in res.stderr):
+        pytest.skip("this triton has no ASTSource/GPUTarget AOT API")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
