@@ -750,11 +750,14 @@ def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
     return bool(table)
 
 
-def _by_dtype(qs: Sequence[torch.Tensor]) -> List[List[int]]:
-    """Indices of ``qs`` grouped by dtype, groups in order of first appearance."""
+def _by_dtype(qs: Sequence[torch.Tensor], skip_empty: bool = False) -> List[List[int]]:
+    """Indices of ``qs`` grouped by dtype, groups in order of first appearance; ``skip_empty``
+    leaves out row views without features (an empty tensor's address may be null: no base for
+    the element offsets, and there is nothing to compute)."""
     groups: "collections.OrderedDict[torch.dtype, List[int]]" = collections.OrderedDict()
     for i, q in enumerate(qs):
-        groups.setdefault(q.dtype, []).append(i)
+        if not (skip_empty and q.shape[1] == 0):
+            groups.setdefault(q.dtype, []).append(i)
     return list(groups.values())
 
 
@@ -824,8 +827,9 @@ def _gram_by_table(qs: Sequence[torch.Tensor], precision: str, deterministic: bo
     dev = qs[0].device
     P = len(qs)
     out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
-    pieces: List[Optional[torch.Tensor]] = [None] * P
-    for idx in _by_dtype(qs):
+    zero = torch.zeros((b, b), device=dev, dtype=torch.float32) if deterministic else None
+    pieces: List[Optional[torch.Tensor]] = [zero] * P  # featureless pairs: zero Grams
+    for idx in _by_dtype(qs, skip_empty=True):
         sub = [qs[i] for i in idx]
         k_iters, _ = gram_plan(sub)
         plan = build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in sub],
@@ -856,7 +860,7 @@ def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Se
                             precision: str, wrap: Optional[Callable]) -> None:
     b = qs[0].shape[0]
     block_i = _grad_block_i(b)
-    for idx in _by_dtype(qs):
+    for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
         sub = [qs[i] for i in idx]
         dsub = [dqs[i] for i in idx]
         plan = build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))

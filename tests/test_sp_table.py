@@ -137,6 +137,27 @@ def test_offsets_must_be_whole_elements():
 def test_by_dtype_groups_in_order():
     qs = [torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 1), torch.zeros(2, 2).half()]
     assert K._by_dtype(qs) == [[0, 2], [1, 3]]
+    assert K._by_dtype([torch.zeros(2, 0)] + qs, skip_empty=True) == [[1, 3], [2, 4]]
+
+
+@requires_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_table_featureless_pairs(deterministic, device, monkeypatch):
+    """Pairs without features (first in the list, too) stay out of the table: zero Grams and empty
+    gradients; the others are computed as usual."""
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qs = [torch.randn(5, 0, device=device), torch.randn(5, 20, device=device), torch.randn(5, 0, device=device),
+          torch.randn(5, 33, device=device)]
+    g = K.gram(qs, deterministic=deterministic, table=True)
+    ref = torch.stack([q.double() @ q.double().T for q in qs])
+    torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-4)
+    dg = torch.randn(4, 5, 5, device=device)
+    dqs = [torch.empty_like(q) for q in qs]
+    K.sp_grad_features(dg, qs, dqs, table=True)
+    for p in (1, 3):
+        torch.testing.assert_close(dqs[p].double(), (dg[p] + dg[p].T).double() @ qs[p].double(),
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_table_refused_where_it_cannot_run(monkeypatch):
@@ -175,11 +196,15 @@ class Deep(nn.Module):
 
 
 @requires_triton
-def test_distiller_launch_count(device):
-    """One distiller step with ten pairs: on the per-pair path (CPU interpreter) the teacher's and
-    the student's Grams take ceil(10 / 8) = 2 launches each; on CUDA the table takes 1 each. The
-    loss is one launch (sp_finish) and the teacher normalisation one, whatever the path; the
-    backward 1 (dGr) + the dQ launches (2 per-pair, 1 table)."""
+@pytest.mark.parametrize("use_table", [None, True])
+def test_distiller_launch_count(use_table, device, monkeypatch):
+    """One distiller step with ten pairs: on the per-pair path (auto on the CPU interpreter) the
+    teacher's and the student's Grams take ceil(10 / 8) = 2 launches each; the table (auto on
+    CUDA, forced on CPU) takes 1 each. The loss is one launch (sp_finish) and the teacher
+    normalisation one, whatever the path; the backward 1 (dGr) + the dQ launches (2 per-pair,
+    1 table)."""
+    monkeypatch.setattr(K, "USE_TABLE", use_table)
+    table = device.type == "cuda" or use_table
     torch.manual_seed(0)
     teacher = Deep(4).to(device)
     student = lopfast.expand(Deep(3), rate=2.0).to(device)
@@ -189,9 +214,9 @@ def test_distiller_launch_count(device):
         assert len(d.layers) == 10
         _, sp = d(x)
         grads = torch.autograd.grad(sp, [p for p in student.parameters() if p.requires_grad])
-    per_side = 1 if device.type == "cuda" else 2
+    per_side = 1 if table else 2
     assert K.LAUNCHES["gram"] == 2 * per_side
-    assert K.LAUNCHES["gram_table"] == (2 if device.type == "cuda" else 0)
+    assert K.LAUNCHES["gram_table"] == (2 if table else 0)
     assert K.LAUNCHES["row_normalize"] == 1 and K.LAUNCHES["sp_finish"] == 1
     assert K.LAUNCHES["sp_grad_gram"] == 1 and K.LAUNCHES["sp_grad_features"] == per_side
     with lopfast.SPDistiller(teacher, student, backend="torch") as d:
