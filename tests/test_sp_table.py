@@ -421,3 +421,28 @@ def test_aligned_gram_variants_load_16_bytes():
     if res.returncode != 0 and ("ASTSource" in res.stderr and "ImportError" in res.stderr):
         pytest.skip("this triton has no ASTSource/GPUTarget AOT API")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@requires_triton
+@pytest.mark.parametrize("width", [48, 50])  # ALIGN 16 and 1
+def test_table_negative_offsets(width, device, monkeypatch):
+    """Pairs below pair 0 in memory (negative element offsets), aligned and not: two row views of
+    one buffer, the second starting 128 elements before the first."""
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    buf = torch.randn(6, 256, device=device)
+    qs = [buf[:, 128:128 + width], buf[:, :width - 16]]
+    plan = K.build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in qs], [0, 1], 6, 64, False, 4)
+    assert K._table_col(plan, 6) == [0, -128]
+    ref = torch.stack([q.double() @ q.double().T for q in qs])
+    for determ in (False, True):
+        torch.testing.assert_close(K.gram(qs, deterministic=determ, table=True).double(), ref,
+                                   rtol=1e-5, atol=1e-4)
+    dg = torch.randn(2, 6, 6, device=device)
+    out = torch.zeros(6, 512, device=device)
+    dqs = [out[:, 256:256 + width], out[:, 64:64 + width - 16]]  # gradients at offsets too
+    K.sp_grad_features(dg, qs, dqs, table=True)
+    for p in range(2):
+        torch.testing.assert_close(dqs[p].double(), (dg[p] + dg[p].T).double() @ qs[p].double(),
+                                   rtol=1e-5, atol=1e-4)
+    assert out[:, :64].abs().sum() == 0 and out[:, 256 + width:].abs().sum() == 0  # nothing else written
