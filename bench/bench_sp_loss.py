@@ -2,7 +2,10 @@
 
 Variants (one step = teacher Grams + student loss + backward to the student features):
     fused      lopfast.sp_loss(backend="triton"): the kernels of kernels/sp_gram.py (CUDA only;
-               the CPU interpreter is far too slow to time)
+               the CPU interpreter is far too slow to time); 55 pairs take the device-side pair
+               table (one Gram launch per side, one dQ launch)
+    fused-pairs  the same kernels with the table off (``USE_TABLE = False``): one launch per 8
+               pairs (7 Gram launches per side and 7 dQ launches for ResNet-56)
     reference  lopfast.sp_loss(backend="torch"): the package's PyTorch path (fp32 accumulation)
     eager      the loop a user writes: per pair one matmul, F.normalize, squared error
                (same as ``torch_same_dtype`` in tests/test_sp_loss.py)
@@ -59,7 +62,7 @@ def resnet50_shapes():
 
 
 NETS = {"resnet56-cifar": resnet56_shapes, "resnet50-imagenet": resnet50_shapes}
-VARIANTS = (["fused"] if CUDA else []) + ["reference", "eager"] + (["compile"] if COMPILE else [])
+VARIANTS = (["fused", "fused-pairs"] if CUDA else []) + ["reference", "eager"] + (["compile"] if COMPILE else [])
 DTYPES = {"fp32": torch.float32} if not CUDA else {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 _results = {}
@@ -110,10 +113,10 @@ def ratio_table():
                              ratio_to_eager=(median / base[0]) if base else None,
                              GBps=info["bytes"] / median / 1e9, GFLOPs=info["flops"] / median / 1e9,
                              batch=info["batch"], pairs=info["pairs"]))
-    print("\n\nnet                 dtype variant    batch pairs  median (ms)  x eager   GB/s  GFLOP/s")
+    print("\n\nnet                 dtype variant     batch pairs  median (ms)  x eager   GB/s  GFLOP/s")
     for r in rows:
         ratio = f"{r['ratio_to_eager']:.2f}" if r["ratio_to_eager"] else "-"
-        print(f"{r['net']:<19} {r['dtype']:<5} {r['variant']:<10} {r['batch']:>5} {r['pairs']:>5} "
+        print(f"{r['net']:<19} {r['dtype']:<5} {r['variant']:<11} {r['batch']:>5} {r['pairs']:>5} "
               f"{1e3 * r['median_s']:>11.2f}  {ratio:>7} {r['GBps']:>6.1f} {r['GFLOPs']:>8.1f}")
     out = results_dir()
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -128,9 +131,13 @@ def ratio_table():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("net", list(NETS))
-def test_sp_loss_fwd_bwd(benchmark, net, dtype, variant, device):
+def test_sp_loss_fwd_bwd(benchmark, net, dtype, variant, device, monkeypatch):
     student, teacher, info = make(net, DTYPES[dtype], device)
-    if variant == "fused":
+    if variant == "fused-pairs":  # the per-pair launches, for the table's gain side by side
+        from lopfast.kernels import sp_gram
+
+        monkeypatch.setattr(sp_gram, "USE_TABLE", False)
+    if variant in ("fused", "fused-pairs"):
         fn = lambda s, t: lopfast.sp_loss(s, t, backend="triton")  # noqa: E731
     elif variant == "reference":
         fn = lambda s, t: lopfast.sp_loss(s, t, backend="torch")  # noqa: E731

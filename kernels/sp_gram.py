@@ -26,11 +26,21 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   launch has about ``GRAM_WAVES`` = 3 waves of programs on the device's SMs (``gram_plan``):
   long chunks (few atomics) for big Grams, short ones when there is little else to spread.
   Partial Grams of each feature chunk are reduced with fp32 atomics into a slot of
-  one (P, b, b) buffer (zeroed first). So all P Grams take ceil(P / T) launches: 7 for the 55
-  pairs of a ResNet-56. Why not one launch with a table of data pointers: the Triton interpreter
-  (our CPU CI) cannot load through loaded pointers, and separate allocations (the activations of
-  a network) cannot be addressed from one base pointer without one. Scalar argument lists
-  work everywhere.
+  one (P, b, b) buffer (zeroed first). So all P Grams take ceil(P / T) launches on this path: 7
+  for the 55 pairs of a ResNet-56. Scalar argument lists work everywhere, the interpreter (our
+  CPU CI) included.
+* ``gram`` on CUDA, the *table* path (``_gram_table_kernel``, section "device-side pair table"):
+  an int64 device table holds per pair the row view's address, feature count, sample stride,
+  output slot and element offset from pair 0's tensor (the kernel's one pointer argument),
+  followed by a flattened work list of (pair, upper tile, split-K chunk, output offset). ONE
+  launch per dtype covers every pair of the step (1 instead of 7 for ResNet-56), with the same
+  tiles, split-K plan, atomic / deterministic modes, precision and 16-byte loads as above. The
+  table is built from host metadata and sent with one non-blocking pinned H2D copy (no host
+  sync). A traced tensor (torch.compile) has no address, so the traced op keeps the per-pair
+  launches, as does CUDA-graph capture (``table_supported``). Auto takes the table on CUDA from
+  ``TABLE_MIN_PAIRS`` (9) pairs on, where it saves launches; the CPU tests run the table kernels
+  through the interpreter with ``table=True`` (they add offsets to a real pointer: no loaded
+  pointers, which the interpreter could not follow).
 * ``sp_finish``: row norms of the student Grams, normalisation, difference to the (already
   normalised) teacher Grams and the loss of all P pairs in ONE launch (all Grams are b x b,
   since b is shared), one partial per program summed in a fixed order (no atomics).
@@ -42,10 +52,14 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   of rows and computes ``dQ[rows, cols] = sum_j M[rows, j] Q[j, cols]`` on tensor cores (bf16
   inputs: two bf16 MMAs with M split into hi + lo bf16 parts; fp32/fp16: fp32 dot in the
   policy's precision); with b <= BLOCK_I (128) every student activation is read once and its
-  gradient written once.
+  gradient written once. On CUDA the table path does the same in ONE launch per dtype
+  (``_sp_grad_features_table_kernel``: work list of (pair, feature column block)).
 
-Totals: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given the teacher
-Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T).
+Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given
+the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T). Table path
+(CUDA, one dtype): forward 1 + 1 (+ memset + table copy), teacher 1 + 1 (+ the same), backward
+1 + 1 (+ table copy): ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a
+step to 6.
 
 Feature offsets are int64 (rows * sample-stride and chunk * CHUNK are widened before use), so
 a single tensor may exceed 2**31 elements. fp32 inputs use ``input_precision="ieee"`` in
@@ -65,9 +79,11 @@ Specialisation (compile count): Triton specialises every integer argument on ``%
 formerly ``== 1``), which would compile a new variant for each combination of batch size, feature
 counts and strides a model presents. Every integer argument is ``do_not_specialize``; instead the
 launcher passes one constexpr ``ALIGN`` (16 when every feature count and row stride of the launch
-is a multiple of 16, else 1) and the kernel re-asserts the divisibility with ``tl.multiple_of``:
-at most two variants per (kernel, tensor count, dtype, precision, mode), and the aligned one
-keeps vectorised loads. ``aot_variants()`` lists what runtime can compile (for the AOT report).
+is a multiple of 16, else 1) and the kernel re-asserts the divisibility as ``x // ALIGN * ALIGN``
+(the value is unchanged, and Triton's alignment analysis sees the multiple; ``tl.multiple_of`` on
+a kernel argument is dropped: the AOT PTX then shows scalar loads): at most two variants per
+(kernel, tensor count, dtype, precision, mode), and the aligned one keeps 16-byte ``cp.async``
+loads (tests/test_sp_table.py checks the PTX). ``aot_variants()`` lists what runtime can compile (for the AOT report).
 
 Every launcher takes ``wrap``: ``torch.library.wrap_triton`` when called from a ``triton_op``
 (so torch.compile can trace the launch), None for a direct launch (interpreter, old torch).
@@ -77,7 +93,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple
+import os
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -122,8 +139,10 @@ def _gram_part(q_ptr, F, stride_b, chunk, k_iters, g_ptr, b, ti, tj,
                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, ALIGN: tl.constexpr, ATOMIC: tl.constexpr):
     if ALIGN > 1:  # the launcher checked it; restores the vectorised loads specialisation would give
-        F = tl.multiple_of(F, ALIGN)
-        stride_b = tl.multiple_of(stride_b, ALIGN)
+        # (x // A) * A is x itself here, but Triton's alignment analysis sees a multiple of A;
+        # tl.multiple_of on a kernel argument is dropped (AOT check: scalar 2-byte loads, no cp.async)
+        F = F // ALIGN * ALIGN
+        stride_b = stride_b // ALIGN * ALIGN
     rows_i = ti * BLOCK_B + tl.arange(0, BLOCK_B)
     rows_j = tj * BLOCK_B + tl.arange(0, BLOCK_B)
     mi = rows_i < b
@@ -220,6 +239,12 @@ def _dot_precision(qs: Sequence[torch.Tensor], precision: str) -> str:
     return "tf32"
 
 
+def _precision_checked(precision: str) -> bool:
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    return True
+
+
 def _check_rows(qs: Sequence[torch.Tensor], argname: str) -> None:
     for i, q in enumerate(qs):
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -282,15 +307,20 @@ def _multi_args(qs: Sequence[torch.Tensor], chunk: int):
 
 
 def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: bool = False,
-         wrap: Optional[Callable] = None) -> torch.Tensor:
+         wrap: Optional[Callable] = None, table: Optional[bool] = None) -> torch.Tensor:
     """Raw Grams ``Q Q^T`` of every row view in ``qs`` (same b), as one fp32 (P, b, b) tensor.
 
     ``precision`` ("ieee" or "tf32") applies to fp32 inputs; ``deterministic`` replaces the split-K
-    atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable)."""
+    atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable). ``table``: True
+    walks every pair in one launch per dtype through a device-side pair table (CUDA only), False
+    launches per group of ``MAX_TENSORS``, None picks the table on CUDA for at least
+    ``TABLE_MIN_PAIRS`` pairs when ``table_supported`` (never while torch.compile traces)."""
     _check_rows(qs, "qs")
     b = qs[0].shape[0]
     if b * b >= 2**31:  # the kernel's in-slot offsets are int32
         raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
+    if _precision_checked(precision) and _use_table(qs, table):
+        return _gram_by_table(qs, precision, deterministic, wrap)
     dev = qs[0].device
     # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
     # from per-group partial buffers without writing into views (functional under torch.compile)
@@ -427,10 +457,10 @@ def sp_grad_gram(grad: torch.Tensor, gs_raw: torch.Tensor, gt: torch.Tensor, *,
 def _grad_part(q_ptr, dq_ptr, F, stride_b, dstride_b, col_blk, m_ptr, b, ti,
                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
-    if ALIGN > 1:
-        F = tl.multiple_of(F, ALIGN)
-        stride_b = tl.multiple_of(stride_b, ALIGN)
-        dstride_b = tl.multiple_of(dstride_b, ALIGN)
+    if ALIGN > 1:  # as in _gram_part: visible to the alignment analysis, unlike tl.multiple_of
+        F = F // ALIGN * ALIGN
+        stride_b = stride_b // ALIGN * ALIGN
+        dstride_b = dstride_b // ALIGN * ALIGN
     rows_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
     mi = rows_i < b
     ks = col_blk.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -507,12 +537,14 @@ def _grad_block_i(b: int) -> int:
 
 
 def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], *,
-                     precision: str = "ieee", wrap: Optional[Callable] = None) -> None:
+                     precision: str = "ieee", wrap: Optional[Callable] = None,
+                     table: Optional[bool] = None) -> None:
     """Write ``dqs[p] = (dg[p] + dg[p]^T) @ qs[p]`` for every pair (row views, dense rows).
 
     M = dg + dg^T is formed once (one elementwise pass over the small (P, b, b) tensor), so each
     program reads one M tile per step instead of two. bf16 inputs multiply on bf16 tensor cores
-    (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``)."""
+    (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``).
+    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA)."""
     if not qs:
         return
     _check_rows(qs, "qs")
@@ -521,6 +553,9 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     m = dg + dg.transpose(1, 2)
+    if _use_table(qs, table):
+        _grad_features_by_table(m, qs, dqs, precision, wrap)
+        return
     for grp in _groups(len(qs)):
         sub = [qs[i] for i in grp]
         dsub = [dqs[i] for i in grp]
@@ -540,6 +575,309 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
         )
 
 
+# ----------------------------------------------------------------------------- device-side pair table (CUDA)
+#
+# The per-pair launchers above take each tensor as its own pointer argument: at most MAX_TENSORS
+# per launch. The table path puts every pair of a step (of one dtype) into ONE launch: an int64
+# table holds, per pair, the address of its row view (``data_ptr``), feature count, sample
+# stride, output slot, (backward) the gradient's address and stride, and the element offset of
+# each from pair 0's tensor; a flattened work list follows. Pair 0's tensor is the kernel's
+# pointer argument and pair p is addressed as ``ref_ptr + off_p``. Why offsets and not a cast of
+# the loaded address to a pointer (``addr.to(tl.pointer_type(...))``, the grouped-GEMM tutorial's
+# idiom): a cast pointer carries no alignment, so Triton copies element by element (AOT check on
+# sm_90: scalar ``ld.global.b16`` / 4-byte ``cp.async``), while ``ref_ptr + off`` keeps the
+# runtime's 16-byte specialisation of ``ref_ptr`` and, with ALIGN, 16-byte ``cp.async`` like the
+# per-pair kernel. It relies on one flat address space (CUDA's; the host's under the
+# interpreter, which is why the interpreter can run the table kernels on CPU tensors and CPU
+# tests check them).
+#
+# The table is built on the host from Python ints (sizes, strides and addresses are host
+# metadata: no host sync) and copied with one non-blocking H2D copy from pinned memory (the
+# caching host allocator keeps the pinned buffer until the copy ran; the device table is
+# stream-ordered like any temporary). The features themselves are referenced by the op's inputs
+# until the kernel has run.
+#
+# Not for: traced tensors (torch.compile: a FakeTensor has no ``data_ptr``, so the traced op keeps
+# the per-pair launches), CUDA-graph capture (the addresses and the pinned source would be baked
+# into the graph), CUDA tensors under the interpreter (copied one by one). ``table_supported``
+# says when it can run; auto (``USE_TABLE = None``) takes it on CUDA from ``TABLE_MIN_PAIRS``
+# pairs on. A launch holds the tensors of ONE dtype (the pointer type is fixed by ``ref_ptr``):
+# mixed-dtype steps launch once per dtype.
+
+# addr, F, sample stride, slot, dq addr, dq sample stride, element offset of Q from pair 0's Q, the
+# same for dQ (64 bytes a row: aligned). The kernel reads the offsets; the addresses are for humans
+PAIR_COLS = 8
+GRAM_WORK_COLS = 5  # pair, ti, tj, chunk, element offset of the output (b, b) slot
+GRAD_WORK_COLS = 2  # pair, feature column block
+TABLE_MIN_PAIRS = MAX_TENSORS + 1  # auto: below this the per-pair launch is already one launch
+# None: auto (CUDA tensors, at least TABLE_MIN_PAIRS pairs); True: wherever table_supported (the
+# interpreter included: tests); False: never. A launcher's ``table=`` argument overrides it.
+USE_TABLE: Optional[bool] = None
+
+_PAIR_COLS_C = tl.constexpr(PAIR_COLS)
+_GRAM_WORK_COLS_C = tl.constexpr(GRAM_WORK_COLS)
+_GRAD_WORK_COLS_C = tl.constexpr(GRAD_WORK_COLS)
+
+
+class TablePlan(NamedTuple):
+    """A table as host ints: ``PAIR_COLS`` per pair, then the work list (``n_work`` rows).
+
+    ``partials[p] = (lo, hi)``: in deterministic Gram mode, the partial slots of pair p (summed in
+    this order by the second stage); in atomic mode ``(slot, slot + 1)``."""
+
+    ints: List[int]
+    n_pairs: int
+    n_work: int
+    n_partials: int
+    partials: List[Tuple[int, int]]
+
+
+def _pair_row(addr: int, F: int, stride: int, slot: int, off: int,
+              daddr: int = 0, dstride: int = 0, doff: int = 0) -> List[int]:
+    return [int(addr), int(F), int(stride), int(slot), int(daddr), int(dstride), int(off), int(doff)]
+
+
+def _elem_offsets(addrs: Sequence[int], elem_size: int, argname: str) -> List[int]:
+    """Element offsets of the addresses from the first one (what the kernel adds to its pointer)."""
+    ref = int(addrs[0]) if addrs else 0
+    out = []
+    for i, a in enumerate(addrs):
+        d = int(a) - ref
+        if d % elem_size:
+            raise ValueError(f"{argname}[{i}]: address {a:#x} is not a whole number of {elem_size}-byte "
+                             f"elements away from {argname}[0] ({ref:#x})")
+        out.append(d // elem_size)
+    return out
+
+
+def gram_tiles(b: int) -> List[Tuple[int, int]]:
+    """The upper-triangle (ti <= tj) b-tiles of a (b, b) Gram, column by column."""
+    nt = triton.cdiv(b, GRAM_BLOCK_B)
+    return [(ti, tj) for tj in range(nt) for ti in range(tj + 1)]
+
+
+def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int], b: int, chunk: int,
+                     deterministic: bool, elem_size: int) -> TablePlan:
+    """Table of one Gram launch: ``pairs[p] = (address, F, sample stride)`` of tensors of one dtype
+    (``elem_size`` bytes), ``slots[p]`` the pair's slot in the (P, b, b) output; ``chunk`` features
+    per split-K chunk. The kernel addresses pair p as ``ref + off_p`` (element offset from pair 0,
+    whose tensor is the launch's pointer argument). Work item = (pair, upper tile, chunk), tiles
+    innermost (programs running together share a feature chunk in L2). Atomic mode: the item adds
+    into its pair's slot; deterministic mode: each (pair, chunk) owns a partial slot, numbered
+    pair by pair in chunk order."""
+    if chunk <= 0 or b <= 0:
+        raise ValueError(f"chunk and b must be positive, got chunk={chunk}, b={b}")
+    tiles = gram_tiles(b)
+    offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
+    ints: List[int] = []
+    for p, (addr, F, stride) in enumerate(pairs):
+        ints += _pair_row(addr, F, stride, slots[p], offs[p])
+    work: List[int] = []
+    partials: List[Tuple[int, int]] = []
+    nxt = 0
+    bb = b * b
+    for p, (_, F, _) in enumerate(pairs):
+        n_chunks = triton.cdiv(int(F), chunk)
+        partials.append((nxt, nxt + n_chunks) if deterministic else (slots[p], slots[p] + 1))
+        for c in range(n_chunks):
+            off = (nxt + c) * bb if deterministic else slots[p] * bb
+            for ti, tj in tiles:
+                work += [p, ti, tj, c, off]
+        if deterministic:
+            nxt += n_chunks
+    n_work = len(work) // GRAM_WORK_COLS
+    return TablePlan(ints + work, len(pairs), n_work, nxt if deterministic else len(pairs), partials)
+
+
+def build_grad_table(pairs: Sequence[Tuple[int, int, int, int, int]], slots: Sequence[int],
+                     block_k: int, elem_size: int) -> TablePlan:
+    """Table of one dQ launch: ``pairs[p] = (q address, F, q sample stride, dq address, dq sample
+    stride)`` (one dtype, ``elem_size`` bytes), ``slots[p]`` the pair's slot of M; one work item
+    per (pair, feature column block). Q and dQ are addressed from pair 0's Q and dQ."""
+    offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
+    doffs = _elem_offsets([p[3] for p in pairs], elem_size, "grads")
+    ints: List[int] = []
+    work: List[int] = []
+    for p, (addr, F, stride, daddr, dstride) in enumerate(pairs):
+        ints += _pair_row(addr, F, stride, slots[p], offs[p], daddr, dstride, doffs[p])
+        for c in range(triton.cdiv(int(F), block_k)):
+            work += [p, c]
+    return TablePlan(ints + work, len(pairs), len(work) // GRAD_WORK_COLS, len(pairs),
+                     [(s, s + 1) for s in slots])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def table_supported(qs: Sequence[torch.Tensor]) -> bool:
+    """Whether the table path can run on these tensors: real (not traced) tensors whose addresses
+    the kernel can offset between: CUDA tensors with compiled kernels outside CUDA-graph capture,
+    or CPU tensors under the interpreter (it follows host addresses; it copies CUDA tensors one by
+    one, which would break the offsets between them)."""
+    if not qs or torch.compiler.is_compiling() or _dispatch_mode_active():
+        return False
+    # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
+    if not all(type(q) in (torch.Tensor, torch.nn.Parameter) for q in qs):
+        return False
+    if _interpreting():
+        if not all(q.device.type == "cpu" for q in qs):
+            return False
+    elif not all(q.is_cuda for q in qs) or torch.cuda.is_current_stream_capturing():
+        return False
+    # element offsets between tensors of one dtype are whole numbers of elements
+    return all(q.data_ptr() % q.element_size() == 0 for q in qs)
+
+
+def _dispatch_mode_active() -> bool:
+    # make_fx / FakeTensorMode / proxy tracing push a dispatch mode (a real-tensor trace would
+    # otherwise bake this call's addresses into a graph); eager launches run with none
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return _get_current_dispatch_mode() is not None
+
+
+def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
+    if table is None:
+        if USE_TABLE is None:  # auto: CUDA, where it saves launches
+            return len(qs) >= TABLE_MIN_PAIRS and qs[0].is_cuda and table_supported(qs)
+        return bool(USE_TABLE) and table_supported(qs)
+    if table and not table_supported(qs):
+        raise ValueError("table=True needs real tensors on CUDA (outside CUDA-graph capture) or on the CPU "
+                         "under the interpreter, and not traced by torch.compile (the table holds addresses)")
+    return bool(table)
+
+
+def _by_dtype(qs: Sequence[torch.Tensor], skip_empty: bool = False) -> List[List[int]]:
+    """Indices of ``qs`` grouped by dtype, groups in order of first appearance; ``skip_empty``
+    leaves out row views without features (an empty tensor's address may be null: no base for
+    the element offsets, and there is nothing to compute)."""
+    groups: "collections.OrderedDict[torch.dtype, List[int]]" = collections.OrderedDict()
+    for i, q in enumerate(qs):
+        if not (skip_empty and q.shape[1] == 0):
+            groups.setdefault(q.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _upload(plan: TablePlan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, work) int64 views of one device table filled by one non-blocking pinned H2D copy."""
+    host = torch.tensor(plan.ints, dtype=torch.int64)
+    if device.type != "cuda":  # the interpreter (CPU tensors): the host table is the table
+        dev = host
+    else:
+        dev = host.pin_memory().to(device, non_blocking=True)
+    cut = plan.n_pairs * PAIR_COLS
+    return dev[:cut], dev[cut:]
+
+
+def _table_col(plan: TablePlan, col: int) -> List[int]:
+    return [plan.ints[p * PAIR_COLS + col] for p in range(plan.n_pairs)]
+
+
+@triton.jit(do_not_specialize=["b", "k_iters"])
+def _gram_table_kernel(g_ptr, pairs_ptr, work_ptr, ref_ptr, b, k_iters,
+                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr, ALIGN: tl.constexpr, ATOMIC: tl.constexpr):
+    w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAM_WORK_COLS_C
+    pair = tl.load(w)
+    ti = tl.load(w + 1).to(tl.int32)
+    tj = tl.load(w + 2).to(tl.int32)
+    chunk = tl.load(w + 3)
+    g_off = tl.load(w + 4)
+    row = pairs_ptr + pair * _PAIR_COLS_C
+    F = tl.load(row + 1)
+    stride_b = tl.load(row + 2)
+    off = tl.load(row + 6)
+    if ALIGN > 1:  # the launcher checked it: with ref_ptr's own alignment, 16-byte vector loads
+        off = off // ALIGN * ALIGN
+    # pair 0's tensor is the pointer argument (its type fixes the dtype, runtime specialises its
+    # alignment); every pair is an element offset from it (a cast of the loaded address,
+    # addr.to(ref_ptr.dtype), would carry no alignment and fall back to element-wise copies)
+    _gram_part(ref_ptr + off, F, stride_b, chunk, k_iters, g_ptr + g_off, b, ti, tj,
+               BLOCK_B, BLOCK_K, PRECISION, ALIGN, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["b"])
+def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr, b,
+                                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAD_WORK_COLS_C
+    pair = tl.load(w)
+    col_blk = tl.load(w + 1)
+    row = pairs_ptr + pair * _PAIR_COLS_C
+    F = tl.load(row + 1)
+    stride_b = tl.load(row + 2)
+    slot = tl.load(row + 3)
+    dstride_b = tl.load(row + 5)
+    off = tl.load(row + 6)
+    doff = tl.load(row + 7)
+    if ALIGN > 1:
+        off = off // ALIGN * ALIGN
+        doff = doff // ALIGN * ALIGN
+    _grad_part(ref_ptr + off, dref_ptr + doff, F, stride_b, dstride_b, col_blk,
+               m_ptr + slot * b * b, b, tl.program_id(1),
+               BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
+
+
+def _gram_by_table(qs: Sequence[torch.Tensor], precision: str, deterministic: bool,
+                   wrap: Optional[Callable]) -> torch.Tensor:
+    b = qs[0].shape[0]
+    dev = qs[0].device
+    P = len(qs)
+    out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+    zero = torch.zeros((b, b), device=dev, dtype=torch.float32) if deterministic else None
+    pieces: List[Optional[torch.Tensor]] = [zero] * P  # featureless pairs: zero Grams
+    for idx in _by_dtype(qs, skip_empty=True):
+        sub = [qs[i] for i in idx]
+        k_iters, _ = gram_plan(sub)
+        plan = build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in sub],
+                                idx if not deterministic else list(range(len(sub))),
+                                b, GRAM_BLOCK_K * k_iters, deterministic, sub[0].element_size())
+        target = out
+        if deterministic:
+            target = torch.empty((max(plan.n_partials, 1), b, b), device=dev, dtype=torch.float32)
+        if plan.n_work:
+            pairs, work = _upload(plan, dev)
+            fp32 = sub[0].dtype == torch.float32
+            align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *_table_col(plan, 6))
+            LAUNCHES["gram"] += 1
+            LAUNCHES["gram_table"] += 1
+            LAUNCHES["gram_deterministic"] += int(deterministic)
+            _launch(_gram_table_kernel, wrap)[(plan.n_work,)](
+                target, pairs, work, sub[0], b, k_iters,
+                BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=_dot_precision(sub, precision),
+                ALIGN=align, ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(fp32))
+        if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
+            for i, (lo, hi) in zip(idx, plan.partials):
+                pieces[i] = (target[lo:hi].sum(dim=0) if hi > lo
+                             else torch.zeros((b, b), device=dev, dtype=torch.float32))
+    return torch.stack(pieces) if deterministic else out  # type: ignore[arg-type]
+
+
+def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor],
+                            precision: str, wrap: Optional[Callable]) -> None:
+    b = qs[0].shape[0]
+    block_i = _grad_block_i(b)
+    for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
+        sub = [qs[i] for i in idx]
+        dsub = [dqs[i] for i in idx]
+        plan = build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))
+                                 for q, d in zip(sub, dsub)], idx, GRAD_BLOCK_K, sub[0].element_size())
+        if not plan.n_work:
+            continue
+        pairs, work = _upload(plan, m.device)
+        align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *[d.stride(0) for d in dsub],
+                       *_table_col(plan, 6), *_table_col(plan, 7))
+        LAUNCHES["sp_grad_features"] += 1
+        LAUNCHES["sp_grad_features_table"] += 1
+        _launch(_sp_grad_features_table_kernel, wrap)[(plan.n_work, triton.cdiv(b, block_i))](
+            m, pairs, work, sub[0], dsub[0], b,
+            BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision, ALIGN=align,
+            SPLIT_BF16=sub[0].dtype == torch.bfloat16, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
+
+
 # ----------------------------------------------------------------------------- AOT variants
 
 _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -547,6 +885,8 @@ _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # identical to NT = 1's, so registers match (checked: 191-222 vs 170-195, no spills): CI compiles
 # the 8-tensor form for the two training dtypes (fp32 default, bf16 autocast) only
 _NT8_TAGS = ("fp32_ieee", "bf16")
+# the table kernels' variants: every (dtype, precision) the launchers can pick
+TABLE_AOT_DTYPES = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"))
 
 
 def aot_variants() -> List[dict]:
@@ -596,6 +936,34 @@ def aot_variants() -> List[dict]:
                         fn=_sp_grad_features_kernel, signature=sig, constexprs=consts,
                         divisible_by_16=["m_ptr"] + [f"{c}{i}" for c in "pd" for i in range(8)],
                         num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
+    # the device-side table kernels (CUDA only: the interpreter cannot run them, so this compile
+    # and the GPU tests are what checks them): one pointer type per variant, same tiles as above
+    for dt, prec in TABLE_AOT_DTYPES:
+        tag = dt if dt != "fp32" else f"fp32_{prec}"
+        for align in (16, 1):
+            for atomic in (True, False):
+                sig = {a: "i32" for a in _gram_table_kernel.arg_names}
+                sig.update(g_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt])
+                consts = dict(BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=align,
+                              ATOMIC=atomic)
+                sig.update({k: "constexpr" for k in consts})
+                out.append(dict(
+                    name=f"sp_gram_table_{tag}_align{align}_{'atomic' if atomic else 'det'}",
+                    fn=_gram_table_kernel, signature=sig, constexprs=consts,
+                    divisible_by_16=["g_ptr", "pairs_ptr", "work_ptr", "ref_ptr"],
+                    num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
+            for block_i in (16, GRAD_MAX_BLOCK_I):
+                sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
+                           dref_ptr=_TRITON_DTYPES[dt])
+                consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
+                              PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
+                sig.update({k: "constexpr" for k in consts})
+                out.append(dict(
+                    name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
+                    fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
+                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr", "dref_ptr"],
+                    num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
     for b in (16, 256, 1024):
         br, bc = _row_block(b)
         consts = dict(BLOCK_R=br, BLOCK_C=bc)
@@ -610,6 +978,7 @@ def aot_variants() -> List[dict]:
 
 
 __all__ = [
-    "EPS", "LAUNCHES", "MAX_TENSORS", "aot_variants", "gram", "row_normalize", "sp_finish", "sp_grad_features",
-    "sp_grad_gram",
+    "EPS", "LAUNCHES", "MAX_TENSORS", "TABLE_MIN_PAIRS", "TablePlan", "aot_variants", "build_grad_table",
+    "build_gram_table", "gram", "gram_tiles", "row_normalize", "sp_finish", "sp_grad_features", "sp_grad_gram",
+    "table_supported",
 ]

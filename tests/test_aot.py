@@ -185,6 +185,7 @@ def test_aot_sm90_every_variant_compiles_without_spills():
     # the SP kernels are all covered (the interface is honoured by sp_gram.py)
     names = {r["name"] for r in rows if r["module"] == "sp_gram"}
     assert {"sp_gram_bf16_nt8_align16_atomic", "sp_gram_fp32_ieee_nt1_align1_det"} <= names
+    assert {"sp_gram_table_bf16_align16_atomic", "sp_grad_features_table_bf16_bi128_align16"} <= names
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ class SPDistiller:
 
     ``distiller(*inputs)`` runs the teacher under ``torch.no_grad`` in eval mode, with hooks that
     keep the tapped activations, reduces them all to normalised Grams in one multi-tensor call
-    (one Gram launch per 8 layers; the activations are released right after), then runs the
+    (on CUDA one Gram launch for all layers of a dtype through the kernels' pair table from 9
+    layers on, else one per 8 layers; the activations are released right after), then runs the
     student with grad (its tapped outputs are kept for the loss), and returns
     ``(student_output, sp_loss)``; the loss is a float32 scalar (paper Eq. 11).
 
@@ -119,7 +120,7 @@ class SPDistiller:
 
     def _reduce(self, name: str, output: torch.Tensor) -> torch.Tensor:
         # keep the (detached) activation: all of a step's teacher activations are reduced to Grams
-        # together in teacher_grams, one multi-tensor launch per 8 layers instead of one per layer
+        # together in teacher_grams: one multi-tensor call (one launch on CUDA, ceil(P / 8) per-pair)
         return output.detach()
 
     @property

@@ -19,6 +19,13 @@ Layers of this file, top to bottom:
   ``autograd.Function`` calling the same launchers directly. The Function is what runs for
   ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1`` (the registered CPU kernel
   would otherwise take CPU tensors away from Triton) and on torch < 2.6 (no ``triton_op``).
+* on CUDA the Triton launchers walk all pairs of a call in one launch per dtype through a
+  device-side pair table (per pair: ``data_ptr``, sizes, strides, element offset from the first
+  pair's tensor) when there are at least 9 pairs (``kernels/sp_gram.py``: ``TABLE_MIN_PAIRS``,
+  ``USE_TABLE``), else one launch per 8 pairs. This is an internal choice of the "triton"
+  backend: the backend names and the measured dispatch's candidates are unchanged. ``data_ptr``
+  cannot be traced: under torch.compile (FakeTensors) and during CUDA-graph capture the per-pair
+  launches run instead; on CPU (the interpreter) auto keeps the per-pair launches too.
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
 
