@@ -209,19 +209,20 @@ _MODULE_KEYS = frozenset(nn.Module().__dict__) | {"training"}
 
 
 def _is_plain(value, depth: int = 0) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    # exact types: subclasses (str enums, named tuples) would need their class to unpickle
+    if value is None or type(value) in (bool, int, float, str):
         return True
     if depth > 4:
         return False
-    if isinstance(value, (list, tuple)):  # torch.Size is a tuple; stored as a plain tuple
+    if type(value) in (list, tuple, torch.Size):  # torch.Size is stored as a plain tuple
         return all(_is_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
     return False
 
 
 def _plain_copy(value):
-    if isinstance(value, tuple):
+    if isinstance(value, tuple):  # tuple and torch.Size
         return tuple(_plain_copy(v) for v in value)
     if isinstance(value, list):
         return [_plain_copy(v) for v in value]
