@@ -287,8 +287,9 @@ def build_model(name: str, in_channels: Optional[int] = None, num_classes: int =
                          "weights into the built model yourself")
     kwargs.pop("weights", None)
     if tv_name in ("googlenet", "inception_v3"):
-        # the default init_weights=None warns (scipy truncnorm init); random init is what is asked
-        kwargs.setdefault("init_weights", True)
+        # PyTorch's default layer init: torchvision's own (init_weights=True, truncated normal with
+        # std 0.01) shrinks the signal so much that random-weight logits are the bias alone
+        kwargs.setdefault("init_weights", False)
         # as torchvision builds them with pretrained weights: the auxiliary heads run only in
         # training, so the pruner (which traces the eval forward) cannot see their inputs
         kwargs.setdefault("aux_logits", False)

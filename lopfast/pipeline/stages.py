@@ -43,6 +43,7 @@ import lopfast
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline._api import MissingAPIError, has, require
+from lopfast.pipeline.export import check_formats, export_model  # export code lives in pipeline/export.py
 from lopfast.pipeline.data import DATASETS, check_dataset_name, load_data
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
 
@@ -159,9 +160,7 @@ class RunConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        for e in self.export:
-            if e not in ("torchscript", "onnx"):
-                raise ValueError(f"unknown export format {e!r}; choose torchscript and/or onnx")
+        check_formats(self.export, "export format")
         if self.teacher is not None and not os.path.isfile(self.teacher):
             raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
         _resolve_device(self.device)
@@ -520,34 +519,6 @@ def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> Non
         lopfast.save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
     else:  # lopfast.io missing: keep the result in the stage format so nothing is lost
         _save_stage_model(model, path, cfg.model, arch_kwargs)
-
-
-def export_model(model: nn.Module, stem: str, fmt: str, example: torch.Tensor, log=print) -> Optional[str]:
-    """Export ``model`` to TorchScript (``stem.ts``) or ONNX (``stem.onnx``); returns the path or None."""
-    model = copy.deepcopy(model).cpu().eval()
-    example = example[:1].cpu().float().contiguous()
-    if fmt == "torchscript":
-        path = stem + ".ts"
-        import warnings
-
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch >= 2.10 marks TorchScript deprecated; it is still the format C++/mobile runtimes load
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ts = torch.jit.trace(model, example)
-            ts.save(path)
-    elif fmt == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            log("[export] onnx is not installed: skipping ONNX export (pip install onnx)")
-            return None
-        path = stem + ".onnx"
-        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; choose torchscript or onnx")
-    log(f"[export] wrote {path}")
-    return path
 
 
 # --------------------------------------------------------------------------- the whole run

@@ -81,6 +81,23 @@ def _logits(out) -> torch.Tensor:
     raise TypeError(f"cannot find the logits in a {type(out).__name__}")
 
 
+@torch.no_grad()
+def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Set the BatchNorm running statistics from ``x``: with random weights and fresh statistics
+    the signal of a deep net fades to nothing (GoogLeNet's logits are its bias alone), and
+    the exactness checks would compare constants."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch sets the statistics
+    model.train()
+    model(x)
+    model.eval()
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -103,6 +120,7 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
     teacher = build_model(entry.name, num_classes=num_classes, **kwargs).eval()
     x = torch.randn(batch, 3, entry.size, entry.size, generator=gen)
     y = torch.arange(batch) % num_classes
+    _calibrate_batchnorm(teacher, x)
     pruned, report = lopfast.prune(teacher, x, method="l1", ratio=ratio)
     pruned.eval()
     student = lopfast.expand(pruned, rate, linear=True, generator=torch.Generator().manual_seed(seed))
