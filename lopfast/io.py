@@ -462,7 +462,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -
     try:
         # assign=True takes the stored tensors themselves, which materialises the meta layers
         model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, KeyError) as e:  # a layer's own loader may raise any of them
         raise ModelFileError(f"{path}: the stored weights do not fit the model: {e}") from None
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
