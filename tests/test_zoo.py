@@ -163,3 +163,13 @@ def test_googlenet_aux_heads_distilled_unpruned():
             out, sp = d(torch.randn(2, 3, 32, 32))
         assert sorted(d.dropped) == sorted(n for n in d.layers if n.startswith("aux"))
         assert len(d.dropped) == 6 and torch.isfinite(sp)
+
+
+def test_cli_zoo_prints_the_table(capsys):
+    from lopfast.cli import main
+
+    assert main(["zoo", "timm:regnetx_002", "tv:shufflenet_v2_x0_5"]) == 0
+    out = capsys.readouterr().out
+    assert "| `timm:regnetx_002` |" in out and "identical" in out
+    assert "| `tv:shufflenet_v2_x0_5` |" in out and "skipped: torch-pruning" in out
+    assert main(["zoo", "tv:resnet19"]) == 2
