@@ -160,3 +160,20 @@ def test_load_by_name_without_model(tmp_path, name, kwargs):
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
+
+
+@pytest.mark.skipif(not _timm_ok(), reason="timm does not import here")
+def test_resize_to_state_dict_norm_subclasses_and_raw_parameters():
+    """The pipeline's stage hand-off on a pruned ConvNeXt (LayerNorm2d, gamma) and timm BN-act layers."""
+    pytest.importorskip("torch_pruning")
+    import lopfast
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("timm:convnext_atto", "timm:regnetx_002"):
+        torch.manual_seed(0)
+        pruned, _ = lopfast.prune(zoo.build_model(name).eval(), x, ratio=0.3)
+        sd = pruned.state_dict()
+        fresh = zoo.resize_to_state_dict(zoo.build_model(name), sd)
+        fresh.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x), pruned.eval()(x))

@@ -368,12 +368,15 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def resize_to_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink the Conv2d / Linear / BatchNorm layers of ``model`` to the shapes in ``state_dict``.
+    """Shrink the layers of ``model`` to the shapes in ``state_dict``.
 
     Rebuilds a structurally pruned model from its unpruned architecture: channel pruning only
-    changes layer widths, which the stored tensors record. Depthwise convs (groups ==
-    in_channels) stay depthwise. Returns ``model`` (modified in place), ready for
-    ``load_state_dict(state_dict, strict=True)``.
+    changes layer widths, which the stored tensors record. Conv2d / Linear / BatchNorm2d are
+    rebuilt (depthwise convs, groups == in_channels, stay depthwise); the tensors of any other
+    layer are resized, with the sizes norm layers keep (``num_features``, ``normalized_shape``,
+    ``num_channels``). Attention head counts are not in a state dict: for pruned transformers
+    use ``lopfast.save`` / ``lopfast.load``, which record every layer attribute. Returns
+    ``model`` (modified in place), ready for ``load_state_dict(state_dict, strict=True)``.
     """
     for name, m in list(model.named_modules()):
         prefix = f"{name}." if name else ""
@@ -389,8 +392,28 @@ def resize_to_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) 
                 _set(model, name, new)
         elif type(m) is nn.Linear and w is not None and tuple(w.shape) != tuple(m.weight.shape):
             _set(model, name, nn.Linear(w.shape[1], w.shape[0], m.bias is not None))
-        elif isinstance(m, nn.BatchNorm2d) and w is not None and w.shape[0] != m.num_features:
+        elif type(m) is nn.BatchNorm2d and w is not None and w.shape[0] != m.num_features:
             _set(model, name, nn.BatchNorm2d(w.shape[0], m.eps, m.momentum, m.affine, m.track_running_stats))
+    # any other layer (norm subclasses such as timm's BatchNormAct2d / LayerNorm2d, raw parameters
+    # such as ConvNeXt's layer_scale): resize its own tensors and the size attributes it reads
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        for table in (m._parameters, m._buffers):
+            for key, old in list(table.items()):
+                new = state_dict.get(prefix + key)
+                if old is None or new is None or tuple(old.shape) == tuple(new.shape):
+                    continue
+                fresh = torch.empty(new.shape, dtype=old.dtype, device=old.device)
+                table[key] = nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
+        w = m._parameters.get("weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = w.shape[0]
+        elif isinstance(m, nn.LayerNorm):
+            m.normalized_shape = tuple(w.shape)
+        elif isinstance(m, nn.GroupNorm):
+            m.num_channels = w.shape[0]
     return model
 
 
