@@ -53,7 +53,8 @@ ZOO: List[ZooModel] = [
     ZooModel("tv:regnet_x_400mf"),
     ZooModel("tv:regnet_y_400mf"),
     ZooModel("tv:convnext_tiny", heavy="28M params: ~30 s on 2 cores"),
-    ZooModel("tv:swin_t", heavy="28M params: ~1 min on 2 cores"),
+    ZooModel("tv:swin_t", skip="torch-pruning 1.6 cannot trace the shifted-window partition: its reshape index "
+                               "mapping grows without bound (MemoryError past 8 GB at 32 px)"),
     ZooModel("tv:vit_b_16", kwargs={"image_size": 32}, heavy="86M params: ~2 min on 2 cores"),
     ZooModel("tv:maxvit_t", size=64, heavy="31M params: ~1 min on 2 cores"),
     ZooModel("tv:alexnet", size=64, heavy="61M params (4096-wide classifier)"),

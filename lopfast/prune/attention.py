@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Dict, Iterator, List, Tuple
 
 import torch.nn as nn
@@ -36,14 +38,20 @@ def attention_kwargs(model: nn.Module, head_ratio: float) -> Dict:
 
     ``head_ratio``: fraction of the heads removed from every block (at least one head stays).
     """
+    kwargs: Dict = {}
+    mha = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if mha:
+        # torch-pruning prunes nn.MultiheadAttention's embed_dim itself but needs it to stay a multiple
+        # of the head count (else "embed_dim must divide evenly by num_heads" after pruning)
+        kwargs["round_to"] = functools.reduce(lambda a, b: a * b // math.gcd(a, b), mha)
     blocks = attention_blocks(model)
     if not blocks:
-        return {}
+        return kwargs
     heads = {m.qkv: m.num_heads for _, m in blocks}
     fewest = min(heads.values())
     # torch-pruning rounds the number of removed heads up: keep one head in the smallest block
     ratio = max(0.0, min(float(head_ratio), (fewest - 1) / fewest - 1e-6)) if fewest > 1 else 0.0
-    return dict(num_heads=heads, prune_num_heads=ratio > 0, prune_head_dims=False, head_pruning_ratio=ratio)
+    return dict(kwargs, num_heads=heads, prune_num_heads=ratio > 0, prune_head_dims=False, head_pruning_ratio=ratio)
 
 
 def sync_attention(model: nn.Module, pruner) -> None:
@@ -57,6 +65,18 @@ def sync_attention(model: nn.Module, pruner) -> None:
             m.head_dim = head_dim
         if hasattr(m, "attn_dim"):  # timm >= 1.0.10 reshapes the heads' output with it
             m.attn_dim = heads * head_dim
+
+
+def sync_widths(model: nn.Module) -> None:
+    """Write pruned widths back into the attributes that forwards read instead of tensor shapes.
+
+    torchvision's VisionTransformer reshapes the patch embedding with ``hidden_dim``, which
+    torch-pruning does not update when it prunes ``conv_proj``.
+    """
+    for m in model.modules():
+        proj = getattr(m, "conv_proj", None)
+        if isinstance(proj, nn.Conv2d) and isinstance(getattr(m, "hidden_dim", None), int):
+            m.hidden_dim = proj.out_channels
 
 
 def _blocks_of(model: nn.Module, counts) -> Iterator[Tuple[str, nn.Module]]:

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from lopfast.prune.attention import attention_kwargs, sync_attention
+from lopfast.prune.attention import attention_kwargs, sync_attention, sync_widths
 from lopfast.prune.importance import PrecomputedImportance, require_tp
 
 #: the removed-parameter fraction must land within this of ``target_removed`` (0.5 points)
@@ -167,6 +167,7 @@ class Engine:
                 record.setdefault((name, side), []).extend(int(i) for i in idxs)
             group.prune()
         sync_attention(model, pruner)
+        sync_widths(model)
         model.train(was_training)
         self.evaluations += 1
         return model, record
