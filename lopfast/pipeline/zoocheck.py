@@ -84,9 +84,13 @@ def _logits(out) -> torch.Tensor:
 
 @torch.no_grad()
 def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
-    """Set the BatchNorm running statistics from ``x``: with random weights and fresh statistics
-    the signal of a deep net fades to nothing (GoogLeNet's logits are its bias alone), and
-    the exactness checks would compare constants."""
+    """Set the BatchNorm running statistics from ``x`` (and draw zero-initialised linear weights):
+    with random weights and fresh statistics the signal of a deep net fades to nothing
+    (GoogLeNet's logits are its bias alone), and the exactness checks would compare constants."""
+    for m in model.modules():
+        # zero-initialised layers (torchvision ViT's head) would make every logit 0 and the checks vacuous
+        if isinstance(m, nn.Linear) and not bool(m.weight.any()):
+            nn.init.normal_(m.weight, std=0.02)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in bns]
     for m in bns:
