@@ -36,12 +36,12 @@ _VIT_32 = {"img_size": 32}
 ZOO: List[ZooModel] = [
     # torchvision classifiers, smallest variant per family
     ZooModel("tv:resnet18"),
-    ZooModel("tv:resnext50_32x4d", heavy="25M params: grouped-conv expansion takes ~1 min on 2 cores"),
-    ZooModel("tv:wide_resnet50_2", heavy="69M params: ~3 min on 2 cores"),
-    ZooModel("tv:vgg11_bn", heavy="129M params (4096-wide classifier): save/load of ~0.5 GB"),
-    ZooModel("tv:densenet121", heavy="121 layers of concatenations: ~1 min on 2 cores"),
+    ZooModel("tv:resnext50_32x4d", heavy="25M params, 32-group convs: ~90 s"),
+    ZooModel("tv:wide_resnet50_2", heavy="69M params: ~200 s"),
+    ZooModel("tv:vgg11_bn", heavy="129M params, 4096-wide linears expanded: ~8 min"),
+    ZooModel("tv:densenet121"),
     ZooModel("tv:googlenet"),
-    ZooModel("tv:inception_v3", size=80, heavy="needs 75+ px inputs; 24M params"),
+    ZooModel("tv:inception_v3", size=80),  # needs 75+ px
     ZooModel("tv:mobilenet_v2"),
     ZooModel("tv:mobilenet_v3_small"),
     ZooModel("tv:mnasnet0_5"),
@@ -52,12 +52,14 @@ ZOO: List[ZooModel] = [
     ZooModel("tv:efficientnet_v2_s", heavy="21M params: ~1 min on 2 cores"),
     ZooModel("tv:regnet_x_400mf"),
     ZooModel("tv:regnet_y_400mf"),
-    ZooModel("tv:convnext_tiny", heavy="28M params: ~30 s on 2 cores"),
+    ZooModel("tv:convnext_tiny"),
     ZooModel("tv:swin_t", skip="torch-pruning 1.6 cannot trace the shifted-window partition: its reshape index "
                                "mapping grows without bound (MemoryError past 8 GB at 32 px)"),
-    ZooModel("tv:vit_b_16", kwargs={"image_size": 32}, heavy="86M params: ~2 min on 2 cores"),
-    ZooModel("tv:maxvit_t", size=64, heavy="31M params: ~1 min on 2 cores"),
-    ZooModel("tv:alexnet", size=64, heavy="61M params (4096-wide classifier)"),
+    ZooModel("tv:vit_b_16", kwargs={"image_size": 32}),
+    ZooModel("tv:maxvit_t", size=224, skip="torch-pruning 1.6 cannot trace the block/grid partitions: its reshape "
+                                            "index mapping grows without bound (MemoryError past 8 GB at 224 px, "
+                                            "the smallest size its 7x7 partitions take)"),
+    ZooModel("tv:alexnet", size=64, heavy="61M params, 4096-wide linears expanded: ~85 s"),
     # timm families, smallest variant
     ZooModel("timm:resnet10t"),
     ZooModel("timm:convnext_atto"),
