@@ -49,7 +49,7 @@ ZOO: List[ZooModel] = [
                                             "shuffle (view/transpose/view, then chunk/cat); lopfast.prune refuses it"),
     ZooModel("tv:squeezenet1_1"),
     ZooModel("tv:efficientnet_b0"),
-    ZooModel("tv:efficientnet_v2_s", heavy="21M params: ~1 min on 2 cores"),
+    ZooModel("tv:efficientnet_v2_s", heavy="21M params, 171 expanded layers: ~75 s"),
     ZooModel("tv:regnet_x_400mf"),
     ZooModel("tv:regnet_y_400mf"),
     ZooModel("tv:convnext_tiny"),
