@@ -16,15 +16,15 @@ ext_modules = []
 cmdclass = {}
 
 if os.environ.get("LOPFAST_BUILD_CUDA", "0") == "1":
+    import runpy
+
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    archs = os.environ.get("LOPFAST_CUDA_ARCH", "90").replace(";", ",").split(",")
-    gencode = []
-    for arch in archs:
-        arch = arch.strip().replace(".", "")
-        if arch:
-            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     here = os.path.dirname(os.path.abspath(__file__))
+    # the one set of flags the JIT build (lopfast/ops/cuda_ext.py) uses too; read by path, since
+    # importing lopfast would import all of it
+    flags = runpy.run_path(os.path.join(here, "lopfast", "_build_flags.py"))
+    gencode = flags["gencode_flags"](os.environ.get("LOPFAST_CUDA_ARCH", flags["DEFAULT_ARCHS"]))
     sources = sorted(
         os.path.join("csrc", f)
         for f in os.listdir(os.path.join(here, "csrc"))
@@ -34,7 +34,7 @@ if os.environ.get("LOPFAST_BUILD_CUDA", "0") == "1":
         CUDAExtension(
             name="lopfast._C",
             sources=sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"] + gencode},
+            extra_compile_args={"cxx": list(flags["CXX_FLAGS"]), "nvcc": flags["NVCC_FLAGS"] + gencode},
         )
     )
     cmdclass["build_ext"] = BuildExtension

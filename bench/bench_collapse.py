@@ -26,14 +26,13 @@ On CPU every benchmark runs with one intra-op thread (see ``_one_cpu_thread``).
 import json
 import os
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lopfast
-from conftest import BENCH_SIZE, make_conv_layer, sync, timing
+from conftest import BENCH_SIZE, TINY, make_conv_layer, results_dir, sync, timing
 
 CUDA = torch.cuda.is_available()
 FULL = BENCH_SIZE == "full"
@@ -42,6 +41,9 @@ LAYERS = {
     "imagenet": dict(channels=512, size=7, batch=32) if FULL else dict(channels=128, size=7, batch=8),
 }
 NET = dict(width=64, size=32, batch=64) if FULL else dict(width=16, size=16, batch=8)
+if TINY:  # the CI smoke test: every benchmark once, at sizes where only "it runs" is measured
+    LAYERS = {"cifar": dict(channels=8, size=8, batch=2), "imagenet": dict(channels=16, size=4, batch=2)}
+    NET = dict(width=4, size=8, batch=2)
 RATES = [2, 3, 4]
 PRECISIONS = ["fp32"] + (["bf16-autocast"] if CUDA else [])
 LAYER_VARIANTS = ["compact", "collapsed", "chain"]
@@ -265,8 +267,7 @@ def ratio_table():
         print(f"{'':<11}{r['kind']:<5} {r['name']:<16} {r['rate']:>4} {r['precision']:<13} {r['variant']:<18}"
               f" {r['median_ms']:>10.2f} {f(r['x_compact']):>9} {r['min_ms']:>8.2f} {f(r['x_compact_min']):>8}"
               f" {r['compact_equiv_gflops']:>8.1f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = results_dir()
     # CPU timings ran on one thread (the fixture above); it is restored by the time we get here
     machine = dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                    gpu=torch.cuda.get_device_name() if CUDA else None, threads=None if CUDA else 1)

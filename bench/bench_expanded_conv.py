@@ -19,17 +19,19 @@ import json
 import os
 import platform
 import socket
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_conv_layer, sync, timing
+from conftest import TINY, make_conv_layer, results_dir, sync, timing
 
 LAYERS = {
     "cifar-64ch-32x32-b64": dict(channels=64, size=32, batch=64),
     "imagenet-512ch-7x7-b32": dict(channels=512, size=7, batch=32),
 }
+if TINY:  # the CI smoke test: every benchmark once, at sizes where only "it runs" is measured
+    LAYERS = {"cifar-8ch-8x8-b2": dict(channels=8, size=8, batch=2),
+              "imagenet-16ch-4x4-b2": dict(channels=16, size=4, batch=2)}
 RATES = [2, 3]
 COMPILE = os.environ.get("LOPFAST_BENCH_COMPILE", "1" if torch.cuda.is_available() else "0") == "1"
 VARIANTS = ["compact", "collapsed", "chain"] + (["collapsed-compile"] if COMPILE else [])
@@ -70,8 +72,7 @@ def _write_table():
     for r in rows:
         ratio = f"{r['ratio_to_compact']:.2f}" if r["ratio_to_compact"] else "-"
         print(f"{r['layer']:<26} {r['rate']:>4}  {r['variant']:<18} {1e3 * r['median_s']:>11.2f}  {ratio:>9}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = results_dir()
     machine = dict(
         host=socket.gethostname(), platform=platform.platform(), processor=platform.processor(),
         cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,

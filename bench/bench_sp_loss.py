@@ -24,14 +24,13 @@ table (median / median eager) is printed and written to bench/results/sp_loss-<c
 import json
 import os
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lopfast
-from conftest import BENCH_SIZE, sync, timing
+from conftest import BENCH_SIZE, TINY, results_dir, sync, timing
 
 CUDA = torch.cuda.is_available()
 COMPILE = os.environ.get("LOPFAST_BENCH_COMPILE", "1" if CUDA else "0") == "1"
@@ -41,11 +40,11 @@ SMALL = BENCH_SIZE != "full"
 
 def resnet56_shapes():
     shapes = [(16, 32, 32)] * 19 + [(32, 16, 16)] * 18 + [(64, 8, 8)] * 18
-    return shapes, (32 if SMALL else 256)
+    return shapes, (4 if TINY else 32 if SMALL else 256)
 
 
 def resnet50_shapes():
-    s = 2 if SMALL else 1
+    s = 8 if TINY else 2 if SMALL else 1
     shapes = [(64, 112 // s, 112 // s)]
     size = 56 // s
     for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
@@ -56,7 +55,7 @@ def resnet50_shapes():
             shapes += [(width, in_size, in_size), (width, size, size), (4 * width, size, size)]
             if i == 0:
                 shapes.append((4 * width, size, size))  # downsample projection
-    return shapes, (8 if SMALL else 64)
+    return shapes, (2 if TINY else 8 if SMALL else 64)
 
 
 NETS = {"resnet56-cifar": resnet56_shapes, "resnet50-imagenet": resnet50_shapes}
@@ -116,8 +115,7 @@ def ratio_table():
         ratio = f"{r['ratio_to_eager']:.2f}" if r["ratio_to_eager"] else "-"
         print(f"{r['net']:<19} {r['dtype']:<5} {r['variant']:<10} {r['batch']:>5} {r['pairs']:>5} "
               f"{1e3 * r['median_s']:>11.2f}  {ratio:>7} {r['GBps']:>6.1f} {r['GFLOPs']:>8.1f}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = results_dir()
     machine = dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
                    torch=torch.__version__, size=BENCH_SIZE, compile=COMPILE, rounds=ROUNDS,
                    threads=None if CUDA else 1,

@@ -50,7 +50,9 @@ __global__ void sq_diff_kernel(const ACC* a, const ACC* c, long long n, ACC scal
     s += d * d;
   }
   s = block_sum(s);
-  if (threadIdx.x == 0) atomicAdd(loss, s * scale);
+  // launched as ONE block: a plain read-add-write after the pairs before it on the stream keeps the
+  // summation order fixed (bitwise repeatable; an atomicAdd from many blocks would not be)
+  if (threadIdx.x == 0) *loss += s * scale;
 }
 
 // One block per row i: dG_i from the normalised Grams (gs, gt), raw student norms, go.
@@ -105,7 +107,7 @@ cudaError_t pair_forward(const S* qs, const S* qt, int b, long long ds, long lon
   if (e != cudaSuccess) return e;
   e = normalized_gram(qt, b, dt, gt, nt, st);
   if (e != cudaSuccess) return e;
-  sq_diff_kernel<ACC><<<blocks_for(bb), kThreads, 0, st>>>(gt, gs, bb, ACC(1) / (ACC(b) * ACC(b)), loss);
+  sq_diff_kernel<ACC><<<1, kThreads, 0, st>>>(gt, gs, bb, ACC(1) / (ACC(b) * ACC(b)), loss);
   return cudaGetLastError();
 }
 

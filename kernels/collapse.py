@@ -1,462 +1,427 @@
-"""Triton kernels for collapsing expanded conv chains, one layer or a whole model per launch.
+"""Triton kernels for the collapse: one persistent grouped GEMM over a table of problems.
 
-The maths (per group ``g`` and kernel tap ``t`` of a 1x1 -> kxk -> 1x1 chain, ``T = kh*kw``)::
+The collapse W_t = A3 . A2_t . A1 of every layer is a handful of folded GEMMs (the kernel taps
+folded into a GEMM dimension; the maths and both association orders are documented in
+``lopfast.ops.collapse_gemm``): 2 dependent products forward, 2 x 2 backward. Layers of one
+shape class (same groups and sizes) are stacked, so each product is a *batched* GEMM over
+layers x groups; every product of every class of a model that can run at the same time goes
+into ONE launch of ``grouped_gemm_kernel``:
 
-    forward   W_t  = A3 . A2_t . A1                      (n_g x m_g, one per tap)
-    backward  dA2_t = A3^T . dW_t . A1^T                 (q_g x p_g, one per tap)
-              dA1   = sum_t A2_t^T . A3^T . dW_t         (p_g x m_g)
-              dA3   = sum_t dW_t . A1^T . A2_t^T         (n_g x q_g)
+* a problem table (``PROB_FIELDS`` int64 per problem): sizes M, N, K, the problem's first
+  tile, its tile counts, and for A, B and C an element offset into the launch's flat buffer,
+  a batch stride and a leading dimension (C: both strides). Offsets, not pointers: the CPU
+  interpreter cannot load through loaded pointers, and one flat buffer per operand role keeps
+  the table a plain int64 tensor;
+* a persistent tile scheduler: ``grid = min(tiles, 2 x SMs)`` programs walk the tiles of all
+  problems (``tile = pid, pid + grid, ...``), find their problem by a scan of the (few)
+  problem starts, and run a K loop of ``tl.dot`` with fp32 accumulation, pipelined by
+  ``num_stages``. The planner orders problems by K (longest tiles first) so the tail is short;
+* which operand dimension is contiguous (A: K or M; B: N or K) and whether every offset,
+  stride and size of the launch is a multiple of 16 are compile-time flags of the launch, so
+  loads are vectorised (16-byte) along the contiguous dimension with masks the compiler can
+  prove uniform. Unaligned problems (a 3-channel stem, odd widths) go to a separate launch
+  of the unaligned variant instead of slowing every problem down.
 
-with A1 = W1[g] (p_g x m_g), A2_t = W2[g, :, :, t] (q_g x p_g), A3 = W3[g] (n_g x q_g).
-Every one of these is a triple product ``O = X . Y . Z`` (taps either one output each or
-summed), so ONE generic kernel computes all of them, for any mix of layers, described by
-two int64 tables:
+The planner groups the products of one phase by (A, B, C buffer, layout flags, alignment):
+a forward is 2 launches (3-4 when both association orders occur), a backward 4 (up to 8 with
+unaligned classes), whatever the number of layers. Intermediates (S = A2.A1 or U = A3.A2, and
+P = A3^T.dW or Q = dW.A1^T) live in workspaces in the factors' dtype, as torch.matmul would
+round them. fp32 products are IEEE (``input_precision="ieee"``) unless the caller passes
+"tf32" (the op reads PyTorch's own setting); fp16/bf16 use their tensor-core MMA with fp32
+accumulation. fp64 never reaches ``tl.dot`` (sm_90 has no fp64 ``tl.dot``; the op routes fp64
+to torch.matmul). No atomics, fixed-order K loops: results are deterministic.
 
-``desc`` (one row of ``NDESC`` int64 per product): sizes I, J, K, L and, for each operand
-X (I x K), Y (K x L), Z (L x J) and the output O (I x J), a source buffer code, an element
-offset, a group stride, a row stride, a column stride and a tap stride. Transposes are free
-(swap the two strides), so the host also decides the association order.
-
-``tiles`` (one row of ``TILE_FIELDS`` int64 per program): descriptor index, group, tap range
-[t_lo, t_hi) and the output tile origin (i0, j0). A product whose output is per tap gets one
-tile row per tap; a tap-summed product loops over all taps inside one program.
-
-Why tables of offsets instead of a list of tensors: Triton cannot take a variable number of
-tensor arguments, and a table of raw pointers would need loads through loaded pointers, which
-the CPU interpreter does not support. All layers' factors therefore travel as one flat buffer
-(``A``), the incoming gradients as another (``B``), and the kernel addresses them by offset.
-
-Back-to-back fusion recomputes the inner product ``Y . Z`` once per row tile of the output.
-For small layers (the usual case after pruning) that is free and the whole collapse is a
-single launch; when the redundancy would cost more than ~1.5x the flops, the planner splits
-the product in two (``M = Y . Z`` into an fp32 workspace ``Wk``, then ``X . M``) and the
-second halves of all split products run in a second launch. So: forward 1 launch (2 when some
-layer is big), backward 1 launch (2 when some layer is big), whatever the number of layers.
-
-Accumulation is fp32 (fp64 for fp64 factors). ``tl.dot`` runs with ``input_precision="ieee"``
-(fp32 FMA, no tensor cores) unless ``torch.backends.cuda.matmul.allow_tf32`` is set, the same
-rule PyTorch's own matmuls follow, so the kernel never rounds more than the reference would.
-fp16/bf16 factors are upcast to fp32 before the products. Outputs are in the factors' dtype.
 Launchers only: tensors in, tensors out; no ``torch.nn``, no other lopfast imports.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------- table layout
-NDESC = 32  # int64 fields per descriptor row (29 used, padded)
-TILE_FIELDS = 6  # desc, g, t_lo, t_hi, i0, j0
-SRC_A, SRC_B, SRC_WS = 0, 1, 2  # operand sources: flat factors, flat gradient, workspace
-DST_OUT, DST_WS = 0, 1
+PROB_FIELDS = 16  # M N K tile_start tiles_n tiles_mn | a_off a_sb a_ld | b_off b_sb b_ld | c_off c_sb c_sm c_sn
+LAUNCH_FIELDS = 9  # a_buf b_buf c_buf a_kcontig b_ncontig aligned row_start n_probs n_tiles
+ALIGN = 16  # elements: segment starts are padded to this, and "aligned" launches need it everywhere
 
-# descriptor field indices (documented once, used by the planner; the kernel hard-codes them)
-_F = dict(
-    has_y=0, I=1, J=2, K=3, L=4,
-    x_src=5, x_off=6, x_sg=7, x_si=8, x_sk=9, x_st=10,
-    y_src=11, y_off=12, y_sg=13, y_sk=14, y_sl=15, y_st=16,
-    z_src=17, z_off=18, z_sg=19, z_sl=20, z_sj=21, z_st=22,
-    o_dst=23, o_off=24, o_sg=25, o_si=26, o_sj=27, o_st=28,
-)
-
-DEFAULT_BLOCK = 32
-
-
-# ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _load_tile(a_ptr, b_ptr, w_ptr, src, off, r_idx, c_idx, s_r, s_c, mask, ACC: tl.constexpr):
-    """Load a (rows x cols) tile from the buffer named by ``src``, converted to ACC."""
-    offs = off + r_idx[:, None] * s_r + c_idx[None, :] * s_c
-    if src == 0:
-        v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(ACC)
-    elif src == 1:
-        v = tl.load(b_ptr + offs, mask=mask, other=0.0).to(ACC)
-    else:
-        v = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
-    return v
+# one tile shape per dtype: 64 x 64 output tiles, K step 32 (fp32) / 64 (16-bit), 3 stages.
+# See aot_variants(): these compile for sm_90 with no spills.
+CONFIGS = {
+    torch.float32: dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3),
+    torch.float16: dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
+    torch.bfloat16: dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
+}
+# unaligned launches (odd widths: a stem, tiny layers) load element by element; smaller tiles
+# keep their address registers in budget (64 x 64 spilled there)
+CONFIGS_UNALIGNED = {
+    torch.float32: dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    torch.float16: dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+    torch.bfloat16: dict(BM=32, BN=32, BK=32, num_warps=4, num_stages=2),
+}
 
 
-@triton.jit
-def _mm(a, b, F64: tl.constexpr, TF32: tl.constexpr):
-    # fp32 operands: IEEE fp32 unless the caller allows tf32 (the launcher follows
-    # torch.backends.cuda.matmul.allow_tf32, as PyTorch's own matmuls do); Triton's GPU default
-    # would be tf32 regardless, rounding the factors to 10 mantissa bits.
-    if F64:
-        return tl.dot(a, b)
-    elif TF32:
-        return tl.dot(a, b, input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def _chain3_kernel(
-    a_ptr, b_ptr, w_ptr, o_ptr, desc_ptr, tile_ptr,
-    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
-    ACC: tl.constexpr, F64: tl.constexpr, TF32: tl.constexpr,
+# ----------------------------------------------------------------------------- kernel
+@triton.jit(do_not_specialize=["n_probs", "n_tiles"])
+def grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, prob_ptr, n_probs, n_tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    A_KCONTIG: tl.constexpr, B_NCONTIG: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One output tile of O = X.Y.Z (has_y=1) or O = X.Z (has_y=0), per tap or tap-summed."""
+    """C[b] = A[b] . B[b] for every problem of the table, one output tile per iteration."""
     pid = tl.program_id(0)
-    tp = tile_ptr + pid * 6
-    d = tl.load(tp + 0)
-    g = tl.load(tp + 1)
-    t_lo = tl.load(tp + 2)
-    t_hi = tl.load(tp + 3)
-    i0 = tl.load(tp + 4)
-    j0 = tl.load(tp + 5)
-    dp = desc_ptr + d * 32
-    has_y = tl.load(dp + 0)
-    I = tl.load(dp + 1)
-    J = tl.load(dp + 2)
-    K = tl.load(dp + 3)
-    L = tl.load(dp + 4)
-    x_src = tl.load(dp + 5)
-    x_off = tl.load(dp + 6) + g * tl.load(dp + 7)
-    x_si = tl.load(dp + 8)
-    x_sk = tl.load(dp + 9)
-    x_st = tl.load(dp + 10)
-    y_src = tl.load(dp + 11)
-    y_off = tl.load(dp + 12) + g * tl.load(dp + 13)
-    y_sk = tl.load(dp + 14)
-    y_sl = tl.load(dp + 15)
-    y_st = tl.load(dp + 16)
-    z_src = tl.load(dp + 17)
-    z_off = tl.load(dp + 18) + g * tl.load(dp + 19)
-    z_sl = tl.load(dp + 20)
-    z_sj = tl.load(dp + 21)
-    z_st = tl.load(dp + 22)
-    o_dst = tl.load(dp + 23)
-    o_off = tl.load(dp + 24) + g * tl.load(dp + 25)
-    o_si = tl.load(dp + 26)
-    o_sj = tl.load(dp + 27)
-    o_st = tl.load(dp + 28)
-
-    ri = i0 + tl.arange(0, BI)
-    rj = j0 + tl.arange(0, BJ)
-    mi = ri < I
-    mj = rj < J
-    acc = tl.zeros((BI, BJ), dtype=ACC)
-    for t in range(t_lo, t_hi):
-        xo = x_off + t * x_st
-        yo = y_off + t * y_st
-        zo = z_off + t * z_st
+    nprog = tl.num_programs(0)
+    for tile in range(pid, n_tiles, nprog):
+        # problem of this tile: the table is sorted by tile_start and holds a few rows
+        pr = 0
+        for i in range(1, n_probs):
+            pr += (tl.load(prob_ptr + i * 16 + 3) <= tile).to(tl.int32)
+        row = prob_ptr + pr * 16
+        M = tl.load(row + 0)
+        N = tl.load(row + 1)
+        K = tl.load(row + 2)
+        local = tile - tl.load(row + 3)
+        tiles_n = tl.load(row + 4)
+        tiles_mn = tl.load(row + 5)
+        a_off = tl.load(row + 6)
+        a_sb = tl.load(row + 7)
+        a_ld = tl.load(row + 8)
+        b_off = tl.load(row + 9)
+        b_sb = tl.load(row + 10)
+        b_ld = tl.load(row + 11)
+        c_off = tl.load(row + 12)
+        c_sb = tl.load(row + 13)
+        c_sm = tl.load(row + 14)
+        c_sn = tl.load(row + 15)
+        if ALIGNED:
+            # true for every problem of an aligned launch (the planner checks): lets the
+            # compiler issue 16-byte loads and treat the K/M/N masks as uniform per vector
+            M = tl.multiple_of(M, 16)
+            N = tl.multiple_of(N, 16)
+            K = tl.multiple_of(K, 16)
+            a_off = tl.multiple_of(a_off, 16)
+            a_sb = tl.multiple_of(a_sb, 16)
+            a_ld = tl.multiple_of(a_ld, 16)
+            b_off = tl.multiple_of(b_off, 16)
+            b_sb = tl.multiple_of(b_sb, 16)
+            b_ld = tl.multiple_of(b_ld, 16)
+        bi = local // tiles_mn
+        r = local - bi * tiles_mn
+        pm = r // tiles_n
+        pn = r - pm * tiles_n
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_base = a_ptr + (a_off + bi * a_sb)
+        b_base = b_ptr + (b_off + bi * b_sb)
+        if A_KCONTIG:
+            a_ptrs = a_base + rm[:, None] * a_ld + rk[None, :]
+            a_step = BK
+        else:
+            a_ptrs = a_base + rm[:, None] + rk[None, :] * a_ld
+            a_step = BK * a_ld
+        if B_NCONTIG:
+            b_ptrs = b_base + rk[:, None] * b_ld + rn[None, :]
+            b_step = BK * b_ld
+        else:
+            b_ptrs = b_base + rk[:, None] + rn[None, :] * b_ld
+            b_step = BK
+        m_ok = rm[:, None] < M
+        n_ok = rn[None, :] < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            mk = rk < K
-            if has_y != 0:
-                # back-to-back: inner = Y[k-block, :] . Z[:, j-tile] stays in registers
-                inner = tl.zeros((BK, BJ), dtype=ACC)
-                for l0 in range(0, L, BL):
-                    rl = l0 + tl.arange(0, BL)
-                    ml = rl < L
-                    yv = _load_tile(a_ptr, b_ptr, w_ptr, y_src, yo, rk, rl, y_sk, y_sl,
-                                    mk[:, None] & ml[None, :], ACC)
-                    zv = _load_tile(a_ptr, b_ptr, w_ptr, z_src, zo, rl, rj, z_sl, z_sj,
-                                    ml[:, None] & mj[None, :], ACC)
-                    inner += _mm(yv, zv, F64, TF32)
+            k_left = K - k0
+            a = tl.load(a_ptrs, mask=m_ok & (rk[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & n_ok, other=0.0)
+            if PREC == "none":  # 16-bit inputs: tensor-core MMA, fp32 accumulation
+                acc = tl.dot(a, b, acc)
             else:
-                inner = _load_tile(a_ptr, b_ptr, w_ptr, z_src, zo, rk, rj, z_sl, z_sj,
-                                   mk[:, None] & mj[None, :], ACC)
-            xv = _load_tile(a_ptr, b_ptr, w_ptr, x_src, xo, ri, rk, x_si, x_sk,
-                            mi[:, None] & mk[None, :], ACC)
-            acc += _mm(xv, inner, F64, TF32)
-    oo = o_off + t_lo * o_st + ri[:, None] * o_si + rj[None, :] * o_sj
-    om = mi[:, None] & mj[None, :]
-    if o_dst == 0:
-        tl.store(o_ptr + oo, acc.to(o_ptr.dtype.element_ty), mask=om)
-    else:
-        tl.store(w_ptr + oo, acc.to(w_ptr.dtype.element_ty), mask=om)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+            a_ptrs += a_step
+            b_ptrs += b_step
+        c_ptrs = c_ptr + (c_off + bi * c_sb) + rm[:, None] * c_sm + rn[None, :] * c_sn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
 
 
 # ----------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
-class LayerShape:
-    """Shape of one chain: G groups, n_g x m_g compact kernel, p_g / q_g inner widths, kh x kw taps."""
+class ClassSpec:
+    """One shape class: ``L`` layers of ``G`` groups, per group W_eff (n x m) per tap, inner
+    widths p, q, ``T`` taps, association order ``left`` (see lopfast.ops.collapse_gemm)."""
 
+    L: int
     G: int
-    n_g: int
-    m_g: int
-    p_g: int
-    q_g: int
-    kh: int
-    kw: int
+    n: int
+    m: int
+    p: int
+    q: int
+    T: int
+    left: bool
 
     @property
-    def T(self) -> int:
-        return self.kh * self.kw
+    def B(self) -> int:
+        return self.L * self.G
 
     @property
-    def numels(self) -> Tuple[int, int, int]:
-        """Element counts of W1, W2, W3."""
-        G, T = self.G, self.T
-        return G * self.p_g * self.m_g, G * self.q_g * self.p_g * T, G * self.n_g * self.q_g
-
-    @property
-    def out_numel(self) -> int:
-        return self.G * self.n_g * self.m_g * self.T
+    def inter(self) -> int:
+        """Elements of the intermediate (S: q*T*m or U: n*T*p) per batch entry."""
+        return self.n * self.T * self.p if self.left else self.q * self.T * self.m
 
 
-def layer_shape(w1_shape, w2_shape, w3_shape, groups: int) -> LayerShape:
-    """LayerShape from the factor shapes (W1 (p, m_g,1,1), W2 (q, p_g, kh, kw), W3 (n, q_g,1,1))."""
-    G = int(groups)
-    p, m_g = int(w1_shape[0]), int(w1_shape[1])
-    q, p_g, kh, kw = (int(s) for s in w2_shape)
-    n, q_g = int(w3_shape[0]), int(w3_shape[1])
-    if G < 1 or p != G * p_g or q != G * q_g or n % G:
-        raise ValueError(
-            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1_shape)}, w2 {tuple(w2_shape)}, "
-            f"w3 {tuple(w3_shape)}"
-        )
-    return LayerShape(G, n // G, m_g, p_g, q_g, kh, kw)
+def _up(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
 class _Mat:
-    """A strided matrix view per group: element (r, c) of tap t in group g at
-    off + g*sg + r*sr + c*sc + t*st of buffer ``src``."""
+    """Matrix ``b`` of a batch in buffer ``buf``: (r, c) at off + b*sb + r*ld + c (trans: c*ld + r)."""
 
-    src: int
+    buf: int
     off: int
-    sg: int
-    sr: int
-    sc: int
-    st: int
+    sb: int
+    rows: int
+    cols: int
+    ld: int
+    trans: bool = False
 
     @property
-    def T(self) -> "_Mat":
-        return _Mat(self.src, self.off, self.sg, self.sc, self.sr, self.st)
+    def t(self) -> "_Mat":
+        return _Mat(self.buf, self.off, self.sb, self.cols, self.rows, self.ld, not self.trans)
 
 
-@dataclass
-class _Program:
-    """Descriptor rows plus the tile rows of each launch phase."""
+@dataclass(frozen=True)
+class ClassLayout:
+    """Offsets of one class's segments: in the packed factors (W1s, W2c, W3s, each
+    (L*G, ...) contiguous), the canonical output Wc (L*G, n, T, m) and the workspaces."""
 
-    desc: List[List[int]] = field(default_factory=list)
-    # per phase: (estimated work of one program, int64 tile rows of one descriptor)
-    phases: Tuple[List[Tuple[int, torch.Tensor]], List[Tuple[int, torch.Tensor]]] = field(
-        default_factory=lambda: ([], [])
-    )
-    ws_numel: int = 0
-    # split intermediates already scheduled, by (operands, sizes, groups, taps)
-    shared: dict = field(default_factory=dict)
-
-    def add(self, phase: int, has_y: int, I, J, K, L, X: _Mat, Y: Optional[_Mat], Z: _Mat,
-            O: _Mat, G: int, T: int, per_tap: bool, block: int) -> None:
-        Y = Y or _Mat(0, 0, 0, 0, 0, 0)
-        row = [0] * NDESC
-        vals = dict(
-            has_y=has_y, I=I, J=J, K=K, L=L,
-            x_src=X.src, x_off=X.off, x_sg=X.sg, x_si=X.sr, x_sk=X.sc, x_st=X.st,
-            y_src=Y.src, y_off=Y.off, y_sg=Y.sg, y_sk=Y.sr, y_sl=Y.sc, y_st=Y.st,
-            z_src=Z.src, z_off=Z.off, z_sg=Z.sg, z_sl=Z.sr, z_sj=Z.sc, z_st=Z.st,
-            o_dst=O.src, o_off=O.off, o_sg=O.sg, o_si=O.sr, o_sj=O.sc, o_st=O.st,
-        )
-        for k, v in vals.items():
-            row[_F[k]] = int(v)
-        d = len(self.desc)
-        self.desc.append(row)
-        # estimated work of one program, used to schedule the biggest tiles first
-        kp, lp = _ceil(K, block), _ceil(L, block)
-        t_cnt = 1 if per_tap else T
-        work = t_cnt * kp * block * block * ((lp + 1) * block if has_y else block)
-        # tile rows (d, g, t_lo, t_hi, i0, j0) for every group x tap range x i-tile x j-tile,
-        # built as one tensor product (a Python loop takes seconds for ResNet-50-sized plans)
-        ar = lambda *a: torch.arange(*a, dtype=torch.int64)  # noqa: E731
-        t_lo = ar(T) if per_tap else ar(1)
-        g, t, i0, j0 = torch.meshgrid(ar(G), t_lo, ar(0, I, block), ar(0, J, block), indexing="ij")
-        t_hi = t + 1 if per_tap else torch.full_like(t, T)
-        tiles = torch.stack([torch.full_like(g, d), g, t, t_hi, i0, j0], dim=-1).reshape(-1, TILE_FIELDS)
-        self.phases[phase].append((work, tiles))
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _emit_product(prog: _Program, X: _Mat, Y: _Mat, Z: _Mat, O: _Mat, I: int, K: int, L: int,
-                  J: int, G: int, T: int, per_tap: bool, block: int, split: str) -> None:
-    """Schedule O = X.Y.Z (X: I x K, Y: K x L, Z: L x J) for all groups and taps.
-
-    Candidates: fused right (X.(Y.Z) per tile), fused left (the same on the transpose),
-    split right (M = Y.Z, then X.M), split left (M = X.Y, then M.Z). A split intermediate
-    already computed for another product of the same program is reused for free (the
-    backward's dW.A1^T serves dA2 and dA3, A3^T.dW serves dA1 and dA2). Fused is kept unless
-    its recomputation costs more than 1.5x the split flops (the split pays a workspace round
-    trip and possibly a second launch).
-    """
-    b = block
-    c = lambda n: _ceil(n, b) * b  # noqa: E731 - padded size
-
-    def fused(I_, K_, L_, J_):
-        return _ceil(I_, b) * _ceil(J_, b) * (c(K_) * c(L_) * b + b * c(K_) * b)
-
-    taps_r = T if (Y.st or Z.st) else 1
-    taps_l = T if (X.st or Y.st) else 1
-    key_r = (Y, Z, K, L, J, G, taps_r)
-    key_l = (X, Y, I, K, L, G, taps_l)
-    fused_r, fused_l = fused(I, K, L, J), fused(J, L, K, I)
-    split_r = (0 if key_r in prog.shared else c(K) * c(L) * c(J)) + c(I) * c(K) * c(J)
-    split_l = (0 if key_l in prog.shared else c(I) * c(K) * c(L)) + c(I) * c(L) * c(J)
-    use_split = split == "always" or (split == "auto" and min(fused_r, fused_l) > 1.5 * min(split_r, split_l))
-    if not use_split:
-        if fused_l < fused_r:  # O^T = Z^T . Y^T . X^T, right-associated
-            X, Y, Z, O, I, K, L, J = Z.T, Y.T, X.T, O.T, J, L, K, I
-        prog.add(0, 1, I, J, K, L, X, Y, Z, O, G, T, per_tap, b)
-        return
-    if split_r <= split_l:
-        # M_t = Y_t . Z_t (K x J per group and tap) in the workspace, tap-major inside a group
-        M = prog.shared.get(key_r)
-        if M is None:
-            M = _Mat(SRC_WS, prog.ws_numel, taps_r * K * J, J, 1, K * J if taps_r > 1 else 0)
-            prog.ws_numel += G * taps_r * K * J
-            prog.add(0, 0, K, J, L, 0, Y, None, Z, M, G, taps_r, True, b)
-            prog.shared[key_r] = M
-        prog.add(1, 0, I, J, K, 0, X, None, M, O, G, T, per_tap, b)
-    else:
-        # M_t = X_t . Y_t (I x L), then O = M . Z
-        M = prog.shared.get(key_l)
-        if M is None:
-            M = _Mat(SRC_WS, prog.ws_numel, taps_l * I * L, L, 1, I * L if taps_l > 1 else 0)
-            prog.ws_numel += G * taps_l * I * L
-            prog.add(0, 0, I, L, K, 0, X, None, Y, M, G, taps_l, True, b)
-            prog.shared[key_l] = M
-        prog.add(1, 0, I, J, L, 0, M, None, Z, O, G, T, per_tap, b)
+    w1: int
+    w2: int
+    w3: int
+    out: int
+    ws: int
+    gws: int
 
 
 @dataclass
 class CollapsePlan:
-    """Host-side plan of a grouped collapse: flat layouts and the kernel tables.
+    """Host-side plan: buffer sizes, per-class offsets and the launch tables.
 
-    ``param_offsets[i]`` = (offset of W1, W2, W3 of layer i) in the flat factor buffer (the
-    concatenation, in that order, of every layer's flattened W1, W2, W3); ``out_offsets[i]``
-    = offset of layer i's effective kernel in the flat output. Tables are CPU int64 tensors;
-    ``to(device)`` gives the copy a launch needs.
+    ``tables`` holds every problem row (int64, ``PROB_FIELDS`` each); ``fwd``/``bwd`` list the
+    launches of each pass in order, ``LAUNCH_FIELDS`` ints each. Forward buffers: 0 packed
+    factors, 1 workspace, 2 output; backward: 0 factors, 1 forward workspace, 2 output
+    gradient, 3 backward workspace, 4 factor gradient.
     """
 
-    shapes: Tuple[LayerShape, ...]
-    block: int
-    param_offsets: List[Tuple[int, int, int]]
-    out_offsets: List[int]
-    param_numel: int
+    specs: Tuple[ClassSpec, ...]
+    layouts: List[ClassLayout]
+    x_numel: int
     out_numel: int
-    fwd_desc: torch.Tensor
-    fwd_tiles: torch.Tensor
-    fwd_split: int  # tiles[:fwd_split] are launch 1, the rest launch 2
-    fwd_ws: int
-    bwd_desc: torch.Tensor
-    bwd_tiles: torch.Tensor
-    bwd_split: int
-    bwd_ws: int
+    ws_numel: int
+    gws_numel: int
+    tables: torch.Tensor
+    fwd: List[int]
+    bwd: List[int]
 
     def to(self, device) -> "CollapsePlan":
         import dataclasses
 
-        return dataclasses.replace(
-            self,
-            fwd_desc=self.fwd_desc.to(device), fwd_tiles=self.fwd_tiles.to(device),
-            bwd_desc=self.bwd_desc.to(device), bwd_tiles=self.bwd_tiles.to(device),
-        )
+        return dataclasses.replace(self, tables=self.tables.to(device))
+
+    @property
+    def sizes(self) -> List[int]:
+        return [self.x_numel, self.out_numel, self.ws_numel, self.gws_numel]
 
 
-def _finish(prog: _Program) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
-    parts = []
-    for ph in prog.phases:
-        # longest programs first: with many tiny layers next to a big one, the big tiles
-        # must not be the tail that keeps the launch alive (stable sort: order within ties kept)
-        parts += [tiles for _, tiles in sorted(ph, key=lambda wt: -wt[0])]
-    desc = torch.tensor(prog.desc or [[0] * NDESC], dtype=torch.int64)
-    tiles = torch.cat(parts) if parts else torch.zeros(0, TILE_FIELDS, dtype=torch.int64)
-    n_first = sum(t.shape[0] for _, t in prog.phases[0])
-    return desc, tiles, n_first, prog.ws_numel
+@dataclass
+class _Phase:
+    # launch key -> problems (A, B, C, M, N, K, batch)
+    launches: Dict[tuple, list] = field(default_factory=dict)
+
+    def add(self, A: _Mat, Bm: _Mat, C: _Mat, batch: int) -> None:
+        M, K, N = A.rows, A.cols, Bm.cols
+        assert Bm.rows == K and C.rows == M and C.cols == N
+        vals = (A.off, A.sb, A.ld, Bm.off, Bm.sb, Bm.ld, M, N, K)
+        aligned = all(v % ALIGN == 0 for v in vals)
+        key = (A.buf, Bm.buf, C.buf, not A.trans, not Bm.trans, aligned)
+        self.launches.setdefault(key, []).append((A, Bm, C, M, N, K, batch))
 
 
-def plan_collapse(shapes: Sequence[LayerShape], block: int = DEFAULT_BLOCK, split: str = "auto") -> CollapsePlan:
-    """Plan the forward and backward launches of a grouped collapse over ``shapes``.
+def _tile(aligned: bool) -> Tuple[int, int]:
+    """Output tile (BM, BN) of aligned / unaligned launches: the same for every dtype, so one
+    plan serves all dtypes."""
+    cfgs = (CONFIGS if aligned else CONFIGS_UNALIGNED).values()
+    sizes = {(c["BM"], c["BN"]) for c in cfgs}
+    assert len(sizes) == 1, "the planner assumes one output tile per alignment class"
+    return sizes.pop()
 
-    ``split``: "auto" (fuse unless recomputation is expensive), "never" (always one launch)
-    or "always" (two-stage everywhere; used by the tests to exercise both paths).
-    """
-    if split not in ("auto", "never", "always"):
-        raise ValueError(f"split must be 'auto', 'never' or 'always', got {split!r}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16 (tl.dot minimum), got {block}")
-    fwd, bwd = _Program(), _Program()
-    param_offsets, out_offsets = [], []
-    po = oo = 0
-    for s in shapes:
-        n1, n2, n3 = s.numels
-        o1, o2, o3 = po, po + n1, po + n1 + n2
-        param_offsets.append((o1, o2, o3))
-        out_offsets.append(oo)
-        G, T, m, n, p, q = s.G, s.T, s.m_g, s.n_g, s.p_g, s.q_g
-        A1 = _Mat(SRC_A, o1, p * m, m, 1, 0)
-        A2 = _Mat(SRC_A, o2, q * p * T, p * T, T, 1)
-        A3 = _Mat(SRC_A, o3, n * q, q, 1, 0)
-        Wo = _Mat(DST_OUT, oo, n * m * T, m * T, T, 1)  # effective kernel / its gradient layout
-        dW = _Mat(SRC_B, oo, n * m * T, m * T, T, 1)
-        dA1 = _Mat(DST_OUT, o1, p * m, m, 1, 0)
-        dA2 = _Mat(DST_OUT, o2, q * p * T, p * T, T, 1)
-        dA3 = _Mat(DST_OUT, o3, n * q, q, 1, 0)
-        _emit_product(fwd, A3, A2, A1, Wo, n, q, p, m, G, T, True, block, split)
-        _emit_product(bwd, A3.T, dW, A1.T, dA2, q, n, m, p, G, T, True, block, split)
-        _emit_product(bwd, A2.T, A3.T, dW, dA1, p, q, n, m, G, T, False, block, split)
-        _emit_product(bwd, dW, A1.T, A2.T, dA3, n, m, p, q, G, T, False, block, split)
-        po, oo = o3 + n3, oo + s.out_numel
-    fd, ft, fs, fw = _finish(fwd)
-    bd, bt, bs, bw = _finish(bwd)
-    return CollapsePlan(tuple(shapes), block, param_offsets, out_offsets, po, oo,
-                        fd, ft, fs, fw, bd, bt, bs, bw)
+
+def _emit(phases: Sequence[_Phase], rows: List[List[int]], out: List[int]) -> None:
+    for ph in phases:
+        for key, probs in ph.launches.items():
+            bm, bn = _tile(key[5])
+            # longest K first: with strided tile assignment the heaviest tiles start first
+            probs = sorted(probs, key=lambda pr: -pr[5])
+            start, row0 = 0, len(rows)
+            for A, Bm, C, M, N, K, batch in probs:
+                tn, tm = -(-N // bn), -(-M // bm)
+                c_sm, c_sn = (1, C.ld) if C.trans else (C.ld, 1)
+                rows.append([M, N, K, start, tn, tm * tn, A.off, A.sb, A.ld, Bm.off, Bm.sb, Bm.ld,
+                             C.off, C.sb, c_sm, c_sn])
+                start += batch * tm * tn
+            out += [key[0], key[1], key[2], int(key[3]), int(key[4]), int(key[5]), row0, len(probs), start]
+
+
+def plan_collapse(specs: Sequence[ClassSpec]) -> CollapsePlan:
+    """Plan the forward and backward launches over shape classes ``specs``."""
+    X, WS, OUT = 0, 1, 2  # forward buffers
+    BX, BWS, GRAD, GWS, DX = 0, 1, 2, 3, 4  # backward buffers
+    layouts = []
+    xo = oo = wo = 0
+    for s in specs:
+        B, n, m, p, q, T = s.B, s.n, s.m, s.p, s.q, s.T
+        w1 = xo
+        w2 = _up(w1 + B * p * m)
+        w3 = _up(w2 + B * q * T * p)
+        xo = _up(w3 + B * n * q)
+        layouts.append(ClassLayout(w1, w2, w3, oo, wo, wo))
+        oo = _up(oo + B * n * T * m)
+        wo = _up(wo + B * s.inter)
+    f1, f2, b1, b2 = _Phase(), _Phase(), _Phase(), _Phase()
+    for s, lay in zip(specs, layouts):
+        B, n, m, p, q, T = s.B, s.n, s.m, s.p, s.q, s.T
+        A1 = lambda buf: _Mat(buf, lay.w1, p * m, p, m, m)  # noqa: E731
+        A2c = lambda buf, rows, cols: _Mat(buf, lay.w2, q * T * p, rows, cols, cols)  # noqa: E731 - (qT x p) or (q x Tp)
+        A3 = lambda buf: _Mat(buf, lay.w3, n * q, n, q, q)  # noqa: E731
+        Wc = lambda buf, rows, cols: _Mat(buf, lay.out, n * T * m, rows, cols, cols)  # noqa: E731 - (n x Tm) or (nT x m)
+        I = lambda buf, rows, cols: _Mat(buf, lay.ws, s.inter, rows, cols, cols)  # noqa: E731,E741 - S or U, P or Q
+        if not s.left:
+            # forward: S = A2c.A1 (qT x m), Wc = A3.S (n x Tm)
+            f1.add(A2c(X, q * T, p), A1(X), I(WS, q * T, m), B)
+            f2.add(A3(X), I(WS, q, T * m), Wc(OUT, n, T * m), B)
+            # backward: P = A3^T.dW, dA3 = dW.S^T; then dA2c = P.A1^T, dA1 = A2c^T.P
+            b1.add(A3(BX).t, Wc(GRAD, n, T * m), I(GWS, q, T * m), B)
+            b1.add(Wc(GRAD, n, T * m), I(BWS, q, T * m).t, A3(DX), B)
+            b2.add(I(GWS, q * T, m), A1(BX).t, A2c(DX, q * T, p), B)
+            b2.add(A2c(BX, q * T, p).t, I(GWS, q * T, m), A1(DX), B)
+        else:
+            # forward: U = A3.A2c (n x Tp), Wc = U.A1 (nT x m)
+            f1.add(A3(X), A2c(X, q, T * p), I(WS, n, T * p), B)
+            f2.add(I(WS, n * T, p), A1(X), Wc(OUT, n * T, m), B)
+            # backward: dA1 = U^T.dW, Q = dW.A1^T; then dA3 = Q.A2c^T, dA2c = A3^T.Q
+            b1.add(I(BWS, n * T, p).t, Wc(GRAD, n * T, m), A1(DX), B)
+            b1.add(Wc(GRAD, n * T, m), A1(BX).t, I(GWS, n * T, p), B)
+            b2.add(I(GWS, n, T * p), A2c(BX, q, T * p).t, A3(DX), B)
+            b2.add(A3(BX).t, I(GWS, n, T * p), A2c(DX, q, T * p), B)
+    rows: List[List[int]] = []
+    fwd: List[int] = []
+    bwd: List[int] = []
+    _emit([f1, f2], rows, fwd)
+    _emit([b1, b2], rows, bwd)
+    tables = torch.tensor(rows or [[0] * PROB_FIELDS], dtype=torch.int64)
+    return CollapsePlan(tuple(specs), layouts, xo, oo, wo, wo, tables, fwd, bwd)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_SM_COUNT: Dict[int, int] = {}
 
 
-def launch_chain3(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, desc: torch.Tensor,
-                  tiles: torch.Tensor, split: int, ws_numel: int, block: int,
-                  wrap: Callable = lambda k: k) -> torch.Tensor:
-    """Run the table-driven triple-product kernel over ``tiles`` into ``out`` (returned).
+def _programs(n_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        # the interpreter runs programs one after another: a few programs still exercise
+        # the persistent loop (several tiles, several problems per program)
+        return max(1, min(n_tiles, 4))
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return max(1, min(n_tiles, 2 * _SM_COUNT[idx]))
 
-    ``a``/``b``: flat source buffers (same dtype); ``split``: number of first-phase tiles.
-    ``wrap`` is ``torch.library.wrap_triton`` when called from a ``triton_op`` (so
-    torch.compile can trace the launch), the identity otherwise. No host syncs here: the
-    launcher doubles as the fake kernel.
+
+def config(dtype: torch.dtype, aligned: bool = True) -> dict:
+    """Tile configuration shipped for ``dtype`` (fp32, fp16, bf16; fp64 has none)."""
+    if dtype not in CONFIGS:
+        raise TypeError(f"the Triton collapse runs fp32/fp16/bf16, got {dtype} (fp64 goes to torch.matmul)")
+    return (CONFIGS if aligned else CONFIGS_UNALIGNED)[dtype]
+
+
+def run_launches(bufs: Sequence[torch.Tensor], tables: torch.Tensor, launches: Sequence[int], prec: str,
+                 wrap: Callable = lambda k: k) -> None:
+    """Run ``launches`` (``LAUNCH_FIELDS`` ints each, from a CollapsePlan) on ``bufs`` in order.
+
+    ``prec``: "ieee" or "tf32" for fp32 buffers (ignored for 16-bit). ``wrap`` is
+    ``torch.library.wrap_triton`` inside a ``triton_op``. No host syncs (doubles as fake kernel).
     """
-    acc = _acc_dtype(a.dtype)
-    ws = torch.empty(max(ws_numel, 1), device=a.device, dtype=acc)
-    kern = wrap(_chain3_kernel)
-    meta = dict(BI=block, BJ=block, BK=block, BL=block,
-                ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                F64=acc == torch.float64,
-                TF32=a.device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32))
-    n_tiles = tiles.shape[0]
-    for lo, hi in ((0, split), (split, n_tiles)):
-        if hi > lo:
-            kern[(hi - lo,)](a, b, ws, out, desc, tiles[lo:hi], **meta)
+    dtype = bufs[0].dtype
+    config(dtype)  # clear error for an unsupported dtype
+    kern = wrap(grouped_gemm_kernel)
+    p = prec if dtype == torch.float32 else "none"
+    if p not in ("ieee", "tf32", "none"):
+        raise ValueError(f"prec must be 'ieee' or 'tf32', got {prec!r}")
+    for i in range(0, len(launches), LAUNCH_FIELDS):
+        a, b, c, a_kc, b_nc, aligned, row0, n_probs, n_tiles = launches[i:i + LAUNCH_FIELDS]
+        if n_tiles == 0:
+            continue
+        cfg = config(dtype, bool(aligned))
+        grid = (_programs(n_tiles, bufs[0].device),)
+        kern[grid](bufs[a], bufs[b], bufs[c], tables[row0 * PROB_FIELDS:], n_probs, n_tiles,
+                   BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], A_KCONTIG=bool(a_kc), B_NCONTIG=bool(b_nc),
+                   ALIGNED=bool(aligned), PREC=p, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def collapse_forward(x: torch.Tensor, tables: torch.Tensor, launches: Sequence[int], sizes: Sequence[int],
+                     prec: str = "ieee", wrap: Callable = lambda k: k) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed canonical effective kernels and the forward workspace (kept for the backward).
+
+    ``tables``/``launches``/``sizes``: ``plan.tables.view(-1)``, ``plan.fwd``, ``plan.sizes``.
+    Zero-filled so the alignment padding between classes is defined (outputs are compared
+    bitwise by opcheck and the determinism tests)."""
+    out = torch.zeros(sizes[1], device=x.device, dtype=x.dtype)
+    ws = torch.zeros(max(sizes[2], 1), device=x.device, dtype=x.dtype)
+    run_launches([x, ws, out], tables, launches, prec, wrap)
+    return out, ws
+
+
+def collapse_backward(x: torch.Tensor, ws: torch.Tensor, grad: torch.Tensor, tables: torch.Tensor,
+                      launches: Sequence[int], sizes: Sequence[int], prec: str = "ieee",
+                      wrap: Callable = lambda k: k) -> torch.Tensor:
+    """Gradient of the packed factors from the gradient of the packed canonical kernels."""
+    gws = torch.empty(max(sizes[3], 1), device=x.device, dtype=x.dtype)  # fully written before read
+    dx = torch.zeros(sizes[0], device=x.device, dtype=x.dtype)  # alignment padding stays zero
+    # the incoming gradient may be expanded (stride 0, e.g. from .sum()) or in another dtype
+    grad = grad.to(x.dtype).contiguous()
+    run_launches([x, ws, grad, gws, dx], tables, launches, prec, wrap)
+    return dx
+
+
+# ----------------------------------------------------------------------------- AOT variants
+_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (A_KCONTIG, B_NCONTIG) pairs the planner emits: forward (1, 1), backward (0, 1) and (1, 0)
+_LAYOUTS = ((True, True), (False, True), (True, False))
+
+
+def aot_variants() -> List[dict]:
+    """Every kernel variant runtime can launch (OWNERS.md AOT interface), for an sm_90 compile."""
+    out = []
+    for dtype, tname in _TL.items():
+        precs = ("ieee", "tf32") if dtype == torch.float32 else ("none",)
+        for prec in precs:
+            for a_kc, b_nc in _LAYOUTS:
+                for aligned in (True, False):
+                    cfg = (CONFIGS if aligned else CONFIGS_UNALIGNED)[dtype]
+                    name = (f"collapse_gemm_{tname}{'_' + prec if prec != 'none' else ''}"
+                            f"_a{'k' if a_kc else 'm'}_b{'n' if b_nc else 'k'}{'_al16' if aligned else ''}")
+                    consts = dict(BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], A_KCONTIG=a_kc, B_NCONTIG=b_nc,
+                                  ALIGNED=aligned, PREC=prec)
+                    sig = {"a_ptr": "*" + tname, "b_ptr": "*" + tname, "c_ptr": "*" + tname, "prob_ptr": "*i64",
+                           "n_probs": "i32", "n_tiles": "i32"}
+                    sig.update({k: "constexpr" for k in consts})
+                    out.append(dict(name=name, fn=grouped_gemm_kernel, signature=sig, constexprs=consts,
+                                    divisible_by_16=["a_ptr", "b_ptr", "c_ptr", "prob_ptr"],
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out
 
 
-def collapse_forward(flat_params: torch.Tensor, plan: CollapsePlan, wrap: Callable = lambda k: k) -> torch.Tensor:
-    """Flat effective kernels of every planned layer (layout ``plan.out_offsets``)."""
-    out = torch.empty(plan.out_numel, device=flat_params.device, dtype=flat_params.dtype)
-    return launch_chain3(flat_params, flat_params, out, plan.fwd_desc, plan.fwd_tiles,
-                         plan.fwd_split, plan.fwd_ws, plan.block, wrap)
-
-
-def collapse_backward(flat_params: torch.Tensor, flat_grad: torch.Tensor, plan: CollapsePlan,
-                      wrap: Callable = lambda k: k) -> torch.Tensor:
-    """Flat gradient of every factor (layout ``plan.param_offsets``) from the flat dW_eff."""
-    out = torch.empty(plan.param_numel, device=flat_params.device, dtype=flat_params.dtype)
-    return launch_chain3(flat_params, flat_grad.to(flat_params.dtype).contiguous(), out,
-                         plan.bwd_desc, plan.bwd_tiles, plan.bwd_split, plan.bwd_ws, plan.block, wrap)
-
-
 __all__ = [
-    "CollapsePlan", "LayerShape", "collapse_backward", "collapse_forward", "launch_chain3",
-    "layer_shape", "plan_collapse",
+    "ALIGN", "CONFIGS", "ClassSpec", "CollapsePlan", "aot_variants", "collapse_backward", "collapse_forward",
+    "config", "grouped_gemm_kernel", "plan_collapse", "run_launches",
 ]

@@ -48,3 +48,8 @@ from lopfast.distill import FeatureTaps, SPDistiller, SPLoss, sp_pairs  # noqa: 
 from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram  # noqa: E402
 
 __all__ += ["FeatureTaps", "SPDistiller", "SPLoss", "sp_gram", "sp_loss", "sp_loss_from_gram", "sp_pairs"]
+
+# GPU-proofing (issue 9): lopfast.selfcheck() checks every backend of every op against float64.
+from lopfast.selfcheck import selfcheck  # noqa: E402
+
+__all__ += ["selfcheck"]

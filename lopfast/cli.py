@@ -1,4 +1,4 @@
-"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export.
+"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export, selfcheck.
 
 Every command writes into ``--out DIR`` (default: a fresh ``runs/<command>-<timestamp>``):
 config.json (enough to rerun with ``--config``), log.txt, checkpoints, results.json, plots.
@@ -110,6 +110,7 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
         g.add_argument("--target", type=float, default=S, help="fraction of parameters to remove (default 0.9)")
         g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=S,
                        help="rank channels across layers instead of per layer")
+        _add_prune_parts(g, S)
     if recovery:
         g = p.add_argument_group("recovery")
         g.add_argument("--methods", type=_csv(str), default=S,
@@ -128,6 +129,29 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
         g.add_argument("--sp-layers", dest="sp_layers", type=_csv(str), default=S,
                        help="comma list of module names paired for SP distillation (default: every expanded layer)")
         g.add_argument("--export", type=_csv(str), default=S, help="also export: pt2 (torch.export), onnx, torchscript")
+
+
+def _add_prune_parts(g, S) -> None:
+    """--criterion / --allocation / --procedure / --method-options: they land in prune_options."""
+    g.add_argument("--criterion", dest="_prune_criterion", default=S,
+                   help="replace the preset's criterion: l1, l2, bn, taylor, hrank, thinet, lamp, fpgm, hessian, random")
+    g.add_argument("--allocation", dest="_prune_allocation", default=S,
+                   help="replace the preset's allocation: uniform, global, eagleeye, amc")
+    g.add_argument("--procedure", dest="_prune_procedure", default=S,
+                   help="replace the preset's procedure: none, admm, slimming, iterative")
+    g.add_argument("--method-options", dest="_prune_method_options", type=_json_object, default=S,
+                   help='options of the pruning parts as JSON, e.g. \'{"episodes": 100, "budget": "flops"}\'')
+
+
+def _merge_prune_parts(settings: dict) -> None:
+    opts = dict(settings.get("prune_options") or {})
+    opts.update(settings.pop("_prune_method_options", None) or {})
+    for part in ("criterion", "allocation", "procedure"):
+        value = settings.pop(f"_prune_{part}", None)
+        if value is not None:
+            opts[part] = value
+    if opts:
+        settings["prune_options"] = opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models (random weights); prints the covered-models table")
     p.add_argument("models", nargs="*", help="names from the zoo list (default: all but the heavy ones)")
     p.add_argument("--all", action="store_true", help="include the heavy models")
+    _add_selfcheck(sub)
     return parser
+
+
+def _add_selfcheck(sub) -> None:
+    from lopfast.selfcheck import add_arguments
+
+    p = sub.add_parser("selfcheck", help="check every backend of every op against float64 on this machine",
+                       description="Runs every available backend (torch, triton, cuda, auto) of every lopfast op "
+                                   "(collapse, collapse_many, sp_loss, ExpandedConv2d; forward and backward) against "
+                                   "float64 references, prints a table; exit status 1 when any check fails. On CPU "
+                                   "the Triton kernels run through the interpreter.")
+    add_arguments(p)
+
+
+def _selfcheck(args) -> int:
+    from lopfast.selfcheck import run
+
+    return run(args)
 
 
 def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
@@ -188,6 +230,7 @@ def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
     for k, v in vars(args).items():
         if k not in ("command", "config", "out", "resume", "quiet"):
             settings[k] = v
+    _merge_prune_parts(settings)
     return settings
 
 
@@ -238,6 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "selfcheck":
+        return _selfcheck(args)
     from lopfast.pipeline import stages
     from lopfast.pipeline.stages import RunConfig
 

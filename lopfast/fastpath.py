@@ -3,8 +3,9 @@
 In collapsed mode each ``ExpandedConv2d`` computes its effective kernel W3.W2.W1 when it runs:
 a few small launches per layer forward and more backward, which for 50+ layers on a GPU
 costs more than the maths. ``CollapsedForward(model)`` installs a forward pre-hook on the
-model that collapses all of them at once (``lopfast.ops.collapse.collapse_many``: one kernel
-launch forward, one backward on the Triton backend) and hands each layer its kernel for that
+model that collapses all of them at once (``lopfast.ops.collapse.collapse_many``: on the
+Triton backend 2 grouped-GEMM launches forward and 4 backward for the whole model; on
+"matmul" one batched GEMM per shape class and product) and hands each layer its kernel for that
 forward; the gradients of all layers then flow back through one grouped backward.
 """
 from __future__ import annotations

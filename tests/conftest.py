@@ -49,3 +49,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests put their tensors: the GPU when there is one, else the CPU (where the
+    Triton kernels run through the interpreter, TRITON_INTERPRET=1 above)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,8 @@
-"""CUDA C++ fallbacks (csrc/): nvcc compiles every .cu without a GPU; on a GPU the extension
-is checked against the PyTorch references (collapse here and in test_collapse.py, SP loss here)."""
+"""CUDA C++ fallbacks (csrc/): nvcc compiles every .cu for sm_90 without a GPU, with the flags both
+builds use (lopfast/_build_flags.py); on a GPU the extension is checked against the float64
+references (collapse here and in test_collapse.py, SP loss here). Where CUDA torch, a GPU and nvcc
+exist, a failed build FAILS these tests (with the compiler's error) instead of skipping them."""
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,9 +15,11 @@ from conftest import requires_cuda
 
 import lopfast
 from lopfast.backend import cuda_extension
+from lopfast.ops import cuda_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc").glob("*.cu"))
+FLAGS = runpy.run_path(str(ROOT / "lopfast" / "_build_flags.py"))
 # torch builds extensions with these; the kernels must not rely on implicit half conversions
 TORCH_NVCC_FLAGS = [
     "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -33,11 +38,34 @@ def test_sources_present():
 def test_cuda_sources_compile(cu, tmp_path):
     """Every .cu is plain CUDA (no torch headers): it compiles with nvcc alone, sm_90."""
     res = subprocess.run(
-        ["nvcc", "-arch=sm_90", "-O2", "-std=c++17", *TORCH_NVCC_FLAGS, "-c", str(cu),
+        ["nvcc", *FLAGS["gencode_flags"]("90"), *FLAGS["NVCC_FLAGS"], "-std=c++17", *TORCH_NVCC_FLAGS, "-c", str(cu),
          "-o", str(tmp_path / (cu.stem + ".o"))],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_one_set_of_nvcc_flags():
+    """setup.py and the JIT build take their flags from the same module; no fast-math in either."""
+    setup_src = (ROOT / "setup.py").read_text()
+    assert "_build_flags.py" in setup_src and "--use_fast_math" not in setup_src
+    import lopfast.backend as backend  # the JIT loader lives there
+
+    assert backend.NVCC_FLAGS is not None and backend.NVCC_FLAGS == FLAGS["NVCC_FLAGS"]
+    assert "--use_fast_math" not in FLAGS["NVCC_FLAGS"] and "-O3" in FLAGS["NVCC_FLAGS"]
+    assert FLAGS["gencode_flags"]("8.0;90") == ["-gencode", "arch=compute_80,code=sm_80",
+                                                "-gencode", "arch=compute_90,code=sm_90"]
+
+
+def extension_or_fail():
+    """The built extension; skip only where it cannot be built (no GPU / no CUDA torch / no nvcc)."""
+    ext = cuda_extension()
+    if ext is not None:
+        return ext
+    if cuda_ext.can_build():
+        pytest.fail(f"CUDA torch, a GPU and nvcc are here but the extension did not build: "
+                    f"{cuda_ext.jit_build_error()}")
+    pytest.skip("lopfast._C not built and not buildable here (needs CUDA torch, a GPU and nvcc)")
 
 
 def test_cuda_backend_without_extension_names_cuda():
@@ -61,8 +89,7 @@ def _sp_reference(students, teachers):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_gpu_sp_loss_cuda_matches_reference(dtype):
-    if cuda_extension() is None:
-        pytest.skip("lopfast._C not built and not compilable here")
+    extension_or_fail()
     shapes = [((12, 5, 7, 7), (12, 9, 7, 7)), ((12, 33), (12, 17)), ((12, 3, 4, 4), (12, 3, 4, 4))]
     students = [torch.randn(s, device="cuda", dtype=dtype, requires_grad=True) for s, _ in shapes]
     teachers = [torch.randn(t, device="cuda", dtype=dtype) for _, t in shapes]

@@ -50,8 +50,9 @@ class SPDistiller:
     """Similarity-preserving distillation of ``student`` from ``teacher`` over paired layers.
 
     ``distiller(*inputs)`` runs the teacher under ``torch.no_grad`` in eval mode, with hooks that
-    reduce each tapped activation to its normalised Gram at once (the activation is not kept),
-    then the student with grad (its tapped outputs are kept for the loss), and returns
+    keep the tapped activations, reduces them all to normalised Grams in one multi-tensor call
+    (one Gram launch per 8 layers; the activations are released right after), then runs the
+    student with grad (its tapped outputs are kept for the loss), and returns
     ``(student_output, sp_loss)``; the loss is a float32 scalar (paper Eq. 11).
 
     Args:
@@ -88,7 +89,9 @@ class SPDistiller:
             raise
 
     def _reduce(self, name: str, output: torch.Tensor) -> torch.Tensor:
-        return sp_gram(output.detach(), backend=self.backend)  # (1, b, b) float32
+        # keep the (detached) activation: all of a step's teacher activations are reduced to Grams
+        # together in teacher_grams, one multi-tensor launch per 8 layers instead of one per layer
+        return output.detach()
 
     @property
     def closed(self) -> bool:
@@ -105,11 +108,11 @@ class SPDistiller:
         self._teacher_taps.clear()
         with torch.no_grad():
             self.teacher(*args, **kwargs)
-        names = self._teacher_taps.ran() if self._drop_missing else None
-        self._teacher_ran = self.layers if names is None else names
-        if names == []:
-            raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in the teacher's forward")
-        return torch.cat(self._teacher_taps.collect(names=names))
+            names = self._teacher_taps.ran() if self._drop_missing else None
+            self._teacher_ran = self.layers if names is None else names
+            if names == []:
+                raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in the teacher's forward")
+            return sp_gram(self._teacher_taps.collect(names=names), backend=self.backend)
 
     def __call__(self, *args, **kwargs):
         gt = self.teacher_grams(*args, **kwargs)

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast.layers.decompose import check_init, check_rate, collapse, decompose, expanded_width
+from lopfast.layers.decompose import check_init, check_rate, decompose, expanded_width
+from lopfast.ops.collapse import collapse as collapse_op
 
 MODES = ("collapsed", "chain")
 
@@ -188,8 +189,6 @@ class ExpandedConv2d(nn.Conv2d):
         stashed = self.__dict__.get("_lopfast_weff")
         if stashed is not None:
             return stashed
-        from lopfast.ops.collapse import collapse as collapse_op  # lazy: ops imports layers
-
         with torch.autocast(self.weight1.device.type, enabled=False):
             # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
             return collapse_op(self.weight1, self.weight2, self.weight3, self.groups)

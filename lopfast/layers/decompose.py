@@ -19,6 +19,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+# The collapse reference lives beside the op it checks (lopfast.ops.collapse); re-exported here
+# because the layer maths reads better with it in one place.
+from lopfast.ops.collapse import reference_collapse as collapse  # noqa: F401
+
 INITS = ("orthogonal", "normal")
 
 
@@ -69,35 +73,6 @@ def _one_sided_inverse(a: torch.Tensor, init: str) -> torch.Tensor:
     if init == "orthogonal":
         return a.T
     return torch.linalg.pinv(a)
-
-
-def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Effective kernel of the 1x1 -> kxk -> 1x1 chain: W = W3 . W2 . W1 per tap and group.
-
-    Differentiable; the contraction order is chosen by cost (it matters when n and m differ).
-    Returns a tensor of shape (n, m_g, kh, kw) in the dtype of the inputs.
-    """
-    G = groups
-    p, m_g = w1.shape[0], w1.shape[1]
-    q, p_g, kh, kw = w2.shape
-    n, q_g = w3.shape[0], w3.shape[1]
-    if p != G * p_g or q != G * q_g or n % G:
-        raise ValueError(
-            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
-            f"w3 {tuple(w3.shape)}"
-        )
-    n_g = n // G
-    a1 = w1.reshape(G, p_g, m_g)
-    a2 = w2.reshape(G, q_g, p_g, kh * kw)
-    a3 = w3.reshape(G, n_g, q_g)
-    # (W3 W2) W1 costs n q p + n p m per tap, W3 (W2 W1) costs q p m + n q m.
-    if n_g * q_g * p_g + n_g * p_g * m_g <= q_g * p_g * m_g + n_g * q_g * m_g:
-        t = torch.einsum("gnq,gqpt->gnpt", a3, a2)
-        out = torch.einsum("gnpt,gpm->gnmt", t, a1)
-    else:
-        t = torch.einsum("gqpt,gpm->gqmt", a2, a1)
-        out = torch.einsum("gnq,gqmt->gnmt", a3, t)
-    return out.reshape(n, m_g, kh, kw)
 
 
 def decompose(

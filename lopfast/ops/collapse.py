@@ -3,49 +3,53 @@
 Entry points:
     ``collapse(w1, w2, w3, groups, backend=None)``   one layer, differentiable
     ``collapse_many([(w1, w2, w3, groups), ...])``   every layer of a model in one grouped call
+    ``reference_collapse(w1, w2, w3, groups)``       the PyTorch reference (a few einsums)
 
-Backends (``lopfast.backend.resolve_backend``): ``"torch"`` is the reference
-(``lopfast.layers.decompose.collapse``, a few einsums per layer); ``"triton"`` packs all
-layers' factors into one flat buffer and runs the table-driven kernel of
-``lopfast.kernels.collapse``: 1 launch forward and 1 backward for any number of layers (2 each
-when a big layer is split, see the kernel module), plus one ``torch.cat`` each way;
-``"cuda"`` runs the CUDA C++ fallback (``lopfast._C``), one layer at a time.
+Backends:
 
-The Triton path is the torch.library op ``lopfast::collapse_packed`` (a ``triton_op`` with
-``register_autograd``; its backward is ``lopfast::collapse_packed_backward``), so
-torch.compile sees through it. It has deliberately NO separate CPU kernel: the backend is
-chosen in Python before the op is called, so a forced ``backend="triton"`` on CPU tensors
-under ``TRITON_INTERPRET=1`` really runs the Triton kernel (through the interpreter) instead
-of being routed to a reference. On torch < 2.6 (no ``triton_op``) the same launchers run
-inside a plain ``torch.autograd.Function``.
+``"torch"``   the reference, two einsums per layer (their backward: four more).
+``"matmul"``  folded GEMMs on torch.matmul (``lopfast.ops.collapse_gemm``): the kernel taps folded
+              into a GEMM dimension, layers bucketed by shape class, one batched matmul per class
+              and product; cuBLAS-class on large layers, few launches for many small ones, and
+              plain torch code (compiles under ``torch.compile(fullgraph=True)``).
+``"triton"``  the same folded products as one persistent grouped-GEMM launch per phase over all
+              layers of the model (``lopfast.kernels.collapse``): forward 2 launches, backward
+              4 (more only when both association orders or unaligned layers occur), plus the
+              packing copies. fp32/fp16/bf16; fp64 goes to "matmul" (no fp64 ``tl.dot`` on sm_90).
+``"cuda"``    the CUDA C++ fallback (``lopfast._C``), one layer at a time.
+``"auto"``    ``lopfast.backend.resolve_backend`` (Triton on CUDA, the reference on CPU).
 
-Flat layout (documented choice): the op concatenates the factors every call (one
-``torch.cat``, a copy of all factors) rather than requiring them to be views into one flat
-parameter buffer. The copy is one launch and O(parameters) bytes: measured for the 15-conv
-ResNet-ish net of bench/bench_collapse.py at rate 3 (45 factors, 1.7 M floats) it takes
-0.3 ms on one CPU thread against 14 ms for the reference collapse fwd+bwd of the same layers
-(on an H100, 13.6 MB of traffic is ~10 us). It keeps every ``nn.Parameter`` an ordinary
-tensor that optimizers, checkpoints, DDP buckets and ``expand``/``contract`` handle as before;
-views into one flat buffer would save the copy but break as soon as anything re-assigns a
-parameter (``load_state_dict(assign=True)``, ``surgery``, optimizer state restore). For
-models with hundreds of millions of factor entries the copy becomes visible (~0.3 ms per
-100 M floats on an H100) and a flat-parameter mode would be the next step. The gradient
-comes back as one flat buffer whose per-factor pieces are views (``torch.split``'s backward
-is a single ``cat``; its forward split is free), and ``AccumulateGrad`` stores them without a
-copy: with ``zero_grad(set_to_none=True)`` all factor gradients share that one buffer.
+Precision: every backend computes in the factors' dtype with fp32 accumulation (fp64 for fp64).
+fp32 products are IEEE unless the user allowed TF32 through PyTorch's own switch
+(``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or ``allow_tf32`` on older torch):
+"matmul" inherits that from torch.matmul, and "triton" reads the same switch once per call
+(``lopfast.ops._precision.fp32_matmul_precision``) and passes ``input_precision`` to ``tl.dot``.
+Intermediates are rounded to the factors' dtype, as torch.matmul rounds its outputs.
+
+The Triton path is the torch.library op ``lopfast::collapse_grouped`` (a ``triton_op`` with
+``register_autograd``; its backward is ``lopfast::collapse_grouped_backward``) on one packed
+buffer: the factors of all layers, grouped by shape class, W2 with its taps moved before the
+input channel (the canonical layout the folded GEMMs need), every segment 16-element
+aligned. The pack is one ``torch.cat`` (plus one transposing stack per class for W2), the
+unpack one transposing copy per class: O(parameters) bytes, against O(parameters x width)
+flops. It has deliberately NO separate CPU kernel: the backend is chosen in Python before the
+op is called, so a forced ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1``
+really runs the Triton kernel (through the interpreter). On torch < 2.6 (no ``triton_op``)
+the same launchers run inside a plain ``torch.autograd.Function``.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lopfast.backend import resolve_backend
-from lopfast.layers.decompose import collapse as _reference_collapse
+from lopfast import dispatch as _dispatch
+from lopfast.backend import cuda_extension, is_auto, register_backend, resolve_backend
+from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many
 
-Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+# "matmul" exists for the collapse only: declared to the shared resolver, so backend="matmul"
+# and use_backend("matmul") reach it, and the measured dispatch may pick it.
+register_backend("collapse", "matmul")
 
 from lopfast.kernels import HAS_TRITON  # noqa: E402
 
@@ -53,29 +57,37 @@ from lopfast.kernels import HAS_TRITON  # noqa: E402
 # (and the op could never run): register only where triton imports.
 _HAS_TRITON_OP = HAS_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
-_options = threading.local()
-
-
-def _plan_opts() -> Tuple[int, str]:
-    return getattr(_options, "block", 32), getattr(_options, "split", "auto")
-
-
-@contextlib.contextmanager
-def plan_options(block: int = 32, split: str = "auto") -> Iterator[None]:
-    """Tuning knob of the Triton path: tile ``block`` (power of two >= 16) and ``split``
-    ("auto", "never" = always one launch, "always" = two-stage everywhere). Mostly for tests
-    and benchmarks; the defaults are what training should use."""
-    old = _plan_opts()
-    _options.block, _options.split = block, split
-    try:
-        yield
-    finally:
-        _options.block, _options.split = old
+from lopfast.ops._precision import fp32_matmul_precision  # noqa: E402
 
 
 def reference_collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """The PyTorch reference (``lopfast.layers.decompose.collapse``)."""
-    return _reference_collapse(w1, w2, w3, groups)
+    """The PyTorch reference: effective kernel of the 1x1 -> kxk -> 1x1 chain: W = W3 . W2 . W1 per tap and group.
+
+    Differentiable; the contraction order is chosen by cost (it matters when n and m differ).
+    Returns a tensor of shape (n, m_g, kh, kw) in the dtype of the inputs.
+    """
+    G = groups
+    p, m_g = w1.shape[0], w1.shape[1]
+    q, p_g, kh, kw = w2.shape
+    n, q_g = w3.shape[0], w3.shape[1]
+    if p != G * p_g or q != G * q_g or n % G:
+        raise ValueError(
+            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+            f"w3 {tuple(w3.shape)}"
+        )
+    n_g = n // G
+    a1 = w1.reshape(G, p_g, m_g)
+    a2 = w2.reshape(G, q_g, p_g, kh * kw)
+    a3 = w3.reshape(G, n_g, q_g)
+    # (W3 W2) W1 costs n q p + n p m per tap, W3 (W2 W1) costs q p m + n q m.
+    if n_g * q_g * p_g + n_g * p_g * m_g <= q_g * p_g * m_g + n_g * q_g * m_g:
+        t = torch.einsum("gnq,gqpt->gnpt", a3, a2)
+        out = torch.einsum("gnpt,gpm->gnmt", t, a1)
+    else:
+        t = torch.einsum("gqpt,gpm->gqmt", a2, a1)
+        out = torch.einsum("gnq,gqmt->gnmt", a3, t)
+    return out.reshape(n, m_g, kh, kw)
+
 
 
 # ----------------------------------------------------------------------------- Triton op
@@ -89,99 +101,128 @@ def _wrap():
     return torch.library.wrap_triton if _HAS_TRITON_OP else (lambda k: k)
 
 
-def _packed_forward(flat: torch.Tensor, fwd_desc: torch.Tensor, fwd_tiles: torch.Tensor, fwd_split: int,
-                    fwd_ws: int, out_numel: int, block: int) -> torch.Tensor:
-    out = torch.empty(out_numel, device=flat.device, dtype=flat.dtype)
-    return _kernels().launch_chain3(flat, flat, out, fwd_desc, fwd_tiles, fwd_split, fwd_ws, block, _wrap())
+def _fwd_impl(x, tables, fwd, sizes, prec):
+    return _kernels().collapse_forward(x, tables, fwd, sizes, prec, _wrap())
 
 
-def _packed_backward(flat: torch.Tensor, grad: torch.Tensor, bwd_desc: torch.Tensor, bwd_tiles: torch.Tensor,
-                     bwd_split: int, bwd_ws: int, block: int) -> torch.Tensor:
-    out = torch.empty(flat.shape[0], device=flat.device, dtype=flat.dtype)
-    # the incoming gradient may be expanded (stride 0, e.g. from .sum()) or in another dtype
-    grad = grad.to(flat.dtype).contiguous()
-    return _kernels().launch_chain3(flat, grad, out, bwd_desc, bwd_tiles, bwd_split, bwd_ws, block, _wrap())
+def _bwd_impl(x, ws, grad, tables, bwd, sizes, prec):
+    return _kernels().collapse_backward(x, ws, grad, tables, bwd, sizes, prec, _wrap())
 
 
 if _HAS_TRITON_OP:
 
-    @torch.library.triton_op("lopfast::collapse_packed_backward", mutates_args=())
-    def collapse_packed_backward(flat: torch.Tensor, grad: torch.Tensor, bwd_desc: torch.Tensor,
-                                 bwd_tiles: torch.Tensor, bwd_split: int, bwd_ws: int,
-                                 block: int) -> torch.Tensor:
-        """Flat factor gradients from the flat effective-kernel gradient (see kernels.collapse)."""
-        return _packed_backward(flat, grad, bwd_desc, bwd_tiles, bwd_split, bwd_ws, block)
+    @torch.library.triton_op("lopfast::collapse_grouped_backward", mutates_args=())
+    def collapse_grouped_backward(x: torch.Tensor, ws: torch.Tensor, grad: torch.Tensor, tables: torch.Tensor,
+                                  bwd: List[int], sizes: List[int], prec: str) -> torch.Tensor:
+        """Gradient of the packed factors from the gradient of the packed canonical kernels."""
+        return _bwd_impl(x, ws, grad, tables, bwd, sizes, prec)
 
-    @torch.library.triton_op("lopfast::collapse_packed", mutates_args=())
-    def collapse_packed(flat: torch.Tensor, fwd_desc: torch.Tensor, fwd_tiles: torch.Tensor, fwd_split: int,
-                        fwd_ws: int, bwd_desc: torch.Tensor, bwd_tiles: torch.Tensor, bwd_split: int,
-                        bwd_ws: int, out_numel: int, block: int) -> torch.Tensor:
-        """Flat effective kernels of all layers packed in ``flat`` (tables from ``plan_collapse``).
+    @torch.library.triton_op("lopfast::collapse_grouped", mutates_args=())
+    def collapse_grouped(x: torch.Tensor, tables: torch.Tensor, fwd: List[int], bwd: List[int],
+                         sizes: List[int], prec: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Packed canonical effective kernels of all layers packed in ``x`` (tables from
+        ``lopfast.kernels.collapse.plan_collapse``), and the forward workspace the backward reuses.
 
-        The backward tables ride along so that the autograd formula has them."""
-        return _packed_forward(flat, fwd_desc, fwd_tiles, fwd_split, fwd_ws, out_numel, block)
+        The backward launch list rides along so that the autograd formula has it."""
+        return _fwd_impl(x, tables, fwd, sizes, prec)
 
     def _setup_context(ctx, inputs, output):
-        flat, _, _, _, _, bwd_desc, bwd_tiles, bwd_split, bwd_ws, _, block = inputs
-        ctx.save_for_backward(flat, bwd_desc, bwd_tiles)
-        ctx.bwd_split, ctx.bwd_ws, ctx.block = bwd_split, bwd_ws, block
+        x, tables, _, bwd, sizes, prec = inputs
+        ctx.save_for_backward(x, output[1], tables)
+        ctx.bwd, ctx.sizes, ctx.prec = bwd, sizes, prec
 
-    def _backward(ctx, grad):
-        flat, bwd_desc, bwd_tiles = ctx.saved_tensors
-        g = collapse_packed_backward(flat, grad, bwd_desc, bwd_tiles, ctx.bwd_split, ctx.bwd_ws, ctx.block)
-        return (g,) + (None,) * 10
+    def _backward(ctx, grad, _grad_ws):
+        x, ws, tables = ctx.saved_tensors
+        return collapse_grouped_backward(x, ws, grad, tables, ctx.bwd, ctx.sizes, ctx.prec), None, None, None, None, None
 
-    collapse_packed.register_autograd(_backward, setup_context=_setup_context)
+    collapse_grouped.register_autograd(_backward, setup_context=_setup_context)
 
-    def _apply_packed(flat, plan):
-        return collapse_packed(flat, plan.fwd_desc, plan.fwd_tiles, plan.fwd_split, plan.fwd_ws,
-                               plan.bwd_desc, plan.bwd_tiles, plan.bwd_split, plan.bwd_ws,
-                               plan.out_numel, plan.block)
+    def _apply_grouped(x, plan, prec):
+        return collapse_grouped(x, plan.tables.view(-1), plan.fwd, plan.bwd, plan.sizes, prec)[0]
 
 else:  # torch < 2.6: same launchers, plain autograd
 
-    class _CollapsePacked(torch.autograd.Function):
+    class _CollapseGrouped(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, flat, plan):
-            ctx.save_for_backward(flat)
-            ctx.plan = plan
-            return _packed_forward(flat, plan.fwd_desc, plan.fwd_tiles, plan.fwd_split, plan.fwd_ws,
-                                   plan.out_numel, plan.block)
+        def forward(ctx, x, plan, prec):
+            out, ws = _fwd_impl(x, plan.tables.view(-1), plan.fwd, plan.sizes, prec)
+            ctx.save_for_backward(x, ws)
+            ctx.plan, ctx.prec = plan, prec
+            return out
 
         @staticmethod
         def backward(ctx, grad):
-            (flat,) = ctx.saved_tensors
+            x, ws = ctx.saved_tensors
             p = ctx.plan
-            return _packed_backward(flat, grad, p.bwd_desc, p.bwd_tiles, p.bwd_split, p.bwd_ws, p.block), None
+            return _bwd_impl(x, ws, grad, p.tables.view(-1), p.bwd, p.sizes, ctx.prec), None, None
 
-    def _apply_packed(flat, plan):
-        return _CollapsePacked.apply(flat, plan)
+    def _apply_grouped(x, plan, prec):
+        return _CollapseGrouped.apply(x, plan, prec)
 
 
 _plan_cache: Dict[tuple, object] = {}
+_zero_cache: Dict[tuple, torch.Tensor] = {}
 
 
-def _get_plan(shapes, device: torch.device):
-    block, split = _plan_opts()
-    key = (shapes, block, split, str(device))
+def _get_plan(specs, device: torch.device):
+    key = (specs, str(device))
     plan = _plan_cache.get(key)
     if plan is None:
         # planning is pure Python over the shapes; cached, so it runs once per model
-        plan = _kernels().plan_collapse(shapes, block=block, split=split).to(device)
+        plan = _kernels().plan_collapse(specs).to(device)
         if len(_plan_cache) > 256:
             _plan_cache.clear()
         _plan_cache[key] = plan
     return plan
 
 
+def _zeros(n: int, like: torch.Tensor) -> torch.Tensor:
+    """A slice of a cached zero buffer: padding pieces for the pack without a launch each."""
+    key = (like.device, like.dtype)
+    z = _zero_cache.get(key)
+    if z is None:
+        z = _zero_cache[key] = torch.zeros(_kernels().ALIGN, device=like.device, dtype=like.dtype)
+    return z[:n]
+
+
 def _triton_many(layers: Sequence[Layer]) -> List[torch.Tensor]:
+    """All layers (one device, fp32/fp16/bf16) through the grouped Triton GEMM."""
     kc = _kernels()
-    shapes = tuple(kc.layer_shape(w1.shape, w2.shape, w3.shape, g) for w1, w2, w3, g in layers)
-    plan = _get_plan(shapes, layers[0][0].device)
-    flat = torch.cat([w.reshape(-1) for w1, w2, w3, _ in layers for w in (w1, w2, w3)])
-    out = _apply_packed(flat, plan)
-    pieces = torch.split(out, [s.out_numel for s in shapes])
-    return [piece.view(s.G * s.n_g, s.m_g, s.kh, s.kw) for piece, s in zip(pieces, shapes)]
+    groups = list(bucket(layers).items())
+    specs = tuple(kc.ClassSpec(len(idx), c.G, c.n, c.m, c.p, c.q, c.T, c.left) for (c, _, _), idx in groups)
+    ref = layers[0][0]
+    plan = _get_plan(specs, ref.device)
+    # pack: per class all W1, all W2 in the canonical (q, T, p) layout, all W3; 16-aligned segments
+    pieces: List[torch.Tensor] = []
+    pos = 0
+
+    def put(t: torch.Tensor, at: int) -> None:
+        nonlocal pos
+        if at > pos:
+            pieces.append(_zeros(at - pos, ref))
+        pieces.append(t)
+        pos = at + t.numel()
+
+    for ((c, _, _), idx), lay in zip(groups, plan.layouts):
+        G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
+        for k, i in enumerate(idx):
+            put(layers[i][0].reshape(-1), lay.w1 + k * G * p * m)
+        w2c = torch.stack([layers[i][1].reshape(G, q, p, T).transpose(-1, -2) for i in idx])
+        put(w2c.reshape(-1), lay.w2)
+        for k, i in enumerate(idx):
+            put(layers[i][2].reshape(-1), lay.w3 + k * G * n * q)
+    if plan.x_numel > pos:
+        pieces.append(_zeros(plan.x_numel - pos, ref))
+    x = torch.cat(pieces)
+    out = _apply_grouped(x, plan, fp32_matmul_precision() if ref.dtype == torch.float32 else "ieee")
+    results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
+    for ((c, _, _), idx), lay in zip(groups, plan.layouts):
+        L, G, n, m, T = len(idx), c.G, c.n, c.m, c.T
+        w = out[lay.out:lay.out + L * G * n * T * m].view(L, G * n, T, m).transpose(-1, -2)
+        w = w.contiguous().view(L, G * n, m, c.kh, c.kw)
+        for i, wi in zip(idx, w.unbind(0)):
+            results[i] = wi
+    return results
 
 
 # ----------------------------------------------------------------------------- public API
@@ -200,38 +241,88 @@ def _check_layer(layer, i: int) -> Layer:
     return w1, w2, w3, int(groups)
 
 
+BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")  # of the collapse (lopfast.backend.op_backends)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
+    """Collapse backends that run natively on tensors of ``device``/``dtype`` on this machine:
+    the candidates a measured ``auto`` (lopfast.dispatch) times against the reference. "cuda"
+    (the C++ fallback) is left to the caller, since probing it may build the extension."""
+    from lopfast.backend import triton_interpreting
+
+    names = ["torch", "matmul"]
+    on_triton = device.type == "cuda" or triton_interpreting()
+    if HAS_TRITON and on_triton and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        names.append("triton")  # fp64 would run on "matmul" anyway: not a separate candidate
+    return tuple(names)
+
+
+def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
+    """The collapse backends the measured dispatch times here, each ``fn(layers) -> [W_eff, ...]``."""
+    cands: Dict[str, object] = {"torch": lambda ls: [reference_collapse(*layer) for layer in ls],
+                                "matmul": matmul_many}
+    if "triton" in available_backends(device, dtype):
+        cands["triton"] = _triton_many
+    if device.type == "cuda" and cuda_extension() is not None:
+        from lopfast.ops.cuda_ext import CollapseCuda
+
+        cands["cuda"] = lambda ls: [CollapseCuda.apply(*layer) for layer in ls]
+    return cands
+
+
+def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, layers: Sequence[Layer]) -> str:
+    """The collapse implementation for ``backend`` on ``layers`` (one device and dtype).
+
+    ``auto`` on CUDA asks the measured dispatch (lopfast.dispatch) among every backend that
+    runs here; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
+    name = resolve_backend(backend, device, "collapse")  # "matmul" is registered for the collapse
+    if _dispatch.tunable(device) and is_auto(backend, "collapse"):  # measured choice (lopfast.dispatch)
+        name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(layers), device=device,
+                                candidates=_auto_candidates(device, dtype), reference="torch",
+                                args=(list(layers),), static=name)
+    if name == "triton" and dtype == torch.float64:
+        name = "matmul"  # sm_90 has no fp64 tl.dot: the folded GEMMs on torch.matmul instead
+    return name
+
+
 def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
     """Effective kernels of many expanded convs at once, differentiable.
 
     ``layers``: a sequence of ``(w1, w2, w3, groups)`` (the factor shapes of
     ``ExpandedConv2d``: W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1)). Returns one
-    (n, m_g, kh, kw) tensor per layer, in the factors' dtype. On the Triton backend all layers
-    of one device and dtype are collapsed by one kernel launch (and differentiated by one).
+    (n, m_g, kh, kw) tensor per layer, in the factors' dtype. ``backend``: see the module
+    docstring; on "matmul" each shape class costs one batched GEMM per product, on "triton"
+    all layers of one device and dtype share 2 grouped-GEMM launches forward and 4 backward
+    (a few more when both association orders or unaligned widths occur).
     """
     checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
     if not checked:
         return []
     if torch.compiler.is_compiling():
-        # Backend choice (a ContextVar) and planning (Python loops building int64 tables)
-        # are host-side work dynamo cannot trace without graph breaks. Under torch.compile
-        # the reference einsums are traced instead and Inductor generates their kernels;
-        # to compile the Triton op itself, call torch.ops.lopfast.collapse_packed with a
-        # plan built outside the compiled region.
-        return [reference_collapse(*layer) for layer in checked]
+        # Backend choice (a ContextVar) and the Triton planning (Python loops building int64
+        # tables) are host-side work dynamo cannot trace without graph breaks. Under
+        # torch.compile the folded GEMMs ("matmul", plain differentiable torch ops) are traced
+        # instead, or the einsum reference when backend="torch" is asked for explicitly.
+        if backend == "torch":
+            return [reference_collapse(*layer) for layer in checked]
+        return matmul_many(checked)
     results: List[Optional[torch.Tensor]] = [None] * len(checked)
     buckets: Dict[tuple, List[int]] = {}
     for i, (w1, _, _, _) in enumerate(checked):
         buckets.setdefault((w1.device, w1.dtype), []).append(i)
-    for (device, _), idx in buckets.items():
-        name = resolve_backend(backend, device, "collapse")
+    for (device, dtype), idx in buckets.items():
+        group = [checked[i] for i in idx]
+        name = _resolve(backend, device, dtype, group)
         if name == "triton":
-            outs = _triton_many([checked[i] for i in idx])
+            outs = _triton_many(group)
+        elif name == "matmul":
+            outs = matmul_many(group)
         elif name == "cuda":
             from lopfast.ops.cuda_ext import CollapseCuda
 
-            outs = [CollapseCuda.apply(*checked[i]) for i in idx]
+            outs = [CollapseCuda.apply(*layer) for layer in group]
         else:
-            outs = [reference_collapse(*checked[i]) for i in idx]
+            outs = [reference_collapse(*layer) for layer in group]
         for i, o in zip(idx, outs):
             results[i] = o
     return results  # type: ignore[return-value]
@@ -241,10 +332,11 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
              backend: Optional[str] = None) -> torch.Tensor:
     """Effective kernel W3.W2.W1 (per tap and group) of one expanded conv, differentiable.
 
-    Same maths and shapes as ``lopfast.layers.decompose.collapse``; ``backend`` picks the
-    implementation (None/"auto": Triton on CUDA tensors, the reference elsewhere).
+    Same maths and shapes as ``reference_collapse``; ``backend`` picks the implementation
+    (None/"auto": on CUDA the measured choice of lopfast.dispatch where present, else Triton;
+    the reference on CPU).
     """
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
 
 
-__all__ = ["collapse", "collapse_many", "plan_options", "reference_collapse"]
+__all__ = ["BACKENDS", "available_backends", "collapse", "collapse_many", "reference_collapse"]

@@ -2,56 +2,39 @@
 
 ``lopfast._C`` is built by ``LOPFAST_BUILD_CUDA=1 pip install --no-build-isolation .``. When it
 was not built, ``jit_extension()`` compiles ``csrc/`` on first use with
-``torch.utils.cpp_extension.load`` (needs a CUDA build of torch, nvcc, and the source tree, i.e.
-an editable install; ``LOPFAST_JIT_CUDA=0`` turns this off). Everything else gets None, and
-``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+``torch.utils.cpp_extension.load`` (``lopfast.backend.jit_extension``; needs a CUDA build of
+torch, nvcc, and the source tree, i.e. an editable install; ``LOPFAST_JIT_CUDA=0`` turns this
+off). Everything else gets None, and ``lopfast.backend.resolve_backend`` raises a RuntimeError naming CUDA for ``backend="cuda"``.
+Both builds use the flags of ``lopfast/_build_flags.py``. A JIT build that fails where it should
+work (CUDA torch, a GPU, nvcc) warns and keeps the error: ``jit_build_error()`` returns it, and
+the tests fail on it rather than skipping.
 """
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The loader lives in lopfast.backend (below the ops); re-exported here for callers of the
+# old location.
+from lopfast.backend import CSRC, _jit_state, cuda_extension, jit_extension  # noqa: F401
 
-_jit_state: dict = {}
+
+def can_build() -> bool:
+    """True where the JIT build is expected to work: CUDA torch, a GPU, nvcc, the csrc/ sources."""
+    if torch.version.cuda is None or not torch.cuda.is_available() or not CSRC.is_dir():
+        return False
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME is not None
 
 
-def jit_extension():
-    """The extension compiled from ``csrc/`` on first call (cached), or None where impossible."""
-    if "module" in _jit_state:
-        return _jit_state["module"]
-    module = None
-    if (
-        os.environ.get("LOPFAST_JIT_CUDA", "1") != "0"
-        and torch.version.cuda is not None
-        and torch.cuda.is_available()
-        and CSRC.is_dir()
-    ):
-        from torch.utils import cpp_extension
-
-        if cpp_extension.CUDA_HOME is not None:
-            arch = os.environ.get("LOPFAST_CUDA_ARCH")
-            if arch and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-                os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-            sources = sorted(str(p) for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp"))
-            try:
-                module = cpp_extension.load(
-                    name="lopfast_C_jit", sources=sources, extra_cuda_cflags=["-O3"],
-                    extra_include_paths=[str(CSRC)], verbose=False,
-                )
-            except Exception as exc:  # a broken toolchain must not break the torch/triton paths
-                warnings.warn(f"lopfast: compiling the CUDA extension from {CSRC} failed: {exc}")
-    _jit_state["module"] = module
-    return module
+def jit_build_error():
+    """The error of a failed JIT build (a string), or None."""
+    return _jit_state.get("error")
 
 
 def _ext():
-    from lopfast.backend import cuda_extension
-
     ext = cuda_extension()
     if ext is None:
         raise RuntimeError(
@@ -112,4 +95,4 @@ def sp_loss_cuda(students: Sequence[torch.Tensor], teachers: Sequence[torch.Tens
     return SPLossCuda.apply(len(students), *students, *teachers)
 
 
-__all__ = ["CollapseCuda", "SPLossCuda", "jit_extension", "sp_loss_cuda"]
+__all__ = ["CollapseCuda", "SPLossCuda", "can_build", "jit_build_error", "jit_extension", "sp_loss_cuda"]

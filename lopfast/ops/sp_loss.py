@@ -21,14 +21,27 @@ Layers of this file, top to bottom:
   would otherwise take CPU tensors away from Triton) and on torch < 2.6 (no ``triton_op``).
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
+
+Policies, read once per public call (in Python, before any launch) and passed down as plain
+arguments, so a traced graph holds them as constants (``lopfast.ops._precision``):
+
+* float64 features run the reference: ``tl.dot`` has no fp64 form on sm_90 (``"auto"`` routes
+  them there; an explicit ``backend="triton"`` with float64 raises a ValueError).
+* fp32 products are IEEE fp32 unless TF32 was allowed through PyTorch's switch
+  (``torch.backends.cuda.matmul.fp32_precision = "tf32"``; ``allow_tf32`` on torch < 2.9).
+* under ``torch.use_deterministic_algorithms(True)`` the Gram's split-K atomics are replaced by a
+  fixed-order two-stage reduction: loss and gradients are bitwise repeatable.
 """
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from lopfast.backend import resolve_backend
+from lopfast import dispatch as _dispatch
+from lopfast.backend import cuda_extension, is_auto, resolve_backend
+from lopfast.ops._precision import deterministic, fp32_matmul_precision
 
 EPS = 1e-12
 _OP = "sp_loss"
@@ -175,28 +188,26 @@ except Exception:  # pragma: no cover - a broken triton install
     _K = None
 
 
-def _allow_tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def _triton_gram(features: Sequence[torch.Tensor], wrap=None) -> torch.Tensor:
+def _triton_gram(features: Sequence[torch.Tensor], precision: str, determ: bool, wrap=None) -> torch.Tensor:
     qs = [row_view(t) for t in features]
-    return _K.row_normalize(_K.gram(qs, allow_tf32=_allow_tf32(), wrap=wrap), wrap=wrap)
+    return _K.row_normalize(_K.gram(qs, precision=precision, deterministic=determ, wrap=wrap), wrap=wrap)
 
 
-def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, wrap=None):
+def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, precision: str, determ: bool,
+                wrap=None):
     qs = [row_view(s) for s in student]
-    graw = _K.gram(qs, allow_tf32=_allow_tf32(), wrap=wrap)
+    graw = _K.gram(qs, precision=precision, deterministic=determ, wrap=wrap)
     return _K.sp_finish(graw, teacher_gram, wrap=wrap), graw
 
 
 def _triton_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor,
-                graw: torch.Tensor, wrap=None) -> List[torch.Tensor]:
+                graw: torch.Tensor, precision: str, wrap=None) -> List[torch.Tensor]:
+    # an expanded (stride-0) incoming gradient is made a real 1-element tensor first
     grad = grad.reshape(()).to(device=graw.device, dtype=torch.float32).contiguous()
     dg = _K.sp_grad_gram(grad, graw, teacher_gram, wrap=wrap)
     grads = [_empty_grad(s) for s in student]
     _K.sp_grad_features(dg, [row_view(s) for s in student], [row_view(g) for g in grads],
-                        allow_tf32=_allow_tf32(), wrap=wrap)
+                        precision=precision, wrap=wrap)
     return grads
 
 
@@ -204,16 +215,17 @@ class _SPLossTritonFn(torch.autograd.Function):
     """Direct launches of the Triton kernels (CPU interpreter, torch < 2.6)."""
 
     @staticmethod
-    def forward(ctx, teacher_gram, *student):
-        loss, graw = _triton_fwd(student, teacher_gram)
+    def forward(ctx, teacher_gram, precision, determ, *student):
+        loss, graw = _triton_fwd(student, teacher_gram, precision, determ)
         ctx.save_for_backward(teacher_gram, graw, *student)
+        ctx.precision = precision
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         teacher_gram, graw, *student = ctx.saved_tensors
-        grads = _triton_bwd(grad, student, teacher_gram, graw)
-        return (None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])])
+        grads = _triton_bwd(grad, student, teacher_gram, graw, ctx.precision)
+        return (None, None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])])
 
 
 class _Ops:
@@ -223,46 +235,55 @@ class _Ops:
         tl_op = torch.library.triton_op
         wrap = torch.library.wrap_triton
 
+        # the precision ("ieee"/"tf32") and the deterministic switch are op arguments: read once by
+        # the caller, they are constants of a traced graph, not state read inside the kernel launch
         @tl_op(f"{namespace}::sp_gram", mutates_args=())
-        def sp_gram_op(features: List[torch.Tensor]) -> torch.Tensor:
-            return _triton_gram(features, wrap=wrap)
+        def sp_gram_op(features: List[torch.Tensor], precision: str, deterministic: bool) -> torch.Tensor:
+            return _triton_gram(features, precision, deterministic, wrap=wrap)
 
         @tl_op(f"{namespace}::sp_loss_fwd", mutates_args=())
-        def fwd_op(student: List[torch.Tensor], teacher_gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            return _triton_fwd(student, teacher_gram, wrap=wrap)
+        def fwd_op(student: List[torch.Tensor], teacher_gram: torch.Tensor, precision: str,
+                   deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            return _triton_fwd(student, teacher_gram, precision, deterministic, wrap=wrap)
 
         @tl_op(f"{namespace}::sp_loss_bwd", mutates_args=())
         def bwd_op(grad: torch.Tensor, student: List[torch.Tensor], teacher_gram: torch.Tensor,
-                   gram: torch.Tensor) -> List[torch.Tensor]:
-            return _triton_bwd(grad, student, teacher_gram, gram, wrap=wrap)
+                   gram: torch.Tensor, precision: str) -> List[torch.Tensor]:
+            return _triton_bwd(grad, student, teacher_gram, gram, precision, wrap=wrap)
 
         if cpu_reference:
             @sp_gram_op.register_kernel("cpu")
-            def _(features):
+            def _(features, precision, deterministic):
                 return reference_gram(features)
 
             @fwd_op.register_kernel("cpu")
-            def _(student, teacher_gram):
+            def _(student, teacher_gram, precision, deterministic):
                 return _ref_fwd(student, teacher_gram)
 
             @bwd_op.register_kernel("cpu")
-            def _(grad, student, teacher_gram, gram):
+            def _(grad, student, teacher_gram, gram, precision):
                 return _ref_bwd(grad, student, teacher_gram, gram)
 
         def setup_context(ctx, inputs, output):
-            student, teacher_gram = inputs
+            student, teacher_gram, precision, _ = inputs
             ctx.n = len(student)
+            ctx.precision = precision
             ctx.save_for_backward(teacher_gram, output[1], *student)
 
         def backward(ctx, grad_loss, grad_gram):
             teacher_gram, graw, *student = ctx.saved_tensors
-            return list(bwd_op(grad_loss, student, teacher_gram, graw)), None
+            return list(bwd_op(grad_loss, student, teacher_gram, graw, ctx.precision)), None, None, None
 
         fwd_op.register_autograd(backward, setup_context=setup_context)
         self.sp_gram, self.sp_loss_fwd, self.sp_loss_bwd = sp_gram_op, fwd_op, bwd_op
 
-    def loss(self, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> torch.Tensor:
-        return self.sp_loss_fwd(list(student), teacher_gram)[0]
+    def gram(self, features: Sequence[torch.Tensor], precision: str = "ieee",
+             determ: bool = False) -> torch.Tensor:
+        return self.sp_gram(list(features), precision, determ)
+
+    def loss(self, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, precision: str = "ieee",
+             determ: bool = False) -> torch.Tensor:
+        return self.sp_loss_fwd(list(student), teacher_gram, precision, determ)[0]
 
 
 HAS_TRITON_OP = _K is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
@@ -273,15 +294,31 @@ OPS: Optional[_Ops] = _Ops("lopfast") if HAS_TRITON_OP else None
 
 
 @torch.compiler.assume_constant_result
-def _resolve_name(backend: Optional[str], device_type: str) -> str:
+def _resolve_name(backend: Optional[str], device_type: str, has_fp64: bool) -> str:
     # Dynamo cannot trace ContextVar.get (lopfast.use_backend): under torch.compile the choice is
-    # made once, when the graph is traced (backend and device type are constants there)
-    return resolve_backend(backend, torch.device(device_type), _OP)
+    # made once, when the graph is traced (backend, device type and dtypes are constants there)
+    name = resolve_backend(backend, torch.device(device_type), _OP)
+    if name == "triton" and has_fp64:
+        requested = backend if backend not in (None, "auto") else None
+        if requested is None:
+            from lopfast.backend import get_backend
+
+            requested = None if get_backend() == "auto" else get_backend()
+        if requested == "triton":
+            raise ValueError(
+                "sp_loss: backend 'triton' does not take float64 features (tl.dot has no fp64 form on "
+                "the GPU); use backend='auto' or 'torch' (the float64 reference)")
+        return "torch"  # "auto": float64 runs the reference
+    return name
 
 
-def _resolve(backend: Optional[str], device: torch.device) -> str:
+def _has_fp64(*groups: Sequence[torch.Tensor]) -> bool:
+    return any(t.dtype == torch.float64 for g in groups for t in g)
+
+
+def _resolve(backend: Optional[str], device: torch.device, *groups: Sequence[torch.Tensor]) -> str:
     """The one place that decides which implementation runs: "torch" or "triton"."""
-    name = _resolve_name(backend, device.type)
+    name = _resolve_name(backend, device.type, _has_fp64(*groups))
     if name == "cuda":
         raise RuntimeError(
             "sp_gram / sp_loss_from_gram: backend 'cuda' (the CUDA C++ extension lopfast._C) only "
@@ -289,6 +326,22 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     if name == "triton" and _K is None:  # pragma: no cover
         raise RuntimeError("sp_loss: backend 'triton' requested but the Triton kernels failed to import")
     return name
+
+
+def _measured(backend: Optional[str], device: torch.device, entry: str, args: tuple, impl, cuda=None):
+    """``backend`` itself, or for "auto" on CUDA the measured fastest backend of this call's
+    shapes (``lopfast.dispatch``); ``impl(name, *args)`` runs the entry on backend ``name``."""
+    if torch.compiler.is_compiling() or not _dispatch.tunable(device) or not is_auto(backend, _OP):
+        # under torch.compile _resolve keeps the static default (dynamo cannot trace use_backend's
+        # ContextVar, and the shape key may hold symbolic sizes)
+        return backend
+    cands = {"torch": functools.partial(impl, "torch")}
+    if _K is not None:
+        cands["triton"] = functools.partial(impl, "triton")
+    if cuda is not None and cuda_extension() is not None:
+        cands["cuda"] = cuda
+    return _dispatch.choose(op=f"{_OP}.{entry}", key=_dispatch.shape_key(*args), device=device,
+                            candidates=cands, reference="torch", args=args)
 
 
 def _use_op(device: torch.device) -> bool:
@@ -301,9 +354,10 @@ def _gram_impl(features: List[torch.Tensor], name: str, device) -> torch.Tensor:
     with torch.no_grad():
         if name == "torch":
             return reference_gram(features)
+        precision, determ = fp32_matmul_precision(), deterministic()
         if _use_op(device):
-            return OPS.sp_gram(features)
-        return _triton_gram(features)
+            return OPS.gram(features, precision, determ)
+        return _triton_gram(features, precision, determ)
 
 
 def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device) -> torch.Tensor:
@@ -311,9 +365,10 @@ def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device)
     if name == "torch":
         return sp_loss_reference(student, gt)
     gt = gt.contiguous()
+    precision, determ = fp32_matmul_precision(), deterministic()
     if _use_op(device):
-        return OPS.loss(student, gt)
-    return _SPLossTritonFn.apply(gt, *student)
+        return OPS.loss(student, gt, precision, determ)
+    return _SPLossTritonFn.apply(gt, precision, determ, *student)
 
 
 def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
@@ -323,7 +378,8 @@ def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Ten
     """
     feats = _as_list(features, "features")
     b, device = _check_features(feats, "features", None, None)
-    return _gram_impl([t.detach() for t in feats], _resolve(backend, device), device)
+    backend = _measured(backend, device, "gram", (feats,), lambda n, f: _gram_impl([t.detach() for t in f], n, device))
+    return _gram_impl([t.detach() for t in feats], _resolve(backend, device, feats), device)
 
 
 def sp_loss_from_gram(student: Features, teacher_gram: torch.Tensor, *,
@@ -332,7 +388,8 @@ def sp_loss_from_gram(student: Features, teacher_gram: torch.Tensor, *,
     s = _as_list(student, "student")
     b, device = _check_features(s, "student", None, None)
     _check_gram(teacher_gram, len(s), b, device)
-    return _loss_impl(s, teacher_gram, _resolve(backend, device), device)
+    backend = _measured(backend, device, "from_gram", (s, teacher_gram), lambda n, a, g: _loss_impl(a, g, n, device))
+    return _loss_impl(s, teacher_gram, _resolve(backend, device, s), device)
 
 
 def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
@@ -355,12 +412,14 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         raise ValueError(f"student has {len(s)} feature tensors but teacher has {len(t)}: one per layer pair")
     b, device = _check_features(s, "student", None, None)
     _check_features(t, "teacher", b, device)
+    backend = _measured(backend, device, "loss", (s, t), lambda n, a, b_: sp_loss(a, b_, backend=n),
+                        cuda=lambda a, b_: sp_loss(a, b_, backend="cuda"))
     if not torch.compiler.is_compiling() and resolve_backend(backend, device, _OP) == "cuda":
         # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only
         # entries; skipped while dynamo traces (an opaque extension call; _resolve decides there)
         from lopfast.ops.cuda_ext import sp_loss_cuda
 
         return sp_loss_cuda(s, t).float()
-    name = _resolve(backend, device)
+    name = _resolve(backend, device, s, t)
     gt = _gram_impl([x.detach() for x in t], name, device)
     return _loss_impl(s, gt, name, device)

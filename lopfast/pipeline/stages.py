@@ -374,10 +374,14 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
                          f"(at most {limit:.4f}); choose a smaller --target")
     os.makedirs(d, exist_ok=True)
     example = data.example_inputs(2, device)
-    opts = dict(cfg.prune_options)
-    if cfg.prune_method in DATA_PRUNE_METHODS and "data" not in opts:
-        # data-driven pruners score channels on a few training batches (ADMM trains on more)
-        opts["data"] = _calibration_batches(data, 50 if cfg.prune_method == "admm" else 8)
+    opts = dict(cfg.prune_options)  # may hold criterion / allocation / procedure and the parts' options
+    from lopfast.prune.compose import needs_data, resolve
+
+    _, crit, alloc, proc = resolve(cfg.prune_method, opts.get("criterion"), opts.get("allocation"),
+                                   opts.get("procedure"), cfg.global_pruning)
+    if needs_data(crit, alloc, proc) and "data" not in opts:
+        # data-driven parts score channels on a few training batches (ADMM / slimming train on more)
+        opts["data"] = _calibration_batches(data, 50 if proc in ("admm", "slimming") else 8)
     t0 = time.time()
     src = copy.deepcopy(teacher).eval()
     pruned, report = prune(src, example, method=cfg.prune_method, target_removed=target,

@@ -1,38 +1,45 @@
 """Structured channel pruning of plain models (run before expanding them).
 
 ``prune(model, example_inputs, method=..., ratio=... | target_removed=...)`` returns a
-physically smaller copy and a :class:`PruneReport`. Methods: l1, l2, bn, taylor, hrank,
-thinet, eagleeye, admm, amc. Needs torch-pruning
+physically smaller copy and a :class:`PruneReport`. A strategy is a criterion (which
+channels), an allocation (how many per layer) and a procedure (training around the cut);
+``method=`` names a paper's preset (:data:`METHODS`: l1, l2, bn, slimming, taylor, hrank,
+thinet, eagleeye, admm, amc, lamp, fpgm, obd, random) and ``criterion=`` / ``allocation=`` /
+``procedure=`` combine parts (:mod:`lopfast.prune.compose`). Needs torch-pruning
 (``pip install 'lopfast[prune]'``).
 """
-from lopfast.prune.api import METHODS, PruneReport, prune
+from lopfast.prune.api import DATA_METHODS, METHODS, PruneReport, prune
+from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PRESETS, PROCEDURES
+from lopfast.prune.criteria import activation_sites, hrank_post_activation_scores, sampled_contributions
 from lopfast.prune.engine import TOLERANCE, count_macs, count_params
 from lopfast.prune.importance import (
     HRankImportance,
     PrecomputedImportance,
-    ThiNetImportance,
-    channel_contributions,
     feature_map_ranks,
     hrank_scores,
     thinet_order,
-    thinet_scores,
 )
 
 __all__ = [
+    "ALLOCATIONS",
+    "CRITERIA",
+    "DATA_METHODS",
     "METHODS",
+    "PRESETS",
+    "PROCEDURES",
     "TOLERANCE",
     "HRankImportance",
     "PrecomputedImportance",
     "PruneReport",
-    "ThiNetImportance",
-    "channel_contributions",
     "count_macs",
     "count_params",
     "feature_map_ranks",
+    "activation_sites",
+    "hrank_post_activation_scores",
     "hrank_scores",
+    "sampled_contributions",
     "prune",
     "thinet_order",
-    "thinet_scores",
 ]
 
 

@@ -15,15 +15,25 @@ import torch.nn.functional as F
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.prune.attention import channel_shuffle_blocks
 from lopfast.prune.engine import Engine, count_macs, count_params, output_layers
-from lopfast.prune.importance import (
-    HRankImportance,
-    ThiNetImportance,
-    magnitude_importance,
-    require_tp,
+from lopfast.prune.compose import (
+    ALLOCATIONS,
+    CRITERIA,
+    DATA_ALLOCATIONS,
+    DATA_CRITERIA,
+    DATA_PROCEDURES,
+    PRESETS,
+    PROCEDURES,
+    needs_data,
+    resolve,
+    split_options,
 )
+from lopfast.prune.criteria import ThiNetCriterion, build_criterion
+from lopfast.prune.importance import require_tp
 
-METHODS = ("l1", "l2", "bn", "taylor", "hrank", "thinet", "eagleeye", "admm", "amc")
-DATA_METHODS = ("taylor", "hrank", "thinet", "eagleeye", "admm", "amc")
+#: the presets, named after their papers (see :data:`lopfast.prune.compose.PRESETS`)
+METHODS = tuple(PRESETS)
+#: presets that need ``data``
+DATA_METHODS = tuple(m for m, (c, a, p, _) in PRESETS.items() if needs_data(c, a, p))
 
 
 @dataclass
@@ -34,6 +44,9 @@ class PruneReport:
     biases, BN affine). ``layers`` maps each conv/linear name to its output channels
     ``[before, after]``. ``ratio`` is the channel ratio used (searched when
     ``target_removed`` was given; ``None`` for per-layer methods, see ``extra``).
+    ``criterion`` / ``allocation`` / ``procedure`` are the parts the strategy was made of;
+    ``target_unit`` says what ``target_removed`` counted ("params", or "macs" for a FLOPs
+    budget, then compare it with ``macs_removed_fraction``).
     """
 
     method: str
@@ -51,6 +64,11 @@ class PruneReport:
     ignored: List[str]
     wall_time_s: float
     extra: Dict[str, Any] = field(default_factory=dict)
+    criterion: str = "l1"
+    allocation: str = "uniform"
+    procedure: str = "none"
+    #: what ``target_removed`` counts: "params" or "macs" (``budget="flops"``)
+    target_unit: str = "params"
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(asdict(self))
@@ -107,188 +125,25 @@ def _unpack(batch):
     raise ValueError("data must yield (inputs, targets) batches")
 
 
-def _take(data, n: int):
-    out = []
-    for i, b in enumerate(data):
-        if i >= n:
-            break
-        out.append(_unpack(b))
-    return out
+# ---------------------------------------------------------------------------- allocation
+def _allocate(engine: Engine, crit, allocation: str, ratio, target, data, a_opts, unit: str):
+    """Prune ``engine.base`` with ``crit`` at the channel counts ``allocation`` decides."""
+    if allocation in ("uniform", "global"):
+        def prune_at(r):
+            return crit.prune(engine, r)
 
+        if target is None:
+            model, rec = prune_at(ratio)
+            return model, rec, ratio, {}
+        hi = engine.max_layer_ratio if engine.global_pruning else 1.0
+        return engine.search(prune_at, target, hi=hi, unit=unit) + ({},)
+    if allocation == "eagleeye":
+        from lopfast.prune.methods.eagleeye import eagleeye
 
-def _pos_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_options(method: str, options: Dict[str, Any], allowed: Dict[str, Any]) -> Dict[str, Any]:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"method={method!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
-    merged = dict(allowed)
-    merged.update(options)
-    return merged
-
-
-def _run(engine: Engine, importance, ratio, target, prepare=None):
-    """Uniform-ratio pruning, or the ratio search for ``target``."""
-    if target is None:
-        model, rec = engine.prune(importance, ratio, prepare=prepare)
-        return model, rec, ratio
-    return engine.search(lambda r: engine.prune(importance, r, prepare=prepare), target,
-                         hi=engine.max_layer_ratio if engine.global_pruning else 1.0)
-
-
-
-# ---------------------------------------------------------------------------- criteria
-def _prune_l1(engine, ratio, target, data, opts):
-    """L1 filter norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
-
-    Score: sum |W| of each output channel, averaged (after mean-normalisation) over every
-    layer coupled to the channel (residual partners, BN, depthwise). No data. Measured cost
-    (1 CPU thread, tests/nets.py: TinyResNet 38.6k params / TinyMobileNetV2 17.2k params):
-    ratio=0.5: 34 / 42 ms; target_removed=0.6837: 38 / 71 ms (the search runs on the cost
-    model, one real prune). CIFAR MobileNetV2 / ResNet-56 / VGG-16 at the paper's four
-    targets: 0.2-0.4 s each.
-    """
-    _check_options("l1", opts, {})
-    return _run(engine, magnitude_importance(1), ratio, target) + ({},)
-
-
-def _prune_l2(engine, ratio, target, data, opts):
-    """L2 filter norm (the L2 variant studied by Li et al. 2017). No data.
-
-    Measured cost as ``l1`` (ratio=0.5: 36 / 54 ms; target search: 41 / 44 ms on
-    TinyResNet / TinyMobileNetV2, 1 CPU thread).
-    """
-    _check_options("l2", opts, {})
-    return _run(engine, magnitude_importance(2), ratio, target) + ({},)
-
-
-def _prune_bn(engine, ratio, target, data, opts):
-    """BN scale |gamma| (network slimming, Liu et al., ICCV 2017).
-
-    Meaningful after sparsity-regularised training of the BN scales; groups without a BN
-    fall back to L1. No data. Measured cost as ``l1`` (ratio=0.5: 37 / 37 ms; target
-    search: 35 / 40 ms on TinyResNet / TinyMobileNetV2, 1 CPU thread).
-    """
-    _check_options("bn", opts, {})
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in engine.base.modules()):
-        raise ValueError("method='bn' needs BatchNorm layers (network slimming scores channels by BN scale)")
-    tp = require_tp()
-    imp = _Fallback(tp.importance.BNScaleImportance(), magnitude_importance(1))
-    return _run(engine, imp, ratio, target) + ({},)
-
-
-class _Fallback:
-    """Use ``primary`` and fall back when it has nothing to say about a group."""
-
-    def __init__(self, primary, fallback):
-        self.primary, self.fallback = primary, fallback
-
-    def __call__(self, group):
-        imp = self.primary(group)
-        if imp is None or (isinstance(imp, (list, tuple)) and len(imp) == 0):
-            return self.fallback(group)
-        return imp
-
-
-def _prune_taylor(engine, ratio, target, data, opts):
-    """First-order Taylor (Molchanov et al., CVPR 2019), torch-pruning's GroupTaylorImportance.
-
-    Score: |sum W * dL/dW| per channel, gradients of ``loss_fn`` (default cross-entropy)
-    accumulated over ``batches`` batches of ``data`` (default 4) once on the unpruned model.
-    Measured cost (4 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2):
-    ratio=0.5: 74 / 71 ms; target search: 66 / 73 ms.
-    """
-    o = _check_options("taylor", opts, {"loss_fn": F.cross_entropy, "batches": 4})
-    batches = _take(data, _pos_int(o["batches"], "batches"))
-    scratch = copy.deepcopy(engine.base)
-    scratch.zero_grad(set_to_none=True)
-    was_training = scratch.training
-    scratch.eval()  # score the network as deployed (BN on running statistics), as pruning sees it
-    for x, y in batches:
-        o["loss_fn"](scratch(x), y).backward()
-    scratch.train(was_training)
-    grads = {n: p.grad.detach().clone() for n, p in scratch.named_parameters() if p.grad is not None}
-
-    def prepare(model):
-        for n, p in model.named_parameters():
-            if n in grads:
-                p.grad = grads[n].clone()
-
-    tp = require_tp()
-    cls = getattr(tp.importance, "GroupTaylorImportance", None) or tp.importance.TaylorImportance
-    model, rec, r = _run(engine, cls(), ratio, target, prepare=prepare)
-    model.zero_grad(set_to_none=True)
-    return model, rec, r, {}
-
-
-def _prune_hrank(engine, ratio, target, data, opts):
-    """HRank (Lin et al., "HRank: Filter Pruning using High-Rank Feature Map", CVPR 2020).
-
-    Score: average rank of each filter's output feature map over ``batches`` batches
-    (default 4), one batched ``torch.linalg.matrix_rank`` per conv per batch. The rank is
-    taken on the conv's own output (the HRank code hooks the activation after BN/ReLU,
-    which can differ by one or more). Measured cost
-    (4 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
-    107 / 189 ms; target search: 105 / 191 ms (the ranks are computed once).
-    """
-    o = _check_options("hrank", opts, {"batches": 4})
-    imp = HRankImportance.from_data(engine.base, data, batches=_pos_int(o["batches"], "batches"))
-    return _run(engine, imp, ratio, target) + ({},)
-
-
-def _prune_thinet(engine, ratio, target, data, opts):
-    """ThiNet (Luo et al., ICCV 2017): greedy channel selection + least-squares rescaling.
-
-    Each channel is scored where it is consumed: the next layer's sampled outputs are split
-    into per-input-channel contributions and channels are removed greedily, smallest
-    change of the next layer's output first (``batches`` default 2, ``samples`` output
-    locations per batch default 256, ``seed``). After pruning, the kept input channels of
-    every consuming conv/linear are rescaled by least squares so that, on the same data,
-    the pruned layer reproduces the original layer's output (``rescale=True``). Depthwise
-    consumers are pruned together with their producer and are not rescaled. Difference
-    from the paper: the scores are collected once on the unpruned model (ThiNet re-collects
-    them layer by layer on the partially pruned network); the rescaling, done layer by layer
-    on the pruned network, compensates for earlier layers. Measured cost
-    (2 batches of 8x3x16x16, 1 CPU thread, TinyResNet / TinyMobileNetV2): ratio=0.5:
-    186 / 231 ms; target search: 224 / 192 ms.
-    """
-    o = _check_options("thinet", opts, {"batches": 2, "samples": 256, "seed": 0, "rescale": True})
-    batches, samples = _pos_int(o["batches"], "batches"), _pos_int(o["samples"], "samples")
-    imp = ThiNetImportance.from_data(engine.base, data, batches=batches, samples=samples, seed=o["seed"])
-    model, rec, r = _run(engine, imp, ratio, target)
-    extra = {}
-    if o["rescale"]:
-        from lopfast.prune.methods.thinet import rescale_consumers
-
-        extra["rescaled_layers"] = rescale_consumers(engine.base, model, rec, data, batches=batches,
-                                                     samples=samples, seed=o["seed"])
-    return model, rec, r, extra
-
-
-def _prune_eagleeye(engine, ratio, target, data, opts):
-    from lopfast.prune.methods.eagleeye import eagleeye
-
-    return eagleeye(engine, ratio, target, data, opts)
-
-
-def _prune_admm(engine, ratio, target, data, opts):
-    from lopfast.prune.methods.admm import admm
-
-    return admm(engine, ratio, target, data, opts)
-
-
-def _prune_amc(engine, ratio, target, data, opts):
+        return eagleeye(engine, crit, ratio, target, data, a_opts)
     from lopfast.prune.methods.amc import amc
 
-    return amc(engine, ratio, target, data, opts)
-
-
-_IMPL = {"l1": _prune_l1, "l2": _prune_l2, "bn": _prune_bn, "taylor": _prune_taylor, "hrank": _prune_hrank,
-         "thinet": _prune_thinet, "eagleeye": _prune_eagleeye, "admm": _prune_admm, "amc": _prune_amc}
+    return amc(engine, crit, ratio, target, data, a_opts)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -296,13 +151,17 @@ def prune(
     model: nn.Module,
     example_inputs,
     *,
-    method: str = "l1",
+    method: Optional[str] = None,
     ratio: Optional[float] = None,
     target_removed: Optional[float] = None,
     data: Optional[Iterable] = None,
     ignored: Union[None, str, Iterable[Union[str, nn.Module]]] = None,
     global_pruning: bool = False,
-    **method_options,
+    criterion: Optional[str] = None,
+    allocation: Optional[str] = None,
+    procedure: Optional[str] = None,
+    method_options: Optional[Dict[str, Any]] = None,
+    **options,
 ) -> Tuple[nn.Module, PruneReport]:
     """Structured channel pruning: returns a smaller dense copy of ``model`` and a report.
 
@@ -311,53 +170,78 @@ def prune(
     The layers producing the model output (the classifier) keep their outputs. Prune
     *before* expanding: an expanded model is refused.
 
+    A strategy is a criterion (which channels), an allocation (how many per layer) and a
+    procedure (training around the cut), see :mod:`lopfast.prune.compose`. ``method`` names
+    a paper's preset (:data:`METHODS`; default ``"l1"``); ``criterion``, ``allocation``,
+    ``procedure`` replace the preset's parts (e.g. ``method="hrank", allocation="eagleeye"``).
+
     Args:
         model: a plain model (not modified; a deep copy is pruned).
-        example_inputs: a tensor (or tuple of tensors) to trace the model with.
-        method: one of :data:`METHODS`; see each ``_prune_<method>`` / ``methods.<method>``
-            docstring for paper, cost and options.
-        ratio: fraction of the channels removed from every prunable layer, in [0, 1).
+        example_inputs: a tensor (or tuple of tensors) to trace the model with; MACs are
+            counted on it, so give it the real input size.
+        method: a preset of :data:`METHODS` (see ``PRESETS`` in :mod:`lopfast.prune.compose`).
+        ratio: fraction of the channels removed from every prunable layer, in (0, 1)
+            (global allocation: of all channels).
         target_removed: fraction of the model's parameters to remove, in (0, 1) (e.g.
-            0.6837 for the paper's 68.37 %); the channel ratio is searched until the
-            removed fraction is within 0.005 of it. Give exactly one of ``ratio`` and
-            ``target_removed``.
-        data: iterable of (inputs, targets) batches, needed by taylor, hrank, thinet,
-            eagleeye (calibration/scoring), amc (reward) and admm (training data).
+            0.6837 for the paper's 68.37 %; with ``budget="flops"``: of the conv/linear
+            MACs); the ratio is searched until the removed fraction is within 0.005 of it.
+            Give exactly one of ``ratio`` and ``target_removed``.
+        data: iterable of (inputs, targets) batches, needed by the data-driven parts
+            (taylor, hrank, thinet, hessian, eagleeye, amc, admm, slimming).
         ignored: module names (or modules of ``model``) whose output channels are kept.
-        global_pruning: rank channels across layers (l1, l2, bn, taylor, hrank, thinet).
-        **method_options: the method's options (unknown ones raise TypeError).
+        global_pruning: same as ``allocation="global"``.
+        criterion, allocation, procedure: override the preset's parts.
+        method_options: the parts' options as a dict (merged with ``**options``).
+        **options: options of the selected parts; an option of a part not selected raises
+            TypeError naming the part it belongs to.
     """
     t0 = time.perf_counter()
     require_tp()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(global_pruning, bool):
+        raise TypeError(f"global_pruning must be a bool, got {type(global_pruning).__name__}")
+    name, crit_name, alloc, proc = resolve(method, criterion, allocation, procedure, global_pruning)
+    if method_options is not None and not isinstance(method_options, dict):
+        raise TypeError(f"method_options must be a dict, got {type(method_options).__name__}")
+    all_options = dict(method_options or {})
+    dup = sorted(set(all_options) & set(options))
+    if dup:
+        raise TypeError(f"options {dup} given both in method_options and as keywords")
+    all_options.update(options)
+    c_opts, a_opts, p_opts = split_options(all_options, crit_name, alloc, proc)
     if any(isinstance(m, (ExpandedConv2d, ExpandedLinear)) for m in model.modules()):
         raise ValueError("model contains expanded layers (ExpandedConv2d/ExpandedLinear): prune the plain model "
                          "first, then expand it (or contract() it before pruning)")
     if (ratio is None) == (target_removed is None):
         raise ValueError("give exactly one of ratio (channels removed per layer) and target_removed "
                          "(fraction of parameters removed)")
-    for name, v in (("ratio", ratio), ("target_removed", target_removed)):
+    for arg, v in (("ratio", ratio), ("target_removed", target_removed)):
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise TypeError(f"{name} must be a number, got {v!r}")
-        if not 0.0 <= v < 1.0:
+            raise TypeError(f"{arg} must be a number, got {v!r}")
+        if not 0.0 < v < 1.0:
             hint = " (a fraction: 0.6837 for 68.37 %)" if v >= 1.0 else ""
-            raise ValueError(f"{name} must be in [0, 1){hint}, got {v!r}")
-    if not isinstance(global_pruning, bool):
-        raise TypeError(f"global_pruning must be a bool, got {type(global_pruning).__name__}")
+            raise ValueError(f"{arg} must be in the open interval (0, 1){hint}, got {v!r}")
+    unit = "macs" if a_opts.get("budget") == "flops" else "params"
+    if unit == "macs" and target_removed is None:
+        raise ValueError("budget='flops' needs target_removed (the fraction of MACs to remove), not ratio")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
         raise TypeError(f"example_inputs must be a tensor (or tuple/list/dict of them), got "
                         f"{type(example_inputs).__name__}")
+    _trial_forward(model, example_inputs)
     data = _as_reiterable(data)
     first = next(iter(model.parameters()), None)
     if data is not None and first is not None:
         data = _OnDevice(data, first.device)  # loaders usually yield CPU batches
-    if method in DATA_METHODS and data is None:
-        raise ValueError(f"method={method!r} is data-driven: pass data=<iterable of (inputs, targets) batches>")
+    if needs_data(crit_name, alloc, proc) and data is None:
+        parts = [f"{k}={v!r}" for k, v, d in (("criterion", crit_name, DATA_CRITERIA),
+                                               ("allocation", alloc, DATA_ALLOCATIONS),
+                                               ("procedure", proc, DATA_PROCEDURES)) if v in d]
+        raise ValueError(f"{', '.join(parts)} is data-driven: pass data=<iterable of (inputs, targets) batches>")
+    if data is not None:
+        _check_data(model, example_inputs, data)
 
     shuffles = channel_shuffle_blocks(model)
     if shuffles:
@@ -368,17 +252,36 @@ def prune(
     ignored_names = _ignored_names(model, ignored)
     auto = output_layers(base, example_inputs)
     all_ignored = sorted(set(ignored_names) | set(auto))
-    max_layer_ratio = method_options.pop("max_layer_ratio", 0.95) if global_pruning else 0.95
-    engine = Engine(base, example_inputs, all_ignored, global_pruning=global_pruning,
-                    max_layer_ratio=max_layer_ratio)
+    engine = Engine(base, example_inputs, all_ignored, global_pruning=alloc == "global",
+                    max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
     if not engine.prunable:
         raise ValueError("model has no prunable conv/linear layer (all are ignored or produce the output)")
     params_before = engine.params_before
     macs_before = count_macs(base, example_inputs)
 
-    pruned, record, used_ratio, extra = _IMPL[method](engine, ratio, target_removed, data, method_options)
+    extra: Dict[str, Any] = {}
+    if proc == "admm":
+        from lopfast.prune.methods.admm import admm
 
-    _check_consistent(pruned, example_inputs, method)
+        pruned, record, used_ratio, extra = admm(engine, ratio, target_removed, data, p_opts)
+    elif proc == "iterative":
+        pruned, record, used_ratio, extra = _iterative(engine, crit_name, ratio, target_removed, data, c_opts,
+                                                       p_opts, alloc, unit)
+    else:
+        if proc == "slimming":
+            from lopfast.prune.methods.slimming import sparsity_train
+
+            trained, extra = sparsity_train(base, data, p_opts)
+            engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
+                            max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
+        crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
+        pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts, unit)
+        extra.update(crit.extra)
+        extra.update(more)
+        if isinstance(crit, ThiNetCriterion):
+            extra["thinet_peak_sample_bytes"] = crit.peak_sample_bytes
+
+    _check_consistent(pruned, example_inputs, name)
     params_after = count_params(pruned)
     macs_after = count_macs(pruned, example_inputs)
     before = {n: _width(m) for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -388,11 +291,11 @@ def prune(
         extra.setdefault("layer_ratios", used_ratio)
         used_ratio = None
     report = PruneReport(
-        method=method,
-        options=_jsonable(method_options),
+        method=name,
+        options=_jsonable(all_options),
         ratio=None if used_ratio is None else float(used_ratio),
         target_removed=target_removed,
-        global_pruning=global_pruning,
+        global_pruning=alloc == "global",
         params_before=params_before,
         params_after=params_after,
         macs_before=macs_before,
@@ -403,8 +306,91 @@ def prune(
         ignored=all_ignored,
         wall_time_s=time.perf_counter() - t0,
         extra=_jsonable(extra),
+        criterion=crit_name,
+        allocation=alloc,
+        procedure=proc,
+        target_unit=unit,
     )
     return pruned, report
+
+
+def _iterative(engine: Engine, crit_name, ratio, target, data, c_opts, p_opts, alloc, unit):
+    """Prune in ``steps`` steps to the final per-layer channel counts, re-scoring (and, with
+    ``finetune(model, step)``, training) the partially pruned network between steps."""
+    from lopfast.prune.engine import _forward  # noqa: F401  (same tracing inputs for every step)
+
+    if target is not None:
+        # the final counts depend on the ratio only: search it on the cost model (L1 prunes once)
+        _, _, ratio = engine.search(lambda r: engine.prune(build_criterion("l1", engine.base, None, {}, alloc)
+                                                           .importance, r), target, unit=unit)
+    caps = engine.caps(engine.base)
+    per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in engine.prunable}
+    width0 = {n: _width(m) for n, m in engine.base.named_modules() if n in caps}
+    steps, current, record = p_opts["steps"], engine.base, {}
+    for s in range(1, steps + 1):
+        widths = {n: _width(m) for n, m in current.named_modules() if n in caps}
+        rel = {}
+        for n in caps:
+            r = min(max(per.get(n, 0.0), 0.0), caps[n]) * s / steps
+            keep = max(1, int(width0[n] * (1.0 - r)))
+            keep = min(keep, widths[n])
+            rel[n] = 1.0 - (keep + 0.5) / widths[n]
+        step_engine = Engine(current, engine.example_inputs, engine.ignored)
+        crit = build_criterion(crit_name, current, data, c_opts, alloc)
+        current, rec = crit.prune(step_engine, rel)
+        record = rec
+        engine.evaluations += step_engine.evaluations
+        if p_opts["finetune"] is not None:
+            p_opts["finetune"](current, s)
+    return current, record, ratio, {"iterative_steps": steps}
+
+
+def _trial_forward(model: nn.Module, example_inputs) -> None:
+    """Run ``model`` once on ``example_inputs`` so a wrong shape is reported as such."""
+    from lopfast.prune.engine import _forward
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    except Exception as e:
+        shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs).__name__
+        raise ValueError(f"example_inputs (shape {shape}) does not run through model: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        model.train(was_training)
+
+
+def _check_data(model: nn.Module, example_inputs, data) -> None:
+    """First batch of ``data``: (inputs, targets), same per-sample shape as ``example_inputs``,
+    and a trial forward on two of its samples."""
+    from lopfast.prune.engine import _forward
+
+    try:
+        batch = next(iter(data))
+    except StopIteration:
+        raise ValueError("data yielded no batches") from None
+    if not (isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):
+        raise ValueError(f"data must yield (inputs, targets) batches with a tensor of inputs, got a "
+                         f"{type(batch).__name__}")
+    x, y = batch[0], batch[1]
+    if isinstance(example_inputs, torch.Tensor) and tuple(x.shape[1:]) != tuple(example_inputs.shape[1:]):
+        raise ValueError(f"data's inputs have per-sample shape {tuple(x.shape[1:])} but example_inputs has "
+                         f"{tuple(example_inputs.shape[1:])}: give example_inputs the size of the data "
+                         "(MACs are counted on it)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = _forward(model, x[:2])
+    except Exception as e:
+        raise ValueError(f"data's inputs (shape {tuple(x.shape)}) do not run through model: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    finally:
+        model.train(was_training)
+    if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and y.shape[:1] != x.shape[:1]:
+        raise ValueError(f"data's targets have {y.shape[0]} entries for {x.shape[0]} inputs")
 
 
 def _check_consistent(pruned: nn.Module, example_inputs, method: str) -> None:

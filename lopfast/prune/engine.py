@@ -172,6 +172,57 @@ class Engine:
         self.evaluations += 1
         return model, record
 
+    def prune_sequential(self, criterion, ratio: RatioSpec, source: Optional[nn.Module] = None
+                         ) -> Tuple[nn.Module, Dict[Tuple[str, str], List[int]]]:
+        """Prune a copy group by group, in network order, scoring each group on the network
+        pruned so far (ThiNet). ``criterion.score(model, group)`` returns one score per
+        channel; ``criterion.after_prune(model, removed_root_idxs)`` runs after each cut.
+        Each group keeps ``max(1, int(C (1 - r)))`` channels, as torch-pruning does, so the
+        cost model and the ratio search apply unchanged. Local pruning only.
+        """
+        tp = self.tp
+        if self.global_pruning:
+            raise ValueError("this criterion prunes layer by layer; it needs a per-layer allocation "
+                             "(allocation='uniform', 'eagleeye' or 'amc'), not global pruning")
+        model = copy.deepcopy(self.base if source is None else source)
+        names = {m: n for n, m in model.named_modules()}
+        ignored_modules = [m for n, m in model.named_modules()
+                           if _under(n, self.ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
+        caps = self.caps(model)
+        per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in self.prunable}
+        was_training = model.training
+        model.eval()
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
+        position = {m: i for i, m in enumerate(model.modules())}
+        roots = sorted(((g[0].dep.layer, g[0].dep.pruning_fn) for g in
+                        dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=[nn.Conv2d, nn.Linear])),
+                       key=lambda t: position.get(t[0], 0))
+        record: Dict[Tuple[str, str], List[int]] = {}
+        for layer, fn in roots:
+            name = names.get(layer)
+            if name not in caps:
+                continue
+            n = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+            r = min(max(float(per.get(name, 0.0)), 0.0), caps[name])
+            keep = max(1, int(n * (1.0 - r)))
+            if keep >= n:
+                continue
+            group = dg.get_pruning_group(layer, fn, list(range(n)))
+            scores = criterion.score(model, group)
+            drop = torch.argsort(torch.as_tensor(scores, dtype=torch.float64), stable=True)[: n - keep]
+            drop = sorted(int(i) for i in drop)
+            cut = dg.get_pruning_group(layer, fn, drop)
+            for item in cut:
+                lname = names.get(item.dep.layer)
+                if lname is not None and isinstance(item.dep.layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                    side = "out" if dg.is_out_channel_pruning_fn(item.dep.pruning_fn) else "in"
+                    record.setdefault((lname, side), []).extend(int(i) for i in item.idxs)
+            cut.prune()
+            criterion.after_prune(model, drop)
+        model.train(was_training)
+        self.evaluations += 1
+        return model, record
+
     def removed_fraction(self, model: nn.Module) -> float:
         return 1.0 - count_params(model) / self.params_before
 
@@ -204,6 +255,16 @@ class Engine:
             per.append(min(max(r, 0.0), caps.get(g["root"], 0.0)))
         return 1.0 - cm.cost(per)[0] / self.params_before
 
+    def predicted_macs_fraction(self, ratios: RatioSpec) -> float:
+        """Removed conv/linear MAC fraction of ``prune(..., ratios)`` from the cost model."""
+        cm = self.cost_model(required=True)
+        caps = self._caps0()
+        per = []
+        for g in cm.groups:
+            r = float(ratios.get(g["root"], 0.0)) if isinstance(ratios, dict) else float(ratios)
+            per.append(min(max(r, 0.0), caps.get(g["root"], 0.0)))
+        return 1.0 - cm.cost(per)[1] / cm.macs0
+
     def _caps0(self) -> Dict[str, float]:
         if not hasattr(self, "_caps"):
             self._caps = self.caps(self.base)
@@ -211,7 +272,7 @@ class Engine:
 
     def search(self, prune_at: Callable[[RatioSpec], Tuple[nn.Module, dict]], target: float,
                spec: Optional[Callable[[float], RatioSpec]] = None, hi: float = 1.0,
-               what: str = "channel ratio") -> Tuple[nn.Module, dict, RatioSpec]:
+               what: str = "channel ratio", unit: str = "params") -> Tuple[nn.Module, dict, RatioSpec]:
         """Find ratios whose pruned model removes ``target`` of the parameters (within TOLERANCE).
 
         Bisects ``x`` in [0, hi] with ratios ``spec(x)`` (default: ``x`` for every layer);
@@ -223,9 +284,18 @@ class Engine:
         pruned and checked; if the check disagrees, or for global pruning, every trial is
         pruned. ``prune_at(ratios)`` returns (model, record). Raises ValueError if even
         ``hi`` removes too little, or if no trial lands in the band.
+        With ``unit="macs"`` the target is a fraction of the multiply-accumulates, counted by
+        the cost model (conv/linear MACs; local pruning only).
         Returns (model, record, ratios used).
         """
         spec = spec or (lambda x: x)
+        self._unit = unit
+        if unit == "macs":
+            if self.global_pruning:
+                raise ValueError("a MACs budget needs a per-layer allocation, not global pruning")
+            ratios = self._search(self.predicted_macs_fraction, target, spec, hi, what)
+            model, rec = prune_at(ratios)
+            return model, rec, ratios
         if not self.global_pruning and self.cost_model() is not None and self._model_state != "wrong":
             try:
                 ratios = self._search(self.predicted_fraction, target, spec, hi, what)
@@ -258,12 +328,23 @@ class Engine:
                 hi: float, what: str) -> RatioSpec:
         top_spec = spec(hi)
         top = measure(top_spec)
+        if self.global_pruning and top < target - TOLERANCE:
+            # torch-pruning's global ranking skips a group that would lose more than
+            # max_layer_ratio, so the removed fraction can fall again near the top: scan down
+            for h in [hi - 0.05 * k for k in range(1, int(hi / 0.05))]:
+                got = measure(spec(h))
+                if got > top:
+                    top, top_spec, hi = got, spec(h), h
+                if top >= target - TOLERANCE:
+                    break
+            if abs(top - target) <= TOLERANCE:
+                return top_spec
         if abs(top - target) <= TOLERANCE:
             return top_spec
         if top < target - TOLERANCE:
             raise ValueError(
                 f"target_removed={target:.4f} is more than this architecture can lose: with every prunable "
-                f"layer cut as far as allowed only {top:.4f} of the parameters go (the input channels, "
+                f"layer cut as far as allowed only {top:.4f} of the {self._unit_word()} go (the input channels, "
                 f"the classifier outputs and the ignored layers {self.ignored} are kept)"
             )
         lo, best = 0.0, 0.0
@@ -316,10 +397,13 @@ class Engine:
                     if r_hi - r_lo < 1e-4:
                         break
         raise ValueError(
-            f"no {what} removes {target:.4f} of the parameters within {TOLERANCE}: removing a single "
+            f"no {what} removes {target:.4f} of the {self._unit_word()} within {TOLERANCE}: removing a single "
             f"channel more jumps from below to above it (closest: {best:.4f}); the network is too small "
             f"for this precision"
         )
+
+    def _unit_word(self) -> str:
+        return "MACs" if getattr(self, "_unit", "params") == "macs" else "parameters"
 
     def _per_layer(self, ratios: RatioSpec) -> Dict[str, float]:
         if isinstance(ratios, dict):

@@ -1,10 +1,11 @@
-"""Channel-importance plug-ins for torch-pruning: HRank, ThiNet and precomputed scores.
+"""Channel-importance plug-ins for torch-pruning: precomputed scores, HRank's ranks, ThiNet's greedy order.
 
 torch-pruning asks an importance object for one score per channel of a *group* (all the
 layer dimensions coupled to one prunable channel set: the conv's filters, its BN, the next
 layers' input channels, residual partners...). The data-driven criteria here are computed
 once on the unpruned model, keyed by module name, and looked up per group, so that the
-channel-ratio search can prune many copies without running the data again.
+channel-ratio search can prune many copies without running the data again (ThiNet, which
+scores layer by layer on the pruned network, lives in :mod:`lopfast.prune.criteria`).
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def feature_map_ranks(maps: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hrank_scores(model: nn.Module, data: Iterable, *, batches: int = 4) -> Dict[str, torch.Tensor]:
+def hrank_scores(model: nn.Module, data: Iterable, *, batches: int = 5) -> Dict[str, torch.Tensor]:
     """Average feature-map rank of every output channel of every conv (Lin et al., CVPR 2020).
 
     Runs ``batches`` batches of ``data`` through ``model`` (in eval mode, restored after)
@@ -168,46 +169,11 @@ class HRankImportance(PrecomputedImportance):
     carry little information and are pruned first. Build with :meth:`from_data`."""
 
     @classmethod
-    def from_data(cls, model: nn.Module, data: Iterable, *, batches: int = 4) -> "HRankImportance":
+    def from_data(cls, model: nn.Module, data: Iterable, *, batches: int = 5) -> "HRankImportance":
         return cls(out_scores=hrank_scores(model, data, batches=batches))
 
 
 # ---------------------------------------------------------------------------- ThiNet
-def channel_contributions(module: nn.Module, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                          out_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Contribution of each input channel of ``module`` to sampled outputs: (C_in, N).
-
-    For a conv (groups=1) sample ``positions`` (indices into the B*L output locations of
-    its unfolded input) and the output channels ``out_idx``; entry [c, (s, o)] is
-    sum_k W[o, c, k] x_unf[c, k, s], so that summing over c gives the pre-bias output. For
-    a linear layer the positions index the flattened batch. ``None`` means all.
-    """
-    w = module.weight.detach()
-    if isinstance(module, nn.Linear):
-        xs = x.detach().reshape(-1, x.shape[-1])
-        if positions is not None:
-            xs = xs[positions]
-        if out_idx is not None:
-            w = w[out_idx]
-        return torch.einsum("sc,oc->cso", xs, w).reshape(xs.shape[1], -1)
-    if not isinstance(module, nn.Conv2d) or module.groups != 1:
-        raise ValueError("channel_contributions supports nn.Linear and nn.Conv2d with groups=1")
-    if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        # unfold only pads with zeros and needs explicit padding
-        raise ValueError("channel_contributions needs a zero-padded conv with numeric padding")
-    cols = F.unfold(x.detach(), module.kernel_size, module.dilation, module.padding, module.stride)
-    b, ck, L = cols.shape
-    c = module.in_channels
-    k = ck // c
-    cols = cols.reshape(b, c, k, L).permute(0, 3, 1, 2).reshape(b * L, c, k)
-    if positions is not None:
-        cols = cols[positions]
-    w = w.reshape(w.shape[0], c, k)
-    if out_idx is not None:
-        w = w[out_idx]
-    return torch.einsum("sck,ock->cso", cols, w).reshape(c, -1)
-
-
 def thinet_order(z: torch.Tensor) -> torch.Tensor:
     """ThiNet's greedy order (Luo et al., ICCV 2017) of the rows of ``z`` (C, N).
 
@@ -229,58 +195,3 @@ def thinet_order(z: torch.Tensor) -> torch.Tensor:
         free[best] = False
         cross += gram[best]
     return torch.tensor(order, dtype=torch.long)
-
-
-def _consumers(model: nn.Module) -> List[str]:
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels > 1
-                                             and m.padding_mode == "zeros" and not isinstance(m.padding, str))]
-
-
-@torch.no_grad()
-def thinet_scores(model: nn.Module, data: Iterable, *, batches: int = 2, samples: int = 256,
-                  seed: int = 0) -> Dict[str, torch.Tensor]:
-    """ThiNet input-channel scores of every conv (groups=1) and linear layer.
-
-    For ``samples`` random output locations per batch (all output channels), the
-    contribution of each input channel is collected and ordered greedily with
-    :func:`thinet_order`; a channel's score is its step in that order divided by C (0 = the
-    first the layer can do without). Returns ``{layer name: (C_in,) score}``.
-    """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    names = _consumers(model)
-    modules = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(seed)
-    zs: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-
-    def hook(name):
-        def fn(module, inputs, output):
-            x = inputs[0]
-            total = x.reshape(-1, x.shape[-1]).shape[0] if isinstance(module, nn.Linear) else \
-                x.shape[0] * output.shape[-1] * output.shape[-2]
-            pos = torch.randperm(total, generator=gen)[:samples].to(x.device)
-            zs[name].append(channel_contributions(module, x, pos).cpu())
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    _forward_batches(model, data, batches, handles, "thinet")
-    scores = {}
-    for n, parts in zs.items():
-        if not parts:
-            continue
-        order = thinet_order(torch.cat(parts, dim=1))
-        score = torch.empty(len(order))
-        score[order] = torch.arange(1, len(order) + 1, dtype=torch.float32) / len(order)
-        scores[n] = score
-    return scores
-
-
-class ThiNetImportance(PrecomputedImportance):
-    """ThiNet (Luo et al., ICCV 2017): a channel matters as much as the next layer's output
-    changes without it; scores live on the consuming layers' input channels."""
-
-    @classmethod
-    def from_data(cls, model: nn.Module, data: Iterable, *, batches: int = 2, samples: int = 256,
-                  seed: int = 0) -> "ThiNetImportance":
-        return cls(in_scores=thinet_scores(model, data, batches=batches, samples=samples, seed=seed))

@@ -1,83 +1,105 @@
-"""ThiNet's second step: least-squares rescaling of the next layer's kept weights."""
+"""Least-squares reconstruction of pruned layers (AMC's ``prune_kernel``; ThiNet's per-channel
+rescaling is done inside :class:`~lopfast.prune.criteria.ThiNetCriterion`)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-
-from lopfast.prune.importance import _batches, _consumers, channel_contributions
-
-
-def _inputs_of(model: nn.Module, name: str, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-    module = model.get_submodule(name)
-    got: List[torch.Tensor] = []
-    h = module.register_forward_pre_hook(lambda m, inp: got.append(inp[0].detach()))
-    try:
-        for x in xs:
-            model(x)
-    finally:
-        h.remove()
-    return got
+import torch.nn.functional as F
 
 
-def _out_hw(conv: nn.Conv2d, x: torch.Tensor) -> int:
+def _columns(module: nn.Module, x: torch.Tensor, img: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """(N, C_in * k) input patches of ``module`` at sampled (image, location) pairs."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])[img, loc]
+    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols[img, :, loc]
+
+
+def _locations(module: nn.Module, x: torch.Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1]).shape[1]
     size = 1
     for i in range(2):
-        k, s, p, d = conv.kernel_size[i], conv.stride[i], conv.padding[i], conv.dilation[i]
+        k, s, p, d = module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
         size *= (x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1
     return size
 
 
-@torch.no_grad()
-def rescale_consumers(original: nn.Module, pruned: nn.Module, record: Dict[Tuple[str, str], List[int]],
-                      data: Iterable, *, batches: int = 2, samples: int = 256, seed: int = 0,
-                      ridge: float = 1e-3) -> List[str]:
-    """Rescale the kept input channels of every pruned conv (groups=1) / linear layer.
+def _eligible(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                                        and not isinstance(m.padding, str))
 
-    For each such layer, in module order (so later layers see the already rescaled earlier
-    ones), one scale s_c per kept input channel minimises
-    ||y - sum_c s_c z_c||^2 + ridge * mean(diag) * ||s - 1||^2 over sampled outputs, where
-    y is the original layer's pre-bias output on the original model's activations and z_c
-    the pruned layer's per-channel contributions on the pruned model's activations (ThiNet
-    Eq. 6; the ridge pulls ill-determined scales back to 1). Returns the rescaled names.
-    """
-    xs = [x for x, _ in _batches(data, batches)]
-    if not xs:
-        raise ValueError("data yielded no batches; thinet rescaling needs inputs")
-    flags = (original.training, pruned.training)
+
+@torch.no_grad()
+def layer_features(original: nn.Module, xs: List[torch.Tensor], *, positions: int = 10, seed: int = 0
+                   ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """AMC's ``_extract_layer_information``: for every conv (groups=1) / linear layer of the
+    original network, ``positions`` random output locations per image of ``xs``: the input
+    patches X (N, C_in * k) and the pre-bias outputs Y (N, C_out), float32 on the CPU.
+    One forward pass per batch; the samples are reused by every reconstruction."""
+    gen = torch.Generator().manual_seed(seed)
+    feats: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+    names = {m: n for n, m in original.named_modules() if _eligible(m)}
+
+    def hook(module, inputs):
+        x = inputs[0].detach()
+        b = x.shape[0]
+        img = torch.arange(b).repeat_interleave(positions)
+        loc = torch.randint(_locations(module, x), (b * positions,), generator=gen)
+        cols = _columns(module, x, img.to(x.device), loc.to(x.device))
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        feats.setdefault(names[module], []).append((cols.float().cpu(), (cols @ w.T).float().cpu()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    was_training = original.training
     original.eval()
-    pruned.eval()
-    orig_modules = dict(original.named_modules())
-    done = []
     try:
-        for name in _consumers(pruned):
-            if (name, "in") not in record or name not in orig_modules:
-                continue
-            om, pm = orig_modules[name], pruned.get_submodule(name)
-            n_out = om.out_features if isinstance(om, nn.Linear) else om.out_channels
-            removed_out = set(record.get((name, "out"), []))
-            kept_out = torch.tensor([o for o in range(n_out) if o not in removed_out], dtype=torch.long)
-            gen = torch.Generator().manual_seed(seed)
-            ys, zs = [], []
-            for xo, xp in zip(_inputs_of(original, name, xs), _inputs_of(pruned, name, xs)):
-                if isinstance(om, nn.Linear):
-                    total = xo.reshape(-1, xo.shape[-1]).shape[0]
-                else:
-                    total = xo.shape[0] * _out_hw(om, xo)
-                pos = torch.randperm(total, generator=gen)[:samples].to(xo.device)
-                ys.append(channel_contributions(om, xo, pos, kept_out.to(xo.device)).sum(0).double().cpu())
-                zs.append(channel_contributions(pm, xp, pos).double().cpu())
-            y, z = torch.cat(ys), torch.cat(zs, dim=1)
-            gram = z @ z.T
-            lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-            eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-            s = torch.linalg.solve(gram + lam * eye, z @ y + lam * torch.ones(gram.shape[0], dtype=gram.dtype))
-            w = pm.weight
-            shape = (1, -1) + (1,) * (w.dim() - 2)
-            w.mul_(s.to(w.dtype).to(w.device).reshape(shape))
-            done.append(name)
+        for x in xs:
+            original(x)
     finally:
-        original.train(flags[0])
-        pruned.train(flags[1])
+        for h in handles:
+            h.remove()
+        original.train(was_training)
+    return {n: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for n, v in feats.items()}
+
+
+@torch.no_grad()
+def reconstruct(original: nn.Module, pruned: nn.Module, record: Dict[Tuple[str, str], List[int]],
+                features: Dict[str, Tuple[torch.Tensor, torch.Tensor]], *, ridge: float = 1e-3) -> List[str]:
+    """Least-squares reconstruction of every layer whose input channels were cut (AMC's
+    ``prune_kernel``): with X the original layer's sampled input patches restricted to the
+    kept input channels and Y its sampled outputs at the kept output channels
+    (:func:`layer_features`, taken once on the original network, as the official code
+    does), the new weight solves min ||Y - X W^T||^2 + ridge * mean(diag X^T X) * ||W - W_kept||^2
+    (the ridge keeps ill-determined directions at the magnitude-pruned weights). Layers
+    without a record of their cut input channels, and conv layers with groups > 1, are left
+    alone. Returns the reconstructed layer names.
+    """
+    orig = dict(original.named_modules())
+    done = []
+    for name, pm in pruned.named_modules():
+        om = orig.get(name)
+        if not (_eligible(pm) and type(om) is type(pm)) or name not in features:
+            continue
+        if pm.weight.shape[1] == om.weight.shape[1] or (name, "in") not in record:
+            continue
+        n_in, n_out = om.weight.shape[1], om.weight.shape[0]
+        gone_in = set(record[(name, "in")])
+        kept_in = torch.tensor([c for c in range(n_in) if c not in gone_in], dtype=torch.long)
+        gone_out = set(record.get((name, "out"), []))
+        kept_out = torch.tensor([o for o in range(n_out) if o not in gone_out], dtype=torch.long)
+        if len(kept_in) != pm.weight.shape[1] or len(kept_out) != pm.weight.shape[0]:
+            continue
+        X, Y = features[name]
+        k = X.shape[1] // n_in
+        cols = (kept_in[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+        X, Y = X[:, cols].double(), Y[:, kept_out].double()
+        w0 = pm.weight.detach().reshape(pm.weight.shape[0], -1).double().cpu()
+        gram = X.T @ X
+        lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), X.T @ Y + lam * w0.T).T
+        pm.weight.copy_(w.reshape(pm.weight.shape).to(pm.weight.dtype).to(pm.weight.device))
+        done.append(name)
     return done

@@ -1,0 +1,409 @@
+"""Measured backend dispatch: what ``backend="auto"`` runs on CUDA.
+
+The first time an op meets a key (a hashable description of the shapes and dtype of one call,
+e.g. the layer list of a model for the collapse, the pair list of a step for the SP loss) on a
+CUDA device, ``choose`` runs every candidate backend on that call's own inputs:
+
+1. the reference first, then each candidate once, forward and (where the inputs require grad and
+   grad mode is on) backward, on detached copies of the inputs, so the user's autograd graph,
+   gradients and random number stream are untouched;
+2. a candidate whose outputs or input gradients differ from the reference's by more than a
+   dtype-dependent relative error (``TOLERANCE``), are not finite where the reference is, or
+   raise, is rejected (a gate against wrong results, not a precision test: ``lopfast selfcheck``
+   and the tests hold the tight budgets);
+3. the survivors are timed a few iterations each after a warm-up (CUDA events, median), and
+   the fastest wins.
+
+The choice is cached per (device name, torch and triton versions, op, key): in memory, and on disk
+as JSON in ``$XDG_CACHE_HOME/lopfast/dispatch.json`` (``~/.cache/lopfast/dispatch.json``),
+written atomically; an unreadable file is ignored and replaced. The next process on the same
+machine skips the timing.
+
+Environment:
+    ``LOPFAST_DISPATCH=off``        no measuring: the op's static default (Triton on CUDA)
+    ``LOPFAST_DISPATCH=<backend>``  force that backend wherever the op has it (``torch``, ``triton``,
+                                    ``cuda``, an op's own such as ``matmul``); elsewhere the static default
+    ``LOPFAST_DISPATCH_CACHE=0``    keep choices in memory only (no disk read or write)
+    ``LOPFAST_CACHE_DIR``           another folder for the cache file
+
+CPU tensors always run the reference, untimed. Under ``torch.compile`` (while dynamo traces) and
+during CUDA graph capture nothing is timed: the cached choice is used when there is one, else the
+static default. So call the model once eagerly (one training step) before compiling it or
+capturing a graph, and the compiled code uses the measured choice.
+
+An explicit ``backend=`` on an op, or a ``lopfast.use_backend`` block, bypasses all of this.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup"]
+
+ENV_DISPATCH = "LOPFAST_DISPATCH"
+ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
+FILE_VERSION = 1
+
+# relative error ||out - ref|| / ||ref|| above which a candidate is rejected, by dtype
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+WARMUP = 2
+ITERS = 5
+# stop timing a candidate after this much time (first-call cost stays bounded on big keys)
+BUDGET_S = 0.25
+
+_lock = threading.RLock()
+_memory: Dict[tuple, dict] = {}
+_disk: Dict[str, dict] = {}  # entries of the cache file, by their string key
+_disk_loaded: List[str] = []  # the path whose entries _disk holds
+_warned: set = set()
+
+
+# ----------------------------------------------------------------------------- identity of a choice
+def tunable(device: torch.device) -> bool:
+    """Whether choices are measured on ``device`` (CUDA only; tests patch this)."""
+    return device.type == "cuda"
+
+
+_names: Dict[Any, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    """'NVIDIA H200' etc. (tests patch this to fake a GPU)."""
+    name = _names.get(device.index)
+    if name is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        _names[device.index] = name
+    return name
+
+
+def _versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # pragma: no cover - triton is optional
+        tv = "none"
+    return f"torch {torch.__version__}, triton {tv}"
+
+
+def _disk_key(op: str, key: Any, dev: str) -> str:
+    return f"{dev} | {_versions()} | {op} | {key!r}"
+
+
+def cache_path() -> Path:
+    """The JSON file holding measured choices across processes."""
+    base = os.environ.get("LOPFAST_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "lopfast")
+    return Path(base) / "dispatch.json"
+
+
+def _disk_enabled() -> bool:
+    return os.environ.get(ENV_CACHE, "1") not in ("0", "off", "false", "no")
+
+
+def _load_disk() -> None:
+    path = str(cache_path())
+    if _disk_loaded and _disk_loaded[0] == path:
+        return
+    _disk.clear()
+    _disk_loaded[:] = [path]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
+            _disk.update(data["entries"])
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # a corrupt or foreign file: start afresh, rewrite it on the next choice
+        _warn_once(f"corrupt:{path}", f"lopfast.dispatch: ignoring unreadable cache {path} ({exc})")
+
+
+def _save_disk(skey: str, entry: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries: Dict[str, dict] = {}
+        try:  # merge with what other processes wrote since we loaded
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
+                entries.update(data["entries"])
+        except Exception:
+            pass
+        entries[skey] = entry
+        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".dispatch-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": FILE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: readers see the old file or the new one
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _disk[skey] = entry
+    except OSError as exc:  # a read-only home must not break training
+        _warn_once(f"write:{path}", f"lopfast.dispatch: cannot write cache {path} ({exc})")
+
+
+def _warn_once(tag: str, msg: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- public API
+def lookup(op: str, key: Any, device: torch.device) -> Optional[str]:
+    """The cached choice for ``(op, key)`` on ``device``'s model of GPU, or None (nothing timed)."""
+    dev = _device_name(device)
+    with _lock:
+        entry = _memory.get((dev, op, key))
+        if entry is None and _disk_enabled():
+            _load_disk()
+            entry = _disk.get(_disk_key(op, key, dev))
+            if entry is not None:
+                _memory[(dev, op, key)] = entry
+    return None if entry is None else entry.get("choice")
+
+
+def clear(disk: bool = False) -> None:
+    """Forget every choice made in this process (and delete the cache file with ``disk=True``)."""
+    with _lock:
+        _memory.clear()
+        _disk.clear()
+        _disk_loaded.clear()
+        if disk:
+            try:
+                cache_path().unlink()
+            except FileNotFoundError:
+                pass
+
+
+def decisions() -> List[dict]:
+    """Every choice this process made or read, with its timings (for reports and benchmarks)."""
+    with _lock:
+        return [dict(device=d, op=op, key=repr(k), **e) for (d, op, k), e in _memory.items()]
+
+
+def choose(op: str, key: Any, device: torch.device, candidates: Mapping[str, Callable[..., Any]],
+           reference: str = "torch", args: Sequence[Any] = (), static: Optional[str] = None) -> str:
+    """The backend of ``op`` to run for a call described by ``key`` on ``device``.
+
+    ``candidates`` maps backend names to callables computing the op on ``args`` (returning a
+    tensor or a nested sequence of tensors) and must contain ``reference``. Only backends
+    that can run here belong in it. ``static`` is the untimed choice (default: "triton" when a
+    candidate, else ``reference``) used with ``LOPFAST_DISPATCH=off`` and under torch.compile
+    before anything was measured. Returns a key of ``candidates``.
+    """
+    if torch.compiler.is_compiling():
+        return _compiled_choice(op, key, device, tuple(candidates), reference, static)
+    if reference not in candidates:
+        raise ValueError(f"reference {reference!r} is not one of the candidates {sorted(candidates)}")
+    if not tunable(device):
+        return reference
+    default = _static(candidates, reference, static)
+    mode = os.environ.get(ENV_DISPATCH, "").strip().lower()
+    if mode in ("off", "0", "false", "no", "static"):
+        return default
+    if mode not in ("", "on", "1", "auto", "measure"):
+        if mode in candidates:
+            return mode
+        _warn_once(f"force:{op}:{mode}",
+                   f"lopfast.dispatch: {ENV_DISPATCH}={mode} is not a backend of {op} here "
+                   f"(have {sorted(candidates)}); using {default!r}")
+        return default
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        cached = lookup(op, key, device)
+        return cached if cached in candidates else default
+    cached = lookup(op, key, device)
+    if cached in candidates:
+        return cached
+    return _measure(op, key, device, candidates, reference, args)
+
+
+def _static(candidates, reference: str, static: Optional[str]) -> str:
+    if static is not None and static in candidates:
+        return static
+    return "triton" if "triton" in candidates else reference
+
+
+@torch.compiler.assume_constant_result
+def _compiled_choice(op: str, key: Any, device: torch.device, names: tuple, reference: str,
+                     static: Optional[str]) -> str:
+    # runs once while dynamo traces; its result is a constant of the graph (never times)
+    if not tunable(device):
+        return reference
+    default = _static(names, reference, static)
+    mode = os.environ.get(ENV_DISPATCH, "").strip().lower()
+    if mode in ("off", "0", "false", "no", "static"):
+        return default
+    if mode in names:
+        return mode
+    cached = lookup(op, key, device)
+    return cached if cached in names else default
+
+
+# ----------------------------------------------------------------------------- measuring
+def _tensors(tree) -> List[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _fresh_leaves(args):
+    """``args`` with every tensor replaced by a detached alias (a leaf requiring grad where the
+    original did): candidates run on the same memory but outside the user's graph."""
+    def leaf(x):
+        if isinstance(x, torch.Tensor):
+            y = x.detach()
+            return y.requires_grad_(x.requires_grad and x.is_floating_point())
+        return x
+
+    return pytree.tree_map(leaf, list(args))
+
+
+class _Runner:
+    """One candidate on one set of inputs: forward, then backward from fixed output gradients."""
+
+    def __init__(self, fn, args, device, grad_seed: int = 0):
+        self.fn, self.args, self.device = fn, _fresh_leaves(args), device
+        self.leaves = [t for t in _tensors(self.args) if t.requires_grad]
+        self.backward = torch.is_grad_enabled() and bool(self.leaves)
+        self.grad_seed = grad_seed
+        self.grad_out: Optional[List[torch.Tensor]] = None
+
+    def __call__(self):
+        out = self.fn(*self.args)
+        outs = _tensors(out)
+        if not self.backward:
+            return outs, []
+        diff = [(i, o) for i, o in enumerate(outs) if o.requires_grad]
+        if not diff:
+            return outs, []
+        if self.grad_out is None:
+            # a private generator: tuning must not move the user's random stream
+            gen = torch.Generator(device=outs[0].device)
+            gen.manual_seed(self.grad_seed)
+            self.grad_out = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype)
+                             for o in outs]
+        grads = torch.autograd.grad([o for _, o in diff], self.leaves,
+                                    [self.grad_out[i] for i, _ in diff], allow_unused=True)
+        return [o.detach() for o in outs], [g for g in grads]
+
+
+def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
+    """Why ``out`` does not match ``ref`` (None when it does)."""
+    if len(out) != len(ref):
+        return f"{len(out)} tensors, reference has {len(ref)}"
+    for i, (a, r) in enumerate(zip(out, ref)):
+        if (a is None) != (r is None):
+            return f"tensor {i}: gradient missing on one side"
+        if a is None:
+            continue
+        if a.shape != r.shape:
+            return f"tensor {i}: shape {tuple(a.shape)}, reference {tuple(r.shape)}"
+        a64, r64 = a.detach().double(), r.detach().double()
+        if not bool((torch.isfinite(a64) | ~torch.isfinite(r64)).all()):
+            return f"tensor {i}: non-finite values where the reference is finite"
+        finite = torch.isfinite(r64)
+        diff = float(torch.linalg.vector_norm(torch.where(finite, a64 - r64, torch.zeros_like(a64))))
+        scale = float(torch.linalg.vector_norm(torch.where(finite, r64, torch.zeros_like(r64))))
+        tol = TOLERANCE.get(r.dtype, 5e-2)
+        rel = diff / scale if scale > 0 else diff
+        if not (rel <= tol):
+            return f"tensor {i}: relative error {rel:.3g} > {tol:g}"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(run: _Runner, device: torch.device) -> float:
+    """Median seconds of one call of ``run`` after a warm-up (CUDA events on CUDA)."""
+    for _ in range(WARMUP):
+        run()
+    _sync(device)
+    times: List[float] = []
+    spent = 0.0
+    for _ in range(ITERS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            run()
+            dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if spent > BUDGET_S and len(times) >= 2:
+            break
+    return statistics.median(times)
+
+
+def _measure(op, key, device, candidates, reference, args) -> str:
+    with _lock:  # one tuning at a time: timings of two threads on one GPU would disturb each other
+        cached = lookup(op, key, device)
+        if cached in candidates:
+            return cached
+        ref_run = _Runner(candidates[reference], args, device)
+        ref_out, ref_grads = ref_run()
+        times: Dict[str, float] = {}
+        rejected: Dict[str, str] = {}
+        for name, fn in candidates.items():
+            run = ref_run if name == reference else _Runner(fn, args, device)
+            try:
+                if name != reference:
+                    out, grads = run()
+                    why = _error(out, ref_out) or _error(grads, ref_grads)
+                    del out, grads
+                    if why is not None:
+                        rejected[name] = why
+                        continue
+                times[name] = _time(run, device)
+            except Exception as exc:  # a candidate that cannot run this call is not a choice
+                if name == reference:
+                    raise
+                rejected[name] = f"{type(exc).__name__}: {exc}"[:300]
+        choice = min(times, key=times.get)
+        entry = dict(choice=choice, times_ms={k: round(v * 1e3, 5) for k, v in times.items()},
+                     rejected=rejected, backward=ref_run.backward, when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        dev = _device_name(device)
+        _memory[(dev, op, key)] = entry
+        if _disk_enabled():
+            _save_disk(_disk_key(op, key, dev), entry)
+        for name, why in rejected.items():
+            _warn_once(f"reject:{op}:{name}:{why}",
+                       f"lopfast.dispatch: {op} backend {name!r} rejected on {dev}: {why}")
+        return choice
+
+
+def shape_key(*trees: Any) -> tuple:
+    """A hashable key of the shapes, dtypes and memory layouts (strides) of the tensors in
+    ``trees`` (nested lists / tuples; other values kept as they are): what decides which backend
+    is fastest. Cheap (a few microseconds per tensor): ops compute it on every ``auto`` call."""
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            return (tuple(x.shape), x.stride(), x.dtype, x.requires_grad)
+        if isinstance(x, (list, tuple)):
+            return tuple(walk(y) for y in x)
+        return x
+
+    return walk(trees)
+
+
+__all__ += ["shape_key"]

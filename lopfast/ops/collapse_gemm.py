@@ -1,0 +1,164 @@
+"""The collapse as folded GEMMs: shape classes, canonical layouts and the "matmul" backend.
+
+Per group ``g`` (``G`` groups) of a 1x1 -> kxk -> 1x1 chain with ``T = kh*kw`` taps::
+
+    A1 = W1[g]  (p x m)        A2_t = W2[g, :, :, t]  (q x p)       A3 = W3[g]  (n x q)
+    W_t = A3 . A2_t . A1  (n x m, one per tap)
+
+A1 and A3 are shared by every tap, so the taps fold into a GEMM dimension. In the canonical
+layouts ``A2c = (q, T, p)`` (W2 with the tap moved before the input channel) and
+``Wc = (n, T, m)`` (the effective kernel likewise), both products of either association
+order are single GEMMs (batched over groups and over the layers of one shape class)::
+
+    right order ("R"):  S  = A2c(q*T x p) . A1(p x m)       -> (q, T, m),  K = p
+                        Wc = A3(n x q) . S(q x T*m)         -> (n, T, m),  K = q
+    left order  ("L"):  U  = A3(n x q) . A2c(q x T*p)       -> (n, T, p),  K = q
+                        Wc = U(n*T x p) . A1(p x m)         -> (n, T, m),  K = p
+
+and the backward from dWc (n, T, m) is four GEMMs that share the forward's intermediate::
+
+    R:  P    = A3^T . dWc(n x T*m)          (q, T, m)   K = n
+        dA2c = P(q*T x m) . A1^T            (q, T, p)   K = m
+        dA1  = A2c(q*T x p)^T . P(q*T x m)  (p, m)      K = q*T
+        dA3  = dWc(n x T*m) . S(q x T*m)^T  (n, q)      K = T*m   (S saved by the forward)
+    L:  dA1  = U(n*T x p)^T . dWc(n*T x m)  (p, m)      K = n*T   (U saved by the forward)
+        Q    = dWc(n*T x m) . A1^T          (n, T, p)   K = m
+        dA3  = Q(n x T*p) . A2c(q x T*p)^T  (n, q)      K = T*p
+        dA2c = A3^T . Q(n x T*p)            (q, T, p)   K = n
+
+The order is chosen per layer by flops (R costs 3*T*q*m*(n+p), L 3*T*n*p*(q+m), forward and
+backward together), the same rule as the einsum reference. Autograd of the two forward
+matmuls produces exactly these four backward GEMMs (``dS = A3^T dWc`` is P, ``dU = dWc A1^T``
+is Q), so the "matmul" backend is plain differentiable torch code: no custom Function, and it
+traces under ``torch.compile(fullgraph=True)``.
+
+Memory kept for the backward, per layer, in the factors' dtype: the canonical copy of W2
+(``G*q*T*p``, the size of W2) and the intermediate (``S``: ``G*q*T*m``, or ``U``: ``G*n*T*p``,
+i.e. about ``rate`` times the effective kernel). The factors themselves are parameters and
+cost nothing extra. The einsum reference saves the same intermediate.
+
+Layers of one *shape class* (same G, n, m, p, q, kh, kw) are stacked and run as one batched
+matmul per product: ResNet-56 has 55 convs in about 6 classes, so the whole model's collapse
+is ~6 x (3 stacking copies + 2 bmm + 1 layout copy) launches forward instead of ~3 per layer.
+The same classes and canonical layouts feed the Triton grouped GEMM (``lopfast.kernels.collapse``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+Layer = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """Per-group sizes of one chain: ``G`` groups, W_eff (n x m) per tap, inner widths p, q."""
+
+    G: int
+    n: int
+    m: int
+    p: int
+    q: int
+    kh: int
+    kw: int
+
+    @property
+    def T(self) -> int:
+        return self.kh * self.kw
+
+    @property
+    def left(self) -> bool:
+        """True: associate (A3 . A2) . A1 ("L"); False: A3 . (A2 . A1) ("R"). Same rule as the reference."""
+        n, m, p, q = self.n, self.m, self.p, self.q
+        return n * q * p + n * p * m <= q * p * m + n * q * m
+
+    @property
+    def inter_numel(self) -> int:
+        """Elements of the forward intermediate S (R) or U (L), all groups."""
+        return self.G * self.T * (self.n * self.p if self.left else self.q * self.m)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds x 2 of forward + backward in the chosen order."""
+        n, m, p, q, T = self.n, self.m, self.p, self.q, self.T
+        per_group = 3 * T * (n * p * (q + m) if self.left else q * m * (n + p))
+        return 2 * self.G * per_group
+
+
+def shape_class(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int) -> ShapeClass:
+    """The ShapeClass of factors W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1)."""
+    G = int(groups)
+    p, m_g = int(w1.shape[0]), int(w1.shape[1])
+    q, p_g, kh, kw = (int(s) for s in w2.shape)
+    n, q_g = int(w3.shape[0]), int(w3.shape[1])
+    if G < 1 or p != G * p_g or q != G * q_g or n % G:
+        raise ValueError(
+            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+            f"w3 {tuple(w3.shape)}"
+        )
+    return ShapeClass(G, n // G, m_g, p_g, q_g, kh, kw)
+
+
+def bucket(layers: Sequence[Layer]) -> Dict[Tuple[ShapeClass, torch.device, torch.dtype], List[int]]:
+    """Layer indices by (shape class, device, dtype), in first-appearance order."""
+    out: Dict[Tuple[ShapeClass, torch.device, torch.dtype], List[int]] = {}
+    for i, (w1, w2, w3, g) in enumerate(layers):
+        out.setdefault((shape_class(w1, w2, w3, g), w1.device, w1.dtype), []).append(i)
+    return out
+
+
+def canonical(layers: Sequence[Layer], c: ShapeClass) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable canonical operands of the layers of class ``c``, batch = layers x groups.
+
+    Returns a1 (B, p, m), a2c (B, q, T, p) contiguous, a3 (B, n, q); B = len(layers) * G.
+    One copy each for W1 and W3 when there are several layers (the stack), and one for W2
+    (stack and tap transpose in the same copy).
+    """
+    G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
+    w2t = [w2.reshape(G, q, p, T).transpose(-1, -2) for _, w2, _, _ in layers]
+    if len(layers) == 1:
+        w1, _, w3, _ = layers[0]
+        return w1.reshape(G, p, m), w2t[0].contiguous(), w3.reshape(G, n, q)
+    a1 = torch.stack([w1.reshape(G, p, m) for w1, _, _, _ in layers]).reshape(-1, p, m)
+    a2c = torch.stack(w2t).reshape(-1, q, T, p)
+    a3 = torch.stack([w3.reshape(G, n, q) for _, _, w3, _ in layers]).reshape(-1, n, q)
+    return a1, a2c, a3
+
+
+def folded_collapse(a1: torch.Tensor, a2c: torch.Tensor, a3: torch.Tensor, left: bool) -> torch.Tensor:
+    """Wc (B, n, T, m) from canonical operands: two batched GEMMs with the taps folded in.
+
+    Differentiable; autograd's backward is the four folded GEMMs of the module docstring.
+    """
+    B, q, T, p = a2c.shape
+    m, n = a1.shape[-1], a3.shape[1]
+    if left:
+        u = torch.matmul(a3, a2c.reshape(B, q, T * p))  # (B, n, T*p)
+        return torch.matmul(u.reshape(B, n * T, p), a1).reshape(B, n, T, m)
+    s = torch.matmul(a2c.reshape(B, q * T, p), a1)  # (B, q*T, m)
+    return torch.matmul(a3, s.reshape(B, q, T * m)).reshape(B, n, T, m)
+
+
+def uncanonical(wc: torch.Tensor, c: ShapeClass, n_layers: int) -> List[torch.Tensor]:
+    """Per-layer effective kernels (G*n, m, kh, kw) from Wc (n_layers*G, n, T, m): one copy."""
+    w = wc.reshape(n_layers, c.G * c.n, c.T, c.m).transpose(-1, -2)
+    w = w.contiguous().reshape(n_layers, c.G * c.n, c.m, c.kh, c.kw)
+    return list(w.unbind(0))
+
+
+def matmul_many(layers: Sequence[Layer]) -> List[torch.Tensor]:
+    """Effective kernels of ``layers`` (already validated) by folded GEMMs, one bmm per shape
+    class and product. Runs in the factors' dtype; torch.matmul accumulates in fp32 for
+    fp16/bf16 and follows PyTorch's own TF32 setting for fp32 on CUDA."""
+    results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
+    for (c, _, _), idx in bucket(layers).items():
+        group = [layers[i] for i in idx]
+        outs = uncanonical(folded_collapse(*canonical(group, c), c.left), c, len(group))
+        for i, o in zip(idx, outs):
+            results[i] = o
+    return results
+
+
+__all__ = ["ShapeClass", "bucket", "canonical", "folded_collapse", "matmul_many", "shape_class", "uncanonical"]

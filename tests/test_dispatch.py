@@ -1,0 +1,264 @@
+"""Measured backend dispatch (lopfast.dispatch) and the layering of lopfast.backend."""
+import ast
+import inspect
+
+import lopfast.backend
+import lopfast.dispatch
+
+
+def _lopfast_imports(module):
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n.startswith("lopfast")}
+
+
+def test_backend_and_dispatch_import_nothing_above_them():
+    # both sit below lopfast.ops (which imports them): any import of an op module is a circle
+    for module in (lopfast.backend, lopfast.dispatch):
+        allowed = ("lopfast.kernels.", "lopfast._C", "lopfast.backend.", "lopfast._build_flags")
+        assert all(n.startswith(allowed) for n in _lopfast_imports(module)), module.__name__
+
+
+# ----------------------------------------------------------------------------- the machinery, on CPU
+# A fake GPU: choose() measures where _tunable says so; the candidates below are plain torch
+# functions with known speeds, one of them wrong.
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lopfast import dispatch  # noqa: E402
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(dispatch, "tunable", lambda device: True)
+    monkeypatch.setattr(dispatch, "_device_name", lambda device: "FakeGPU 9000")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("LOPFAST_CACHE_DIR", raising=False)
+    monkeypatch.delenv("LOPFAST_DISPATCH", raising=False)
+    monkeypatch.delenv("LOPFAST_DISPATCH_CACHE", raising=False)
+    monkeypatch.setattr(dispatch, "ITERS", 3)
+    monkeypatch.setattr(dispatch, "WARMUP", 1)
+    dispatch.clear()
+    yield tmp_path
+    dispatch.clear()
+
+
+def _candidates(calls):
+    def slow(x, w):
+        calls.append("slow")
+        time.sleep(0.004)
+        return x @ w
+
+    def fast(x, w):
+        calls.append("fast")
+        return x @ w
+
+    def wrong(x, w):  # fastest of all, and wrong: must never be chosen
+        calls.append("wrong")
+        return (x @ w) * 1.01
+
+    def broken(x, w):
+        calls.append("broken")
+        raise RuntimeError("no kernel for this shape")
+
+    return {"torch": slow, "triton": fast, "wrong": wrong, "broken": broken}
+
+
+def _args(requires_grad=True):
+    x = torch.randn(16, 8, requires_grad=requires_grad)
+    return x, torch.randn(8, 4)
+
+
+def test_choose_keeps_the_fastest_correct_candidate_and_caches_it(fake_gpu):
+    calls = []
+    args = _args()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = dispatch.choose("matmul", ("k", 1), torch.device("cpu"), _candidates(calls), args=args)
+    assert name == "triton"
+    text = " ".join(str(w.message) for w in caught)
+    assert "'wrong' rejected" in text and "'broken' rejected" in text
+    (entry,) = dispatch.decisions()
+    assert set(entry["times_ms"]) == {"torch", "triton"} and entry["backward"] is True
+    assert "relative error" in entry["rejected"]["wrong"] and "no kernel" in entry["rejected"]["broken"]
+    # tuning worked on copies: the user's tensors got no gradient
+    assert args[0].grad is None
+    calls.clear()
+    assert dispatch.choose("matmul", ("k", 1), torch.device("cpu"), _candidates(calls), args=args) == "triton"
+    assert calls == []  # a cache hit runs nothing
+
+
+def test_wrong_gradient_is_rejected(fake_gpu):
+    class BadGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(w)
+            return x @ w
+
+        @staticmethod
+        def backward(ctx, g):
+            (w,) = ctx.saved_tensors
+            return 2 * g @ w.t(), None
+
+    cands = {"torch": lambda x, w: x @ w, "triton": BadGrad.apply}
+    with pytest.warns(RuntimeWarning, match="tensor 0"):
+        name = dispatch.choose("badgrad", 1, torch.device("cpu"), cands, args=_args())
+    assert name == "torch"
+
+
+def test_disk_round_trip_and_corrupt_file(fake_gpu):
+    calls = []
+    dispatch.choose("matmul", (3,), torch.device("cpu"), _candidates(calls), args=_args())
+    path = fake_gpu / "lopfast" / "dispatch.json"
+    data = json.loads(path.read_text())
+    (skey,) = data["entries"]
+    assert "FakeGPU 9000" in skey and "matmul" in skey and f"torch {torch.__version__}" in skey
+    dispatch.clear()  # a new process: memory empty, the file remains
+    calls.clear()
+    assert dispatch.choose("matmul", (3,), torch.device("cpu"), _candidates(calls), args=_args()) == "triton"
+    assert calls == []
+    # a corrupt file is ignored (with a warning) and rewritten by the next measurement
+    path.write_text("{not json")
+    dispatch.clear()
+    dispatch._warned.clear()
+    with pytest.warns(RuntimeWarning, match="unreadable cache"):
+        assert dispatch.choose("matmul", (3,), torch.device("cpu"), _candidates(calls), args=_args()) == "triton"
+    assert "fast" in calls
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+def test_cache_env_off_touches_no_disk(fake_gpu, monkeypatch):
+    monkeypatch.setenv("LOPFAST_DISPATCH_CACHE", "0")
+    dispatch.choose("matmul", (4,), torch.device("cpu"), _candidates([]), args=_args())
+    assert not (fake_gpu / "lopfast").exists()
+    assert len(dispatch.decisions()) == 1
+
+
+def test_env_off_and_force(fake_gpu, monkeypatch):
+    calls = []
+    monkeypatch.setenv("LOPFAST_DISPATCH", "off")
+    assert dispatch.choose("matmul", (5,), torch.device("cpu"), _candidates(calls), args=_args()) == "triton"
+    cands = {"torch": lambda x, w: x @ w, "cuda": lambda x, w: x @ w}
+    assert dispatch.choose("matmul", (5,), torch.device("cpu"), cands, args=_args()) == "torch"
+    assert dispatch.choose("matmul", (5,), torch.device("cpu"), cands, args=_args(), static="cuda") == "cuda"
+    monkeypatch.setenv("LOPFAST_DISPATCH", "torch")
+    assert dispatch.choose("matmul", (5,), torch.device("cpu"), _candidates(calls), args=_args()) == "torch"
+    monkeypatch.setenv("LOPFAST_DISPATCH", "nosuch")
+    with pytest.warns(RuntimeWarning, match="not a backend"):
+        assert dispatch.choose("matmul", (5,), torch.device("cpu"), _candidates(calls), args=_args()) == "triton"
+    assert calls == [] and dispatch.decisions() == []
+
+
+def test_cpu_runs_the_reference_untimed(monkeypatch):
+    calls = []
+    monkeypatch.delenv("LOPFAST_DISPATCH", raising=False)
+    assert dispatch.choose("matmul", (6,), torch.device("cpu"), _candidates(calls), args=_args()) == "torch"
+    assert calls == []
+    with pytest.raises(ValueError, match="reference"):
+        dispatch.choose("matmul", (6,), torch.device("cpu"), {"triton": None}, args=())
+
+
+def test_forward_only_under_no_grad(fake_gpu):
+    with torch.no_grad():
+        dispatch.choose("matmul", (7,), torch.device("cpu"), _candidates([]), args=_args())
+    assert dispatch.decisions()[0]["backward"] is False
+
+
+def test_compile_never_times(fake_gpu):
+    calls = []
+    cands = _candidates(calls)
+
+    def f(x, w, key):
+        name = dispatch.choose("matmul", key, x.device, cands, args=(x, w))
+        return x @ w * (2.0 if name == "triton" else 3.0)
+
+    x, w = _args(requires_grad=False)
+    # nothing cached: the static default ("triton"), untimed
+    out = torch.compile(f, backend="eager", fullgraph=True)(x, w, (8,))
+    torch.testing.assert_close(out, x @ w * 2.0)
+    assert calls == [] and dispatch.decisions() == []
+    # cached eagerly first: the compiled code uses that choice
+    dispatch._memory[("FakeGPU 9000", "matmul", (9,))] = {"choice": "torch"}
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="eager", fullgraph=True)(x, w, (9,))
+    torch.testing.assert_close(out, x @ w * 3.0)
+    assert calls == []
+
+
+def test_shape_key_distinguishes_shape_dtype_layout():
+    a = torch.randn(2, 3, 4, 4)
+    k = dispatch.shape_key([a], 1)
+    assert k == dispatch.shape_key([torch.randn(2, 3, 4, 4)], 1)
+    assert k != dispatch.shape_key([a.double()], 1)
+    assert k != dispatch.shape_key([a.to(memory_format=torch.channels_last)], 1)
+    assert k != dispatch.shape_key([a], 2)
+    assert k != dispatch.shape_key([a.requires_grad_()], 1)
+    hash(k)
+    assert "float32" in repr(k)  # the disk key names the dtype
+
+
+# ----------------------------------------------------------------------------- wired into the ops
+def test_ops_ask_the_dispatch_for_auto(fake_gpu, monkeypatch):
+    """On a (fake) GPU, backend="auto" of collapse and sp_loss goes through choose(): the
+    reference and, where Triton imports, the Triton kernels (interpreter here) are measured,
+    and the result of the op is unchanged."""
+    import lopfast
+    from lopfast.ops.collapse import collapse_many, reference_collapse
+
+    seen = []
+    real = dispatch.choose
+
+    def spy(**kw):
+        seen.append((kw["op"], sorted(kw["candidates"])))
+        return real(**kw)
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    monkeypatch.setenv("LOPFAST_DISPATCH", "torch")  # no timing of the interpreter: the wiring is the point
+    w = [torch.randn(6, 4, 1, 1), torch.randn(6, 6, 3, 3), torch.randn(4, 6, 1, 1)]
+    out = collapse_many([(*w, 1)])[0]
+    torch.testing.assert_close(out, reference_collapse(*w, 1))
+    s, t = [torch.randn(4, 3, 2, 2, requires_grad=True)], [torch.randn(4, 5, 2, 2)]
+    loss = lopfast.sp_loss(s, t)
+    gt = lopfast.sp_gram(t)
+    loss2 = lopfast.sp_loss_from_gram(s, gt)
+    torch.testing.assert_close(loss, loss2)
+    ops = [op for op, _ in seen]
+    assert ops == ["collapse", "sp_loss.loss", "sp_loss.gram", "sp_loss.from_gram"]
+    assert all("torch" in names for _, names in seen)
+    # an explicit backend is never second-guessed
+    seen.clear()
+    lopfast.sp_loss(s, t, backend="torch")
+    with lopfast.use_backend("torch"):
+        collapse_many([(*w, 1)])
+    assert seen == []
+
+
+def test_measured_collapse_and_sp_loss_through_the_interpreter(fake_gpu):
+    """The real candidates (reference, Triton through the interpreter) pass the correctness gate
+    forward and backward and get timed."""
+    pytest.importorskip("triton")
+    import lopfast
+    from lopfast.ops.collapse import collapse_many
+    from lopfast.selfcheck import _interpreter_active
+
+    if not _interpreter_active():
+        pytest.skip("Triton on CPU tensors needs the interpreter (on only without CUDA, tests/conftest.py)")
+
+    w = [torch.randn(6, 4, 1, 1, requires_grad=True), torch.randn(6, 6, 3, 3, requires_grad=True),
+         torch.randn(4, 6, 1, 1, requires_grad=True)]
+    collapse_many([(*w, 1)])[0].sum().backward()
+    s, t = [torch.randn(4, 3, 2, 2, requires_grad=True)], [torch.randn(4, 5, 2, 2)]
+    lopfast.sp_loss(s, t).backward()
+    by_op = {d["op"]: d for d in dispatch.decisions()}
+    # the collapse also has its folded-GEMM backend "matmul" (lopfast.ops.collapse_gemm)
+    for op, names in (("collapse", {"torch", "matmul", "triton"}), ("sp_loss.loss", {"torch", "triton"})):
+        assert set(by_op[op]["times_ms"]) == names, by_op[op]
+        assert by_op[op]["rejected"] == {} and by_op[op]["backward"] is True

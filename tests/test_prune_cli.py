@@ -1,0 +1,47 @@
+"""`lopfast prune` / the pipeline's prune stage take --criterion, --allocation, --procedure and
+--method-options (JSON) and pass them to lopfast.prune."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("torch_pruning")
+
+from lopfast import cli  # noqa: E402
+from lopfast.pipeline import stages  # noqa: E402
+
+
+def test_flags_land_in_prune_options(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"prune_options": {"batches": 3, "seed": 1}}))
+    args = cli.build_parser().parse_args([
+        "prune", "--config", str(cfg), "--teacher", "t.pt", "--criterion", "hrank", "--allocation", "eagleeye",
+        "--method-options", '{"candidates": 2, "batches": 1}'])
+    settings = cli._settings(args, {})
+    assert settings["prune_options"] == {"batches": 1, "seed": 1, "candidates": 2, "criterion": "hrank",
+                                         "allocation": "eagleeye"}
+    stages.RunConfig.from_dict(settings)  # the settings stay valid config keys
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", "--method-options", "[1]"])
+
+
+def test_prune_command_with_a_combination(tmp_path, capsys):
+    from lopfast.pipeline.models import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("digitsnet", width=8).eval()
+    path = tmp_path / "teacher.pt"
+    stages._save_stage_model(teacher, str(path), "digitsnet", {"width": 8})
+    out = tmp_path / "run"
+    rc = cli.main(["prune", "--model", "digitsnet", "--model-kwargs", '{"width": 8}', "--dataset", "digits",
+                   "--teacher", str(path), "--target", "0.5", "--criterion", "hrank", "--allocation", "eagleeye",
+                   "--method-options", '{"batches": 1, "candidates": 2, "calib_batches": 2, "eval_batches": 1}',
+                   "--device", "cpu", "--batch-size", "64", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "prune" / "report.json").read_text())
+    assert (report["criterion"], report["allocation"], report["procedure"]) == ("hrank", "eagleeye", "none")
+    assert abs(report["removed_fraction"] - 0.5) <= 0.005
+    rc = cli.main(["prune", "--model", "digitsnet", "--model-kwargs", '{"width": 8}', "--dataset", "digits",
+                   "--teacher", str(path), "--target", "0.5", "--method-options", '{"episodes": 2}',
+                   "--device", "cpu", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert rc == 2 and "allocation='amc'" in capsys.readouterr().err
