@@ -196,7 +196,7 @@ def markdown_table(results: List[Dict[str, Any]], skipped: Optional[Dict[str, st
     lines = ["| model | params | after prune | removed | expand err | contract err | reload | SP pairs | s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in results:
-        pairs = f"{r['sp_pairs']}" + (f" ({len(r['sp_dropped'])} aux left out)" if r["sp_dropped"] else "")
+        pairs = f"{r['sp_pairs']}" + (f" ({len(r['sp_dropped'])} left out)" if r["sp_dropped"] else "")
         lines.append(f"| `{r['name']}` | {r['params_before'] / 1e6:.2f}M | {r['params_after'] / 1e6:.2f}M | "
                      f"{100 * r['removed']:.0f}% | {r['expand_rel_err']:.0e} | {r['contract_rel_err']:.0e} | "
                      f"{'identical' if r['load_identical'] else 'DIFFERS'} | {pairs} | {r['seconds']:.1f} |")
