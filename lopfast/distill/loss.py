@@ -140,9 +140,10 @@ class SPDistiller:
         dropped = [n for n in self.layers if n not in names]
         if dropped != self.dropped:
             self.dropped = dropped
-            warnings.warn(f"SPDistiller: {len(dropped)} paired layers did not run in both forwards (the teacher runs "
-                          f"in eval mode: auxiliary heads run only in training) and are left out of the SP loss: "
-                          f"{dropped}", stacklevel=3)
+            warnings.warn(f"SPDistiller: {len(dropped)} paired layers did not run in both forwards and are left out "
+                          f"of the SP loss (auxiliary heads run only in training, the teacher runs in eval mode; "
+                          f"nn.MultiheadAttention reads its out_proj's weight without calling it): {dropped}",
+                          stacklevel=3)
 
     def close(self) -> None:
         self._teacher_taps.close()
