@@ -9,6 +9,10 @@ collapse/<net>       forward + backward of the collapse of every expanded conv o
                        eager     the per-layer einsum reference, one layer after another
                        matmul    per layer, the taps folded into plain torch.matmul products
                        compile   torch.compile of the eager loop
+                       triton    ``collapse_many`` forced onto the grouped Triton GEMM (every class)
+                       folded    ``collapse_many`` forced onto "matmul" (one bmm per class and product)
+                       graph     ours replayed as CUDA graphs (``lopfast.fastpath.GraphedCollapse``; CUDA)
+                     (ours routes each shape class by measurement: the info names the routes)
                      nets: ResNet-56 (CIFAR) and ResNet-50 (ImageNet). Roofline: max(FLOPs / peak
                      FLOP/s, bytes / peak GB/s) with the peaks of this run, for IEEE fp32 (the
                      default precision policy), TF32 and bf16 products.
@@ -167,7 +171,11 @@ def _record(measure: str, variant: str, seconds, **info) -> None:
                            ours_over_roofline_tf32=_ratio(v.get("ours"), m["info"].get("roofline_tf32_s")),
                            eager_over_ours=_ratio(v.get("eager"), v.get("ours")),
                            matmul_over_ours=_ratio(v.get("matmul"), v.get("ours")),
-                           compile_over_ours=_ratio(v.get("compile"), v.get("ours")))
+                           compile_over_ours=_ratio(v.get("compile"), v.get("ours")),
+                           triton_over_ours=_ratio(v.get("triton"), v.get("ours")),
+                           folded_over_ours=_ratio(v.get("folded"), v.get("ours")),
+                           graph_over_roofline=_ratio(v.get("graph"), m["info"].get("roofline_s")),
+                           eager_over_graph=_ratio(v.get("eager"), v.get("graph")))
     elif kind == "sp_loss":
         m["ratios"] = dict(ours_over_one_read=_ratio(v.get("ours"), m["info"].get("one_read_s")),
                            eager_over_ours=_ratio(v.get("eager"), v.get("ours")),
@@ -225,12 +233,14 @@ def _collapse_flops_bytes(layers, elt):
     return flops, nbytes
 
 
-COLLAPSE_VARIANTS = ["ours", "eager", "matmul"] + (["compile"] if COMPILE else [])
+COLLAPSE_VARIANTS = (["ours", "eager", "matmul", "triton", "folded"] + (["compile"] if COMPILE else [])
+                     + (["graph"] if CUDA else []))
 
 
 @pytest.mark.parametrize("variant", COLLAPSE_VARIANTS)
 @pytest.mark.parametrize("net", ["resnet56", "resnet50"])
 def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
+    from lopfast.ops import collapse as op_collapse
     from lopfast.ops.collapse import collapse_many, reference_collapse
 
     model, _, _ = build_net(net)
@@ -244,8 +254,18 @@ def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
     def eager(ls):
         return [reference_collapse(*layer) for layer in ls]
 
+    if variant == "triton" and "triton" not in op_collapse.available_backends(torch.device(device), torch.float32):
+        pytest.skip("no Triton backend for these tensors")
+    graphed = None
+    if variant == "graph":
+        from lopfast.fastpath import GraphedCollapse
+
+        graphed = GraphedCollapse(layers)
     fn = {"ours": collapse_many, "eager": eager, "matmul": lambda ls: [_folded_matmul(*layer) for layer in ls],
-          "compile": torch.compile(eager) if variant == "compile" else None}[variant]
+          "compile": torch.compile(eager) if variant == "compile" else None,
+          "triton": lambda ls: collapse_many(ls, backend="triton"),
+          "folded": lambda ls: collapse_many(ls, backend="matmul"),
+          "graph": lambda ls: graphed()}[variant]
 
     def step():
         for w in params:
@@ -265,7 +285,8 @@ def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
                                          nbytes / bw),
                      roofline_bf16_s=max(flops / (pk.get("matmul_bf16_tflops", pk["matmul_fp32_tflops"]) * 1e12),
                                          nbytes / 2 / bw),
-                     dispatch=[d for d in lopfast.dispatch.decisions() if d["op"] == "collapse"])
+                     dispatch=[d for d in lopfast.dispatch.decisions() if d["op"] == "collapse"],
+                     routes={k: len(v) for k, v in op_collapse.route(layers).items()})
     t = _measure(benchmark, step, f"collapse-{net}", net=net, variant=variant, layers=len(layers))
     _record(f"collapse/{net}", variant, t, flops=flops, bytes=nbytes)
 

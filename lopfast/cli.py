@@ -1,4 +1,4 @@
-"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, export, selfcheck.
+"""The ``lopfast`` command line: demo, pretrain, prune, run, sweep, reproduce, export, selfcheck.
 
 Every command writes into ``--out DIR`` (default: a fresh ``runs/<command>-<timestamp>``):
 config.json (enough to rerun with ``--config``), log.txt, checkpoints, results.json, plots.
@@ -9,10 +9,12 @@ gloo on CPU).
 
 Examples::
 
-    lopfast demo                                   # digits, ~1 min on a 2-core CPU
+    lopfast demo                                   # digits, ft vs lop over 3 seeds, ~1 min on a 2-core CPU
     lopfast demo --epochs 5 --pretrain-epochs 5    # quicker, smaller budget
     lopfast run --model resnet56 --dataset cifar10 --data-dir ~/data/cifar10 \
-        --target 0.9 --methods ft,lop,scratch,expandnets,distill,lop-nokd --gamma 3000
+        --target 0.9 --methods ft,lop,scratch,expandnets,distill,lop-nokd --seeds 3
+    lopfast reproduce --list                       # the paper's experiments
+    lopfast reproduce table1 --budget short --seeds 2 --data-dir ~/data/cifar10
     lopfast pretrain --model vgg16 --dataset cifar10 --download --out runs/vgg
     lopfast prune --model vgg16 --dataset cifar10 --teacher runs/vgg/pretrain/model.pt --target 0.95
     lopfast sweep --model resnet20 --dataset cifar10 --targets 0.5,0.7,0.9 --methods ft,lop
@@ -33,20 +35,22 @@ from typing import List, Optional, Sequence
 
 __all__ = ["main", "DEMO_DEFAULTS"]
 
-# The demo: a tiny ResNet on sklearn's 8x8 digits, pruned hard and recovered by ft and lop with
-# the same budget. Sized to finish in a couple of minutes on a 2-core CPU. 95% removed: at
-# ~90% both methods recover the easy digits fully; the paper's gain shows at extreme ratios.
-# batch 64: 1437 training images give 23 steps an epoch (batch 256 would give 6).
+# The demo: a small ResNet on sklearn's 8x8 digits, pruned hard, recovered by ft and lop with the
+# same budget over 3 seeds, so the table shows a spread and says whether the difference exceeds
+# it. 95 % removed, batch 256 (6 steps an epoch, 180 fine-tuning steps): there fine-tuning falls
+# ~5 points short of the teacher (issue 13: 92.78 vs ~98), where the paper's claim can show. It
+# is the cell of the gamma sweep (``lopfast reproduce gamma``) at the default gamma. The seeds
+# share one teacher (and so one pruned model) and vary the recovery only (data order,
+# augmentation, expansion init): that keeps the demo near a minute on a 2-core CPU.
 DEMO_DEFAULTS = {
     "model": "digitsnet",
     "dataset": "digits",
-    "batch_size": 64,
     "pretrain_epochs": 40,
     "target": 0.95,
     "methods": ["ft", "lop"],
     "epochs": 30,
-    "gamma": 100.0,
     "device": "cpu",
+    "seeds": 3,
 }
 
 
@@ -125,7 +129,15 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
         g.add_argument("--linear", action="store_true", default=S, help="also expand the linear classifier")
         g.add_argument("--linear-rate", dest="linear_rate", type=float, default=S, help="rate of linear expansion")
         g.add_argument("--linear-depth", dest="linear_depth", type=int, default=S, help="2 or 3 layers per linear")
-        g.add_argument("--gamma", type=float, default=S, help="SP distillation weight (default 3000)")
+        g.add_argument("--gamma", type=float, default=S,
+                       help="SP distillation weight per distilled layer pair (default: lopfast.distill.DEFAULT_GAMMA "
+                            "= 3000; the SP loss is averaged over pairs)")
+        g.add_argument("--factor-weight-decay", dest="factor_weight_decay", type=float, default=S,
+                       help="weight decay of the expanded factors (default: --weight-decay)")
+        g.add_argument("--factor-lr-scale", dest="factor_lr_scale", type=float, default=S,
+                       help="LR multiplier of the expanded factors (default 1)")
+        g.add_argument("--seeds", type=int, default=S,
+                       help="run N seeds (--seed, --seed+1, ...); tables show mean ± std and n (default 1)")
         g.add_argument("--sp-layers", dest="sp_layers", type=_csv(str), default=S,
                        help="comma list of module names paired for SP distillation (default: every expanded layer)")
         g.add_argument("--export", type=_csv(str), default=S, help="also export: pt2 (torch.export), onnx, torchscript")
@@ -162,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop, table + plot",
+    p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop over 3 seeds, mean ± std",
                        description="Pretrain a small ResNet on the 8x8 digits, prune 95% of its weights (l1), "
-                                   "recover with ft and lop on the same budget, contract, verify, print a table, "
-                                   "write results.json and accuracy.png.",
+                                   "recover with ft and lop on the same budget for 3 seeds, contract, verify, print "
+                                   "mean ± std per method and whether lop − ft exceeds its spread.",
                        epilog="demo defaults (any flag overrides them): "
                               + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()))
     _add_common(p)
@@ -179,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--targets", type=_csv(float), default=argparse.SUPPRESS,
                    help="comma list of fractions to remove (default 0.5,0.7,0.9)")
+    _add_reproduce(sub)
     p = sub.add_parser("export", help="export a saved model with torch.export (.pt2), ONNX and/or TorchScript")
     p.add_argument("model_path", help="model.pt written by a run or by lopfast.save")
     p.add_argument("--format", type=_csv(str), default=["pt2"],
@@ -210,6 +223,46 @@ def _selfcheck(args) -> int:
     from lopfast.selfcheck import run
 
     return run(args)
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's tables and figures: lopfast reproduce table1 --budget short",
+                       description="Run one of the paper's experiments (a registry: lopfast reproduce --list) for "
+                                   "--seeds seeds; writes results.csv (a row per cell and seed), results.md (mean ± "
+                                   "std beside the paper's number, lop − ft with its spread) and results.png into "
+                                   "OUT/<experiment>-<budget>/. Finished cells are never recomputed: rerun the same "
+                                   "command to resume.")
+    p.add_argument("experiment", nargs="?", help="table1, table2, table3, table4, table5, fig3, fig4, gamma")
+    p.add_argument("--list", action="store_true", help="print the registry and exit")
+    p.add_argument("--budget", choices=["paper", "short", "smoke"], default="short",
+                   help="paper: the paper's epochs; short: minutes per experiment on one H200; smoke: tiny CPU check")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--out", default="runs/reproduce", help="output root (default runs/reproduce; teachers/ is shared)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="CIFAR-10 / ImageNet folder")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda ...")
+    p.add_argument("--teacher", default=None, help="pretrained model.pt used as the teacher of every seed")
+    p.add_argument("--targets", type=_csv(float), default=None, help="only these fractions removed (e.g. 0.948,0.9866)")
+    p.add_argument("--methods", type=_csv(str), default=None, help="only these methods (e.g. ft,lop)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="(seed, target) units run at once in separate processes (one GPU is shared; default 1)")
+    p.add_argument("--quiet", action="store_true", help="less console output")
+
+
+def _reproduce(args) -> int:
+    from lopfast.pipeline.experiments import format_registry, reproduce
+
+    if args.list:
+        print(format_registry())
+        return 0
+    if not args.experiment:
+        raise ValueError("name an experiment (lopfast reproduce --list shows them)")
+    res = reproduce(args.experiment, budget=args.budget, seeds=args.seeds, seed=args.seed, out=args.out,
+                    data_dir=args.data_dir, device=args.device, teacher=args.teacher, targets=args.targets,
+                    methods=args.methods, parallel=args.parallel, quiet=args.quiet)
+    print(res["table"])
+    print(f"\n{res['seconds']:.0f}s; wrote {res['csv']}, {res['md']}" + (f", {res['png']}" if res["png"] else ""))
+    return 0
 
 
 def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
@@ -288,11 +341,16 @@ def _dispatch(args) -> int:
 
     if args.command == "export":
         return _export(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "zoo":
         return _zoo(args)
     defaults = DEMO_DEFAULTS if args.command == "demo" else {}
     settings = _settings(args, defaults)
     targets = settings.pop("targets", None)
+    seeds = settings.pop("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a positive int, got {seeds!r}")
     cfg = RunConfig.from_dict(settings)
     resume = bool(getattr(args, "resume", False))
     quiet = bool(getattr(args, "quiet", False))
@@ -303,7 +361,7 @@ def _dispatch(args) -> int:
         targets = targets or [0.5, 0.7, 0.9]
         cfg.validate()
         dev = _init_distributed()
-        rows = stages.run_sweep(cfg, targets, out, resume=resume, quiet=quiet)
+        rows = stages.run_sweep(cfg, targets, out, resume=resume, quiet=quiet, seeds=seeds)
         if _rank0():
             print(_sweep_table(rows))
             print(f"\nwrote {os.path.join(out, 'sweep.csv')} and sweep.png")
@@ -336,6 +394,13 @@ def _dispatch(args) -> int:
         log(f"pruned: accuracy {acc:.2f}% -> {pacc:.2f}% before recovery; {os.path.join(out, 'prune', 'model.pt')}")
         return 0
     t0 = time.time()
+    if seeds > 1:
+        res = stages.run_seeds(cfg, out, seeds, resume=resume, quiet=quiet, share_teacher=args.command == "demo")
+        if _rank0():
+            print()
+            print(_seeds_report(res, cfg, shared=args.command == "demo"))
+            print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'seeds.csv')} and seed*/results.json")
+        return 0
     results = stages.run_pipeline(cfg, out, resume=resume, quiet=quiet, data=data, device=device)
     if _rank0():
         print()
@@ -354,9 +419,30 @@ def _rank0() -> bool:
 
 
 def _sweep_table(rows: List[dict]) -> str:
-    lines = [f"{'method':<12} {'% removed':>9} {'params':>10} {'accuracy':>9}"]
-    for r in rows:
-        lines.append(f"{r['method']:<12} {100 * r['removed']:>9.1f} {r['params']:>10,} {r['acc']:>8.2f}%")
+    """Accuracy per method and target: mean ± std (n) over seeds, and lop − ft paired by seed."""
+    from lopfast.pipeline.report import format_summary
+
+    return format_summary(rows, cell=("target",))
+
+
+def _seeds_report(res: dict, cfg, shared: bool) -> str:
+    """The multi-seed table: teacher, each method (mean ± std, n), lop − ft and whether it exceeds the spread."""
+    from lopfast.pipeline.report import format_summary, mean_std, paired_difference
+
+    rows = res["rows"]
+    t_m, t_sd, t_n = mean_std(r["teacher"]["acc"] for r in res["runs"])
+    p_m, p_sd, p_n = mean_std(r["pruned"]["acc"] for r in res["runs"])
+    lines = [f"unpruned teacher: {t_m:.2f} ± {t_sd:.2f} % (n={t_n}"
+             + (", one teacher shared by every seed)" if shared else ")"),
+             f"pruned, no recovery: {p_m:.2f} ± {p_sd:.2f} % (n={p_n})", "",
+             format_summary(rows, cell=("target",))]
+    for d in paired_difference(rows, "lop", "ft"):
+        verdict = "exceeds" if d["exceeds_spread"] else "does not exceed"
+        lines.append(f"\nlop − ft = {d['mean']:+.2f} ± {d['std']:.2f} points (n={d['n']} seeds {res['seeds']}): "
+                     f"the difference {verdict} its spread (std of the per-seed differences)")
+    if shared:
+        lines.append("seeds vary the recovery only (data order, augmentation, expansion init); "
+                     f"gamma {cfg.gamma:g} per layer pair")
     return "\n".join(lines)
 
 

@@ -5,12 +5,38 @@ a few small launches per layer forward and more backward, which for 50+ layers o
 costs more than the maths. ``CollapsedForward(model)`` installs a forward pre-hook on the
 model that collapses all of them at once (``lopfast.ops.collapse.collapse_many``: on the
 Triton backend 2 grouped-GEMM launches forward and 4 backward for the whole model; on
-"matmul" one batched GEMM per shape class and product) and hands each layer its kernel for that
-forward; the gradients of all layers then flow back through one grouped backward.
+"matmul" one batched GEMM per shape class and product; under ``auto`` on CUDA each shape
+class on its measured fastest backend) and hands each layer its kernel for that forward; the
+gradients of all layers then flow back through one grouped backward.
+
+``cuda_graph=True`` replays that collapse, forward and backward, as two CUDA graphs
+(``GraphedCollapse``): for a small network (ResNet-56 on CIFAR), where the collapse is
+launch-bound, one step costs 2 graph replays plus 2 multi-tensor copies instead of tens of
+launches. It is correct by construction for the usual training loop because:
+
+* the optimizer updates the factors in place, so their addresses (what the graph reads) stay
+  fixed; every call checks the addresses, shapes, dtypes and ``requires_grad`` of all
+  factors and captures afresh when any changed (``model.to(...)``, a reloaded parameter, a
+  layer switched to chain mode);
+* the gradients handed to autograd are fresh tensors (one multi-tensor copy of the graph's
+  static gradients), so ``.grad`` never aliases graph memory: accumulation over several
+  backward passes and ``zero_grad(set_to_none=False)`` stay right (returning the static
+  buffers, as ``torch.cuda.make_graphed_callables`` does, lets autograd adopt them as
+  ``.grad`` and the next replay overwrite it: tests/test_collapse_graph.py fails that way);
+* the effective kernels it returns live in graph memory and are overwritten by the next
+  forward, with the same values while the parameters are unchanged, which autograd requires
+  between a forward and its backward anyway (two forwards per step, e.g. two crops, are
+  fine; changing the factors between a forward and its backward is not detected, where eager
+  autograd would raise);
+* only forwards with grad enabled, on one CUDA device and dtype, replay; ``no_grad``
+  forwards, CPU models and calls under ``torch.compile`` run the eager collapse.
+
+The first graphed call warms up on a side stream (Triton compilation, the measured dispatch,
+cuBLAS workspaces), then captures; that costs a few eager steps once.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +47,128 @@ from lopfast.ops.collapse import collapse_many
 _STASH = "_lopfast_weff"  # read by ExpandedConv2d.effective_weight
 
 
+def _fresh(ts: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """New tensors with the values of ``ts``: one multi-tensor launch (x * 1 is exact)."""
+    return list(torch._foreach_mul(list(ts), 1.0)) if ts else []
+
+
+def _copy_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(list(dst), list(src))
+    else:  # pragma: no cover - torch < 2.1
+        for d, t in zip(dst, src):
+            d.copy_(t)
+
+
+class _Graph:
+    """A ``torch.cuda.CUDAGraph``, or (``emulate=True``, for CPU tests) a stand-in with the
+    same aliasing: replay re-runs the captured function and copies its results into the
+    tensors the capture returned."""
+
+    def __init__(self, emulate: bool, pool=None, stream=None) -> None:
+        self.emulate, self.pool, self.stream = emulate, pool, stream
+        self.graph = None if emulate else torch.cuda.CUDAGraph()
+        self.fn: Optional[Callable[[], List[torch.Tensor]]] = None
+        self.static: List[torch.Tensor] = []
+
+    def capture(self, fn: Callable[[], List[torch.Tensor]]) -> List[torch.Tensor]:
+        if self.emulate:
+            self.fn, self.static = fn, fn()
+        else:
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+                self.static = fn()
+        return self.static
+
+    def replay(self) -> None:
+        if self.emulate:
+            with torch.no_grad():  # through .data: a graph replay bumps no version counter either
+                _copy_into([t.data for t in self.static], self.fn())
+        else:
+            self.graph.replay()
+
+
+class GraphedCollapse:
+    """The collapse of fixed factors as a forward graph and a backward graph (see the module
+    docstring for why replaying them is exact). ``layers``: ``(w1, w2, w3, groups)`` tuples on
+    one CUDA device; ``backend`` as in ``collapse_many``. ``emulate=True`` runs the same
+    plumbing without CUDA graphs (for tests on CPU)."""
+
+    def __init__(self, layers: Sequence[tuple], backend: Optional[str] = None, *, emulate: bool = False,
+                 warmup: int = 2) -> None:
+        self.layers = [tuple(layer) for layer in layers]
+        self.backend = backend
+        self.params = [w for layer in self.layers for w in layer[:3]]
+        self.key = self.signature(self.layers)
+        self.needs = [w for w in self.params if w.requires_grad]
+        self._live: Optional[List[torch.Tensor]] = None
+        # one side stream for warm-up and both captures: autograd runs each backward op on the
+        # stream of its forward op, so the backward capture must be on the forward's stream
+        stream = None if emulate else torch.cuda.Stream()
+        if not emulate:
+            self._warm_up(warmup, stream)
+        pool = None if emulate else torch.cuda.graph_pool_handle()
+        self.fwd, self.bwd = _Graph(emulate, pool, stream), _Graph(emulate, pool, stream)
+        self.out = self.fwd.capture(self._forward)
+        self.gout = [torch.empty_like(o) for o in self.out]
+        self.grads = self.bwd.capture(self._backward) if self.needs else []
+        if not emulate:
+            self._live = None  # the captured autograd graph is spent; replays need none
+
+    @staticmethod
+    def signature(layers: Sequence[tuple]) -> tuple:
+        """What a capture depends on, checked on every call: which tensors, their addresses,
+        shapes, strides and requires_grad, and the groups. (A new dtype or device means new
+        storage, hence a new address; this check costs about 1 us per factor on the host.)"""
+        return tuple((id(w), w.data_ptr(), w.requires_grad, w.shape, w.stride())
+                     for layer in layers for w in layer[:3]) + tuple(int(layer[3]) for layer in layers)
+
+    def _forward(self) -> List[torch.Tensor]:
+        with torch.enable_grad():
+            outs = collapse_many(self.layers, backend=self.backend)
+        self._live = outs
+        return [o.detach() for o in outs]
+
+    def _backward(self) -> List[torch.Tensor]:
+        diff = [(o, g) for o, g in zip(self._live, self.gout) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in diff], self.needs, [g for _, g in diff],
+                                    retain_graph=self.fwd.emulate, allow_unused=True)
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, self.needs)]
+
+    def _warm_up(self, iters: int, stream) -> None:
+        # Triton compilation, the measured dispatch (it never times during a capture) and
+        # cuBLAS workspaces happen here, outside the capture, on the stream it will use
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(iters):
+                outs = collapse_many(self.layers, backend=self.backend)
+                diff = [o for o in outs if o.requires_grad]
+                if diff and self.needs:
+                    torch.autograd.grad(diff, self.needs, [torch.ones_like(o) for o in diff], allow_unused=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def __call__(self) -> List[torch.Tensor]:
+        """The effective kernels (in graph memory), connected to the factors for autograd."""
+        return list(_Replay.apply(self, *self.params))
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g: GraphedCollapse, *params: torch.Tensor):  # type: ignore[override]
+        ctx.g = g
+        g.fwd.replay()
+        return tuple(o.detach() for o in g.out)  # new tensor objects over the static memory
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gouts: torch.Tensor):  # type: ignore[override]
+        g: GraphedCollapse = ctx.g
+        _copy_into(g.gout, gouts)
+        g.bwd.replay()
+        fresh = iter(_fresh(g.grads))  # never hand graph memory to autograd (it may keep it as .grad)
+        return (None, *[next(fresh) if w.requires_grad else None for w in g.params])
+
+
 class CollapsedForward:
     """Collapse all expanded convs of ``model`` in one grouped call before each forward.
 
@@ -29,18 +177,26 @@ class CollapsedForward:
     >>> fast.remove()                               # or: with lopfast.CollapsedForward(model): ...
 
     Layers in ``"chain"`` mode are left alone. The layer list is taken at construction (call
-    ``refresh()`` after replacing modules). ``backend`` as in every lopfast op (None: Triton on
-    CUDA, the reference on CPU). The state dict and parameters of ``model`` are unchanged: the
-    factors are concatenated each step (see ``lopfast.ops.collapse`` for why that copy is the
-    chosen trade-off). Each forward of the model recollapses, so calling it twice in a step
-    (e.g. two crops) stays correct.
+    ``refresh()`` after replacing modules). ``backend`` as in every lopfast op (None: on CUDA
+    each shape class on its measured fastest backend, the reference on CPU). ``cuda_graph``:
+    replay the collapse forward and backward as CUDA graphs (module docstring; CUDA models
+    with grad enabled only, else the eager collapse runs). The state dict and parameters of
+    ``model`` are unchanged: the factors are concatenated each step (see
+    ``lopfast.ops.collapse`` for why that copy is the chosen trade-off). Each forward of the
+    model recollapses, so calling it twice in a step (e.g. two crops) stays correct.
     """
 
-    def __init__(self, model: nn.Module, *, backend: Optional[str] = None) -> None:
+    def __init__(self, model: nn.Module, *, backend: Optional[str] = None, cuda_graph: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         self.model = model
         self.backend = backend
+        self.cuda_graph = cuda_graph
+        self.graph: Optional[GraphedCollapse] = None
+        self.captures = 0  # how many times the graphs were (re)captured
+        self._emulate = False  # tests: the graph plumbing without CUDA graphs
         self.layers: List[ExpandedConv2d] = []
         self.refresh()
         self._pre = model.register_forward_pre_hook(self._before)
@@ -50,15 +206,33 @@ class CollapsedForward:
         """Re-scan the model for ``ExpandedConv2d`` layers."""
         self.layers = [m for m in self.model.modules() if isinstance(m, ExpandedConv2d)]
 
+    def _graphable(self, active: List[ExpandedConv2d]) -> bool:
+        if not self.cuda_graph or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        dev, dtype = active[0].weight1.device, active[0].weight1.dtype
+        if any(w.device != dev or w.dtype != dtype for m in active for w in (m.weight1, m.weight2, m.weight3)):
+            return False  # one graph pair per device and dtype is not worth the bookkeeping
+        if not self._emulate and (dev.type != "cuda" or torch.cuda.is_current_stream_capturing()):
+            return False
+        return any(w.requires_grad for m in active for w in (m.weight1, m.weight2, m.weight3))
+
     def collapse_all(self) -> List[torch.Tensor]:
         """Effective kernels of every collapsed-mode layer (one grouped call), also stashed on them."""
         active = [m for m in self.layers if m.mode == "collapsed"]
         if not active:
             return []
         dev = active[0].weight1.device.type
+        layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in active]
         # autocast off, as in ExpandedConv2d.effective_weight: collapse in the parameters' dtype
         with torch.autocast(dev, enabled=False):
-            weffs = collapse_many([(m.weight1, m.weight2, m.weight3, m.groups) for m in active], backend=self.backend)
+            if self._graphable(active):
+                if self.graph is None or self.graph.key != GraphedCollapse.signature(layers):
+                    self.graph = None  # free the old graphs' memory before capturing anew
+                    self.graph = GraphedCollapse(layers, self.backend, emulate=self._emulate)
+                    self.captures += 1
+                weffs = self.graph()
+            else:
+                weffs = collapse_many(layers, backend=self.backend)
         for m, w in zip(active, weffs):
             m.__dict__[_STASH] = w
         return weffs
@@ -80,6 +254,7 @@ class CollapsedForward:
         self._pre.remove()
         self._post.remove()
         self._clear()
+        self.graph = None
 
     def __enter__(self) -> "CollapsedForward":
         return self
@@ -88,4 +263,4 @@ class CollapsedForward:
         self.remove()
 
 
-__all__ = ["CollapsedForward"]
+__all__ = ["CollapsedForward", "GraphedCollapse"]

@@ -24,7 +24,7 @@ def run(args, capsys):
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["demo", "pretrain", "prune", "run", "sweep", "export"])
+@pytest.mark.parametrize("cmd", ["demo", "pretrain", "prune", "run", "sweep", "reproduce", "export"])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([cmd, "--help"])
@@ -124,3 +124,15 @@ def test_reusing_out_dir_with_other_settings_is_refused(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
     rc, err = run(["run", *BASE, "--target", "0.6", "--out", str(out)], capsys)
     assert rc == 2 and "different settings (target)" in err
+
+
+def test_bad_seeds_is_refused_before_training(capsys):
+    rc, err = run(["run", *BASE, "--seeds", "0"], capsys)
+    assert rc == 2 and "--seeds must be a positive int" in err
+
+
+def test_one_gamma_default_everywhere():
+    from lopfast.distill import DEFAULT_GAMMA
+
+    assert stages.RunConfig().gamma == DEFAULT_GAMMA and stages.RunConfig().sp_reduction == "mean"
+    assert "gamma" not in cli.DEMO_DEFAULTS  # the demo uses the package default too

@@ -120,14 +120,14 @@ def manual_loss(teacher, student, names, x):
         walk(teacher, t_store)
     out = walk(student, s_store)
     loss = lopfast.sp_loss([s_store[n] for n in names], [t_store[n] for n in names], backend="torch")
-    return out, loss
+    return out, loss / len(names)  # SPDistiller's default reduction: the mean over pairs
 
 
 def test_distiller_matches_manual_and_trains():
     teacher, student = make_pair()
     teacher.train()
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
-    with lopfast.SPDistiller(teacher, student, backend="torch") as distiller:
+    with lopfast.SPDistiller(teacher, student, backend="torch", reduction="sum") as distiller:
         logits, sp = distiller(x)
         assert not teacher.training  # teacher runs in eval mode
         assert sp.dtype == torch.float32 and sp.dim() == 0 and sp.requires_grad
@@ -135,7 +135,7 @@ def test_distiller_matches_manual_and_trains():
         assert distiller._teacher_taps.outputs == {} and distiller._student_taps.outputs == {}
         ref_out, ref_sp = manual_loss(teacher, student, distiller.layers, x)
         torch.testing.assert_close(logits, ref_out)
-        torch.testing.assert_close(sp, ref_sp)
+        torch.testing.assert_close(sp, ref_sp * len(distiller.layers))  # Eq. 11 literally
         loss = F.cross_entropy(logits, y) + 0.5 * sp
         loss.backward()
         assert all(p.grad is None for p in teacher.parameters())
@@ -147,6 +147,8 @@ def test_distiller_matches_manual_and_trains():
     d2 = lopfast.SPDistiller(teacher, student, layers=["layer1", "layer2"])
     _, sp2 = d2(x)
     _, ref2 = manual_loss(teacher, student, ["layer1", "layer2"], x)
+    # the default reduction is the mean over pairs: DEFAULT_GAMMA does not depend on the pair count
+    assert d2.reduction == "mean"
     torch.testing.assert_close(sp2, ref2)
     d2.close()
     assert no_hooks(teacher) and no_hooks(student)

@@ -17,25 +17,28 @@ Backends:
               4 (more only when both association orders or unaligned layers occur), plus the
               packing copies. fp32/fp16/bf16; fp64 goes to "matmul" (no fp64 ``tl.dot`` on sm_90).
 ``"cuda"``    the CUDA C++ fallback (``lopfast._C``), one layer at a time.
-``"auto"``    ``lopfast.backend.resolve_backend`` (Triton on CUDA, the reference on CPU).
+``"auto"``    on CUDA, routed per shape class by the measured dispatch (``route``): each class of
+              layers goes to the backend that ran it fastest (``lopfast.dispatch.choose``, key =
+              that class's shapes and dtype), and every class that chose "triton" shares one
+              grouped launch per phase. Typically the many small classes of a model take the
+              grouped Triton GEMM and its large ones cuBLAS ("matmul"). On CPU: the reference.
+              With ``LOPFAST_DISPATCH=off``: ``lopfast.backend.resolve_backend`` (Triton on
+              CUDA) for every class. Under torch.compile: "matmul" (see ``collapse_many``).
 
-Precision: every backend computes in the factors' dtype with fp32 accumulation (fp64 for fp64).
-fp32 products are IEEE unless the user allowed TF32 through PyTorch's own switch
-(``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or ``allow_tf32`` on older torch):
-"matmul" inherits that from torch.matmul, and "triton" reads the same switch once per call
-(``lopfast.ops._precision.fp32_matmul_precision``) and passes ``input_precision`` to ``tl.dot``.
-Intermediates are rounded to the factors' dtype, as torch.matmul rounds its outputs.
+Launches of one ``collapse_many`` call (one device and dtype), kernels only (the packing copies
+come on top: "triton" 1 cat + 1 W2 stack per class + 1 unpack copy per class; "matmul" up to 3
+stacking copies + 1 layout copy per class):
 
-The Triton path is the torch.library op ``lopfast::collapse_grouped`` (a ``triton_op`` with
-``register_autograd``; its backward is ``lopfast::collapse_grouped_backward``) on one packed
-buffer: the factors of all layers, grouped by shape class, W2 with its taps moved before the
-input channel (the canonical layout the folded GEMMs need), every segment 16-element
-aligned. The pack is one ``torch.cat`` (plus one transposing stack per class for W2), the
-unpack one transposing copy per class: O(parameters) bytes, against O(parameters x width)
-flops. It has deliberately NO separate CPU kernel: the backend is chosen in Python before the
-op is called, so a forced ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1``
-really runs the Triton kernel (through the interpreter). On torch < 2.6 (no ``triton_op``)
-the same launchers run inside a plain ``torch.autograd.Function``.
+    ================  ===========================================  ==========================
+    route             forward                                      backward
+    ================  ===========================================  ==========================
+    all "triton"      2 (3-4 with both association orders or       4 (up to 8 likewise)
+                      unaligned widths), whatever the layer count
+    all "matmul"      2 per shape class                            4 per shape class
+    auto (hybrid)     2 per "matmul" class + the grouped Triton's  4 per "matmul" class + 4
+                      2 for all "triton" classes together          (up to 8) for the Triton
+    ================  ===========================================  ==========================
+
 """
 from __future__ import annotations
 
@@ -270,19 +273,54 @@ def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, obje
     return cands
 
 
-def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype, layers: Sequence[Layer]) -> str:
-    """The collapse implementation for ``backend`` on ``layers`` (one device and dtype).
-
-    ``auto`` on CUDA asks the measured dispatch (lopfast.dispatch) among every backend that
-    runs here; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
+def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The collapse implementation for an explicit ``backend`` (or the static default of ``auto``)
+    on ``device``/``dtype``; fp64 never goes to Triton (no fp64 ``tl.dot`` on sm_90)."""
     name = resolve_backend(backend, device, "collapse")  # "matmul" is registered for the collapse
-    if _dispatch.tunable(device) and is_auto(backend, "collapse"):  # measured choice (lopfast.dispatch)
-        name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(layers), device=device,
-                                candidates=_auto_candidates(device, dtype), reference="torch",
-                                args=(list(layers),), static=name)
     if name == "triton" and dtype == torch.float64:
         name = "matmul"  # sm_90 has no fp64 tl.dot: the folded GEMMs on torch.matmul instead
     return name
+
+
+def route(layers: Sequence[Layer], backend: Optional[str] = None) -> Dict[str, List[int]]:
+    """Which backend runs which layers of ``collapse_many(layers, backend=backend)``: a dict
+    from backend name to layer indices (layers of one device and dtype, already validated).
+
+    An explicit backend (argument or ``use_backend``) takes every layer. ``auto`` on a device
+    the dispatch measures (CUDA) routes per *shape class* (``lopfast.ops.collapse_gemm.bucket``):
+    ``lopfast.dispatch.choose`` times the candidates on that class's own layers (key: their
+    shapes, strides, dtype) and the class goes where it ran fastest. All classes that chose
+    "triton" then share ONE grouped launch per phase, so small classes pay the launch cost
+    once for the whole model while large ones can take cuBLAS ("matmul"). Elsewhere (CPU):
+    the reference, untimed.
+    """
+    w1 = layers[0][0]
+    device, dtype = w1.device, w1.dtype
+    static = _resolve(backend, device, dtype)
+    if not (_dispatch.tunable(device) and is_auto(backend, "collapse")):
+        return {static: list(range(len(layers)))}
+    cands = _auto_candidates(device, dtype)
+    routes: Dict[str, List[int]] = {}
+    for _, idx in bucket(layers).items():
+        sub = [layers[i] for i in idx]
+        name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(sub), device=device,
+                                candidates=cands, reference="torch", args=(sub,), static=static)
+        if name == "triton" and dtype == torch.float64:
+            name = "matmul"
+        routes.setdefault(name, []).extend(idx)
+    return {name: sorted(idx) for name, idx in routes.items()}
+
+
+def _run(name: str, layers: Sequence[Layer]) -> List[torch.Tensor]:
+    if name == "triton":
+        return _triton_many(layers)
+    if name == "matmul":
+        return matmul_many(layers)
+    if name == "cuda":
+        from lopfast.ops.cuda_ext import CollapseCuda
+
+        return [CollapseCuda.apply(*layer) for layer in layers]
+    return [reference_collapse(*layer) for layer in layers]
 
 
 def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
@@ -293,7 +331,9 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
     (n, m_g, kh, kw) tensor per layer, in the factors' dtype. ``backend``: see the module
     docstring; on "matmul" each shape class costs one batched GEMM per product, on "triton"
     all layers of one device and dtype share 2 grouped-GEMM launches forward and 4 backward
-    (a few more when both association orders or unaligned widths occur).
+    (a few more when both association orders or unaligned widths occur). ``auto`` on CUDA
+    routes each shape class to its measured fastest backend (``route``). An explicit backend
+    (argument or ``lopfast.use_backend``) runs every layer on exactly that backend.
     """
     checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
     if not checked:
@@ -310,21 +350,11 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
     buckets: Dict[tuple, List[int]] = {}
     for i, (w1, _, _, _) in enumerate(checked):
         buckets.setdefault((w1.device, w1.dtype), []).append(i)
-    for (device, dtype), idx in buckets.items():
+    for idx in buckets.values():
         group = [checked[i] for i in idx]
-        name = _resolve(backend, device, dtype, group)
-        if name == "triton":
-            outs = _triton_many(group)
-        elif name == "matmul":
-            outs = matmul_many(group)
-        elif name == "cuda":
-            from lopfast.ops.cuda_ext import CollapseCuda
-
-            outs = [CollapseCuda.apply(*layer) for layer in group]
-        else:
-            outs = [reference_collapse(*layer) for layer in group]
-        for i, o in zip(idx, outs):
-            results[i] = o
+        for name, sub in route(group, backend).items():
+            for j, o in zip(sub, _run(name, [group[k] for k in sub])):
+                results[idx[j]] = o
     return results  # type: ignore[return-value]
 
 
@@ -339,4 +369,4 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
 
 
-__all__ = ["BACKENDS", "available_backends", "collapse", "collapse_many", "reference_collapse"]
+__all__ = ["BACKENDS", "available_backends", "collapse", "collapse_many", "reference_collapse", "route"]

@@ -32,10 +32,14 @@ matmuls produces exactly these four backward GEMMs (``dS = A3^T dWc`` is P, ``dU
 is Q), so the "matmul" backend is plain differentiable torch code: no custom Function, and it
 traces under ``torch.compile(fullgraph=True)``.
 
-Memory kept for the backward, per layer, in the factors' dtype: the canonical copy of W2
-(``G*q*T*p``, the size of W2) and the intermediate (``S``: ``G*q*T*m``, or ``U``: ``G*n*T*p``,
-i.e. about ``rate`` times the effective kernel). The factors themselves are parameters and
-cost nothing extra. The einsum reference saves the same intermediate.
+Memory kept for the backward, per layer, in the factors' dtype: only the intermediate (``S``:
+``G*q*T*m``, or ``U``: ``G*n*T*p``, i.e. about ``rate`` times the effective kernel), as the
+einsum reference. The canonical copy of W2 (the size of W2, about ``rate**2`` times the
+effective kernel) and the stacked W1/W3 of multi-layer classes are rebuilt in the backward
+(``FoldedClass``) instead of being kept alive: ResNet-50 at r=3 in fp32 keeps 268 MiB instead
+of 1407 MiB (``python bench/collapse_saved_memory.py``, saved-tensor hooks on meta tensors),
+for one more O(parameters) copy in the backward. Under torch.compile the plain autograd
+version is traced (the compiler decides what to keep).
 
 Layers of one *shape class* (same G, n, m, p, q, kh, kw) are stacked and run as one batched
 matmul per product: ResNet-56 has 55 convs in about 6 classes, so the whole model's collapse
@@ -148,17 +152,94 @@ def uncanonical(wc: torch.Tensor, c: ShapeClass, n_layers: int) -> List[torch.Te
     return list(w.unbind(0))
 
 
-def matmul_many(layers: Sequence[Layer]) -> List[torch.Tensor]:
+class FoldedClass(torch.autograd.Function):
+    """All layers of one shape class by the folded GEMMs, keeping only the intermediate.
+
+    Forward: the canonical operands (stacked W1 / W3, W2 with its taps moved: copies) and the
+    two GEMMs, as ``folded_collapse``. Saved for the backward: the factors themselves (the
+    parameters: no extra memory) and the intermediate S or U. The canonical copies are rebuilt
+    in the backward (one more O(parameters) copy, against the same O(parameters x width)
+    GEMM flops) instead of being kept alive between forward and backward as plain autograd of
+    ``folded_collapse`` does. Backward: the four folded GEMMs of the module docstring, the
+    same products autograd would run. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, c: ShapeClass, *flat: torch.Tensor):  # type: ignore[override]
+        L = len(flat) // 3
+        layers = [(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2], c.G) for i in range(L)]
+        a1, a2c, a3 = canonical(layers, c)
+        B, q, T, p = a2c.shape
+        n, m = c.n, c.m
+        if c.left:
+            inter = torch.matmul(a3, a2c.reshape(B, q, T * p))  # U (B, n, T*p)
+            wc = torch.matmul(inter.reshape(B, n * T, p), a1)
+        else:
+            inter = torch.matmul(a2c.reshape(B, q * T, p), a1)  # S (B, q*T, m)
+            wc = torch.matmul(a3, inter.reshape(B, q, T * m))
+        ctx.c = c
+        ctx.save_for_backward(*flat, inter)
+        return tuple(uncanonical(wc.reshape(B, n, T, m), c, L))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gouts: torch.Tensor):  # type: ignore[override]
+        c: ShapeClass = ctx.c
+        *flat, inter = ctx.saved_tensors
+        L = len(flat) // 3
+        G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
+        B = L * G
+        a1, a2c, a3 = canonical([(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2], G) for i in range(L)], c)
+        # dWc (B, n, T, m) from the per-layer (G*n, m, kh, kw) gradients: one layout copy
+        dwc = torch.stack([g.reshape(G, n, m, T) for g in gouts]).transpose(-1, -2).reshape(B, n, T, m)
+        dwc = dwc.to(inter.dtype)
+        if c.left:
+            dwc2 = dwc.reshape(B, n * T, m)
+            da1 = torch.matmul(inter.reshape(B, n * T, p).transpose(-1, -2), dwc2)
+            qq = torch.matmul(dwc2, a1.transpose(-1, -2)).reshape(B, n, T * p)  # Q
+            da3 = torch.matmul(qq, a2c.reshape(B, q, T * p).transpose(-1, -2))
+            da2c = torch.matmul(a3.transpose(-1, -2), qq)
+        else:
+            dwc2 = dwc.reshape(B, n, T * m)
+            pp = torch.matmul(a3.transpose(-1, -2), dwc2)  # P (B, q, T*m)
+            da3 = torch.matmul(dwc2, inter.reshape(B, q, T * m).transpose(-1, -2))
+            pp = pp.reshape(B, q * T, m)
+            da2c = torch.matmul(pp, a1.transpose(-1, -2))
+            da1 = torch.matmul(a2c.reshape(B, q * T, p).transpose(-1, -2), pp)
+        # back to the factor layouts: views for W1 / W3, one copy for W2 (taps back last)
+        d1 = da1.reshape(L, G * p, m, 1, 1).unbind(0)
+        d3 = da3.reshape(L, G * n, q, 1, 1).unbind(0)
+        d2 = da2c.reshape(L, G, q, T, p).transpose(-1, -2).contiguous()
+        d2 = d2.reshape(L, G * q, p, c.kh, c.kw).unbind(0)
+        grads = []
+        for i in range(L):
+            grads += [d1[i], d2[i], d3[i]]
+        need = ctx.needs_input_grad[1:]
+        return (None, *[g if nd else None for g, nd in zip(grads, need)])
+
+
+def matmul_many(layers: Sequence[Layer], recompute: bool = True) -> List[torch.Tensor]:
     """Effective kernels of ``layers`` (already validated) by folded GEMMs, one bmm per shape
     class and product. Runs in the factors' dtype; torch.matmul accumulates in fp32 for
-    fp16/bf16 and follows PyTorch's own TF32 setting for fp32 on CUDA."""
+    fp16/bf16 and follows PyTorch's own TF32 setting for fp32 on CUDA.
+
+    ``recompute`` (eager calls that build a graph): each class is one ``FoldedClass`` node that
+    keeps only the intermediate for the backward and rebuilds the canonical copies of the
+    factors there. Under ``torch.compile`` or with ``recompute=False``: plain differentiable
+    torch ops (``folded_collapse``; autograd keeps the canonical copies), which trace whole.
+    """
+    graph = recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
     results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
     for (c, _, _), idx in bucket(layers).items():
         group = [layers[i] for i in idx]
-        outs = uncanonical(folded_collapse(*canonical(group, c), c.left), c, len(group))
+        if graph and any(w.requires_grad for layer in group for w in layer[:3]):
+            flat = [w for layer in group for w in layer[:3]]
+            outs = list(FoldedClass.apply(c, *flat))
+        else:
+            outs = uncanonical(folded_collapse(*canonical(group, c), c.left), c, len(group))
         for i, o in zip(idx, outs):
             results[i] = o
     return results
 
 
-__all__ = ["ShapeClass", "bucket", "canonical", "folded_collapse", "matmul_many", "shape_class", "uncanonical"]
+__all__ = ["FoldedClass", "ShapeClass", "bucket", "canonical", "folded_collapse", "matmul_many", "shape_class", "uncanonical"]

@@ -5,13 +5,17 @@ Entry points: :func:`run_pipeline` (whole run), :func:`train`, :func:`build_mode
 """
 from lopfast.pipeline.data import DataBundle, load_data
 from lopfast.pipeline.models import available_models, build_model, count_params, register_zoo
-from lopfast.pipeline.stages import METHODS, RunConfig, count_macs, format_table, recover, run_pipeline, run_sweep
+from lopfast.pipeline.config import METHODS, RunConfig
+from lopfast.pipeline.experiments import EXPERIMENTS, reproduce
+from lopfast.pipeline.report import format_summary, format_table, summarize
+from lopfast.pipeline.stages import count_macs, recover, run_pipeline, run_seeds, run_sweep
 from lopfast.pipeline.train import PRESETS, TrainConfig, evaluate, train
 
 register_zoo()  # lets lopfast.load(path) rebuild zoo models (no-op until lopfast.io exists)
 
 __all__ = [
     "DataBundle",
+    "EXPERIMENTS",
     "METHODS",
     "PRESETS",
     "RunConfig",
@@ -21,11 +25,15 @@ __all__ = [
     "count_macs",
     "count_params",
     "evaluate",
+    "format_summary",
     "format_table",
     "load_data",
     "recover",
     "register_zoo",
+    "reproduce",
     "run_pipeline",
+    "run_seeds",
     "run_sweep",
+    "summarize",
     "train",
 ]

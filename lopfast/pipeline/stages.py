@@ -24,17 +24,19 @@ Recovery methods (paper Sec. 3.2):
   init, scratch schedule, no distillation; contracted at the end.
 * ``distill``: re-initialised pruned model + SP distillation (pairs the convs at the same
   paths), scratch schedule.
+
+Files of the pipeline: ``config.py`` (RunConfig, validation, device), this file (the stages),
+``train.py`` (the training loop), ``data.py``, ``models.py``, ``report.py`` (tables, plots),
+``experiments.py`` (the paper's experiments for ``lopfast reproduce``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,185 +45,39 @@ import lopfast
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline._api import MissingAPIError, has, require
-from lopfast.pipeline.export import check_formats, export_model  # export code lives in pipeline/export.py
-from lopfast.pipeline.data import DATASETS, check_dataset_name, load_data
+from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipeline.stages.RunConfig ...)
+    DATA_PRUNE_METHODS,
+    DISTILL_METHODS,
+    EXPANDED_METHODS,
+    METHOD_PRESET,
+    METHODS,
+    RunConfig,
+    _check_fraction,
+    _resolve_device,
+    check_out_dir,
+)
+from lopfast.pipeline.data import load_data
+from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
+from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
 
-__all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "recover", "pretrain_stage", "prune_stage"]
-
-METHODS = ("lop", "ft", "scratch", "expandnets", "distill", "lop-nokd")
-# which paper schedule each method uses
-METHOD_PRESET = {"lop": "finetune", "lop-nokd": "finetune", "ft": "finetune",
-                 "scratch": "scratch", "expandnets": "scratch", "distill": "scratch"}
-DATA_PRUNE_METHODS = ("taylor", "hrank", "thinet", "eagleeye", "admm")
-EXPANDED_METHODS = ("lop", "lop-nokd", "expandnets")
-DISTILL_METHODS = ("lop", "distill")
+__all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
+           "pretrain_stage", "prune_stage", "seed_list"]
 
 
-@dataclass
-class RunConfig:
-    """Every setting of a pipeline run (saved as config.json; ``from_dict`` reloads it).
-
-    ``epochs`` / ``scratch_epochs`` / ``pretrain_epochs`` of None use the paper presets
-    (150 / 280 / 280); a smaller number rescales the LR milestones proportionally.
-    ``pretrain_epochs=0`` takes the model as built as the teacher (e.g. torchvision weights
-    through ``model_kwargs={"weights": "DEFAULT"}``).
+def count_macs(model: nn.Module, example: torch.Tensor) -> Optional[int]:
+    """Multiply-accumulates of one forward pass per image: the package's one counter,
+    ``lopfast.prune.count_macs`` (torch-pruning's). None when torch-pruning is not installed
+    (the GPU image may lack it): the MAC column then says so instead of failing the run.
     """
-
-    model: str = "resnet20"
-    model_kwargs: dict = field(default_factory=dict)
-    dataset: str = "cifar10"
-    data_dir: Optional[str] = None
-    download: bool = False
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    batch_size: int = 256
-    workers: int = 8
-    teacher: Optional[str] = None  # path of a pretrained model: skips the pretrain stage
-    pretrain_epochs: Optional[int] = None
-    pretrain_lr: Optional[float] = None
-    prune_method: str = "l1"
-    target: float = 0.9  # fraction of parameters to remove
-    global_pruning: bool = False
-    prune_options: dict = field(default_factory=dict)
-    methods: List[str] = field(default_factory=lambda: ["ft", "lop"])
-    epochs: Optional[int] = None  # fine-tune-style methods (ft, lop, lop-nokd)
-    lr: Optional[float] = None
-    scratch_epochs: Optional[int] = None  # scratch-style methods (scratch, expandnets, distill)
-    scratch_lr: Optional[float] = None
-    rate: float = 3.0
-    linear: bool = False
-    linear_rate: Optional[float] = None
-    linear_depth: int = 2
-    gamma: float = 3000.0  # SP loss weight (Tung & Mori use 3000 on CIFAR)
-    sp_layers: Optional[List[str]] = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    clip_grad: Optional[float] = None
-    amp: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
-    seed: int = 0
-    export: List[str] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        """Build from a dict (e.g. a config.json); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> "RunConfig":
-        """Check every setting; raise ValueError / TypeError naming the bad one. Cheap: no data, no training."""
-        zoo.check_model_name(self.model)
-        check_dataset_name(self.dataset)
-        if isinstance(self.methods, str):
-            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
-        if not self.methods:
-            raise ValueError("methods is empty; choose from " + ", ".join(METHODS))
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        _check_fraction(self.target, "target")
-        if not isinstance(self.prune_method, str) or not self.prune_method:
-            raise ValueError(f"prune_method must be a method name, got {self.prune_method!r}")
-        try:
-            from lopfast.prune import METHODS as prune_methods
-        except Exception:  # pruning unavailable: the prune stage will say so
-            prune_methods = None
-        if prune_methods is not None and self.prune_method not in prune_methods:
-            raise ValueError(f"unknown prune_method {self.prune_method!r}; choose one of {', '.join(prune_methods)}")
-        _check_rate(self.rate, "rate")
-        if self.linear_rate is not None:
-            _check_rate(self.linear_rate, "linear_rate")
-        if self.linear_depth not in (2, 3):
-            raise ValueError(f"linear_depth must be 2 or 3, got {self.linear_depth!r}")
-        if not isinstance(self.gamma, (int, float)) or self.gamma < 0 or not math.isfinite(self.gamma):
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        # pretrain_epochs may be 0: take the model as built (e.g. torchvision weights)
-        positive = ("epochs", "scratch_epochs", "train_subset", "test_subset", "threads")
-        if self.pretrain_epochs != 0:
-            positive += ("pretrain_epochs",)
-        for name in positive:
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "scratch_lr", "pretrain_lr"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        check_formats(self.export, "export format")
-        if self.teacher is not None and not os.path.isfile(self.teacher):
-            raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
-        _resolve_device(self.device)
-        return self
-
-
-def _check_fraction(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        raise ValueError(f"{name} must be a fraction of parameters to remove, strictly between 0 and 1 "
-                         f"(e.g. 0.9 for 90%), got {v!r}")
-    return float(v)
-
-
-def _check_rate(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1 or not math.isfinite(v):
-        raise ValueError(f"{name} (expansion rate) must be a number >= 1 (the expanded layers must be at least "
-                         f"as wide as the compact ones), got {v!r}")
-    return float(v)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a valid torch device") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return dev
+        from lopfast.prune.engine import count_macs as _count
+        return _count(model, example[:1])
+    except ImportError:
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass per image (Conv2d and Linear layers)."""
-    total = [0]
-
-    def conv_hook(m, inp, out):
-        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    def lin_hook(m, inp, out):
-        total[0] += out[0].numel() * m.in_features
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(lin_hook))
-    was = model.training
-    model.eval()
-    try:
-        model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return int(total[0])
-
-
 def _save_stage_model(model: nn.Module, path: str, arch: str, arch_kwargs: dict) -> None:
     """Stage hand-off format: architecture name + state dict (loads with weights_only)."""
     save_atomic({"arch": arch, "arch_kwargs": arch_kwargs,
@@ -315,7 +171,9 @@ class RunLog:
 def _train_cfg(cfg: RunConfig, kind: str, epochs: Optional[int], lr: Optional[float], gamma: float = 0.0) -> TrainConfig:
     n, lr_, ms = preset(kind, epochs, lr)
     return TrainConfig(n, lr_, ms, momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-                       amp=cfg.amp, compile=cfg.compile, seed=cfg.seed, sp_gamma=gamma)
+                       amp=cfg.amp, compile=cfg.compile, seed=cfg.seed, sp_gamma=gamma,
+                       sp_reduction=cfg.sp_reduction, factor_weight_decay=cfg.factor_weight_decay,
+                       factor_lr_scale=cfg.factor_lr_scale)
 
 
 def _write_json(path: str, obj) -> None:
@@ -554,25 +412,6 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     return data, device
 
 
-# settings that do not change what earlier stages computed: a run directory may be reused with others
-_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
-
-
-def check_out_dir(cfg: RunConfig, out: str) -> None:
-    """Refuse to reuse a run directory whose saved config differs (its finished stages would be stale)."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    new = cfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
-    if diff:
-        raise ValueError(f"--out {out} holds a run with different settings ({', '.join(diff)}); its finished stages "
-                         "would not match: choose a new --out, or rerun with the settings of its config.json")
-
-
 def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool = False, data=None,
                  device=None) -> dict:
     """pretrain -> prune -> recover with every ``cfg.methods`` -> contract/verify/evaluate/save.
@@ -620,64 +459,88 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
     return results
 
 
-def format_table(results: dict) -> str:
-    """A plain-text table: params, MACs, % removed, accuracy and training time per model."""
-    rows = [("model", "params", "MACs", "% removed", "accuracy", "train time")]
-    t = results["teacher"]
-    rows.append(("unpruned (teacher)", f"{t['params']:,}", f"{t['macs']:,}", "0.0", f"{t['acc']:.2f}%", ""))
-    p = results["pruned"]
-    rows.append(("pruned, no recovery", f"{p['params']:,}", f"{p['macs']:,}", f"{100 * p['removed']:.1f}",
-                 f"{p['acc']:.2f}%", ""))
-    for name, r in results["methods"].items():
-        if "error" in r:
-            rows.append((name, "-", "-", "-", "not run", "(see log)"))
-            continue
-        secs = r.get("train_seconds")
-        rows.append((f"{name} ({r['epochs']} ep)", f"{r['params']:,}", f"{r['macs']:,}",
-                     f"{100 * (r['removed'] or 0):.1f}", f"{r['acc']:.2f}%", f"{secs:.0f}s" if secs is not None else ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+def seed_list(seed: int, seeds: int) -> List[int]:
+    """The seeds of a multi-seed run: ``seed``, ``seed + 1``, ... (``seeds`` of them)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    return [seed + i for i in range(seeds)]
 
 
-def plot_curves(results: dict, out: str) -> Optional[str]:
-    """Test accuracy per epoch of every method (+ teacher line) -> out/accuracy.png."""
-    import matplotlib
+def _write_csv(path: str, rows: List[dict]) -> None:
+    import csv
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results["methods"].items():
-        path = os.path.join(out, name, "result.json")
-        if "error" in r:
-            continue
-        if os.path.exists(path):
-            with open(path) as f:
-                hist = json.load(f)["history"]
-            ax.plot([h["epoch"] for h in hist], [h["test_acc"] for h in hist], label=name)
-    ax.axhline(results["teacher"]["acc"], color="k", ls="--", lw=1, label="unpruned teacher")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{results['config']['model']} on {results['config']['dataset']}, "
-                 f"{100 * results['pruned']['removed']:.1f}% of weights removed")
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "accuracy.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
-def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: bool = False, quiet: bool = False) -> List[dict]:
-    """Methods x pruning targets: one pretrain, one prune per target, every method per target.
+def run_seeds(cfg: RunConfig, out: str, seeds: int = 1, *, resume: bool = False, quiet: bool = False,
+              share_teacher: bool = False, data=None, device=None) -> dict:
+    """:func:`run_pipeline` once per seed (``cfg.seed``, ``cfg.seed + 1`` ...) in ``out/seed<s>/``.
 
-    Writes ``out/sweep.csv`` and ``out/sweep.png`` (accuracy vs % of weights removed).
+    ``share_teacher``: the first seed's teacher (and so its pruned model) serves every seed,
+    which then varies only the recovery (data order, augmentation, expansion init): cheaper,
+    and it isolates the spread of recovery from that of pretraining. Returns ``{"runs": [...],
+    "rows": [one per method and seed], "seeds": [...]}`` and writes ``out/seeds.csv``.
+    With ``seeds == 1`` it is exactly :func:`run_pipeline` on ``out``.
+    """
+    ss = seed_list(cfg.seed, seeds)
+    if seeds == 1:
+        runs = [run_pipeline(cfg, out, resume=resume, quiet=quiet, data=data, device=device)]
+    else:
+        runs = []
+        first_teacher = None
+        for s in ss:
+            scfg = dataclasses.replace(cfg, seed=s, methods=list(cfg.methods))
+            if share_teacher and first_teacher is not None and scfg.teacher is None:
+                scfg.teacher = first_teacher
+            sdir = os.path.join(out, f"seed{s}")
+            runs.append(run_pipeline(scfg, sdir, resume=resume or os.path.isdir(sdir), quiet=quiet))
+            if first_teacher is None and scfg.teacher is None:
+                first_teacher = os.path.join(sdir, "pretrain", "model.pt")
+    rows = []
+    for s, res in zip(ss, runs):
+        for m, r in res["methods"].items():
+            if "error" in r:
+                continue
+            rows.append({"target": cfg.target, "removed": r.get("removed"), "method": m, "seed": s, "acc": r["acc"],
+                         "params": r.get("params"), "teacher_acc": res["teacher"]["acc"]})
+    if dist_info()[0] == 0 and seeds > 1 and rows:
+        _write_csv(os.path.join(out, "seeds.csv"), rows)
+    return {"runs": runs, "rows": rows, "seeds": ss}
+
+
+def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: bool = False, quiet: bool = False,
+              seeds: int = 1) -> List[dict]:
+    """Methods x pruning targets (x seeds): one pretrain per seed, one prune per target, every method.
+
+    Writes ``out/sweep.csv`` (one row per target, method and seed) and ``out/sweep.png``
+    (accuracy vs % of weights removed, error bars over seeds); seed ``s`` runs in
+    ``out/seed<s>/`` when ``seeds > 1``.
     """
     targets = [_check_fraction(t, "targets") for t in targets]
     if not targets:
         raise ValueError("targets is empty; pass e.g. --targets 0.5,0.7,0.9")
+    if seeds != 1:
+        rows = []
+        for s in seed_list(cfg.seed, seeds):
+            scfg = dataclasses.replace(cfg, seed=s, methods=list(cfg.methods))
+            sdir = os.path.join(out, f"seed{s}")
+            rows += _sweep_one(scfg, targets, sdir, resume=resume or os.path.isdir(sdir), quiet=quiet)
+        if dist_info()[0] == 0 and rows:
+            _write_csv(os.path.join(out, "sweep.csv"), rows)
+            try:
+                plot_sweep(rows, os.path.join(out, "sweep.png"))
+            except Exception as exc:  # noqa: BLE001  (a broken matplotlib must not lose the results)
+                print(f"[plot] skipped: {exc}")
+        return rows
+    return _sweep_one(cfg, targets, out, resume=resume, quiet=quiet)
+
+
+def _sweep_one(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: bool, quiet: bool) -> List[dict]:
     cfg.target = max(targets)  # validated against the architecture in prepare()
     rank, world = dist_info()
     data, device = prepare(cfg, None, rank, world)
@@ -699,39 +562,15 @@ def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: boo
             except MissingAPIError as exc:
                 log(f"[{tag}/{m}] not run: {exc}")
                 continue
-            rows.append({"target": t, "removed": removed, "method": m, "acc": r["acc"], "params": r["params"],
-                         "macs": r["macs"], "teacher_acc": teacher_acc})
-    if rank == 0:
-        import csv
-
-        with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+            rows.append({"target": t, "removed": removed, "method": m, "seed": cfg.seed, "acc": r["acc"],
+                         "params": r["params"], "macs": r["macs"], "teacher_acc": teacher_acc})
+    if rank == 0 and rows:
+        _write_csv(os.path.join(out, "sweep.csv"), rows)
         _write_json(os.path.join(out, "results.json"), {"teacher_acc": teacher_acc, "rows": rows})
         try:
-            _plot_sweep(rows, teacher_acc, out)
+            plot_sweep(rows, os.path.join(out, "sweep.png"), teacher_acc=teacher_acc)
         except Exception as exc:
             log(f"[plot] skipped: {exc}")
     return rows
 
 
-def _plot_sweep(rows: List[dict], teacher_acc: float, out: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((100 * r["removed"], r["acc"]) for r in rows if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.axhline(teacher_acc, color="k", ls="--", lw=1, label="unpruned")
-    ax.set_xlabel("% of weights removed")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "sweep.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
