@@ -20,7 +20,9 @@ Examples::
     lopfast sweep --model resnet20 --dataset cifar10 --targets 0.5,0.7,0.9 --methods ft,lop
     lopfast run --config runs/demo-.../config.json --out runs/again   # rerun a saved config
     lopfast run ... --out runs/x --resume          # continue after an interruption
-    lopfast export runs/x/lop/model.pt --format torchscript,onnx
+    lopfast export runs/x/lop/model.pt --format pt2,onnx   # torch.export and ONNX, both checked
+    lopfast run --model timm:convnext_atto --dataset cifar10 ...   # any torchvision (tv:) or timm (timm:) model
+    lopfast zoo                                    # the flow on the torchvision/timm zoo, README table
 """
 from __future__ import annotations
 
@@ -85,7 +87,8 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--quiet", action="store_true", default=S, help="less console output")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=S, help="zoo model: digitsnet, resnet20/32/56/110, vgg16, mobilenet_v2, "
-                                              "resnet50 (torchvision) or tv:<name> (default resnet20)")
+                                              "resnet50 (torchvision), tv:<torchvision name> or timm:<timm name> "
+                                              "(random weights; default resnet20)")
     g.add_argument("--model-kwargs", dest="model_kwargs", type=_json_object, default=S,
                    help='extra builder arguments as JSON, e.g. \'{"width": 16}\'')
     g.add_argument("--dataset", default=S, help="digits, cifar10 (default), cifar100, imagenet")
@@ -137,7 +140,7 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
                        help="run N seeds (--seed, --seed+1, ...); tables show mean ± std and n (default 1)")
         g.add_argument("--sp-layers", dest="sp_layers", type=_csv(str), default=S,
                        help="comma list of module names paired for SP distillation (default: every expanded layer)")
-        g.add_argument("--export", type=_csv(str), default=S, help="also export: torchscript,onnx")
+        g.add_argument("--export", type=_csv(str), default=S, help="also export: pt2 (torch.export), onnx, torchscript")
 
 
 def _add_prune_parts(g, S) -> None:
@@ -189,12 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_csv(float), default=argparse.SUPPRESS,
                    help="comma list of fractions to remove (default 0.5,0.7,0.9)")
     _add_reproduce(sub)
-    p = sub.add_parser("export", help="export a saved model to TorchScript and/or ONNX")
-    p.add_argument("model_path", help="model.pt written by a run")
-    p.add_argument("--format", type=_csv(str), default=["torchscript"], help="torchscript,onnx (default torchscript)")
+    p = sub.add_parser("export", help="export a saved model with torch.export (.pt2), ONNX and/or TorchScript")
+    p.add_argument("model_path", help="model.pt written by a run or by lopfast.save")
+    p.add_argument("--format", type=_csv(str), default=["pt2"],
+                   help="pt2 (torch.export, default), onnx, torchscript (deprecated by PyTorch); each is loaded back "
+                        "and compared with the model (ONNX through onnxruntime when installed)")
     p.add_argument("--input-shape", dest="input_shape", type=_csv(int), default=None,
                    help="C,H,W of one input (default from the model's dataset: digits 1,8,8; cifar 3,32,32; imagenet 3,224,224)")
     p.add_argument("--out", default=None, help="output directory (default: next to the model)")
+    p = sub.add_parser("zoo", help="prune -> expand -> SP step -> contract -> save -> load on torchvision/timm "
+                                   "models (random weights); prints the covered-models table")
+    p.add_argument("models", nargs="*", help="names from the zoo list (default: all but the heavy ones)")
+    p.add_argument("--all", action="store_true", help="include the heavy models")
     _add_selfcheck(sub)
     return parser
 
@@ -334,6 +343,8 @@ def _dispatch(args) -> int:
         return _export(args)
     if args.command == "reproduce":
         return _reproduce(args)
+    if args.command == "zoo":
+        return _zoo(args)
     defaults = DEMO_DEFAULTS if args.command == "demo" else {}
     settings = _settings(args, defaults)
     targets = settings.pop("targets", None)
@@ -442,12 +453,11 @@ def _export(args) -> int:
     import torch
 
     from lopfast.pipeline import stages
+    from lopfast.pipeline.export import check_formats
 
     if not os.path.isfile(args.model_path):
         raise ValueError(f"model file {args.model_path!r} does not exist")
-    for f in args.format:
-        if f not in ("torchscript", "onnx"):
-            raise ValueError(f"unknown --format {f!r}; choose torchscript and/or onnx")
+    check_formats(args.format, "--format")
     model, meta = _load_any(args.model_path)
     shape = args.input_shape or _SHAPES.get(meta.get("dataset", ""), None)
     if shape is None:
@@ -460,6 +470,31 @@ def _export(args) -> int:
     example = torch.randn(1, *shape)
     for f in args.format:
         stages.export_model(model, stem, f, example)
+    return 0
+
+
+def _zoo(args) -> int:
+    import warnings
+
+    from lopfast.pipeline.zoocheck import ZOO, check_model, markdown_table
+
+    known = {e.name: e for e in ZOO}
+    unknown = [n for n in args.models if n not in known]
+    if unknown:
+        raise ValueError(f"models {unknown} are not in the zoo list; choose from {', '.join(known)}")
+    entries = [known[n] for n in args.models] if args.models else [e for e in ZOO if args.all or not e.heavy]
+    results, skipped = [], {}
+    for e in entries:
+        if e.skip:
+            skipped[e.name] = e.skip
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = check_model(e)
+        print(f"{e.name}: removed {100 * r['removed']:.0f}%, reload identical, {r['seconds']:.1f}s", flush=True)
+        results.append(r)
+    print()
+    print(markdown_table(results, skipped))
     return 0
 
 

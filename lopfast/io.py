@@ -1,17 +1,27 @@
 """Pickle-free save/load of pruned, expanded or contracted models.
 
 A file holds only tensors and plain data, so it loads with ``torch.load(weights_only=True)``
-and never executes code: the ``state_dict``, the *structure* (for every parametrised layer
-its class and constructor hyper-parameters, e.g. the pruned channel counts or an
-ExpandedConv2d's rate), and the caller's metadata. Loading rebuilds a model, either the
-freshly built original the caller passes or one made by a registered builder, replaces each
-layer whose stored structure differs by one built from the stored hyper-parameters, and
-loads the state_dict strictly.
+and never executes code: the ``state_dict`` and its metadata (per-module versions, e.g.
+MNASNet's ``_version``), the *structure* (for every parametrised layer its class and
+constructor hyper-parameters, e.g. the pruned channel counts or an ExpandedConv2d's rate), the
+plain attributes of every module (``out_channels``, ``normalized_shape``, ``num_features``,
+``num_heads``, ``head_dim``, ...), and the caller's metadata. Loading rebuilds a model, either
+the freshly built original the caller passes or one made by a registered builder, then:
+
+1. replaces each layer whose class changed (e.g. a conv that is now an ``ExpandedConv2d``) or
+   whose stored hyper-parameters differ, for the exact torch layer classes it knows;
+2. sets back every stored plain attribute that differs, on layers of any class (timm's
+   ``BatchNormAct2d``, ``LayerNorm2d``, attention blocks, ...), so their forward uses the
+   pruned sizes;
+3. gives every parameter and buffer whose stored shape differs (raw ``nn.Parameter`` s such as
+   ConvNeXt's ``layer_scale`` / ``gamma``, a ViT's ``cls_token``) an empty tensor of that shape;
+4. loads the state_dict strictly, with its metadata, taking the stored tensors themselves.
 """
 from __future__ import annotations
 
 import os
 import pickle
+from collections import OrderedDict
 import tempfile
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -21,7 +31,8 @@ import torch.nn as nn
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 
 FORMAT = "lopfast-model"
-VERSION = 1
+# 2: adds the per-module plain attributes and the state_dict metadata (version 1 files still load)
+VERSION = 2
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -52,6 +63,26 @@ def register_architecture(name: str, builder: Callable[..., nn.Module], *, overw
 def registered_architectures() -> Dict[str, Callable[..., nn.Module]]:
     """A copy of the name -> builder registry."""
     return dict(_ARCHITECTURES)
+
+
+_PREFIXES: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture_prefix(prefix: str, builder: Callable[..., nn.Module], *, overwrite: bool = False) -> None:
+    """Register ``builder(name, **arch_kwargs) -> nn.Module`` for every ``arch`` starting with ``prefix``.
+
+    ``lopfast.pipeline`` registers ``"tv:"`` (torchvision) and ``"timm:"`` this way, so a file
+    saved with ``arch="timm:convnext_atto"`` loads with ``lopfast.load(path)``. The builder gets
+    the whole name, prefix included. An exact name registered with :func:`register_architecture`
+    wins over a prefix.
+    """
+    if not isinstance(prefix, str) or not prefix:
+        raise TypeError(f"prefix must be a non-empty str, got {prefix!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    if prefix in _PREFIXES and not overwrite and _PREFIXES[prefix] is not builder:
+        raise ValueError(f"architecture prefix {prefix!r} is already registered; pass overwrite=True to replace it")
+    _PREFIXES[prefix] = builder
 
 
 # ---------------------------------------------------------------------------- layer specs
@@ -172,6 +203,97 @@ def model_structure(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------- attributes
+# the bookkeeping every nn.Module has; ``training`` is saved once for the whole model
+_MODULE_KEYS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+def _is_plain(value, depth: int = 0) -> bool:
+    # exact types: subclasses (str enums, named tuples) would need their class to unpickle
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if depth > 4:
+        return False
+    if type(value) in (list, tuple, torch.Size):  # torch.Size is stored as a plain tuple
+        return all(_is_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _plain_copy(value):
+    if isinstance(value, tuple):  # tuple and torch.Size
+        return tuple(_plain_copy(v) for v in value)
+    if isinstance(value, list):
+        return [_plain_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    return value
+
+
+def module_attributes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """``{path: {attribute: value}}``: the plain-data instance attributes of every module.
+
+    Pruning changes sizes that layers keep as attributes and use in ``forward`` (a LayerNorm's
+    ``normalized_shape``, an attention block's ``num_heads`` / ``head_dim``, a BatchNorm
+    subclass's ``num_features``); the file records them all so :func:`load` can set them back on
+    layers of any class. Values that are not plain data (modules, tensors, callables) are not
+    recorded: they are rebuilt by the architecture's builder.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        attrs = {k: _plain_copy(v) for k, v in vars(m).items() if k not in _MODULE_KEYS and _is_plain(v)}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _restore_attributes(path: str, model: nn.Module, attributes: Dict[str, Dict[str, Any]]) -> None:
+    for name, attrs in attributes.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ModelFileError(f"{path}: stored module {name!r} does not exist in the model; "
+                                 "pass a freshly built model of the saved architecture") from None
+        current = vars(m)
+        for k, v in attrs.items():
+            # only attributes the layer has: a different library version may have dropped one
+            if k in current and _is_plain(current[k]) and not _same(current[k], v):
+                object.__setattr__(m, k, v)
+
+
+def _resize_tensors(path: str, model: nn.Module, state_dict: Dict[str, torch.Tensor],
+                    structure: Dict[str, Dict[str, Any]]) -> None:
+    """Give every parameter / buffer whose stored shape differs an empty (meta) tensor of that shape.
+
+    Layers of the classes :func:`layer_spec` describes are left alone: their stored
+    hyper-parameters fix their shapes, and weights that disagree with them are refused.
+    """
+    for key, value in state_dict.items():
+        owner_name, _, attr = key.rpartition(".")
+        if structure.get(owner_name, {}).get("known", True) is not False and owner_name in structure:
+            continue
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:
+            continue  # reported by the strict load_state_dict
+        for table in (owner._parameters, owner._buffers):
+            old = table.get(attr)
+            if old is None or tuple(old.shape) == tuple(value.shape):
+                continue
+            new = torch.empty(value.shape, dtype=value.dtype, device="meta")
+            table[attr] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+
 # ---------------------------------------------------------------------------- metadata
 def _check_plain(value, where: str) -> None:
     if value is None or isinstance(value, (bool, int, str)):
@@ -209,13 +331,19 @@ def save(model: nn.Module, path: PathLike, **metadata) -> None:
         raise TypeError(f"metadata arch must be a str, got {type(metadata['arch']).__name__}")
     if "arch_kwargs" in metadata and not isinstance(metadata["arch_kwargs"], dict):
         raise TypeError(f"metadata arch_kwargs must be a dict, got {type(metadata['arch_kwargs']).__name__}")
+    state_dict = model.state_dict()
+    sd_meta = getattr(state_dict, "_metadata", None) or {}
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "structure": model_structure(model),
+        "attributes": module_attributes(model),
         "training": bool(model.training),
         # plain tensors: a Parameter would still load, but plain is what weights_only is sure of
-        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach() for k, v in state_dict.items() if isinstance(v, torch.Tensor)},
+        # per-module versions ({"version": 2}): layers such as MNASNet's upgrade older layouts on
+        # load when the version is missing, and refuse to guess
+        "state_dict_metadata": {k: dict(v) for k, v in sd_meta.items() if _is_plain(dict(v))},
         "metadata": dict(metadata),
     }
     path = os.fspath(path)
@@ -267,6 +395,14 @@ def read(path: PathLike, map_location=None) -> Dict[str, Any]:
         raise ModelFileError(f"{path}: malformed structure table")
     if not isinstance(meta, dict):
         raise ModelFileError(f"{path}: malformed metadata (expected a dict)")
+    attributes = payload.setdefault("attributes", {})
+    if not isinstance(attributes, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) for a in v)
+            for k, v in attributes.items()):
+        raise ModelFileError(f"{path}: malformed attributes table")
+    sd_meta = payload.setdefault("state_dict_metadata", {})
+    if not isinstance(sd_meta, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in sd_meta.items()):
+        raise ModelFileError(f"{path}: malformed state_dict metadata")
     return payload
 
 
@@ -281,9 +417,10 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -
     Args:
         path: the file.
         model: a freshly built *original* (unpruned, unexpanded) instance of the
-            architecture; its layers are replaced where the stored structure differs (modified
-            in place and returned). Without it, the metadata's ``arch`` is built with the
-            registered builder (``arch_kwargs``), or by torchvision if it knows the name.
+            architecture; its layers are replaced or resized where the stored structure
+            differs (modified in place and returned). Without it, the metadata's ``arch`` is
+            built with the registered builder (``arch_kwargs``): a zoo name, ``tv:<name>``,
+            ``timm:<name>`` or a name registered with :func:`register_architecture`.
         map_location: as for ``torch.load`` (``None`` keeps the saved devices).
 
     Raises ModelFileError (a ValueError naming the path) for corrupt, truncated or
@@ -318,10 +455,14 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -
         else:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+    _restore_attributes(path, model, payload["attributes"])
+    _resize_tensors(path, model, payload["state_dict"], payload["structure"])
+    state_dict = OrderedDict(payload["state_dict"])
+    state_dict._metadata = OrderedDict((k, dict(v)) for k, v in payload["state_dict_metadata"].items())  # type: ignore[attr-defined]
     try:
         # assign=True takes the stored tensors themselves, which materialises the meta layers
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
-    except RuntimeError as e:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # a layer's own loader may raise any of them
         raise ModelFileError(f"{path}: the stored weights do not fit the model: {e}") from None
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
@@ -339,6 +480,11 @@ def _build_from_metadata(path: str, meta: Dict[str, Any]) -> nn.Module:
     if not isinstance(kwargs, dict):
         raise ModelFileError(f"{path}: metadata 'arch_kwargs' must be a dict")
     builder = _ARCHITECTURES.get(arch)
+    if builder is None:
+        for prefix, family in _PREFIXES.items():
+            if arch.startswith(prefix):
+                builder = lambda _f=family, **kw: _f(arch, **kw)  # noqa: E731
+                break
     if builder is None:
         builder = _torchvision_builder(arch)
     if builder is None:

@@ -97,10 +97,10 @@ def test_export_command(tmp_path, capsys):
     stages._save_stage_model(model, str(path), "digitsnet", {"width": 8})
     rc = cli.main(["export", str(path), "--input-shape", "1,8,8", "--out", str(tmp_path / "exp")])
     assert rc == 0
-    ts = torch.jit.load(str(tmp_path / "exp" / "model.ts"))
+    exported = torch.export.load(str(tmp_path / "exp" / "model.pt2")).module()  # pt2 is the default
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(ts(x), model(x))
+        torch.testing.assert_close(exported(x), model(x))
 
 
 def test_export_reads_lopfast_save_files(tmp_path, capsys):
@@ -114,7 +114,7 @@ def test_export_reads_lopfast_save_files(tmp_path, capsys):
     lopfast.save(model, str(path), arch="digitsnet", arch_kwargs={"width": 8}, dataset="digits")
     rc = cli.main(["export", str(path)])  # input shape from the metadata's dataset
     assert rc == 0
-    assert (tmp_path / "final.ts").exists()
+    assert (tmp_path / "final.pt2").exists()
 
 
 def test_reusing_out_dir_with_other_settings_is_refused(tmp_path, capsys):

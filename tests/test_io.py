@@ -220,3 +220,154 @@ def test_argument_errors(tmp_path):
     with pytest.raises(TypeError, match="model"):
         lopfast.load(tmp_path / "m.pt", model="net")
     assert not any(p.name.startswith(".lopfast-") for p in tmp_path.iterdir())  # no temp files left
+
+
+# ---------------------------------------------------------------------------- layers of any class (issue 12)
+class _LayerNorm2d(nn.LayerNorm):
+    """Channels-first LayerNorm, a subclass as torchvision's / timm's LayerNorm2d."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm + activation in one subclass, as timm's BatchNormAct2d."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class _Attention(nn.Module):
+    """Fused-qkv attention whose forward reshapes with its num_heads / head_dim attributes."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.proj(a.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class _Versioned(nn.Module):
+    """Refuses a state dict without its version, as MNASNet's _load_from_state_dict does."""
+
+    _version = 2
+
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(c))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def forward(self, x):
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class _Odd(nn.Module):
+    def __init__(self, c=8, heads=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.norm = _LayerNorm2d(c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)  # a raw parameter, as ConvNeXt's
+        self.bn = _BatchNormAct(c)
+        self.ver = _Versioned(c)
+        self.attn = _Attention(c, heads)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = self.ver(self.bn(self.norm(self.conv(x)) * self.layer_scale))
+        t = self.attn(h.flatten(2).transpose(1, 2))
+        return self.fc(t.mean(1))
+
+
+@torch.no_grad()
+def _shrink(m: _Odd, keep: int, heads: int) -> _Odd:
+    """Remove channels by hand, as a pruner does: tensors and the attributes that size them."""
+    idx = torch.arange(keep)
+    old = m.conv
+    m.conv = nn.Conv2d(3, keep, 3, padding=1)
+    m.conv.weight.copy_(old.weight[idx])
+    m.conv.bias.copy_(old.bias[idx])
+    m.norm.weight = nn.Parameter(m.norm.weight[idx])
+    m.norm.bias = nn.Parameter(m.norm.bias[idx])
+    m.norm.normalized_shape = (keep,)
+    m.layer_scale = nn.Parameter(m.layer_scale[idx])
+    for name in ("weight", "bias"):
+        setattr(m.bn, name, nn.Parameter(getattr(m.bn, name)[idx]))
+    m.bn.running_mean, m.bn.running_var = m.bn.running_mean[idx], m.bn.running_var[idx]
+    m.bn.num_features = keep
+    m.ver.scale = nn.Parameter(m.ver.scale[idx])
+    qkv = m.attn.qkv
+    m.attn.qkv = nn.Linear(keep, 3 * keep)
+    m.attn.qkv.weight.copy_(qkv.weight[: 3 * keep, :keep])
+    m.attn.num_heads, m.attn.head_dim = heads, keep // heads
+    m.attn.proj = nn.Linear(keep, keep)
+    m.fc = nn.Linear(keep, 3)
+    return m
+
+
+def test_layers_of_any_class_round_trip(tmp_path):
+    """Subclassed norms, raw parameters, attention head counts and state-dict versions are rebuilt
+    (convnext's LayerNorm2d/layer_scale, timm's BatchNormAct2d, ViT heads, mnasnet's _version)."""
+    torch.manual_seed(0)
+    lio.register_architecture("odd", _Odd)
+    small = _shrink(_Odd(), keep=4, heads=2).eval()
+    x = torch.randn(2, 3, 5, 5)
+    lopfast.save(small, tmp_path / "odd.pt", arch="odd")
+    loaded = lopfast.load(tmp_path / "odd.pt")
+    assert loaded.attn.num_heads == 2 and loaded.attn.head_dim == 2
+    assert loaded.norm.normalized_shape == (4,) and type(loaded.norm) is _LayerNorm2d
+    assert loaded.bn.num_features == 4 and type(loaded.bn) is _BatchNormAct
+    assert loaded.layer_scale.shape == (4, 1, 1) and isinstance(loaded.layer_scale, nn.Parameter)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    # the same into a model passed by the caller
+    with torch.no_grad():
+        assert torch.equal(lopfast.load(tmp_path / "odd.pt", model=_Odd()).eval()(x), small(x))
+    # the file is plain data: the attributes and versions are in it, readable with weights_only
+    payload = torch.load(tmp_path / "odd.pt", weights_only=True)
+    assert payload["attributes"]["attn"]["num_heads"] == 2
+    assert payload["state_dict_metadata"]["ver"]["version"] == 2
+
+
+def test_state_dict_version_kept(tmp_path):
+    """Was "version should be set to 1 or 2 instead of None" (mnasnet): the metadata was dropped."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), _Versioned(4))
+    lopfast.save(net, tmp_path / "v.pt")
+    lopfast.load(tmp_path / "v.pt", model=nn.Sequential(nn.Conv2d(3, 4, 1), _Versioned(4)))
+    payload = torch.load(tmp_path / "v.pt", weights_only=True)
+    del payload["state_dict_metadata"]
+    torch.save(dict(payload, version=1), tmp_path / "v1.pt")  # a version-1 file has no metadata
+    with pytest.raises(ModelFileError, match="version should be set"):
+        lopfast.load(tmp_path / "v1.pt", model=nn.Sequential(nn.Conv2d(3, 4, 1), _Versioned(4)))
+
+
+def test_version1_file_still_loads(tmp_path):
+    pruned = _pruned(TinyResNet)
+    lopfast.save(pruned, tmp_path / "p.pt")
+    payload = torch.load(tmp_path / "p.pt", weights_only=True)
+    old = {k: v for k, v in payload.items() if k not in ("attributes", "state_dict_metadata")}
+    torch.save(dict(old, version=1), tmp_path / "old.pt")
+    assert _same(lopfast.load(tmp_path / "old.pt", model=TinyResNet()).eval(), pruned)
+
+
+def test_mnasnet_round_trip_without_model(tmp_path):
+    pytest.importorskip("torchvision")
+    net = lopfast.build_model("tv:mnasnet0_5", num_classes=4).eval()
+    lopfast.save(net, tmp_path / "m.pt", arch="tv:mnasnet0_5", arch_kwargs={"num_classes": 4})
+    loaded = lopfast.load(tmp_path / "m.pt").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))

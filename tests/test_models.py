@@ -107,3 +107,73 @@ def test_torchvision_missing_message():
 def test_torchvision_models():
     m = zoo.build_model("tv:resnet18", num_classes=5, in_channels=1)
     assert m(torch.randn(1, 1, 64, 64)).shape == (1, 5)
+
+
+def _timm_ok():
+    try:
+        import timm  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _torchvision_ok(), reason="torchvision does not import here")
+def test_torchvision_names_checked_and_stem_replaced():
+    m = zoo.build_model("tv:efficientnet_b0", num_classes=7, in_channels=4)
+    assert m(torch.randn(2, 4, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="no model"):
+        zoo.build_model("tv:resnet19")
+    with pytest.raises(ValueError, match="weights"):
+        zoo.build_model("tv:resnet18", weights="IMAGENET1K_V1")
+    assert zoo.check_model_name("tv:anything") == "tv:anything"  # checked when built
+    # googlenet/inception: no auxiliary heads by default (as torchvision builds them with weights)
+    assert zoo.build_model("tv:googlenet").aux1 is None
+    assert zoo.build_model("tv:googlenet", aux_logits=True).aux1 is not None
+
+
+@pytest.mark.skipif(not _timm_ok(), reason="timm does not import here")
+def test_timm_models():
+    m = zoo.build_model("timm:resnet10t", num_classes=3, in_channels=2).eval()
+    assert m(torch.randn(1, 2, 32, 32)).shape == (1, 3)
+    vit = zoo.build_model("timm:vit_tiny_patch16_224", num_classes=4, img_size=32)
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    with pytest.raises(ValueError, match="timm has no model"):
+        zoo.build_model("timm:not_a_model_at_all")
+    with pytest.raises(ValueError, match="pretrained"):
+        zoo.build_model("timm:resnet10t", pretrained=True)
+    with pytest.raises(ValueError, match="unknown model"):
+        zoo.check_model_name("timm:")
+    assert "timm:<timm model name>" in zoo.available_models()
+
+
+@pytest.mark.skipif(not (_timm_ok() and _torchvision_ok()), reason="timm or torchvision does not import here")
+@pytest.mark.parametrize("name,kwargs", [("tv:squeezenet1_1", {"in_channels": 1}),
+                                         ("timm:convnext_atto", {"in_channels": 1})])
+def test_load_by_name_without_model(tmp_path, name, kwargs):
+    """A model built by name loads with no model=: the name and kwargs are in the file."""
+    import lopfast
+
+    m = zoo.build_model(name, num_classes=6, **kwargs).eval()
+    lopfast.save(m, tmp_path / "m.pt", arch=name, arch_kwargs={"num_classes": 6, **kwargs})
+    loaded = lopfast.load(tmp_path / "m.pt").eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
+
+
+@pytest.mark.skipif(not _timm_ok(), reason="timm does not import here")
+def test_resize_to_state_dict_norm_subclasses_and_raw_parameters():
+    """The pipeline's stage hand-off on a pruned ConvNeXt (LayerNorm2d, gamma) and timm BN-act layers."""
+    pytest.importorskip("torch_pruning")
+    import lopfast
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("timm:convnext_atto", "timm:regnetx_002"):
+        torch.manual_seed(0)
+        pruned, _ = lopfast.prune(zoo.build_model(name).eval(), x, ratio=0.3)
+        sd = pruned.state_dict()
+        fresh = zoo.resize_to_state_dict(zoo.build_model(name), sd)
+        fresh.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x), pruned.eval()(x))

@@ -20,7 +20,8 @@ With DistributedDataParallel pass the wrapper as ``student``: hooks go on the in
 (``ddp.module``) and the wrapper itself is called, so DDP's gradient hooks and buffer syncs run.
 ``student_forward=fn`` replaces the call (``fn(*args, **kwargs)`` must run the hooked modules).
 """
-from typing import Any, Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -87,8 +88,10 @@ class SPDistiller:
     Args:
         teacher: the unpruned network (put in eval mode on every call).
         student: the expanded pruned network, possibly wrapped in DDP / DataParallel.
-        layers: None (every expanded layer of the student at a path that exists in the teacher)
-            or a list of module names present in both (see ``lopfast.sp_pairs``).
+        layers: None (every expanded layer of the student at a path that exists in the teacher;
+            those that do not run in both forwards, such as GoogLeNet's auxiliary heads, are left
+            out with a warning and listed in ``dropped``) or a list of module names present in
+            both, which must all run (see ``lopfast.sp_pairs``).
         backend: backend of the SP loss ("auto", "torch", "triton", "cuda").
         student_forward: callable run instead of ``student(*inputs)``.
         reduction: "mean" (default: averaged over pairs, so one gamma, ``DEFAULT_GAMMA``, fits any
@@ -111,6 +114,10 @@ class SPDistiller:
         self.student_forward = student if student_forward is None else student_forward
         self.pairs = sp_pairs(teacher, student, layers)
         self.layers = [name for name, _, _ in self.pairs]
+        # default pairing: layers that do not run in both forwards (auxiliary heads run only in the
+        # student's training forward) are left out, listed in ``dropped``; named layers must run
+        self._drop_missing = layers is None
+        self.dropped: List[str] = []
         self._teacher_taps = FeatureTaps(teacher, self.layers, transform=self._reduce)
         try:
             self._student_taps = FeatureTaps(student, self.layers)
@@ -138,18 +145,43 @@ class SPDistiller:
         self._teacher_taps.clear()
         with torch.no_grad():
             self.teacher(*args, **kwargs)
-            return sp_gram(self._teacher_taps.collect(), backend=self.backend)
+            names = self._teacher_taps.ran() if self._drop_missing else None
+            self._teacher_ran = self.layers if names is None else names
+            if names == []:
+                raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in the teacher's forward")
+            return sp_gram(self._teacher_taps.collect(names=names), backend=self.backend)
 
     def __call__(self, *args, **kwargs):
         gt = self.teacher_grams(*args, **kwargs)
+        teacher_ran = self._teacher_ran
         self._student_taps.clear()
         try:
             out = self.student_forward(*args, **kwargs)
-            feats = self._student_taps.collect()
+            names = self.layers
+            if self._drop_missing:
+                student_ran = set(self._student_taps.ran())
+                names = [n for n in teacher_ran if n in student_ran]
+                self._note_dropped(names)
+                if len(names) != len(teacher_ran):
+                    keep = [i for i, n in enumerate(teacher_ran) if n in student_ran]
+                    gt = gt[keep]
+            feats = self._student_taps.collect(names=names)
         finally:
             self._student_taps.clear()
         loss = sp_loss_from_gram(feats, gt, backend=self.backend)
         return out, loss / len(feats) if self.reduction == "mean" and feats else loss
+
+    def _note_dropped(self, names: List[str]) -> None:
+        if not names:
+            raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in both the teacher's "
+                               "and the student's forward; pass layers=[...]")
+        dropped = [n for n in self.layers if n not in names]
+        if dropped != self.dropped:
+            self.dropped = dropped
+            warnings.warn(f"SPDistiller: {len(dropped)} paired layers did not run in both forwards and are left out "
+                          f"of the SP loss (auxiliary heads run only in training, the teacher runs in eval mode; "
+                          f"nn.MultiheadAttention reads its out_proj's weight without calling it): {dropped}",
+                          stacklevel=3)
 
     def close(self) -> None:
         self._teacher_taps.close()

@@ -45,15 +45,21 @@ class FeatureTaps:
             self.outputs[name] = output if self._transform is None else self._transform(name, output)
         return hook
 
-    def collect(self, clear: bool = True) -> List[Any]:
-        """The recorded outputs in the order of ``names``; raises if a tapped module did not run."""
-        missing = [n for n in self.names if n not in self.outputs]
+    def collect(self, clear: bool = True, names: Optional[Iterable[str]] = None) -> List[Any]:
+        """The recorded outputs in the order of ``names`` (default: every tapped name); raises if
+        one of them did not run."""
+        names = self.names if names is None else list(names)
+        missing = [n for n in names if n not in self.outputs]
         if missing:
             raise RuntimeError(f"tapped modules {missing} did not run during the forward pass")
-        out = [self.outputs[n] for n in self.names]
+        out = [self.outputs[n] for n in names]
         if clear:
             self.clear()
         return out
+
+    def ran(self) -> List[str]:
+        """The tapped names whose module ran since the last ``clear``, in the order of ``names``."""
+        return [n for n in self.names if n in self.outputs]
 
     def clear(self) -> None:
         self.outputs = {}

@@ -142,9 +142,9 @@ class RunConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        for e in self.export:
-            if e not in ("torchscript", "onnx"):
-                raise ValueError(f"unknown export format {e!r}; choose torchscript and/or onnx")
+        from lopfast.pipeline.export import check_formats
+
+        check_formats(self.export, "export format")
         if self.teacher is not None and not os.path.isfile(self.teacher):
             raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
         _resolve_device(self.device)

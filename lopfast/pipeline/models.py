@@ -23,8 +23,11 @@ other pruners can remove residual channels consistently. B adds ~2.7K parameters
 ResNet-20 compared with the 0.27M usually quoted for option A.
 
 ``torchvision`` ImageNet models (``resnet50``, ``mobilenet_v2_imagenet``, any name that
-``torchvision.models.get_model`` knows, prefixed ``tv:``) are built lazily: torchvision is only
-imported when such a model is asked for.
+``torchvision.models.get_model`` knows, prefixed ``tv:``) and timm models (any name that
+``timm.create_model`` knows, prefixed ``timm:``) are built lazily, with random weights: torchvision
+and timm are only imported when such a model is asked for. ``in_channels`` / ``num_classes`` are
+honoured for both (timm's ``in_chans``; for torchvision the stem conv is rebuilt). Saved with
+``arch=<name>`` (the pipeline does), they are rebuilt by ``lopfast.load(path)`` with no ``model=``.
 """
 from __future__ import annotations
 
@@ -227,7 +230,7 @@ _TORCHVISION_ALIASES = {
 
 def available_models() -> List[str]:
     """Names accepted by :func:`build_model` (torchvision ones need torchvision installed)."""
-    return sorted(_ZOO) + sorted(_TORCHVISION_ALIASES) + ["tv:<torchvision model name>"]
+    return sorted(_ZOO) + sorted(_TORCHVISION_ALIASES) + ["tv:<torchvision model name>", "timm:<timm model name>"]
 
 
 def _import_torchvision():
@@ -246,8 +249,11 @@ def check_model_name(name: object, argname: str = "model") -> str:
     """Validate a model name without building it (no torchvision import for zoo names)."""
     if not isinstance(name, str):
         raise TypeError(f"{argname} must be a model name (str), got {type(name).__name__}")
-    if name in _ZOO or name in _TORCHVISION_ALIASES or (name.startswith("tv:") and len(name) > 3):
+    if name in _ZOO or name in _TORCHVISION_ALIASES:
         return name
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name
     raise ValueError(f"unknown {argname} {name!r}; choose one of: {', '.join(available_models())}")
 
 
@@ -269,18 +275,62 @@ def build_model(name: str, in_channels: Optional[int] = None, num_classes: int =
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if name in _ZOO:
         return _ZOO[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if name.startswith("timm:"):
+        return _build_timm(name[len("timm:"):], in_channels, num_classes, **kwargs)
     tvm = _import_torchvision()
     tv_name = _TORCHVISION_ALIASES.get(name, name[3:] if name.startswith("tv:") else name)
-    model = tvm.get_model(tv_name, weights=kwargs.pop("weights", None), num_classes=num_classes, **kwargs)
+    if tv_name not in tvm.list_models():
+        raise ValueError(f"torchvision has no model {tv_name!r}; its classifiers are: "
+                         f"{', '.join(tvm.list_models(module=tvm))}")
+    if kwargs.get("weights") is not None:
+        raise ValueError("weights: lopfast builds models with random weights (no network); load trained "
+                         "weights into the built model yourself")
+    kwargs.pop("weights", None)
+    if tv_name in ("googlenet", "inception_v3"):
+        # PyTorch's default layer init: torchvision's own (init_weights=True, truncated normal with
+        # std 0.01) shrinks the signal so much that random-weight logits are the bias alone
+        kwargs.setdefault("init_weights", False)
+        # as torchvision builds them with pretrained weights: the auxiliary heads run only in
+        # training, so the pruner (which traces the eval forward) cannot see their inputs
+        kwargs.setdefault("aux_logits", False)
+    model = tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
-        # swap the stem conv for one with the requested input channels (same geometry)
-        for mod_name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d) and m.in_channels == 3:
-                new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
-                parent, _, child = mod_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, new)
-                break
+        _replace_stem(model, in_channels)
     return model
+
+
+def _replace_stem(model: nn.Module, in_channels: int) -> None:
+    """Swap the first conv that reads the 3 image channels for one reading ``in_channels``."""
+    for mod_name, m in model.named_modules():
+        if type(m) is nn.Conv2d and m.in_channels == 3 and m.groups == 1:
+            new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, 1,
+                            m.bias is not None, m.padding_mode)
+            _set(model, mod_name, new)
+            return
+    raise ValueError(f"in_channels={in_channels}: found no 3-channel stem conv to replace in {type(model).__name__}")
+
+
+def _import_timm():
+    try:
+        import timm
+    except Exception as exc:
+        raise ImportError(f"timm: models need timm, which could not be imported ({type(exc).__name__}: {exc}); "
+                          "pip install timm (or lopfast[models])") from exc
+    return timm
+
+
+def _build_timm(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+    timm = _import_timm()
+    if kwargs.pop("pretrained", False):
+        raise ValueError("pretrained: lopfast builds models with random weights (no network); load trained "
+                         "weights into the built model yourself")
+    if not timm.list_models(name):
+        raise ValueError(f"timm has no model {name!r} (timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+
+
+# name prefix -> the library it comes from (lazily imported)
+_PREFIXES = {"tv:": "torchvision", "timm:": "timm"}
 
 
 def register_zoo() -> bool:
@@ -298,6 +348,15 @@ def register_zoo() -> bool:
             register_architecture(name, lambda _n=name, **kw: build_model(_n, **kw))
         except Exception:
             pass  # already registered (e.g. module reloaded) or io declined: not fatal
+    try:  # tv:<name> / timm:<name>: one builder per prefix (io versions before it have no prefixes)
+        from lopfast.io import register_architecture_prefix  # type: ignore
+    except Exception:
+        return True
+    for prefix in _PREFIXES:
+        try:
+            register_architecture_prefix(prefix, build_model)
+        except Exception:
+            pass
     return True
 
 
@@ -309,12 +368,15 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def resize_to_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink the Conv2d / Linear / BatchNorm layers of ``model`` to the shapes in ``state_dict``.
+    """Shrink the layers of ``model`` to the shapes in ``state_dict``.
 
     Rebuilds a structurally pruned model from its unpruned architecture: channel pruning only
-    changes layer widths, which the stored tensors record. Depthwise convs (groups ==
-    in_channels) stay depthwise. Returns ``model`` (modified in place), ready for
-    ``load_state_dict(state_dict, strict=True)``.
+    changes layer widths, which the stored tensors record. Conv2d / Linear / BatchNorm2d are
+    rebuilt (depthwise convs, groups == in_channels, stay depthwise); the tensors of any other
+    layer are resized, with the sizes norm layers keep (``num_features``, ``normalized_shape``,
+    ``num_channels``). Attention head counts are not in a state dict: for pruned transformers
+    use ``lopfast.save`` / ``lopfast.load``, which record every layer attribute. Returns
+    ``model`` (modified in place), ready for ``load_state_dict(state_dict, strict=True)``.
     """
     for name, m in list(model.named_modules()):
         prefix = f"{name}." if name else ""
@@ -330,8 +392,28 @@ def resize_to_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) 
                 _set(model, name, new)
         elif type(m) is nn.Linear and w is not None and tuple(w.shape) != tuple(m.weight.shape):
             _set(model, name, nn.Linear(w.shape[1], w.shape[0], m.bias is not None))
-        elif isinstance(m, nn.BatchNorm2d) and w is not None and w.shape[0] != m.num_features:
+        elif type(m) is nn.BatchNorm2d and w is not None and w.shape[0] != m.num_features:
             _set(model, name, nn.BatchNorm2d(w.shape[0], m.eps, m.momentum, m.affine, m.track_running_stats))
+    # any other layer (norm subclasses such as timm's BatchNormAct2d / LayerNorm2d, raw parameters
+    # such as ConvNeXt's layer_scale): resize its own tensors and the size attributes it reads
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        for table in (m._parameters, m._buffers):
+            for key, old in list(table.items()):
+                new = state_dict.get(prefix + key)
+                if old is None or new is None or tuple(old.shape) == tuple(new.shape):
+                    continue
+                fresh = torch.empty(new.shape, dtype=old.dtype, device=old.device)
+                table[key] = nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
+        w = m._parameters.get("weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = w.shape[0]
+        elif isinstance(m, nn.LayerNorm):
+            m.normalized_shape = tuple(w.shape)
+        elif isinstance(m, nn.GroupNorm):
+            m.num_channels = w.shape[0]
     return model
 
 

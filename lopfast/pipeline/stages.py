@@ -57,6 +57,7 @@ from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipel
     check_out_dir,
 )
 from lopfast.pipeline.data import load_data
+from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
 
@@ -380,34 +381,6 @@ def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> Non
         lopfast.save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
     else:  # lopfast.io missing: keep the result in the stage format so nothing is lost
         _save_stage_model(model, path, cfg.model, arch_kwargs)
-
-
-def export_model(model: nn.Module, stem: str, fmt: str, example: torch.Tensor, log=print) -> Optional[str]:
-    """Export ``model`` to TorchScript (``stem.ts``) or ONNX (``stem.onnx``); returns the path or None."""
-    model = copy.deepcopy(model).cpu().eval()
-    example = example[:1].cpu().float().contiguous()
-    if fmt == "torchscript":
-        path = stem + ".ts"
-        import warnings
-
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch >= 2.10 marks TorchScript deprecated; it is still the format C++/mobile runtimes load
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ts = torch.jit.trace(model, example)
-            ts.save(path)
-    elif fmt == "onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            log("[export] onnx is not installed: skipping ONNX export (pip install onnx)")
-            return None
-        path = stem + ".onnx"
-        torch.onnx.export(model, (example,), path, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; choose torchscript or onnx")
-    log(f"[export] wrote {path}")
-    return path
 
 
 # --------------------------------------------------------------------------- the whole run

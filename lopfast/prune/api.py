@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
+from lopfast.prune.attention import channel_shuffle_blocks
 from lopfast.prune.engine import Engine, count_macs, count_params, output_layers
 from lopfast.prune.compose import (
     ALLOCATIONS,
@@ -242,6 +243,11 @@ def prune(
     if data is not None:
         _check_data(model, example_inputs, data)
 
+    shuffles = channel_shuffle_blocks(model)
+    if shuffles:
+        raise ValueError(f"model: cannot prune channel-shuffle blocks ({shuffles[0]!r} and {len(shuffles) - 1} more, "
+                         "ShuffleNetV2): torch-pruning cannot trace channels through a shuffle (see "
+                         "lopfast.prune.attention.channel_shuffle_blocks); expand/contract still work unpruned")
     base = copy.deepcopy(model)
     ignored_names = _ignored_names(model, ignored)
     auto = output_layers(base, example_inputs)

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from lopfast.prune.attention import attention_kwargs, sync_attention, sync_widths
 from lopfast.prune.importance import PrecomputedImportance, require_tp
 
 #: the removed-parameter fraction must land within this of ``target_removed`` (0.5 points)
@@ -148,6 +149,9 @@ class Engine:
             per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in self.prunable}
             kwargs.update(pruning_ratio=0.0, pruning_ratio_dict={
                 by_name[n]: min(max(float(r), 0.0), caps[n]) for n, r in per.items() if n in caps})
+        # attention blocks: whole heads at the channel ratio (lopfast.prune.attention)
+        head_ratio = float(ratio) if not isinstance(ratio, dict) else sum(ratio.values()) / max(len(ratio), 1)
+        kwargs.update(attention_kwargs(model, head_ratio))
         pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
         was_training = model.training
         model.eval()
@@ -162,6 +166,8 @@ class Engine:
                 side = "out" if pruner.DG.is_out_channel_pruning_fn(dep.pruning_fn) else "in"
                 record.setdefault((name, side), []).extend(int(i) for i in idxs)
             group.prune()
+        sync_attention(model, pruner)
+        sync_widths(model)
         model.train(was_training)
         self.evaluations += 1
         return model, record
