@@ -62,7 +62,7 @@ from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipel
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
-from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
+from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, train
 
 __all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
            "pretrain_stage", "prune_stage", "seed_list"]
@@ -107,8 +107,8 @@ def load_model_file(path: str) -> nn.Module:
             stage = os.path.dirname(os.path.abspath(path))
             raise ModelFileError(
                 f"{path}: a stage file of an older lopfast (architecture name + state dict only, which cannot "
-                f"rebuild pruned layers whose attributes changed); delete {stage} to recompute that stage "
-                f"(or pass the teacher again), or load it with the lopfast version that wrote it") from None
+                f"rebuild pruned layers whose attributes changed); delete the folder {stage} and rerun to "
+                f"recompute that stage, or load it with the lopfast version that wrote it") from None
         raise
 
 
