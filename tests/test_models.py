@@ -53,34 +53,42 @@ def test_bad_names_and_args():
         zoo.CifarResNet(depth=21)
 
 
-def test_resize_to_state_dict_rebuilds_pruned_model():
+def _stage_roundtrip(tmp_path, model, arch, arch_kwargs):
+    """Through the pipeline's stage hand-off (lopfast.save / lopfast.load, no model=)."""
+    from lopfast.pipeline import stages
+
+    path = str(tmp_path / "model.pt")
+    stages._save_stage_model(model, path, arch, arch_kwargs)
+    return stages.load_model_file(path)
+
+
+def test_stage_file_rebuilds_pruned_model(tmp_path):
     torch.manual_seed(0)
-    model = zoo.build_model("digitsnet", width=8)
     # hand-shrink like a channel pruner: halve layer1's inner width
     pruned = zoo.build_model("digitsnet", width=8)
     pruned.layer1.conv1 = nn.Conv2d(8, 4, 3, 1, 1, bias=False)
     pruned.layer1.bn1 = nn.BatchNorm2d(4)
     pruned.layer1.conv2 = nn.Conv2d(4, 8, 3, 1, 1, bias=False)
-    sd = pruned.state_dict()
-    zoo.resize_to_state_dict(model, sd)
-    model.load_state_dict(sd, strict=True)
+    model = _stage_roundtrip(tmp_path, pruned, "digitsnet", {"width": 8})
     x = torch.randn(2, 1, 8, 8)
     model.eval(), pruned.eval()
     assert torch.equal(model(x), pruned(x))
 
 
-def test_resize_keeps_depthwise():
+def test_stage_file_keeps_depthwise(tmp_path):
     m = zoo.build_model("mobilenet_v2")
-    sd = {k: v for k, v in m.state_dict().items()}
     blk = m.features[4].conv  # expand 1x1 -> depthwise -> project
-    hidden = blk[0].out_channels
-    keep = hidden // 2
-    sd = {k: (v[:keep] if k.startswith("features.4.conv.") and k.split(".")[3] in ("0", "1", "3", "4") and v.dim() >= 1 and v.shape[0] == hidden else v)
-          for k, v in sd.items()}
-    sd["features.4.conv.6.weight"] = sd["features.4.conv.6.weight"][:, :keep]
-    zoo.resize_to_state_dict(m, sd)
-    m.load_state_dict(sd, strict=True)
-    assert m.features[4].conv[3].groups == keep
+    keep = blk[0].out_channels // 2
+    blk[0] = nn.Conv2d(blk[0].in_channels, keep, 1, bias=False)
+    blk[1] = nn.BatchNorm2d(keep)
+    blk[3] = nn.Conv2d(keep, keep, 3, blk[3].stride, 1, groups=keep, bias=False)
+    blk[4] = nn.BatchNorm2d(keep)
+    blk[6] = nn.Conv2d(keep, blk[6].out_channels, 1, bias=False)
+    loaded = _stage_roundtrip(tmp_path, m, "mobilenet_v2", {})
+    assert loaded.features[4].conv[3].groups == keep
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), m.eval()(x))
 
 
 def test_max_removable_fraction_bounds():
@@ -163,7 +171,7 @@ def test_load_by_name_without_model(tmp_path, name, kwargs):
 
 
 @pytest.mark.skipif(not _timm_ok(), reason="timm does not import here")
-def test_resize_to_state_dict_norm_subclasses_and_raw_parameters():
+def test_stage_file_norm_subclasses_and_raw_parameters(tmp_path):
     """The pipeline's stage hand-off on a pruned ConvNeXt (LayerNorm2d, gamma) and timm BN-act layers."""
     pytest.importorskip("torch_pruning")
     import lopfast
@@ -172,8 +180,6 @@ def test_resize_to_state_dict_norm_subclasses_and_raw_parameters():
     for name in ("timm:convnext_atto", "timm:regnetx_002"):
         torch.manual_seed(0)
         pruned, _ = lopfast.prune(zoo.build_model(name).eval(), x, ratio=0.3)
-        sd = pruned.state_dict()
-        fresh = zoo.resize_to_state_dict(zoo.build_model(name), sd)
-        fresh.load_state_dict(sd, strict=True)
+        fresh = _stage_roundtrip(tmp_path, pruned, name, {})
         with torch.no_grad():
             assert torch.equal(fresh.eval()(x), pruned.eval()(x))

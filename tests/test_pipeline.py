@@ -66,7 +66,7 @@ def test_each_method_one_epoch(pruned_run, method):
 def test_prune_report_and_rebuild(pruned_run):
     cfg, data, device, out, teacher, pruned, report = pruned_run
     assert abs(stages._removed(report) - cfg.target) < 0.05
-    rebuilt = stages.load_stage_model(os.path.join(out, "prune", "model.pt"))
+    rebuilt = stages.load_model_file(os.path.join(out, "prune", "model.pt"))
     x = data.example_inputs(4)
     rebuilt.eval(), pruned.eval()
     with torch.no_grad():

@@ -46,7 +46,6 @@ __all__ = [
     "available_models",
     "build_model",
     "count_params",
-    "resize_to_state_dict",
 ]
 
 
@@ -364,57 +363,6 @@ def register_zoo() -> bool:
 def count_params(model: nn.Module) -> int:
     """Number of parameters of ``model`` (expanded layers count their factors)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def resize_to_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
-    """Shrink the layers of ``model`` to the shapes in ``state_dict``.
-
-    Rebuilds a structurally pruned model from its unpruned architecture: channel pruning only
-    changes layer widths, which the stored tensors record. Conv2d / Linear / BatchNorm2d are
-    rebuilt (depthwise convs, groups == in_channels, stay depthwise); the tensors of any other
-    layer are resized, with the sizes norm layers keep (``num_features``, ``normalized_shape``,
-    ``num_channels``). Attention head counts are not in a state dict: for pruned transformers
-    use ``lopfast.save`` / ``lopfast.load``, which record every layer attribute. Returns
-    ``model`` (modified in place), ready for ``load_state_dict(state_dict, strict=True)``.
-    """
-    for name, m in list(model.named_modules()):
-        prefix = f"{name}." if name else ""
-        w = state_dict.get(prefix + "weight")
-        if isinstance(m, nn.Conv2d) and w is not None and type(m) is nn.Conv2d:
-            depthwise = m.groups > 1 and m.groups == m.in_channels
-            out_c = w.shape[0]
-            groups = out_c if depthwise else m.groups
-            in_c = w.shape[1] * groups
-            if (out_c, in_c) != (m.out_channels, m.in_channels):
-                new = nn.Conv2d(in_c, out_c, m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                                m.bias is not None, m.padding_mode)
-                _set(model, name, new)
-        elif type(m) is nn.Linear and w is not None and tuple(w.shape) != tuple(m.weight.shape):
-            _set(model, name, nn.Linear(w.shape[1], w.shape[0], m.bias is not None))
-        elif type(m) is nn.BatchNorm2d and w is not None and w.shape[0] != m.num_features:
-            _set(model, name, nn.BatchNorm2d(w.shape[0], m.eps, m.momentum, m.affine, m.track_running_stats))
-    # any other layer (norm subclasses such as timm's BatchNormAct2d / LayerNorm2d, raw parameters
-    # such as ConvNeXt's layer_scale): resize its own tensors and the size attributes it reads
-    for name, m in list(model.named_modules()):
-        prefix = f"{name}." if name else ""
-        for table in (m._parameters, m._buffers):
-            for key, old in list(table.items()):
-                new = state_dict.get(prefix + key)
-                if old is None or new is None or tuple(old.shape) == tuple(new.shape):
-                    continue
-                fresh = torch.empty(new.shape, dtype=old.dtype, device=old.device)
-                table[key] = nn.Parameter(fresh, old.requires_grad) if isinstance(old, nn.Parameter) else fresh
-        w = m._parameters.get("weight")
-        if w is None:
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.num_features = w.shape[0]
-        elif isinstance(m, nn.LayerNorm):
-            m.normalized_shape = tuple(w.shape)
-        elif isinstance(m, nn.GroupNorm):
-            m.num_channels = w.shape[0]
-    return model
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -7,11 +7,13 @@ Stages write into one run directory::
       log.txt              one line per epoch and stage
       pretrain/model.pt    the unpruned teacher (+ ckpt.pt while training)
       prune/model.pt       the pruned model, prune/report.json
-      <method>/model.pt    final compact model (lopfast.save), <method>/result.json
+      <method>/model.pt    final compact model, <method>/result.json
       results.json         every number of the run; plots (*.png)
 
-A stage whose output exists is loaded, never recomputed; ``resume=True`` continues an
-interrupted stage from its last epoch checkpoint.
+Every model.pt is a ``lopfast.save`` file (written atomically, loads with weights_only=True and
+rebuilds the pruned layers by itself: ``lopfast.load(path)``). A stage whose output exists is
+loaded, never recomputed; ``resume=True`` continues an interrupted stage from its last epoch
+checkpoint.
 
 Recovery methods (paper Sec. 3.2):
 
@@ -42,9 +44,10 @@ import torch
 import torch.nn as nn
 
 import lopfast
+from lopfast.io import ModelFileError
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
-from lopfast.pipeline._api import MissingAPIError, has, require
+from lopfast.pipeline._api import MissingAPIError, require
 from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipeline.stages.RunConfig ...)
     DATA_PRUNE_METHODS,
     DISTILL_METHODS,
@@ -59,7 +62,7 @@ from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipel
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
-from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
+from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, train
 
 __all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
            "pretrain_stage", "prune_stage", "seed_list"]
@@ -78,31 +81,43 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------- helpers
-def _save_stage_model(model: nn.Module, path: str, arch: str, arch_kwargs: dict) -> None:
-    """Stage hand-off format: architecture name + state dict (loads with weights_only)."""
-    save_atomic({"arch": arch, "arch_kwargs": arch_kwargs,
-                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+def _save_stage_model(model: nn.Module, path: str, arch: str, arch_kwargs: dict, **meta) -> None:
+    """Write a stage's model with ``lopfast.save``, atomically, from a CPU copy (loads on any machine).
+
+    The file records the architecture name (``arch`` / ``arch_kwargs``), every layer's structure
+    and plain attributes and the state dict with its metadata, so :func:`load_model_file`
+    rebuilds pruned layers of any class (a timm ViT's head counts, LayerNorm shapes, timm's norm
+    layers, raw ``nn.Parameter`` s) without pickle. ``meta``: extra plain metadata.
+    """
+    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+    lopfast.save(model, path, arch=arch, arch_kwargs=arch_kwargs, **meta)
 
 
 def load_model_file(path: str) -> nn.Module:
-    """Load a model written by a pipeline stage or by ``lopfast.save`` (e.g. a run's final model.pt)."""
+    """Load a model written by a pipeline stage or by ``lopfast.save`` (any model.pt of a run), on the CPU.
+
+    Raises :class:`lopfast.ModelFileError` (a ValueError naming the path) for unreadable files,
+    and for the stage files of lopfast versions before the stages used ``lopfast.save`` (an
+    architecture name and a state dict only), which cannot rebuild every pruned layer.
+    """
+    try:
+        return lopfast.load(path, map_location="cpu")
+    except ModelFileError:
+        if _is_old_stage_file(path):
+            stage = os.path.dirname(os.path.abspath(path))
+            raise ModelFileError(
+                f"{path}: a stage file of an older lopfast (architecture name + state dict only, which cannot "
+                f"rebuild pruned layers whose attributes changed); delete the folder {stage} and rerun to "
+                f"recompute that stage, or load it with the lopfast version that wrote it") from None
+        raise
+
+
+def _is_old_stage_file(path: str) -> bool:
     try:
         ck = load_checkpoint(path)
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable model file ({type(exc).__name__}: {exc})") from None
-    if isinstance(ck, dict) and "arch" in ck and "state_dict" in ck:
-        return load_stage_model(path)
-    load = require("load", f"reading {path}")
-    return load(path, map_location="cpu")
-
-
-def load_stage_model(path: str) -> nn.Module:
-    """Rebuild a (possibly pruned) zoo model written by a stage: arch + shapes from the state dict."""
-    ck = load_checkpoint(path)
-    model = zoo.build_model(ck["arch"], **ck["arch_kwargs"])
-    zoo.resize_to_state_dict(model, ck["state_dict"])
-    model.load_state_dict(ck["state_dict"], strict=True)
-    return model
+    except Exception:
+        return False
+    return isinstance(ck, dict) and "format" not in ck and "arch" in ck and "state_dict" in ck
 
 
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
@@ -196,7 +211,7 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     final = os.path.join(d, "model.pt")
     if os.path.exists(final):
         log(f"[pretrain] done already: loading {final}")
-        model = load_stage_model(final).to(device)
+        model = load_model_file(final).to(device)
         return model, evaluate(model, data.test, device, cfg.amp)["acc"]
     os.makedirs(d, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -224,7 +239,7 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
     if os.path.exists(final) and os.path.exists(rep_path):
         log(f"[{tag}] done already: loading {final}")
         with open(rep_path) as f:
-            return load_stage_model(final).to(device), json.load(f)
+            return load_model_file(final).to(device), json.load(f)
     prune = require("prune", f"pruning (--prune-method {cfg.prune_method})")
     limit = zoo.max_removable_fraction(teacher)
     if target >= limit:
@@ -375,12 +390,7 @@ def _check_layers(names: Sequence[str], teacher: nn.Module, student: nn.Module) 
 def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> None:
     """Save the deployable compact model with ``lopfast.save`` (arch metadata lets ``lopfast.load`` rebuild it)."""
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
-    # a CPU, contiguous copy: the file loads anywhere (map_location not needed)
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
-    if has("save"):
-        lopfast.save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
-    else:  # lopfast.io missing: keep the result in the stage format so nothing is lost
-        _save_stage_model(model, path, cfg.model, arch_kwargs)
+    _save_stage_model(model, path, cfg.model, arch_kwargs, dataset=cfg.dataset, **meta)
 
 
 # --------------------------------------------------------------------------- the whole run
