@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup"]
+__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup", "median_time"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -324,33 +324,37 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _sync(device: torch.device) -> None:
+def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
+                budget_s: Optional[float] = None) -> float:
+    """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
+    ``warmup`` untimed ones: CUDA events on CUDA (the queue is drained first, so a call measures
+    its own work), ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that
+    much time was spent (after at least two rounds). The dispatch and the benchmarks both time
+    with it, so their numbers compare."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time(run: _Runner, device: torch.device) -> float:
-    """Median seconds of one call of ``run`` after a warm-up (CUDA events on CUDA)."""
-    for _ in range(WARMUP):
-        run()
-    _sync(device)
     times: List[float] = []
     spent = 0.0
-    for _ in range(ITERS):
+    for _ in range(rounds):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            fn()
             end.record()
             end.synchronize()
             dt = start.elapsed_time(end) / 1e3
         else:
             t0 = time.perf_counter()
-            run()
+            fn()
             dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
-        if spent > BUDGET_S and len(times) >= 2:
+        if budget_s is not None and spent > budget_s and len(times) >= 2:
             break
     return statistics.median(times)
 
@@ -374,7 +378,7 @@ def _measure(op, key, device, candidates, reference, args) -> str:
                     if why is not None:
                         rejected[name] = why
                         continue
-                times[name] = _time(run, device)
+                times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S)
             except Exception as exc:  # a candidate that cannot run this call is not a choice
                 if name == reference:
                     raise
