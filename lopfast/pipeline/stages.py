@@ -46,15 +46,14 @@ from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline._api import MissingAPIError, has, require
 from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipeline.stages.RunConfig ...)
-    DATA_PRUNE_METHODS,
     DISTILL_METHODS,
     EXPANDED_METHODS,
     METHOD_PRESET,
     METHODS,
     RunConfig,
     _check_fraction,
-    _resolve_device,
     check_out_dir,
+    resolve_device,
 )
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
@@ -414,7 +413,7 @@ def export_model(model: nn.Module, stem: str, fmt: str, example: torch.Tensor, l
 def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     """Validate ``cfg`` and load its data (raises before any training)."""
     cfg.validate()
-    device = _resolve_device(cfg.device) if device is None else torch.device(device)
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
     if device.type == "cpu":
         # 8x8 digits batches are far too small to split across threads: extra threads only
         # add synchronisation, and on a busy machine spinning OpenMP workers cost 5-10x
