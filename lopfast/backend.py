@@ -150,7 +150,8 @@ def cuda_extension():
 def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
     """Decide which implementation of ``op`` runs for tensors on ``device``.
 
-    Returns ``"torch"``, ``"triton"`` or ``"cuda"``. An explicit request that cannot be
+    Returns ``"torch"``, ``"triton"``, ``"cuda"`` or a backend ``op`` registered (``register_backend``;
+    the op checks that one's availability). An explicit request that cannot be
     honoured raises a RuntimeError that says why, rather than silently falling back.
     """
     name = check_backend("auto" if backend is None else backend, op=op)
