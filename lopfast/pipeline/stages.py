@@ -41,10 +41,10 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-import lopfast
+from lopfast.io import save
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
-from lopfast.pipeline._api import MissingAPIError, has, require
+from lopfast.pipeline._api import MissingAPIError, require
 from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipeline.stages.RunConfig ...)
     DISTILL_METHODS,
     EXPANDED_METHODS,
@@ -58,6 +58,7 @@ from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipel
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, save_atomic, train
+from lopfast.surgery import contract, expand
 
 __all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
            "pretrain_stage", "prune_stage", "seed_list"]
@@ -304,8 +305,8 @@ def recover(method: str, cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, 
     base = copy.deepcopy(pruned).cpu()
     seed_gen = torch.Generator().manual_seed(cfg.seed)
     if method in ("lop", "lop-nokd"):
-        student = lopfast.expand(base, cfg.rate, linear=cfg.linear, linear_rate=cfg.linear_rate,
-                                 linear_depth=cfg.linear_depth, generator=seed_gen)
+        student = expand(base, cfg.rate, linear=cfg.linear, linear_rate=cfg.linear_rate,
+                         linear_depth=cfg.linear_depth, generator=seed_gen)
     elif method == "expandnets":
         student = fresh_expanded(reinitialize(base, cfg.seed), cfg.rate, cfg.linear, cfg.linear_rate,
                                  cfg.linear_depth, cfg.seed)
@@ -324,7 +325,7 @@ def recover(method: str, cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, 
     expanded_params = zoo.count_params(student)
     max_diff = None
     if method in EXPANDED_METHODS:
-        final = lopfast.contract(student)
+        final = contract(student)
         max_diff = verify_contraction(student, final, data, device)
         if not max_diff < 1e-3:
             raise RuntimeError(f"[{tag}] contracted model disagrees with the expanded one (rel. diff {max_diff:.2e})")
@@ -375,10 +376,7 @@ def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> Non
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
     # a CPU, contiguous copy: the file loads anywhere (map_location not needed)
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
-    if has("save"):
-        lopfast.save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
-    else:  # lopfast.io missing: keep the result in the stage format so nothing is lost
-        _save_stage_model(model, path, cfg.model, arch_kwargs)
+    save(model, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, **meta)
 
 
 def export_model(model: nn.Module, stem: str, fmt: str, example: torch.Tensor, log=print) -> Optional[str]:
