@@ -118,12 +118,6 @@ class _OnDevice:
                 yield batch.to(self.device) if isinstance(batch, torch.Tensor) else batch
 
 
-def _unpack(batch):
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError("data must yield (inputs, targets) batches")
-
-
 # ---------------------------------------------------------------------------- allocation
 def _allocate(engine: Engine, crit, allocation: str, ratio, target, data, a_opts, unit: str):
     """Prune ``engine.base`` with ``crit`` at the channel counts ``allocation`` decides."""
