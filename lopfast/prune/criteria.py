@@ -45,6 +45,7 @@ class Criterion:
         self.extra: Dict[str, Any] = dict(extra or {})
 
     def prune(self, engine, ratios, source: Optional[nn.Module] = None):
+        """A pruned copy of ``source`` (default ``engine.base``) at ``ratios``, and its removal record."""
         return engine.prune(self.importance, ratios, source=source, prepare=self.prepare)
 
 
@@ -365,10 +366,13 @@ class ThiNetCriterion(Criterion):
         self.peak_sample_bytes = 0
 
     def prune(self, engine, ratios, source=None):
+        """As :meth:`Criterion.prune`, group by group on the partially pruned copy."""
         return engine.prune_sequential(self, ratios, source=source)
 
-    # called by Engine.prune_sequential
     def score(self, model: nn.Module, group) -> torch.Tensor:
+        """Per channel of ``group`` on ``model`` (pruned so far): its place in ThiNet's greedy
+        removal order scaled to (0, 1], lowest goes first; the fallback importance where no
+        consumer can be sampled (called by :meth:`Engine.prune_sequential`)."""
         consumers = [(item.dep.layer, item) for item in group
                      if _is_in_fn(item.dep.pruning_fn) and _thinet_eligible(item.dep.layer)
                      and all(r is not None for r in item.root_idxs)]

@@ -218,6 +218,7 @@ class Engine:
         return model, record
 
     def removed_fraction(self, model: nn.Module) -> float:
+        """Fraction of ``base``'s parameters that ``model`` no longer has."""
         return 1.0 - count_params(model) / self.params_before
 
     def cost_model(self, required: bool = False):
