@@ -114,6 +114,16 @@ def _disk_enabled() -> bool:
     return os.environ.get(ENV_CACHE, "1") not in ("0", "off", "false", "no")
 
 
+def _read_entries(path) -> Dict[str, dict]:
+    """The entries of the cache file at ``path`` ({} for another file version); raises when the
+    file is missing or unreadable."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
+        return data["entries"]
+    return {}
+
+
 def _load_disk() -> None:
     path = str(cache_path())
     if _disk_loaded and _disk_loaded[0] == path:
@@ -121,10 +131,7 @@ def _load_disk() -> None:
     _disk.clear()
     _disk_loaded[:] = [path]
     try:
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
-            _disk.update(data["entries"])
+        _disk.update(_read_entries(path))
     except FileNotFoundError:
         pass
     except Exception as exc:  # a corrupt or foreign file: start afresh, rewrite it on the next choice
@@ -137,11 +144,8 @@ def _save_disk(skey: str, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         entries: Dict[str, dict] = {}
         try:  # merge with what other processes wrote since we loaded
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
-                entries.update(data["entries"])
-        except Exception:
+            entries.update(_read_entries(path))
+        except Exception:  # missing or corrupt: this write replaces it
             pass
         entries[skey] = entry
         fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".dispatch-", suffix=".json")
