@@ -374,3 +374,19 @@ def test_search_units_and_predicted_fractions():
         engine.search(prune_at, 0.9, hi=0.3, unit="macs")
     with pytest.raises(ValueError, match="only .* of the parameters go"):
         engine.search(prune_at, 0.9, hi=0.3)
+
+
+def test_inputs_and_data_are_checked_by_a_trial_forward():
+    model = _net("resnet")
+    model.train()
+    with pytest.raises(ValueError, match=r"example_inputs \(shape \(1, 5, 16, 16\)\) does not run through model"):
+        lopfast.prune(model, torch.randn(1, 5, 16, 16), method="l1", ratio=0.5)
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=[])
+    small = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"per-sample shape \(3, 8, 8\) but example_inputs has \(3, 16, 16\)"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=small)
+    short = [(torch.randn(4, 3, 16, 16), torch.zeros(3, dtype=torch.long))]
+    with pytest.raises(ValueError, match="targets have 3 entries for 4 inputs"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=short)
+    assert model.training  # the trial forwards restore the mode

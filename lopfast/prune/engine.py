@@ -88,6 +88,17 @@ def _forward(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def _eval_forward(model: nn.Module, example_inputs):
+    """One no-grad forward of ``model`` in eval mode (BN statistics untouched; its mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _forward(model, example_inputs)
+    finally:
+        model.train(was_training)
+
+
 class Engine:
     """Prunes deep copies of ``base`` with torch-pruning at a uniform or per-layer ratio.
 
