@@ -210,3 +210,16 @@ def test_matmul_keeps_only_the_intermediate():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(out_lean, out_plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_shape_class_is_memoised_by_shapes_and_still_checks():
+    from lopfast.ops.collapse_gemm import shape_class
+
+    w1, w2, w3 = torch.randn(12, 4, 1, 1), torch.randn(18, 6, 3, 3), torch.randn(8, 9, 1, 1)
+    c = shape_class(w1, w2, w3, 2)
+    assert (c.G, c.n, c.m, c.p, c.q, c.kh, c.kw) == (2, 4, 4, 6, 9, 3, 3)
+    assert shape_class(w1.clone(), w2.clone(), w3.clone(), 2) is c  # same shapes: the same object
+    for bad in (3, 0):  # errors are never cached
+        for _ in range(2):
+            with pytest.raises(ValueError, match=f"inconsistent chain shapes for groups={bad}"):
+                shape_class(w1, w2, w3, bad)
