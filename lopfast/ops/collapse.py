@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lopfast import dispatch as _dispatch
-from lopfast.backend import cuda_extension, is_auto, register_backend, resolve_backend
+from lopfast.backend import cuda_extension, is_auto, op_backends, register_backend, resolve_backend
 from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many, shape_class
 
 # "matmul" exists for the collapse only: declared to the shared resolver, so backend="matmul"
@@ -245,7 +245,7 @@ def _check_layer(layer, i: int) -> Layer:
     return w1, w2, w3, groups
 
 
-BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")  # of the collapse (lopfast.backend.op_backends)
+BACKENDS = op_backends("collapse")  # every name backend= accepts here, "matmul" included
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
