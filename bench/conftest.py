@@ -36,14 +36,8 @@ def results_dir() -> Path:
 def machine_info() -> dict:
     """The machine a result was measured on."""
     cuda = torch.cuda.is_available()
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = None
     return dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                torch=torch.__version__, triton=tv, cuda=torch.version.cuda,
+                torch=torch.__version__, triton=lopfast.backend.triton_version(), cuda=torch.version.cuda,
                 gpu=torch.cuda.get_device_name() if cuda else None,
                 threads=None if cuda else torch.get_num_threads(), size=BENCH_SIZE)
 

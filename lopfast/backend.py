@@ -93,6 +93,15 @@ def triton_available() -> bool:
     return HAS_TRITON
 
 
+def triton_version() -> Optional[str]:
+    """The installed triton's version, or None without triton (for reports and cache keys)."""
+    if not triton_available():
+        return None
+    import triton
+
+    return triton.__version__
+
+
 from lopfast._build_flags import CXX_FLAGS, NVCC_FLAGS  # noqa: E402  (one set for setup.py and the JIT build)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

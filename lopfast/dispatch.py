@@ -88,13 +88,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def _versions() -> str:
-    try:
-        import triton
+    from lopfast.backend import triton_version
 
-        tv = triton.__version__
-    except Exception:  # pragma: no cover - triton is optional
-        tv = "none"
-    return f"torch {torch.__version__}, triton {tv}"
+    return f"torch {torch.__version__}, triton {triton_version() or 'none'}"
 
 
 def _disk_key(op: str, key: Any, dev: str) -> str:

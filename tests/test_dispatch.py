@@ -279,3 +279,11 @@ def test_median_time_is_the_median_of_the_timed_rounds(monkeypatch):
     assert dispatch.median_time(fn, "cpu", rounds=3, warmup=0, budget_s=0.5) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="rounds"):
         dispatch.median_time(fn, "cpu", rounds=0)
+
+
+def test_cache_key_names_the_installed_versions():
+    from lopfast.backend import triton_available, triton_version
+
+    v = triton_version()
+    assert (v is None) == (not triton_available())
+    assert dispatch._versions() == f"torch {torch.__version__}, triton {v or 'none'}"
