@@ -390,3 +390,8 @@ def test_inputs_and_data_are_checked_by_a_trial_forward():
     with pytest.raises(ValueError, match="targets have 3 entries for 4 inputs"):
         lopfast.prune(model, X, method="taylor", ratio=0.5, data=short)
     assert model.training  # the trial forwards restore the mode
+
+
+def test_flops_budget_needs_target_removed():
+    with pytest.raises(ValueError, match="budget='flops' needs target_removed"):
+        lopfast.prune(_net("resnet"), X, method="eagleeye", ratio=0.5, data=DATA, budget="flops")
