@@ -7,7 +7,8 @@ collapse/<net>       forward + backward of the collapse of every expanded conv o
                      gradients from a given dW_eff):
                        ours      ``collapse_many`` with backend "auto" (the measured dispatch)
                        eager     the per-layer einsum reference, one layer after another
-                       matmul    per layer, the taps folded into plain torch.matmul products
+                       matmul    per layer, the taps folded into plain torch.matmul products (the "matmul"
+                                 backend one layer at a time: plain autograd, no class stacking)
                        compile   torch.compile of the eager loop
                        triton    ``collapse_many`` forced onto the grouped Triton GEMM (every class)
                        folded    ``collapse_many`` forced onto "matmul" (one bmm per class and product)
@@ -205,28 +206,14 @@ def ceilings(device):
 
 
 # ----------------------------------------------------------------------------- collapse
-def _folded_matmul(w1, w2, w3, groups):
-    """W3.W2.W1 with the kernel taps folded into a GEMM dimension, per layer: two (batched over
-    groups) torch.matmul products; autograd gives the backward as matmuls too."""
-    G = groups
-    p, m_g = w1.shape[0], w1.shape[1]
-    q, p_g, kh, kw = w2.shape
-    n, q_g = w3.shape[0], w3.shape[1]
-    a1 = w1.reshape(G, p_g, m_g)
-    a2 = w2.reshape(G, q_g, p_g, kh * kw).permute(0, 1, 3, 2).reshape(G, q_g * kh * kw, p_g)
-    t = torch.matmul(a2, a1).reshape(G, q_g, kh * kw * m_g)           # (G, q_g, T m_g)
-    out = torch.matmul(w3.reshape(G, n // G, q_g), t)                 # (G, n_g, T m_g)
-    return out.reshape(n, kh, kw, m_g).permute(0, 3, 1, 2)
-
-
 def _collapse_flops_bytes(layers, elt):
+    from lopfast.ops.collapse_gemm import shape_class
+
     flops = nbytes = 0
     for w1, w2, w3, g in layers:
-        p_g, m_g = w1.shape[0] // g, w1.shape[1]
-        q_g, T = w2.shape[0] // g, w2.shape[2] * w2.shape[3]
-        n_g = w3.shape[0] // g
-        # T = W2.W1 and W3.T forward; dW3, dT, dW2, dW1 backward: 3 products of each size
-        flops += 3 * 2 * g * T * (q_g * p_g * m_g + n_g * q_g * m_g)
+        m_g, T = w1.shape[1], w2.shape[2] * w2.shape[3]
+        # 2 products forward, 4 backward, in the association order the backends choose
+        flops += shape_class(w1, w2, w3, g).flops
         factors = w1.numel() + w2.numel() + w3.numel()
         weff = w3.shape[0] * m_g * T
         nbytes += elt * (2 * factors + 2 * weff)  # factors read, their grads written; W_eff written, dW_eff read
@@ -242,6 +229,7 @@ COLLAPSE_VARIANTS = (["ours", "eager", "matmul", "triton", "folded"] + (["compil
 def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
     from lopfast.ops import collapse as op_collapse
     from lopfast.ops.collapse import collapse_many, reference_collapse
+    from lopfast.ops.collapse_gemm import matmul_many
 
     model, _, _ = build_net(net)
     torch.manual_seed(0)
@@ -261,7 +249,7 @@ def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
         from lopfast.fastpath import GraphedCollapse
 
         graphed = GraphedCollapse(layers)
-    fn = {"ours": collapse_many, "eager": eager, "matmul": lambda ls: [_folded_matmul(*layer) for layer in ls],
+    fn = {"ours": collapse_many, "eager": eager, "matmul": lambda ls: [matmul_many([layer], recompute=False)[0] for layer in ls],
           "compile": torch.compile(eager) if variant == "compile" else None,
           "triton": lambda ls: collapse_many(ls, backend="triton"),
           "folded": lambda ls: collapse_many(ls, backend="matmul"),

@@ -11,7 +11,6 @@ else bench/results/.
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import lopfast
+from lopfast import dispatch
 
 BENCH_SIZE = os.environ.get("LOPFAST_BENCH_SIZE", "full" if torch.cuda.is_available() else "small")
 if BENCH_SIZE not in ("full", "small", "tiny"):
@@ -36,14 +36,8 @@ def results_dir() -> Path:
 def machine_info() -> dict:
     """The machine a result was measured on."""
     cuda = torch.cuda.is_available()
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = None
     return dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                torch=torch.__version__, triton=tv, cuda=torch.version.cuda,
+                torch=torch.__version__, triton=lopfast.backend.triton_version(), cuda=torch.version.cuda,
                 gpu=torch.cuda.get_device_name() if cuda else None,
                 threads=None if cuda else torch.get_num_threads(), size=BENCH_SIZE)
 
@@ -52,26 +46,9 @@ def median_time(fn, device, *, rounds: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` (CUDA events on CUDA, perf_counter elsewhere), after ``warmup`` calls.
 
     For the table benchmarks, whose ratios are computed from medians measured the same way in
-    one run; pytest-benchmark still times every one of them as well."""
-    dev = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    times = []
-    for _ in range(rounds):
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    one run (and the same way the measured dispatch times its candidates); pytest-benchmark
+    still times every one of them as well."""
+    return dispatch.median_time(fn, device, rounds=rounds, warmup=warmup)
 
 
 _PEAKS: dict = {}

@@ -224,12 +224,14 @@ class CollapsePlan:
     bwd: List[int]
 
     def to(self, device) -> "CollapsePlan":
+        """The same plan with its problem tables on ``device``."""
         import dataclasses
 
         return dataclasses.replace(self, tables=self.tables.to(device))
 
     @property
     def sizes(self) -> List[int]:
+        """Elements of the packed factors, the packed output, the forward and backward workspaces."""
         return [self.x_numel, self.out_numel, self.ws_numel, self.gws_numel]
 
 

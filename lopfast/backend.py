@@ -93,6 +93,15 @@ def triton_available() -> bool:
     return HAS_TRITON
 
 
+def triton_version() -> Optional[str]:
+    """The installed triton's version, or None without triton (for reports and cache keys)."""
+    if not triton_available():
+        return None
+    import triton
+
+    return triton.__version__
+
+
 from lopfast._build_flags import CXX_FLAGS, NVCC_FLAGS  # noqa: E402  (one set for setup.py and the JIT build)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -150,7 +159,8 @@ def cuda_extension():
 def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
     """Decide which implementation of ``op`` runs for tensors on ``device``.
 
-    Returns ``"torch"``, ``"triton"`` or ``"cuda"``. An explicit request that cannot be
+    Returns ``"torch"``, ``"triton"``, ``"cuda"`` or a backend ``op`` registered (``register_backend``;
+    the op checks that one's availability). An explicit request that cannot be
     honoured raises a RuntimeError that says why, rather than silently falling back.
     """
     name = check_backend("auto" if backend is None else backend, op=op)

@@ -145,13 +145,15 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
 
 def _add_prune_parts(g, S) -> None:
     """--criterion / --allocation / --procedure / --method-options: they land in prune_options."""
-    g.add_argument("--criterion", dest="_prune_criterion", default=S,
-                   help="replace the preset's criterion: l1, l2, bn, taylor, hrank, thinet, lamp, fpgm, hessian, random")
-    g.add_argument("--allocation", dest="_prune_allocation", default=S,
-                   help="replace the preset's allocation: uniform, global, eagleeye, amc")
-    g.add_argument("--procedure", dest="_prune_procedure", default=S,
-                   help="replace the preset's procedure: none, admm, slimming, iterative")
-    g.add_argument("--method-options", dest="_prune_method_options", type=_json_object, default=S,
+    from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PROCEDURES  # the names lopfast.prune accepts
+
+    g.add_argument("--criterion", dest="_prune_criterion", metavar="NAME", default=S,
+                   help=f"replace the preset's criterion: {', '.join(CRITERIA)}")
+    g.add_argument("--allocation", dest="_prune_allocation", metavar="NAME", default=S,
+                   help=f"replace the preset's allocation: {', '.join(ALLOCATIONS)}")
+    g.add_argument("--procedure", dest="_prune_procedure", metavar="NAME", default=S,
+                   help=f"replace the preset's procedure: {', '.join(PROCEDURES)}")
+    g.add_argument("--method-options", dest="_prune_method_options", metavar="JSON", type=_json_object, default=S,
                    help='options of the pruning parts as JSON, e.g. \'{"episodes": 100, "budget": "flops"}\'')
 
 

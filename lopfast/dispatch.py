@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup"]
+__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup", "median_time"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -88,13 +88,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def _versions() -> str:
-    try:
-        import triton
+    from lopfast.backend import triton_version
 
-        tv = triton.__version__
-    except Exception:  # pragma: no cover - triton is optional
-        tv = "none"
-    return f"torch {torch.__version__}, triton {tv}"
+    return f"torch {torch.__version__}, triton {triton_version() or 'none'}"
 
 
 def _disk_key(op: str, key: Any, dev: str) -> str:
@@ -114,6 +110,16 @@ def _disk_enabled() -> bool:
     return os.environ.get(ENV_CACHE, "1") not in ("0", "off", "false", "no")
 
 
+def _read_entries(path) -> Dict[str, dict]:
+    """The entries of the cache file at ``path`` ({} for another file version); raises when the
+    file is missing or unreadable."""
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
+        return data["entries"]
+    return {}
+
+
 def _load_disk() -> None:
     path = str(cache_path())
     if _disk_loaded and _disk_loaded[0] == path:
@@ -121,10 +127,7 @@ def _load_disk() -> None:
     _disk.clear()
     _disk_loaded[:] = [path]
     try:
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
-            _disk.update(data["entries"])
+        _disk.update(_read_entries(path))
     except FileNotFoundError:
         pass
     except Exception as exc:  # a corrupt or foreign file: start afresh, rewrite it on the next choice
@@ -137,11 +140,8 @@ def _save_disk(skey: str, entry: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         entries: Dict[str, dict] = {}
         try:  # merge with what other processes wrote since we loaded
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") == FILE_VERSION and isinstance(data.get("entries"), dict):
-                entries.update(data["entries"])
-        except Exception:
+            entries.update(_read_entries(path))
+        except Exception:  # missing or corrupt: this write replaces it
             pass
         entries[skey] = entry
         fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".dispatch-", suffix=".json")
@@ -324,33 +324,37 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _sync(device: torch.device) -> None:
+def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
+                budget_s: Optional[float] = None) -> float:
+    """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
+    ``warmup`` untimed ones: CUDA events on CUDA (the queue is drained first, so a call measures
+    its own work), ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that
+    much time was spent (after at least two rounds). The dispatch and the benchmarks both time
+    with it, so their numbers compare."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time(run: _Runner, device: torch.device) -> float:
-    """Median seconds of one call of ``run`` after a warm-up (CUDA events on CUDA)."""
-    for _ in range(WARMUP):
-        run()
-    _sync(device)
     times: List[float] = []
     spent = 0.0
-    for _ in range(ITERS):
+    for _ in range(rounds):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            fn()
             end.record()
             end.synchronize()
             dt = start.elapsed_time(end) / 1e3
         else:
             t0 = time.perf_counter()
-            run()
+            fn()
             dt = time.perf_counter() - t0
         times.append(dt)
         spent += dt
-        if spent > BUDGET_S and len(times) >= 2:
+        if budget_s is not None and spent > budget_s and len(times) >= 2:
             break
     return statistics.median(times)
 
@@ -374,7 +378,7 @@ def _measure(op, key, device, candidates, reference, args) -> str:
                     if why is not None:
                         rejected[name] = why
                         continue
-                times[name] = _time(run, device)
+                times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S)
             except Exception as exc:  # a candidate that cannot run this call is not a choice
                 if name == reference:
                     raise

@@ -181,8 +181,9 @@ class CollapsedForward:
     each shape class on its measured fastest backend, the reference on CPU). ``cuda_graph``:
     replay the collapse forward and backward as CUDA graphs (module docstring; CUDA models
     with grad enabled only, else the eager collapse runs). The state dict and parameters of
-    ``model`` are unchanged: the factors are concatenated each step (see
-    ``lopfast.ops.collapse`` for why that copy is the chosen trade-off). Each forward of the
+    ``model`` are unchanged: the factors are packed into one buffer per step ("triton") or
+    stacked per shape class ("matmul"), copies of O(parameters) beside the collapse's
+    O(parameters x width) GEMMs. Each forward of the
     model recollapses, so calling it twice in a step (e.g. two crops) stays correct.
     """
 

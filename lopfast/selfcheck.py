@@ -280,6 +280,8 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
 
     Returns the report: ``{"ok": bool, "rows": [...], ...}``; ``ok`` is False when any row failed.
     """
+    from lopfast.backend import triton_version
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is 'cuda' but no CUDA device is available")
@@ -297,7 +299,7 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
         return dict(
             ok=complete and all(r["status"] != "FAIL" for r in rows), complete=complete, device=str(dev),
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            torch=torch.__version__, triton=_triton_version(),
+            torch=torch.__version__, triton=triton_version(),
             interpreter=dev.type == "cpu" and _interpreter_active(),
             big_shapes=big, seed=seed, seconds=round(time.perf_counter() - t_start, 2),
             error_measure="max|out-ref|/max|ref| vs float64 plain formulas; budget = 2 x plain PyTorch "
@@ -369,15 +371,6 @@ def format_table(report: dict) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:
-        return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

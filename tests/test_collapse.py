@@ -266,6 +266,11 @@ def test_bad_inputs(device):
     for backend in BACKENDS:
         with pytest.raises(ValueError, match="inconsistent"):
             lopfast.collapse_many([(w1, w2, w3, 3)], backend=backend)
+        # the layer that is wrong is named, and checked before any layer runs
+        with pytest.raises(ValueError, match="layer 1: inconsistent chain shapes for groups=0"):
+            lopfast.collapse_many([(w1, w2, w3, 2), (w1, w2, w3, 0)], backend=backend)
+        with pytest.raises(TypeError, match="layer 0: groups must be an int"):
+            lopfast.collapse_many([(w1, w2, w3, 2.0)], backend=backend)
         with pytest.raises(ValueError, match="share dtype"):
             lopfast.collapse_many([(w1, w2.double(), w3, 2)], backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):

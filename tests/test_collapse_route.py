@@ -156,11 +156,14 @@ def test_explicit_backend_takes_every_layer(fake_gpu, monkeypatch, backend):
 
 
 def test_fp64_triton_choice_runs_on_matmul(fake_gpu, monkeypatch):
-    """A class measured (or forced) to "triton" in fp64 runs the folded GEMMs on torch.matmul."""
+    """Triton forced in fp64 runs the folded GEMMs on torch.matmul: fp64 is never a Triton
+    candidate (no fp64 tl.dot on sm_90), so the forced name falls back to the static default."""
     monkeypatch.setenv("LOPFAST_DISPATCH", "triton")
-    monkeypatch.setattr(op, "_auto_candidates", lambda device, dtype: {"torch": None, "matmul": None, "triton": None})
+    monkeypatch.setattr(op, "resolve_backend", lambda *a: "triton")  # the static default on CUDA
     _, layers, _ = _layers(torch.float64)
-    assert op.route(layers) == {"matmul": [0, 1, 2, 3]}
+    assert "triton" not in op._auto_candidates(layers[0][0].device, torch.float64)
+    with pytest.warns(RuntimeWarning, match="not a backend of collapse"):
+        assert op.route(layers) == {"matmul": [0, 1, 2, 3]}
 
 
 def test_cpu_auto_is_the_reference_untimed(monkeypatch):
@@ -207,3 +210,16 @@ def test_matmul_keeps_only_the_intermediate():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(out_lean, out_plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_shape_class_is_memoised_by_shapes_and_still_checks():
+    from lopfast.ops.collapse_gemm import shape_class
+
+    w1, w2, w3 = torch.randn(12, 4, 1, 1), torch.randn(18, 6, 3, 3), torch.randn(8, 9, 1, 1)
+    c = shape_class(w1, w2, w3, 2)
+    assert (c.G, c.n, c.m, c.p, c.q, c.kh, c.kw) == (2, 4, 4, 6, 9, 3, 3)
+    assert shape_class(w1.clone(), w2.clone(), w3.clone(), 2) is c  # same shapes: the same object
+    for bad in (3, 0):  # errors are never cached
+        for _ in range(2):
+            with pytest.raises(ValueError, match=f"inconsistent chain shapes for groups={bad}"):
+                shape_class(w1, w2, w3, bad)

@@ -262,3 +262,28 @@ def test_measured_collapse_and_sp_loss_through_the_interpreter(fake_gpu):
     for op, names in (("collapse", {"torch", "matmul", "triton"}), ("sp_loss.loss", {"torch", "triton"})):
         assert set(by_op[op]["times_ms"]) == names, by_op[op]
         assert by_op[op]["rejected"] == {} and by_op[op]["backward"] is True
+
+
+def test_median_time_is_the_median_of_the_timed_rounds(monkeypatch):
+    # fake clock: each fn() call advances it by the next duration; warm-up calls are not timed
+    durations = iter([100.0, 100.0, 0.3, 0.1, 0.2, 9.0, 0.4])
+    now = [0.0]
+
+    def fn():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: now[0])
+    assert dispatch.median_time(fn, "cpu", rounds=5, warmup=2) == pytest.approx(0.3)
+    # the budget stops timing after two rounds once spent
+    durations = iter([1.0, 2.0, 3.0])
+    assert dispatch.median_time(fn, "cpu", rounds=3, warmup=0, budget_s=0.5) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="rounds"):
+        dispatch.median_time(fn, "cpu", rounds=0)
+
+
+def test_cache_key_names_the_installed_versions():
+    from lopfast.backend import triton_available, triton_version
+
+    v = triton_version()
+    assert (v is None) == (not triton_available())
+    assert dispatch._versions() == f"torch {torch.__version__}, triton {v or 'none'}"

@@ -354,3 +354,17 @@ def test_run_and_sweep_with_seeds(tmp_path, capsys):
     with open(tmp_path / "sweep" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 2 * 2  # targets x methods x seeds
     assert (tmp_path / "sweep" / "sweep.png").exists()
+
+
+def test_resolve_device_names_the_bad_device():
+    from lopfast.pipeline.config import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="device 'gpu0'"):
+        RunConfig(device="gpu0").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")

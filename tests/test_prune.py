@@ -354,3 +354,44 @@ def test_mlp_head_with_batchnorm1d_and_broken_trace():
     # torch-pruning mis-maps the flatten behind PReLU(1): refused rather than returned broken
     with pytest.raises(ValueError, match="no longer runs"):
         lopfast.prune(net(nn.PReLU()), x, target_removed=0.5)
+
+
+def test_search_units_and_predicted_fractions():
+    from lopfast.prune.engine import Engine, count_macs, output_layers
+    from lopfast.prune.importance import magnitude_importance
+
+    model = _net("resnet")
+    engine = Engine(model, X, output_layers(model, X))
+    pruned, _ = engine.prune(magnitude_importance(1), 0.5)
+    # the cost model's two predictions are those of the real pruned model
+    assert engine.predicted_fraction(0.5) == pytest.approx(engine.removed_fraction(pruned), abs=1e-12)
+    assert engine.predicted_macs_fraction(0.5) == pytest.approx(1 - count_macs(pruned, X) / count_macs(model, X),
+                                                               abs=0.02)
+    prune_at = lambda r: engine.prune(magnitude_importance(1), r)  # noqa: E731
+    with pytest.raises(ValueError, match="unit must be 'params' or 'macs', got 'flops'"):
+        engine.search(prune_at, 0.5, unit="flops")
+    with pytest.raises(ValueError, match="only .* of the MACs go"):
+        engine.search(prune_at, 0.9, hi=0.3, unit="macs")
+    with pytest.raises(ValueError, match="only .* of the parameters go"):
+        engine.search(prune_at, 0.9, hi=0.3)
+
+
+def test_inputs_and_data_are_checked_by_a_trial_forward():
+    model = _net("resnet")
+    model.train()
+    with pytest.raises(ValueError, match=r"example_inputs \(shape \(1, 5, 16, 16\)\) does not run through model"):
+        lopfast.prune(model, torch.randn(1, 5, 16, 16), method="l1", ratio=0.5)
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=[])
+    small = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"per-sample shape \(3, 8, 8\) but example_inputs has \(3, 16, 16\)"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=small)
+    short = [(torch.randn(4, 3, 16, 16), torch.zeros(3, dtype=torch.long))]
+    with pytest.raises(ValueError, match="targets have 3 entries for 4 inputs"):
+        lopfast.prune(model, X, method="taylor", ratio=0.5, data=short)
+    assert model.training  # the trial forwards restore the mode
+
+
+def test_flops_budget_needs_target_removed():
+    with pytest.raises(ValueError, match="budget='flops' needs target_removed"):
+        lopfast.prune(_net("resnet"), X, method="eagleeye", ratio=0.5, data=DATA, budget="flops")

@@ -45,3 +45,14 @@ def test_prune_command_with_a_combination(tmp_path, capsys):
                    "--teacher", str(path), "--target", "0.5", "--method-options", '{"episodes": 2}',
                    "--device", "cpu", "--out", str(tmp_path / "bad"), "--quiet"])
     assert rc == 2 and "allocation='amc'" in capsys.readouterr().err
+
+
+def test_help_lists_every_part_lopfast_prune_accepts(capsys):
+    from lopfast.cli import build_parser
+    from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PROCEDURES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, names in (("--criterion", CRITERIA), ("--allocation", ALLOCATIONS), ("--procedure", PROCEDURES)):
+        assert f"{flag} NAME replace the preset's {flag[2:]}: {', '.join(names)}" in text

@@ -105,3 +105,12 @@ def test_summary_statistics():
     assert d["mean"] == pytest.approx(1.75) and d["n"] == 2 and d["exceeds_spread"]
     md = format_summary(rows, paper={("ft", 0.9): 86.03, ("lop", 0.9): 87.97})
     assert "90.50 ± 0.71 (n=2) [paper 86.03]" in md and "+1.75 ± 0.35 (n=2, exceeds spread) [paper +1.94]" in md
+
+
+def test_bad_counts_fail_before_any_work(tmp_path):
+    from lopfast.pipeline.experiments import reproduce
+
+    for kw, what in (({"seeds": 0}, "seeds"), ({"seeds": True}, "seeds"), ({"parallel": 0}, "parallel")):
+        with pytest.raises(ValueError, match=f"{what} must be a positive int"):
+            reproduce("table1", budget="smoke", out=str(tmp_path), **kw)
+    assert not any(tmp_path.iterdir())

@@ -42,13 +42,14 @@ stacking copies + 1 layout copy per class):
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lopfast import dispatch as _dispatch
-from lopfast.backend import cuda_extension, is_auto, register_backend, resolve_backend
-from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many
+from lopfast.backend import cuda_extension, is_auto, op_backends, register_backend, resolve_backend
+from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many, shape_class
 
 # "matmul" exists for the collapse only: declared to the shared resolver, so backend="matmul"
 # and use_backend("matmul") reach it, and the measured dispatch may pick it.
@@ -69,27 +70,19 @@ def reference_collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, gro
     Differentiable; the contraction order is chosen by cost (it matters when n and m differ).
     Returns a tensor of shape (n, m_g, kh, kw) in the dtype of the inputs.
     """
-    G = groups
-    p, m_g = w1.shape[0], w1.shape[1]
-    q, p_g, kh, kw = w2.shape
-    n, q_g = w3.shape[0], w3.shape[1]
-    if p != G * p_g or q != G * q_g or n % G:
-        raise ValueError(
-            f"inconsistent chain shapes for groups={G}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
-            f"w3 {tuple(w3.shape)}"
-        )
-    n_g = n // G
+    # the same shape check and association rule as the folded GEMMs (collapse_gemm.ShapeClass)
+    c = shape_class(w1, w2, w3, groups)
+    G, n_g, m_g, p_g, q_g, kh, kw = c.G, c.n, c.m, c.p, c.q, c.kh, c.kw
     a1 = w1.reshape(G, p_g, m_g)
     a2 = w2.reshape(G, q_g, p_g, kh * kw)
     a3 = w3.reshape(G, n_g, q_g)
-    # (W3 W2) W1 costs n q p + n p m per tap, W3 (W2 W1) costs q p m + n q m.
-    if n_g * q_g * p_g + n_g * p_g * m_g <= q_g * p_g * m_g + n_g * q_g * m_g:
+    if c.left:  # (W3 W2) W1: n q p + n p m per tap, against W3 (W2 W1): q p m + n q m
         t = torch.einsum("gnq,gqpt->gnpt", a3, a2)
         out = torch.einsum("gnpt,gpm->gnmt", t, a1)
     else:
         t = torch.einsum("gqpt,gpm->gqmt", a2, a1)
         out = torch.einsum("gnq,gqmt->gnmt", a3, t)
-    return out.reshape(n, m_g, kh, kw)
+    return out.reshape(G * n_g, m_g, kh, kw)
 
 
 
@@ -241,10 +234,18 @@ def _check_layer(layer, i: int) -> Layer:
         raise ValueError(f"layer {i}: w1, w2, w3 must share dtype and device")
     if w1.shape[2:] != (1, 1) or w3.shape[2:] != (1, 1):
         raise ValueError(f"layer {i}: w1 and w3 must be 1x1 kernels, got {tuple(w1.shape)} and {tuple(w3.shape)}")
-    return w1, w2, w3, int(groups)
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"layer {i}: groups must be an int, got {groups!r}") from None
+    try:
+        shape_class(w1, w2, w3, groups)
+    except ValueError as exc:
+        raise ValueError(f"layer {i}: {exc}") from None
+    return w1, w2, w3, groups
 
 
-BACKENDS = ("auto", "torch", "matmul", "triton", "cuda")  # of the collapse (lopfast.backend.op_backends)
+BACKENDS = op_backends("collapse")  # every name backend= accepts here, "matmul" included
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
@@ -305,8 +306,6 @@ def route(layers: Sequence[Layer], backend: Optional[str] = None) -> Dict[str, L
         sub = [layers[i] for i in idx]
         name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(sub), device=device,
                                 candidates=cands, reference="torch", args=(sub,), static=static)
-        if name == "triton" and dtype == torch.float64:
-            name = "matmul"
         routes.setdefault(name, []).extend(idx)
     return {name: sorted(idx) for name, idx in routes.items()}
 
@@ -363,8 +362,8 @@ def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int =
     """Effective kernel W3.W2.W1 (per tap and group) of one expanded conv, differentiable.
 
     Same maths and shapes as ``reference_collapse``; ``backend`` picks the implementation
-    (None/"auto": on CUDA the measured choice of lopfast.dispatch where present, else Triton;
-    the reference on CPU).
+    (None/"auto": on CUDA the measured choice of lopfast.dispatch, with ``LOPFAST_DISPATCH=off``
+    Triton; the reference on CPU).
     """
     return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
 

@@ -91,8 +91,28 @@ class ShapeClass:
         return 2 * self.G * per_group
 
 
+_CLASSES: Dict[tuple, ShapeClass] = {}
+
+
 def shape_class(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int) -> ShapeClass:
-    """The ShapeClass of factors W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1)."""
+    """The ShapeClass of factors W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1);
+    a ValueError when the shapes do not chain for ``groups``.
+
+    Asked for every layer on every ``collapse_many`` call (validation, routing, bucketing):
+    memoised by the factor shapes, so a step pays a dict lookup per layer."""
+    key = (w1.shape, w2.shape, w3.shape, groups)
+    try:
+        c = _CLASSES.get(key)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
+        c = key = None
+    if c is None:
+        c = _shape_class(w1, w2, w3, groups)
+        if key is not None and len(_CLASSES) < 4096:
+            _CLASSES[key] = c
+    return c
+
+
+def _shape_class(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int) -> ShapeClass:
     G = int(groups)
     p, m_g = int(w1.shape[0]), int(w1.shape[1])
     q, p_g, kh, kw = (int(s) for s in w2.shape)

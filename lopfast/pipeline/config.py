@@ -24,7 +24,6 @@ METHODS = ("lop", "ft", "scratch", "expandnets", "distill", "lop-nokd")
 # which paper schedule each method uses
 METHOD_PRESET = {"lop": "finetune", "lop-nokd": "finetune", "ft": "finetune",
                  "scratch": "scratch", "expandnets": "scratch", "distill": "scratch"}
-DATA_PRUNE_METHODS = ("taylor", "hrank", "thinet", "eagleeye", "admm")
 EXPANDED_METHODS = ("lop", "lop-nokd", "expandnets")
 DISTILL_METHODS = ("lop", "distill")
 
@@ -147,7 +146,7 @@ class RunConfig:
         check_formats(self.export, "export format")
         if self.teacher is not None and not os.path.isfile(self.teacher):
             raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
-        _resolve_device(self.device)
+        resolve_device(self.device)
         return self
 
 
@@ -165,7 +164,9 @@ def _check_rate(v, name: str) -> float:
     return float(v)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a ``--device`` value: ``auto`` is CUDA when available, else CPU; a
+    malformed name, or CUDA on a machine without it, is a ValueError naming the device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -175,9 +176,6 @@ def _resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
     return dev
-
-
-resolve_device = _resolve_device
 
 
 # settings that do not change what earlier stages computed: a run directory may be reused with others

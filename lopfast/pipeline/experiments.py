@@ -216,13 +216,13 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     """
     from lopfast.pipeline.config import RunConfig, _check_fraction
     from lopfast.pipeline.report import format_summary, plot_sweep
+    from lopfast.pipeline.stages import seed_list
 
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} "
                          "(lopfast reproduce --list)")
     exp = EXPERIMENTS[name]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    seeds_run = seed_list(seed, seeds)  # checks seeds
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be a positive int, got {parallel!r}")
     if exp.needs_data_dir and budget != "smoke" and not data_dir:
@@ -239,8 +239,7 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     RunConfig.from_dict({**base, "target": max(targets)}).validate()  # every bad setting before any work
     exp_dir = os.path.join(out, f"{name}-{budget}")
     os.makedirs(exp_dir, exist_ok=True)
-    seed_list = [seed + i for i in range(seeds)]
-    units = [(s, t) for s in seed_list for t in targets]
+    units = [(s, t) for s in seeds_run for t in targets]
     cells = _cells(exp, targets, methods)
     t0 = time.time()
 
@@ -261,7 +260,7 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
         stand_in = budget == "smoke" and exp.dataset != "digits"
         header = (f"{exp.title}. Budget `{budget}`"
                   f"{' (digitsnet on digits: checks the machinery, not the paper)' if stand_in else ''}; "
-                  f"seeds {', '.join(map(str, seed_list))}; model {base['model']}, data {base['dataset']}, "
+                  f"seeds {', '.join(map(str, seeds_run))}; model {base['model']}, data {base['dataset']}, "
                   f"pruning {base['prune_method']}. Top-1 % as mean ± std (n), paper in brackets; "
                   "a − b is paired by seed ('exceeds spread': |mean| > std).")
         md = (format_summary(table_rows, cell=("target",), paper=paper, compare=compare, title=header)

@@ -43,26 +43,25 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-import lopfast
-from lopfast.io import ModelFileError
+from lopfast.io import ModelFileError, load, save
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline._api import MissingAPIError, require
 from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipeline.stages.RunConfig ...)
-    DATA_PRUNE_METHODS,
     DISTILL_METHODS,
     EXPANDED_METHODS,
     METHOD_PRESET,
     METHODS,
     RunConfig,
     _check_fraction,
-    _resolve_device,
     check_out_dir,
+    resolve_device,
 )
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
 from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, train
+from lopfast.surgery import contract, expand
 
 __all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
            "pretrain_stage", "prune_stage", "seed_list"]
@@ -90,7 +89,7 @@ def _save_stage_model(model: nn.Module, path: str, arch: str, arch_kwargs: dict,
     layers, raw ``nn.Parameter`` s) without pickle. ``meta``: extra plain metadata.
     """
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
-    lopfast.save(model, path, arch=arch, arch_kwargs=arch_kwargs, **meta)
+    save(model, path, arch=arch, arch_kwargs=arch_kwargs, **meta)
 
 
 def load_model_file(path: str) -> nn.Module:
@@ -101,7 +100,7 @@ def load_model_file(path: str) -> nn.Module:
     architecture name and a state dict only), which cannot rebuild every pruned layer.
     """
     try:
-        return lopfast.load(path, map_location="cpu")
+        return load(path, map_location="cpu")
     except ModelFileError:
         if _is_old_stage_file(path):
             stage = os.path.dirname(os.path.abspath(path))
@@ -321,8 +320,8 @@ def recover(method: str, cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, 
     base = copy.deepcopy(pruned).cpu()
     seed_gen = torch.Generator().manual_seed(cfg.seed)
     if method in ("lop", "lop-nokd"):
-        student = lopfast.expand(base, cfg.rate, linear=cfg.linear, linear_rate=cfg.linear_rate,
-                                 linear_depth=cfg.linear_depth, generator=seed_gen)
+        student = expand(base, cfg.rate, linear=cfg.linear, linear_rate=cfg.linear_rate,
+                         linear_depth=cfg.linear_depth, generator=seed_gen)
     elif method == "expandnets":
         student = fresh_expanded(reinitialize(base, cfg.seed), cfg.rate, cfg.linear, cfg.linear_rate,
                                  cfg.linear_depth, cfg.seed)
@@ -341,7 +340,7 @@ def recover(method: str, cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, 
     expanded_params = zoo.count_params(student)
     max_diff = None
     if method in EXPANDED_METHODS:
-        final = lopfast.contract(student)
+        final = contract(student)
         max_diff = verify_contraction(student, final, data, device)
         if not max_diff < 1e-3:
             raise RuntimeError(f"[{tag}] contracted model disagrees with the expanded one (rel. diff {max_diff:.2e})")
@@ -397,7 +396,7 @@ def save_final(model: nn.Module, path: str, cfg: RunConfig, data, **meta) -> Non
 def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     """Validate ``cfg`` and load its data (raises before any training)."""
     cfg.validate()
-    device = _resolve_device(cfg.device) if device is None else torch.device(device)
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
     if device.type == "cpu":
         # 8x8 digits batches are far too small to split across threads: extra threads only
         # add synchronisation, and on a busy machine spinning OpenMP workers cost 5-10x

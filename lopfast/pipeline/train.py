@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lopfast
+from lopfast.distill import SPDistiller
+from lopfast.fastpath import CollapsedForward
 from lopfast.layers import ExpandedConv2d
-from lopfast.pipeline._api import require
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate", "onednn_conv_guard", "preset", "train"]
 
@@ -338,7 +338,6 @@ def train(
 
     distiller = None
     if teacher is not None:
-        SPDistiller = require("SPDistiller", "SP distillation (methods lop, distill)")
         teacher.to(device).eval()
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
@@ -346,11 +345,9 @@ def train(
         distiller = SPDistiller(teacher, forward, layers=list(sp_layers) if sp_layers is not None else None,
                                 reduction=cfg.sp_reduction)
     fast = None
-    if device.type == "cuda" and getattr(lopfast, "CollapsedForward", None) is not None and any(
-        isinstance(m, ExpandedConv2d) for m in model.modules()
-    ):
+    if device.type == "cuda" and any(isinstance(m, ExpandedConv2d) for m in model.modules()):
         # one grouped collapse of every expanded conv per forward instead of one per layer
-        fast = lopfast.CollapsedForward(model)
+        fast = CollapsedForward(model)
     if cfg.compile:
         # compile the module in place: the distiller's hooks on inner layers keep working
         model.compile()

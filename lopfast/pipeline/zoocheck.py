@@ -2,7 +2,7 @@
 
 For each model (random weights, small inputs): prune about half the parameters (l1, channel
 ratio 0.3) -> expand every conv and linear -> one SP-distilled SGD step -> contract -> save ->
-``lopfast.load(path)`` with no ``model=`` -> identical outputs. :func:`check_model` runs it and
+``load(path)`` with no ``model=`` -> identical outputs. :func:`check_model` runs it and
 checks every step; :data:`ZOO` lists the models (smallest variant per family), and
 :func:`markdown_table` prints the covered-models table of the README.
 """
@@ -120,7 +120,10 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
     contraction, whether the reloaded model's outputs are bitwise identical, the distillation
     pairs and those left out, seconds). Raises AssertionError when a check fails.
     """
-    import lopfast
+    from lopfast.distill import SPDistiller
+    from lopfast.io import load, save
+    from lopfast.prune import prune
+    from lopfast.surgery import contract, expand
     from lopfast.pipeline.models import build_model, count_params
 
     t0 = time.perf_counter()
@@ -131,9 +134,9 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
     x = torch.randn(batch, 3, entry.size, entry.size, generator=gen)
     y = torch.arange(batch) % num_classes
     _calibrate_batchnorm(teacher, torch.randn(16, *x.shape[1:], generator=gen))
-    pruned, report = lopfast.prune(teacher, x, method="l1", ratio=ratio)
+    pruned, report = prune(teacher, x, method="l1", ratio=ratio)
     pruned.eval()
-    student = lopfast.expand(pruned, rate, linear=True, generator=torch.Generator().manual_seed(seed))
+    student = expand(pruned, rate, linear=True, generator=torch.Generator().manual_seed(seed))
     student.eval()
     with torch.no_grad():
         ref = _logits(pruned(x))
@@ -142,7 +145,7 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
 
     student.train()
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=lr)
-    with lopfast.SPDistiller(teacher, student) as distiller:
+    with SPDistiller(teacher, student) as distiller:
         out, sp = distiller(x)
         loss = F.cross_entropy(_logits(out), y) + sp
         assert torch.isfinite(loss), f"{entry.name}: non-finite loss {loss.item()}"
@@ -152,7 +155,7 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
         opt.step()
         pairs, dropped = len(distiller.layers), list(distiller.dropped)
     student.eval()
-    final = lopfast.contract(student).eval()
+    final = contract(student).eval()
     with torch.no_grad():
         expanded_out = _logits(student(x))
         final_out = _logits(final(x))
@@ -165,8 +168,8 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
     folder = tempfile.mkdtemp(prefix="lopfast-zoo-") if own_dir else workdir
     path = os.path.join(folder, entry.name.replace(":", "_") + ".pt")
     try:
-        lopfast.save(final, path, arch=entry.name, arch_kwargs=arch_kwargs)
-        loaded = lopfast.load(path).eval()
+        save(final, path, arch=entry.name, arch_kwargs=arch_kwargs)
+        loaded = load(path).eval()
     finally:
         if own_dir and os.path.exists(path):
             os.remove(path)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.prune.attention import channel_shuffle_blocks
-from lopfast.prune.engine import Engine, count_macs, count_params, output_layers
+from lopfast.prune.engine import Engine, _eval_forward, count_macs, count_params, output_layers
 from lopfast.prune.compose import (
     ALLOCATIONS,
     CRITERIA,
@@ -117,12 +117,6 @@ class _OnDevice:
                 yield type(batch)(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in batch)
             else:
                 yield batch.to(self.device) if isinstance(batch, torch.Tensor) else batch
-
-
-def _unpack(batch):
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError("data must yield (inputs, targets) batches")
 
 
 # ---------------------------------------------------------------------------- allocation
@@ -347,26 +341,17 @@ def _iterative(engine: Engine, crit_name, ratio, target, data, c_opts, p_opts, a
 
 def _trial_forward(model: nn.Module, example_inputs) -> None:
     """Run ``model`` once on ``example_inputs`` so a wrong shape is reported as such."""
-    from lopfast.prune.engine import _forward
-
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            _forward(model, example_inputs)
+        _eval_forward(model, example_inputs)
     except Exception as e:
         shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs).__name__
         raise ValueError(f"example_inputs (shape {shape}) does not run through model: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        model.train(was_training)
 
 
 def _check_data(model: nn.Module, example_inputs, data) -> None:
     """First batch of ``data``: (inputs, targets), same per-sample shape as ``example_inputs``,
     and a trial forward on two of its samples."""
-    from lopfast.prune.engine import _forward
-
     try:
         batch = next(iter(data))
     except StopIteration:
@@ -379,37 +364,25 @@ def _check_data(model: nn.Module, example_inputs, data) -> None:
         raise ValueError(f"data's inputs have per-sample shape {tuple(x.shape[1:])} but example_inputs has "
                          f"{tuple(example_inputs.shape[1:])}: give example_inputs the size of the data "
                          "(MACs are counted on it)")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = _forward(model, x[:2])
+        out = _eval_forward(model, x[:2])
     except Exception as e:
         raise ValueError(f"data's inputs (shape {tuple(x.shape)}) do not run through model: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    finally:
-        model.train(was_training)
     if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and y.shape[:1] != x.shape[:1]:
         raise ValueError(f"data's targets have {y.shape[0]} entries for {x.shape[0]} inputs")
 
 
 def _check_consistent(pruned: nn.Module, example_inputs, method: str) -> None:
     """Run the pruned model once: a dependency torch-pruning could not trace shows up here."""
-    from lopfast.prune.engine import _forward
-
-    was_training = pruned.training
-    pruned.eval()
     try:
-        with torch.no_grad():
-            _forward(pruned, example_inputs)
+        _eval_forward(pruned, example_inputs)
     except RuntimeError as e:
         raise ValueError(
             f"method={method!r}: the pruned model no longer runs ({str(e).splitlines()[0]}); torch-pruning "
             "mis-traced a channel dependency of this architecture (seen with a single-parameter PReLU "
             "before a flatten). Keep the layers around it with ignored=[...]"
         ) from e
-    finally:
-        pruned.train(was_training)
 
 
 def _width(m: nn.Module) -> int:

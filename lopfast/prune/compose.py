@@ -208,4 +208,5 @@ def split_options(options: Dict[str, Any], c: str, a: str, p: str) -> Tuple[dict
 
 
 def needs_data(c: str, a: str, p: str) -> bool:
+    """Whether criterion ``c``, allocation ``a`` or procedure ``p`` needs ``data`` (batches)."""
     return c in DATA_CRITERIA or a in DATA_ALLOCATIONS or p in DATA_PROCEDURES

@@ -45,6 +45,7 @@ class Criterion:
         self.extra: Dict[str, Any] = dict(extra or {})
 
     def prune(self, engine, ratios, source: Optional[nn.Module] = None):
+        """A pruned copy of ``source`` (default ``engine.base``) at ``ratios``, and its removal record."""
         return engine.prune(self.importance, ratios, source=source, prepare=self.prepare)
 
 
@@ -291,8 +292,28 @@ class _Stop(Exception):
 
 
 def _thinet_eligible(m: nn.Module) -> bool:
+    """Layers ThiNet and AMC sample: linear, and convs with groups=1 and explicit zero padding."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
                                         and not isinstance(m.padding, str))
+
+
+def _locations(module: nn.Module, x: torch.Tensor) -> int:
+    """Output locations per sample of ``module`` on input ``x`` (a linear's tokens, a conv's pixels)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1]).shape[1]
+    size = 1
+    for i in range(2):
+        k, s, p, d = module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
+        size *= (x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1
+    return size
+
+
+def _columns(module: nn.Module, x: torch.Tensor, img: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """(N, C_in * k) input patches of ``module`` at sampled (image, location) pairs."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])[img, loc]
+    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols[img, :, loc]
 
 
 def sampled_contributions(module: nn.Module, x: torch.Tensor, positions: int, gen: torch.Generator):
@@ -302,24 +323,13 @@ def sampled_contributions(module: nn.Module, x: torch.Tensor, positions: int, ge
     y = z.sum(0)."""
     w = module.weight.detach()
     x = x.detach()
-    if isinstance(module, nn.Linear):
-        seq = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, C): L = 1 for a plain (B, C) input
-        n = seq.shape[0] * positions
-        img = torch.arange(seq.shape[0]).repeat_interleave(positions).to(x.device)
-        loc = torch.randint(seq.shape[1], (n,), generator=gen).to(x.device)
-        o = torch.randint(w.shape[0], (n,), generator=gen).to(x.device)
-        z = (seq[img, loc] * w[o]).T  # (C_in, N)
-        return z.double().cpu(), z.sum(0).double().cpu()
-    b = x.shape[0]
-    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C*k, L)
-    c = module.in_channels
-    k = cols.shape[1] // c
-    L = cols.shape[2]
-    img = torch.arange(b).repeat_interleave(positions)
-    loc = torch.randint(L, (b * positions,), generator=gen)
-    o = torch.randint(w.shape[0], (b * positions,), generator=gen)
-    patches = cols[img.to(x.device), :, loc.to(x.device)].reshape(-1, c, k)  # (N, C, k)
-    z = torch.einsum("sck,sck->cs", patches, w.reshape(w.shape[0], c, k)[o.to(x.device)])
+    n = x.shape[0] * positions
+    img = torch.arange(x.shape[0]).repeat_interleave(positions)
+    loc = torch.randint(_locations(module, x), (n,), generator=gen)
+    o = torch.randint(w.shape[0], (n,), generator=gen)
+    c = w.shape[1]
+    patches = _columns(module, x, img.to(x.device), loc.to(x.device)).reshape(n, c, -1)  # (N, C, k)
+    z = torch.einsum("sck,sck->cs", patches, w.reshape(w.shape[0], c, -1)[o.to(x.device)])
     return z.double().cpu(), z.sum(0).double().cpu()
 
 
@@ -356,10 +366,13 @@ class ThiNetCriterion(Criterion):
         self.peak_sample_bytes = 0
 
     def prune(self, engine, ratios, source=None):
+        """As :meth:`Criterion.prune`, group by group on the partially pruned copy."""
         return engine.prune_sequential(self, ratios, source=source)
 
-    # called by Engine.prune_sequential
     def score(self, model: nn.Module, group) -> torch.Tensor:
+        """Per channel of ``group`` on ``model`` (pruned so far): its place in ThiNet's greedy
+        removal order scaled to (0, 1], lowest goes first; the fallback importance where no
+        consumer can be sampled (called by :meth:`Engine.prune_sequential`)."""
         consumers = [(item.dep.layer, item) for item in group
                      if _is_in_fn(item.dep.pruning_fn) and _thinet_eligible(item.dep.layer)
                      and all(r is not None for r in item.root_idxs)]

@@ -89,6 +89,17 @@ def _forward(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def _eval_forward(model: nn.Module, example_inputs):
+    """One no-grad forward of ``model`` in eval mode (BN statistics untouched; its mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _forward(model, example_inputs)
+    finally:
+        model.train(was_training)
+
+
 class Engine:
     """Prunes deep copies of ``base`` with torch-pruning at a uniform or per-layer ratio.
 
@@ -224,6 +235,7 @@ class Engine:
         return model, record
 
     def removed_fraction(self, model: nn.Module) -> float:
+        """Fraction of ``base``'s parameters that ``model`` no longer has."""
         return 1.0 - count_params(model) / self.params_before
 
     def cost_model(self, required: bool = False):
@@ -242,8 +254,8 @@ class Engine:
                 self._cost_model = None
         return self._cost_model
 
-    def predicted_fraction(self, ratios: RatioSpec) -> float:
-        """Removed parameter fraction of ``prune(..., ratios)`` from the cost model (local pruning).
+    def _predicted_cost(self, ratios: RatioSpec) -> Tuple[float, float]:
+        """(parameters, conv/linear MACs) of ``prune(..., ratios)`` from the cost model.
 
         torch-pruning takes each group's ratio from its root layer, capped to keep a channel.
         """
@@ -253,17 +265,15 @@ class Engine:
         for g in cm.groups:
             r = float(ratios.get(g["root"], 0.0)) if isinstance(ratios, dict) else float(ratios)
             per.append(min(max(r, 0.0), caps.get(g["root"], 0.0)))
-        return 1.0 - cm.cost(per)[0] / self.params_before
+        return cm.cost(per)
+
+    def predicted_fraction(self, ratios: RatioSpec) -> float:
+        """Removed parameter fraction of ``prune(..., ratios)`` from the cost model (local pruning)."""
+        return 1.0 - self._predicted_cost(ratios)[0] / self.params_before
 
     def predicted_macs_fraction(self, ratios: RatioSpec) -> float:
         """Removed conv/linear MAC fraction of ``prune(..., ratios)`` from the cost model."""
-        cm = self.cost_model(required=True)
-        caps = self._caps0()
-        per = []
-        for g in cm.groups:
-            r = float(ratios.get(g["root"], 0.0)) if isinstance(ratios, dict) else float(ratios)
-            per.append(min(max(r, 0.0), caps.get(g["root"], 0.0)))
-        return 1.0 - cm.cost(per)[1] / cm.macs0
+        return 1.0 - self._predicted_cost(ratios)[1] / self.cost_model(required=True).macs0
 
     def _caps0(self) -> Dict[str, float]:
         if not hasattr(self, "_caps"):
@@ -288,12 +298,13 @@ class Engine:
         the cost model (conv/linear MACs; local pruning only).
         Returns (model, record, ratios used).
         """
+        if unit not in ("params", "macs"):
+            raise ValueError(f"unit must be 'params' or 'macs', got {unit!r}")
         spec = spec or (lambda x: x)
-        self._unit = unit
         if unit == "macs":
             if self.global_pruning:
                 raise ValueError("a MACs budget needs a per-layer allocation, not global pruning")
-            ratios = self._search(self.predicted_macs_fraction, target, spec, hi, what)
+            ratios = self._search(self.predicted_macs_fraction, target, spec, hi, what, unit)
             model, rec = prune_at(ratios)
             return model, rec, ratios
         if not self.global_pruning and self.cost_model() is not None and self._model_state != "wrong":
@@ -325,7 +336,8 @@ class Engine:
         return model, rec, ratios
 
     def _search(self, measure: Callable[[RatioSpec], float], target: float, spec: Callable[[float], RatioSpec],
-                hi: float, what: str) -> RatioSpec:
+                hi: float, what: str, unit: str = "params") -> RatioSpec:
+        counted = "MACs" if unit == "macs" else "parameters"
         top_spec = spec(hi)
         top = measure(top_spec)
         if self.global_pruning and top < target - TOLERANCE:
@@ -344,7 +356,7 @@ class Engine:
         if top < target - TOLERANCE:
             raise ValueError(
                 f"target_removed={target:.4f} is more than this architecture can lose: with every prunable "
-                f"layer cut as far as allowed only {top:.4f} of the {self._unit_word()} go (the input channels, "
+                f"layer cut as far as allowed only {top:.4f} of the {counted} go (the input channels, "
                 f"the classifier outputs and the ignored layers {self.ignored} are kept)"
             )
         lo, best = 0.0, 0.0
@@ -397,13 +409,10 @@ class Engine:
                     if r_hi - r_lo < 1e-4:
                         break
         raise ValueError(
-            f"no {what} removes {target:.4f} of the {self._unit_word()} within {TOLERANCE}: removing a single "
+            f"no {what} removes {target:.4f} of the {counted} within {TOLERANCE}: removing a single "
             f"channel more jumps from below to above it (closest: {best:.4f}); the network is too small "
             f"for this precision"
         )
-
-    def _unit_word(self) -> str:
-        return "MACs" if getattr(self, "_unit", "params") == "macs" else "parameters"
 
     def _per_layer(self, ratios: RatioSpec) -> Dict[str, float]:
         if isinstance(ratios, dict):

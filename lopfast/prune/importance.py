@@ -170,6 +170,7 @@ class HRankImportance(PrecomputedImportance):
 
     @classmethod
     def from_data(cls, model: nn.Module, data: Iterable, *, batches: int = 5) -> "HRankImportance":
+        """Scores from the conv outputs of ``model`` over ``batches`` batches (:func:`hrank_scores`)."""
         return cls(out_scores=hrank_scores(model, data, batches=batches))
 
 

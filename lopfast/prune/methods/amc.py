@@ -50,6 +50,7 @@ class DDPG:
 
     @torch.no_grad()
     def act(self, state: torch.Tensor, sigma: float, lo: float, hi: float) -> float:
+        """The policy's action for ``state`` with truncated-normal exploration ``sigma`` on [lo, hi]."""
         mu = float(self.actor(state[None])[0, 0])
         # truncated normal on [lo, hi] around the policy's action, by rejection
         for _ in range(100):
@@ -59,11 +60,13 @@ class DDPG:
         return min(max(mu, lo), hi)
 
     def remember(self, s, a, r, s2, done) -> None:
+        """Store one transition in the replay buffer (oldest dropped beyond ``capacity``)."""
         self.memory.append((s, a, r, s2, done))
         if len(self.memory) > self.capacity:
             self.memory.pop(0)
 
     def update(self) -> None:
+        """One critic and actor step on a replay minibatch, then the soft target update."""
         if len(self.memory) < self.batch_size:
             return
         idx = torch.randint(len(self.memory), (self.batch_size,), generator=self.gen).tolist()

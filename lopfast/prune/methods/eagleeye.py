@@ -88,8 +88,7 @@ def eagleeye(engine, crit, ratio, target, data, o):
     evals = batches[n_cal:] or calib
     if target is None:
         ref, _ = crit.prune(engine, ratio)
-        target = engine.removed_fraction(ref)
-        unit = "params"
+        target = engine.removed_fraction(ref)  # a ratio comes with budget="params" (prune() refuses flops)
     caps = engine.caps(engine.base)
     names = engine.prunable
     gen = torch.Generator().manual_seed(int(o["seed"]))

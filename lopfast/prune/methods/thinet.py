@@ -6,30 +6,8 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-def _columns(module: nn.Module, x: torch.Tensor, img: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """(N, C_in * k) input patches of ``module`` at sampled (image, location) pairs."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])[img, loc]
-    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-    return cols[img, :, loc]
-
-
-def _locations(module: nn.Module, x: torch.Tensor) -> int:
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1]).shape[1]
-    size = 1
-    for i in range(2):
-        k, s, p, d = module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
-        size *= (x.shape[2 + i] + 2 * p - d * (k - 1) - 1) // s + 1
-    return size
-
-
-def _eligible(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
-                                        and not isinstance(m.padding, str))
+from lopfast.prune.criteria import _columns, _locations, _thinet_eligible
 
 
 @torch.no_grad()
@@ -41,7 +19,7 @@ def layer_features(original: nn.Module, xs: List[torch.Tensor], *, positions: in
     One forward pass per batch; the samples are reused by every reconstruction."""
     gen = torch.Generator().manual_seed(seed)
     feats: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
-    names = {m: n for n, m in original.named_modules() if _eligible(m)}
+    names = {m: n for n, m in original.named_modules() if _thinet_eligible(m)}
 
     def hook(module, inputs):
         x = inputs[0].detach()
@@ -81,7 +59,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, record: Dict[Tuple[str, 
     done = []
     for name, pm in pruned.named_modules():
         om = orig.get(name)
-        if not (_eligible(pm) and type(om) is type(pm)) or name not in features:
+        if not (_thinet_eligible(pm) and type(om) is type(pm)) or name not in features:
             continue
         if pm.weight.shape[1] == om.weight.shape[1] or (name, "in") not in record:
             continue
