@@ -244,8 +244,8 @@ def _interpreter_active() -> bool:
     return triton_interpreting()
 
 
-def _backends(op: str, device: torch.device) -> List[Tuple[str, Optional[str]]]:
-    """(backend, reason it cannot run here or None) for every backend of ``op``."""
+def _backends(op: str, device: torch.device, dtype: torch.dtype) -> List[Tuple[str, Optional[str]]]:
+    """(backend, reason it cannot run here or None) for every backend of ``op`` at ``dtype``."""
     from lopfast.backend import op_backends, resolve_backend
 
     base = "sp_loss" if op == "sp_loss" else "collapse"
@@ -260,6 +260,10 @@ def _backends(op: str, device: torch.device) -> List[Tuple[str, Optional[str]]]:
             why = str(exc)
         if why is None and name == "triton" and device.type == "cpu" and not _interpreter_active():
             why = "the Triton kernels were imported without TRITON_INTERPRET=1 (run `lopfast selfcheck`)"
+        if why is None and name == "triton" and base == "sp_loss" and dtype == torch.float64:
+            # by design: tl.dot has no fp64 form on the GPU, so sp_loss refuses an explicit
+            # backend="triton" for float64 and "auto" runs the float64 reference (the "torch" row)
+            why = "sp_loss never runs float64 on Triton (auto runs the float64 reference)"
         out.append((name, why))
     return out
 
@@ -318,7 +322,7 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
 
     for case in _cases(dev, [lookup[n] for n in names], big, seed):
         budgets = [2 * _err(b, r) + ATOL[case.compute_dtype()] for b, r in zip(case.base, case.ref)]
-        for backend, why in _backends(case.op, dev):
+        for backend, why in _backends(case.op, dev, case.dtype):
             row_base = dict(op=case.op, backend=backend, dtype=_DT[case.dtype])
             if why is not None:
                 for direction in ("fwd", "bwd"):
