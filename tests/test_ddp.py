@@ -44,7 +44,7 @@ def _run(rank, world, ckpt_dir, init_file, distill=False):
         if distill:
             teacher = NoBNNet().eval()
             model = lopfast.expand(model, 2.0, generator=torch.Generator().manual_seed(0))
-        cfg = TrainConfig(**CFG, sp_gamma=10.0 if distill else 0.0)
+        cfg = TrainConfig(**CFG, gamma=10.0 if distill else 0.0)
         res = train(model, data, cfg, teacher=teacher, checkpoint=os.path.join(ckpt_dir, "ck.pt"))
         torch.save({"state": model.state_dict(), "acc": res["final"]["acc"]}, os.path.join(ckpt_dir, f"out{rank}.pt"))
     finally:

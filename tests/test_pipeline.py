@@ -108,7 +108,7 @@ def _tiny_train(tmp_path, teacher=None, interrupt_after=None, resume=False, tag=
     if teacher is not None:
         model = lopfast.expand(model, 2.0, generator=torch.Generator().manual_seed(1))
     n, lr, ms = preset("finetune", 3)
-    cfg = TrainConfig(n, 0.05, ms, seed=5, sp_gamma=10.0)
+    cfg = TrainConfig(n, 0.05, ms, seed=5, gamma=10.0)
     ck = str(tmp_path / f"{tag}.pt")
 
     def stop(epoch, rec):

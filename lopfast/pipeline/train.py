@@ -66,7 +66,7 @@ class TrainConfig:
     channels_last: Optional[bool] = None  # None = on for CUDA
     compile: bool = False
     seed: int = 0
-    sp_gamma: float = 0.0
+    gamma: float = 0.0
     sp_reduction: str = "mean"  # SP loss over layer pairs: "mean" (gamma per pair) or "sum" (Eq. 11 literally)
     factor_weight_decay: Optional[float] = None  # weight decay of expanded factors (weight1..); None: weight_decay
     factor_lr_scale: float = 1.0  # LR multiplier of expanded factors
@@ -80,8 +80,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
-        if self.sp_gamma < 0:
-            raise ValueError(f"gamma (SP loss weight) must be >= 0, got {self.sp_gamma!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma (SP loss weight) must be >= 0, got {self.gamma!r}")
         if self.sp_reduction not in ("mean", "sum"):
             raise ValueError(f"sp_reduction must be 'mean' or 'sum', got {self.sp_reduction!r}")
         if self.factor_weight_decay is not None and not self.factor_weight_decay >= 0:
@@ -287,7 +287,7 @@ def train(
         cfg: :class:`TrainConfig`.
         device: training device.
         teacher: if given, similarity-preserving distillation from it
-            (``lopfast.SPDistiller``), loss = CE + ``cfg.sp_gamma`` * SP.
+            (``lopfast.SPDistiller``), loss = CE + ``cfg.gamma`` * SP.
         sp_layers: module names paired between teacher and student (None: every expanded
             layer of the student).
         checkpoint: path of the per-epoch checkpoint (rank 0 writes it).
@@ -370,7 +370,7 @@ def train(
                         logits, sp = forward(x), None
                 # scaled so the summed all-reduce equals the global-batch mean
                 loss = F.cross_entropy(logits.float(), y, reduction="sum") / gbs
-                total = loss if sp is None else loss + cfg.sp_gamma * frac * sp.float()
+                total = loss if sp is None else loss + cfg.gamma * frac * sp.float()
                 opt.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks; each rank's share is already local/global
                 (total * world if world > 1 else total).backward()
@@ -390,7 +390,7 @@ def train(
                 # written, so the last good checkpoint survives for a --resume with other settings
                 raise RuntimeError(
                     f"[{desc}] training diverged in epoch {epoch + 1}: the loss is NaN or infinite "
-                    f"(lr {cfg.lr}, SP weight gamma {cfg.sp_gamma}); lower --lr or --gamma, or set --clip-grad"
+                    f"(lr {cfg.lr}, SP weight gamma {cfg.gamma}); lower --lr or --gamma, or set --clip-grad"
                 )
             ev = evaluate(model, data.test, device, cfg.amp)
             nb = max(float(sums[2]), 1.0)
