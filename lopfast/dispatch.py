@@ -213,10 +213,10 @@ def choose(op: str, key: Any, device: torch.device, candidates: Mapping[str, Cal
     if not tunable(device):
         return reference
     default = _static(candidates, reference, static)
-    mode = os.environ.get(ENV_DISPATCH, "").strip().lower()
-    if mode in ("off", "0", "false", "no", "static"):
+    mode = _env_mode()
+    if mode in _MODES_OFF:
         return default
-    if mode not in ("", "on", "1", "auto", "measure"):
+    if mode not in _MODES_MEASURE:
         if mode in candidates:
             return mode
         _warn_once(f"force:{op}:{mode}",
@@ -232,6 +232,15 @@ def choose(op: str, key: Any, device: torch.device, candidates: Mapping[str, Cal
     return _measure(op, key, device, candidates, reference, args)
 
 
+_MODES_OFF = ("off", "0", "false", "no", "static")
+_MODES_MEASURE = ("", "on", "1", "auto", "measure")
+
+
+def _env_mode() -> str:
+    """``LOPFAST_DISPATCH`` normalised: one of _MODES_OFF, _MODES_MEASURE, or a backend name."""
+    return os.environ.get(ENV_DISPATCH, "").strip().lower()
+
+
 def _static(candidates, reference: str, static: Optional[str]) -> str:
     if static is not None and static in candidates:
         return static
@@ -245,8 +254,8 @@ def _compiled_choice(op: str, key: Any, device: torch.device, names: tuple, refe
     if not tunable(device):
         return reference
     default = _static(names, reference, static)
-    mode = os.environ.get(ENV_DISPATCH, "").strip().lower()
-    if mode in ("off", "0", "false", "no", "static"):
+    mode = _env_mode()
+    if mode in _MODES_OFF:
         return default
     if mode in names:
         return mode

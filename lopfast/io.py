@@ -51,13 +51,19 @@ def register_architecture(name: str, builder: Callable[..., nn.Module], *, overw
     Save with ``lopfast.save(model, path, arch=name, arch_kwargs={...})``. Re-registering a
     name raises ValueError unless ``overwrite=True``.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    _register(_ARCHITECTURES, "name", "architecture", name, builder, overwrite)
+
+
+def _register(table: Dict[str, Callable[..., nn.Module]], argname: str, what: str, key: str,
+              builder: Callable[..., nn.Module], overwrite: bool) -> None:
+    # one set of checks for the exact-name and the prefix registries
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"{argname} must be a non-empty str, got {key!r}")
     if not callable(builder):
         raise TypeError(f"builder must be callable, got {type(builder).__name__}")
-    if name in _ARCHITECTURES and not overwrite and _ARCHITECTURES[name] is not builder:
-        raise ValueError(f"architecture {name!r} is already registered; pass overwrite=True to replace it")
-    _ARCHITECTURES[name] = builder
+    if key in table and not overwrite and table[key] is not builder:
+        raise ValueError(f"{what} {key!r} is already registered; pass overwrite=True to replace it")
+    table[key] = builder
 
 
 def registered_architectures() -> Dict[str, Callable[..., nn.Module]]:
@@ -76,13 +82,7 @@ def register_architecture_prefix(prefix: str, builder: Callable[..., nn.Module],
     the whole name, prefix included. An exact name registered with :func:`register_architecture`
     wins over a prefix.
     """
-    if not isinstance(prefix, str) or not prefix:
-        raise TypeError(f"prefix must be a non-empty str, got {prefix!r}")
-    if not callable(builder):
-        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
-    if prefix in _PREFIXES and not overwrite and _PREFIXES[prefix] is not builder:
-        raise ValueError(f"architecture prefix {prefix!r} is already registered; pass overwrite=True to replace it")
-    _PREFIXES[prefix] = builder
+    _register(_PREFIXES, "prefix", "architecture prefix", prefix, builder, overwrite)
 
 
 # ---------------------------------------------------------------------------- layer specs
