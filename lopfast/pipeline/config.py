@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -25,7 +24,6 @@ from lopfast.checks import (
     check_str_list,
     closest,
 )
-
 from lopfast.distill.loss import DEFAULT_GAMMA
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline.data import check_dataset_name
@@ -118,7 +116,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             check = SETTING_CHECKS.get(f.name) or _check_from_annotation(f)
             value = check(getattr(self, f.name), f.name)
-            object.__setattr__(self, f.name, value)
+            setattr(self, f.name, value)
         _check_together(self)
         return self
 
