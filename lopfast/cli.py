@@ -5,7 +5,9 @@ config.json (enough to rerun with ``--config``), log.txt, checkpoints, results.j
 Settings are layered: built-in defaults < the command's defaults (e.g. the demo's) <
 ``--config FILE`` (a JSON object of setting names, as in config.json) < explicit flags.
 Multi-process training: ``torchrun --nproc_per_node N -m lopfast.cli run ...`` (NCCL on GPU,
-gloo on CPU).
+gloo on CPU). Every argument is checked before the first stage starts (see "argument checks"
+below); errors are one line naming the flag, exit status 2 (1 for a run that diverged or could
+not write).
 
 Examples::
 
@@ -80,7 +82,8 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--out", default=S, help="output directory (default: runs/<command>-<timestamp>)")
     g.add_argument("--config", default=S, help="JSON file of settings (keys as in config.json); flags override it")
     g.add_argument("--resume", action="store_true", default=S,
-                   help="continue an interrupted run in --out: finished stages are loaded, the running one resumes")
+                   help="continue an interrupted run in --out: finished stages are loaded, the running one resumes "
+                        "(an --out that holds no run is refused, not started afresh)")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
     g.add_argument("--threads", type=int, default=S, help="CPU threads (default: 1 for digits, torch's default otherwise)")
@@ -158,6 +161,8 @@ def _add_prune_parts(g, S) -> None:
 
 
 def _merge_prune_parts(settings: dict) -> None:
+    if not isinstance(settings.get("prune_options") or {}, dict):
+        return  # RunConfig.validate() names it
     opts = dict(settings.get("prune_options") or {})
     opts.update(settings.pop("_prune_method_options", None) or {})
     for part in ("criterion", "allocation", "procedure"):
@@ -257,8 +262,6 @@ def _reproduce(args) -> int:
     if args.list:
         print(format_registry())
         return 0
-    if not args.experiment:
-        raise ValueError("name an experiment (lopfast reproduce --list shows them)")
     res = reproduce(args.experiment, budget=args.budget, seeds=args.seeds, seed=args.seed, out=args.out,
                     data_dir=args.data_dir, device=args.device, teacher=args.teacher, targets=args.targets,
                     methods=args.methods, parallel=args.parallel, quiet=args.quiet)
@@ -286,7 +289,31 @@ def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
         if k not in ("command", "config", "out", "resume", "quiet"):
             settings[k] = v
     _merge_prune_parts(settings)
+    if "model" not in settings and isinstance(settings.get("teacher"), str):
+        _model_from_teacher(settings, args)
     return settings
+
+
+def _model_from_teacher(settings: dict, args) -> None:
+    """--teacher without --model: the run is of the teacher's architecture (and records it so)."""
+    from lopfast.io import read
+
+    if not os.path.isfile(settings["teacher"]):
+        return  # validation names it
+    try:
+        meta = read(settings["teacher"], map_location="cpu")["metadata"]
+    except Exception:  # unreadable: validation reports it, naming the file
+        return
+    arch, kw = meta.get("arch"), meta.get("arch_kwargs")
+    if not isinstance(arch, str):
+        return
+    settings["model"] = arch
+    extra = {k: v for k, v in (kw or {}).items() if k not in ("in_channels", "num_classes")}
+    if extra and "model_kwargs" not in settings:
+        settings["model_kwargs"] = extra
+    if not getattr(args, "quiet", False):
+        print(f"lopfast {args.command}: --model not given: using the teacher's architecture, {arch}"
+              + (f" {extra}" if extra else ""), file=sys.stderr)
 
 
 def _init_distributed():
@@ -308,21 +335,47 @@ def _init_distributed():
 
 def _out_dir(args, command: str) -> str:
     out = getattr(args, "out", None)
-    if out:
+    if out is not None:
         return out
-    return os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # a fresh folder: two runs started in the same second must not share (and refuse or clobber) one
+    base = os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, i = base, 2
+    while os.path.exists(out):
+        out, i = f"{base}-{i}", i + 1
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lopfast`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from lopfast.checks import InvalidArgument, TrainingDiverged
+
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # one line a user can read, not the source line that raised it
+        print(f"lopfast {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return _dispatch(args)
+    except InvalidArgument as exc:
+        # name the flag that set the value (a --config file's key is the flag's setting)
+        flag = _flag_names(parser, args.command).get(exc.name, exc.name)
+        print(f"lopfast {args.command}: error: {exc.message(flag)}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         # bad input: a one-line message saying what to change, no traceback
         print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a folder without write permission: no traceback either
+        print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         from lopfast.pipeline._api import MissingAPIError
 
@@ -335,11 +388,143 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+# --------------------------------------------------------------------------- argument checks
+# Every subcommand's arguments are checked by one function before any of its work starts (data
+# read, model built, stage run). The pipeline commands share _check_pipeline_args: the settings go
+# through RunConfig.validate() (one declarative check per setting, lopfast.pipeline.config.
+# SETTING_CHECKS), the run folder and --resume are checked here, and stages.prepare() checks
+# what needs the data (the teacher file against --model and the data set, --sp-layers against
+# the model). A new flag plugs in as a RunConfig field + its SETTING_CHECKS entry (pipeline
+# commands), or as a line in its command's _check_<command>_args below (the others). Errors are
+# lopfast.checks.InvalidArgument: main() prints them naming the flag.
+PIPELINE_COMMANDS = ("demo", "pretrain", "prune", "run", "sweep")
+
+
+def _check_pipeline_args(args) -> argparse.Namespace:
+    """Everything a pipeline command is given, checked; returns the plan (cfg, out, resume, ...)."""
+    from lopfast.checks import InvalidArgument, check_int
+    from lopfast.pipeline import stages
+    from lopfast.pipeline.config import check_out_dir, check_out_path, has_run
+    from lopfast.pipeline.stages import RunConfig
+
+    defaults = DEMO_DEFAULTS if args.command == "demo" else {}
+    settings = _settings(args, defaults)
+    targets = settings.pop("targets", None)
+    seeds = check_int(settings.pop("seeds", 1), "seeds", min=1)
+    cfg = RunConfig.from_dict(settings).validate()
+    if args.command == "sweep":
+        targets = stages.check_targets([0.5, 0.7, 0.9] if targets is None else targets)
+    elif targets is not None:  # e.g. `lopfast run --config <a sweep's config.json>`
+        raise ValueError(f"targets {targets} (from --config) is a setting of `lopfast sweep`; `lopfast "
+                         f"{args.command}` prunes to --target: use `lopfast sweep`, or drop targets from the file")
+    if args.command == "prune" and not cfg.teacher:
+        raise ValueError("lopfast prune needs --teacher PATH (the model.pt written by `lopfast pretrain`)")
+    resume = bool(getattr(args, "resume", False))
+    if resume and getattr(args, "out", None) is None:
+        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
+    out = check_out_path(_out_dir(args, args.command))
+    if resume and not os.path.isdir(out):
+        raise ValueError(f"--resume needs --out pointing at an existing run directory; {out!r} does not exist")
+    if resume and not has_run(out):
+        # refused, not a silent fresh start: a mistyped folder would cost a whole run
+        raise InvalidArgument("out", out, "the folder of a run to continue (with its config.json)",
+                              "it holds no run; drop --resume to start a new run there")
+    if args.command != "sweep":  # a sweep's folder records its largest target: checked by run_sweep
+        check_out_dir(cfg, out)
+    _check_can_create(out)
+    return argparse.Namespace(cfg=cfg, out=out, resume=resume, quiet=bool(getattr(args, "quiet", False)),
+                              targets=targets, seeds=seeds)
+
+
+def _check_can_create(out: str) -> None:
+    """Make (and remove again) the folders ``out`` needs, so a path that cannot be written is
+    refused now, not after the first stage."""
+    from lopfast.checks import InvalidArgument
+
+    missing, p = [], os.path.abspath(out)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgument("out", out, "a directory lopfast can create", exc.strerror or str(exc)) from None
+    finally:
+        for d in missing:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def _check_export_args(args) -> None:
+    from lopfast.checks import InvalidArgument
+    from lopfast.pipeline.config import check_out_path
+    from lopfast.pipeline.export import check_formats
+
+    if not os.path.isfile(args.model_path):
+        what = "is not a regular file" if os.path.exists(args.model_path) else "does not exist"
+        raise ValueError(f"model file {args.model_path!r} {what}")
+    if not check_formats(args.format, "--format"):
+        raise InvalidArgument("format", args.format, "one or more of pt2, onnx, torchscript")
+    if args.input_shape is not None and (len(args.input_shape) != 3 or min(args.input_shape) < 1):
+        raise InvalidArgument("input_shape", args.input_shape, "C,H,W: three positive ints")
+    if args.out is not None:
+        check_out_path(args.out)
+
+
+def _check_reproduce_args(args) -> None:
+    from lopfast.checks import check_int
+    from lopfast.pipeline.config import check_out_path
+
+    if args.list:
+        return
+    if not args.experiment:
+        raise ValueError("name an experiment (lopfast reproduce --list shows them)")
+    check_int(args.seeds, "seeds", min=1)
+    check_int(args.seed, "seed", min=0, max=2**32 - 1)
+    check_int(args.parallel, "parallel", min=1)
+    check_out_path(args.out)
+
+
+def _check_zoo_args(args) -> None:
+    from lopfast.pipeline.zoocheck import ZOO
+
+    known = [e.name for e in ZOO]
+    unknown = [n for n in args.models if n not in known]
+    if unknown:
+        raise ValueError(f"models {unknown} are not in the zoo list; choose from {', '.join(known)}")
+
+
+#: the check of each subcommand that is not a pipeline command (those share _check_pipeline_args)
+ARG_CHECKS = {"export": _check_export_args, "reproduce": _check_reproduce_args, "zoo": _check_zoo_args,
+              "selfcheck": lambda args: None}
+
+
+def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict:
+    """{setting or argument name: its flag} for ``command`` (``momentum`` -> ``--momentum``)."""
+    names = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            for a in action.choices[command]._actions:
+                longs = [o for o in a.option_strings if o.startswith("--")]
+                if not longs:
+                    continue
+                dest = a.dest
+                if dest.startswith("_prune_"):
+                    dest = dest[len("_prune_"):]
+                    if dest == "method_options":
+                        names["prune_options"] = longs[0]
+                names[dest] = longs[0]
+    return names
+
+
 def _dispatch(args) -> int:
+    if args.command in ARG_CHECKS:
+        ARG_CHECKS[args.command](args)
     if args.command == "selfcheck":
         return _selfcheck(args)
     from lopfast.pipeline import stages
-    from lopfast.pipeline.stages import RunConfig
 
     if args.command == "export":
         return _export(args)
@@ -347,36 +532,20 @@ def _dispatch(args) -> int:
         return _reproduce(args)
     if args.command == "zoo":
         return _zoo(args)
-    defaults = DEMO_DEFAULTS if args.command == "demo" else {}
-    settings = _settings(args, defaults)
-    targets = settings.pop("targets", None)
-    seeds = settings.pop("seeds", 1)
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"--seeds must be a positive int, got {seeds!r}")
-    cfg = RunConfig.from_dict(settings)
-    resume = bool(getattr(args, "resume", False))
-    quiet = bool(getattr(args, "quiet", False))
-    out = _out_dir(args, args.command)
-    if resume and not os.path.isdir(out):
-        raise ValueError(f"--resume needs --out pointing at an existing run directory; {out!r} does not exist")
+    plan = _check_pipeline_args(args)
+    cfg, out, resume, quiet, targets, seeds = plan.cfg, plan.out, plan.resume, plan.quiet, plan.targets, plan.seeds
     if args.command == "sweep":
-        targets = targets or [0.5, 0.7, 0.9]
-        cfg.validate()
         dev = _init_distributed()
         rows = stages.run_sweep(cfg, targets, out, resume=resume, quiet=quiet, seeds=seeds)
         if _rank0():
             print(_sweep_table(rows))
             print(f"\nwrote {os.path.join(out, 'sweep.csv')} and sweep.png")
         return 0
-    cfg.validate()
     dev = _init_distributed()
     from lopfast.pipeline.train import dist_info
 
     rank, world = dist_info()
-    if args.command == "prune" and not cfg.teacher:
-        raise ValueError("lopfast prune needs --teacher PATH (the model.pt written by `lopfast pretrain`)")
     data, device = stages.prepare(cfg, dev, rank, world)
-    stages.check_out_dir(cfg, out)
     os.makedirs(out, exist_ok=True)
     log = stages.RunLog(out, quiet)
     stages._write_json(os.path.join(out, "config.json"), cfg.to_dict())
@@ -457,20 +626,25 @@ def _export(args) -> int:
     from lopfast.pipeline import stages
     from lopfast.pipeline.export import check_formats
 
-    if not os.path.isfile(args.model_path):
-        raise ValueError(f"model file {args.model_path!r} does not exist")
-    check_formats(args.format, "--format")
+    from lopfast.checks import InvalidArgument
+
+    formats = check_formats(args.format, "--format")
     model, meta = _load_any(args.model_path)
     shape = args.input_shape or _SHAPES.get(meta.get("dataset", ""), None)
     if shape is None:
         raise ValueError("cannot tell the input shape of this model; pass --input-shape C,H,W")
-    if len(shape) != 3:
-        raise ValueError(f"--input-shape must be C,H,W, got {shape}")
+    example = torch.randn(1, *shape)
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:  # before any file is written
+        raise InvalidArgument("input_shape", list(shape), "the C,H,W of one input of this model",
+                              f"it does not run on it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                              ) from None
     out = args.out or os.path.dirname(os.path.abspath(args.model_path))
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, os.path.splitext(os.path.basename(args.model_path))[0])
-    example = torch.randn(1, *shape)
-    for f in args.format:
+    for f in formats:
         stages.export_model(model, stem, f, example)
     return 0
 
@@ -481,9 +655,6 @@ def _zoo(args) -> int:
     from lopfast.pipeline.zoocheck import ZOO, check_model, markdown_table
 
     known = {e.name: e for e in ZOO}
-    unknown = [n for n in args.models if n not in known]
-    if unknown:
-        raise ValueError(f"models {unknown} are not in the zoo list; choose from {', '.join(known)}")
     entries = [known[n] for n in args.models] if args.models else [e for e in ZOO if args.all or not e.heavy]
     results, skipped = [], {}
     for e in entries:

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
+import stat
+import zipfile
 from collections import OrderedDict
-import tempfile
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from lopfast.checks import InvalidArgument, InvalidArgumentType, check_bool, nonfinite
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 
 FORMAT = "lopfast-model"
@@ -320,7 +323,11 @@ def save(model: nn.Module, path: PathLike, **metadata) -> None:
 
     ``metadata`` must be plain data; ``arch`` (str) and ``arch_kwargs`` (dict) name a
     builder registered with :func:`register_architecture` so that ``load(path)`` can rebuild
-    the model by itself. The file is written atomically (temporary file, then rename).
+    the model by itself. The file is written atomically (temporary file, then rename), as
+    ``torch.save`` users expect: an existing file keeps its permission bits, a new one gets
+    the umask's (0644 under the usual 022), and a symlink is written through (its target is
+    replaced, the link stays). Errors name ``path``, never the temporary file; a failed save
+    leaves an existing file untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -347,15 +354,37 @@ def save(model: nn.Module, path: PathLike, **metadata) -> None:
         "metadata": dict(metadata),
     }
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lopfast-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    _write_atomic(payload, path)
+
+
+def _write_atomic(payload, path: str) -> None:
+    """torch.save to a temporary file beside the target, then os.replace it into place."""
+    # write through symlinks (torch.save does): the link stays, its target gets the new file
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.isdir(target):
+        raise InvalidArgument("path", path, "a file path, not a directory")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(2, f"no such directory {folder!r} to save the model in", path)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = None  # a new file: os.open's 0o666 minus the umask, as open() gives
+    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, f"cannot write model file: {e.strerror}", path) from None
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
+            raise OSError(f"cannot write model file {path!r}: {_first_line(e)}") from e
         raise
 
 
@@ -366,6 +395,21 @@ def read(path: PathLike, map_location=None) -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such model file: {path!r}")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a directory, not a model file")
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise ModelFileError(f"{path}: not a regular file")
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise InvalidArgument("map_location", map_location, "a torch device ('cpu', 'cuda:0', ...), "
+                                  "a torch.device, a dict or a callable, as for torch.load") from None
+    if not zipfile.is_zipfile(path):
+        # lopfast.save always writes torch's zip format: anything else is not one of its files
+        # (and torch.load would misreport random bytes as "pickled objects")
+        raise ModelFileError(f"{path}: not a lopfast model file (not the zip archive lopfast.save and torch.save "
+                             "write: empty, truncated, or another kind of file)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -411,7 +455,8 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -> nn.Module:
+def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None, *,
+         allow_nonfinite: bool = False) -> nn.Module:
     """Load a model saved by :func:`save`.
 
     Args:
@@ -422,13 +467,26 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None) -
             built with the registered builder (``arch_kwargs``): a zoo name, ``tv:<name>``,
             ``timm:<name>`` or a name registered with :func:`register_architecture`.
         map_location: as for ``torch.load`` (``None`` keeps the saved devices).
+        allow_nonfinite: load weights that hold NaN / inf (refused by default: a diverged run
+            or a damaged file; pass True to inspect one).
 
     Raises ModelFileError (a ValueError naming the path) for corrupt, truncated or
-    pickle-carrying files and for files that do not fit ``model``. The saved metadata is
+    pickle-carrying files, for stored weights with NaN / inf (unless ``allow_nonfinite``)
+    and for files that do not fit ``model``. The saved metadata is
     ``lopfast.io.read(path)["metadata"]``.
     """
+    check_bool(allow_nonfinite, "allow_nonfinite")
+    if model is not None and not isinstance(model, nn.Module):
+        raise InvalidArgumentType("model", model, "an nn.Module (a freshly built original) or None")
     payload = read(path, map_location=map_location)
     path = os.fspath(path)
+    if not allow_nonfinite:
+        bad = nonfinite(payload["state_dict"].items())
+        if bad:
+            raise ModelFileError(f"{path}: the stored weights hold NaN or infinite values (in "
+                                 f"{', '.join(bad[:5])}{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}): a "
+                                 "diverged run or a damaged file; lopfast.load(path, allow_nonfinite=True) loads "
+                                 "it anyway (to inspect it)")
     meta = payload["metadata"]
     if model is None:
         model = _build_from_metadata(path, meta)

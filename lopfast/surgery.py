@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from lopfast.checks import InvalidArgument, check_bool, check_finite_tensors, check_module, closest
 from lopfast.layers.conv import ExpandedConv2d
-from lopfast.layers.decompose import check_rate
+from lopfast.layers.decompose import check_generator, check_init, check_rate
 from lopfast.layers.linear import ExpandedLinear, _check_depth
 
 SkipSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
-def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
+def _skip_predicate(skip: SkipSpec, model: nn.Module) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
     if callable(skip):
@@ -30,6 +32,15 @@ def _skip_predicate(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
         ) from None
     if not all(isinstance(n, str) for n in names):
         raise TypeError("skip must contain module names (str)")
+    # a name that matches nothing is a typo or a model other than the one meant: skipping
+    # nothing silently would expand (and train) the very layer the caller wanted left alone
+    existing = [n for n, _ in model.named_modules() if n]
+    unknown = sorted(n for n in names if n not in set(existing))
+    if unknown:
+        near = {n: closest(n, existing) for n in unknown}
+        hint = "; ".join(f"{n!r}: did you mean {c!r}?" for n, c in near.items() if c)
+        raise InvalidArgument("skip", unknown, f"names of submodules of the model (e.g. {existing[:6]})",
+                              hint or "names are module paths as in model.named_modules()")
     # a skipped name also protects everything below it
     return lambda name, module: any(name == n or name.startswith(n + ".") for n in names)
 
@@ -75,28 +86,42 @@ def expand(
         linear: also expand every ``nn.Linear`` (paper Eq. 4-5).
         linear_rate: rate of the linear chains (default: ``rate``).
         linear_depth: 2 or 3 layers per expanded linear.
-        skip: module names (a name skips its whole subtree) or a predicate
-            ``(name, module) -> bool`` for layers to leave alone.
+        skip: module names (a name skips its whole subtree; a name that is no submodule of
+            ``model`` is an error) or a predicate ``(name, module) -> bool`` for layers to
+            leave alone.
         inplace: modify ``model`` itself instead of a deep copy.
         init: ``"orthogonal"`` or ``"normal"`` random outer factors.
         generator: CPU ``torch.Generator`` for a reproducible draw.
 
     Returns the expanded model (a copy unless ``inplace``). Other layer types (ConvTranspose,
-    Conv1d/3d, already expanded layers, BatchNorm, ...) are left as they are.
+    Conv1d/3d, already expanded layers, BatchNorm, ...) are left as they are; a model with
+    nothing to expand is returned unchanged with a warning. A layer to expand whose weight or
+    bias holds NaN / inf is refused (ValueError naming it) before any layer is replaced.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
     rate = check_rate(rate)
     linear_rate = rate if linear_rate is None else check_rate(linear_rate, "linear_rate")
     linear_depth = _check_depth(linear_depth)
-    skipped = _skip_predicate(skip)
-    if not inplace:
-        model = copy.deepcopy(model)
+    check_bool(linear, "linear")
+    check_bool(inplace, "inplace")
+    check_init(init)
+    check_generator(generator)
+    skipped = _skip_predicate(skip, model)
     targets = [
-        (name, m)
+        name
         for name, m in model.named_modules()
         if (_is_plain_conv(m) or (linear and _is_plain_linear(m))) and not skipped(name, m)
     ]
+    # every layer is checked before any is replaced: an error must not leave an inplace model half expanded
+    check_finite_tensors([(f"{name}.{p}".lstrip("."), t) for name in targets
+                          for p, t in model.get_submodule(name).named_parameters(recurse=False)],
+                         "model", "a layer with NaN or inf weights cannot be expanded exactly")
+    if not targets and not any(True for _ in expanded_modules(model)):
+        warnings.warn(f"expand: the {type(model).__name__} has no nn.Conv2d" + (" or nn.Linear" if linear else "")
+                      + " to expand (or all are skipped); it is returned unchanged", stacklevel=2)
+    if not inplace:
+        model = copy.deepcopy(model)
+    targets = [(name, model.get_submodule(name)) for name in targets]
     for name, m in targets:
         if isinstance(m, nn.Conv2d):
             new: nn.Module = ExpandedConv2d.from_conv(m, rate, init=init, generator=generator)
@@ -112,8 +137,8 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     The result contains only standard PyTorch layers: its ``state_dict()`` loads with
     ``strict=True`` into the original, never-expanded architecture.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
+    check_bool(inplace, "inplace")
     if not inplace:
         model = copy.deepcopy(model)
     for name, m in expanded_modules(model):
@@ -123,6 +148,7 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def set_mode(model: nn.Module, mode: str) -> nn.Module:
     """Set ``mode`` ("collapsed" or "chain") on every expanded layer of ``model``; returns ``model``."""
+    check_module(model, "model")
     for _, m in expanded_modules(model):
         m.mode = mode
     return model

@@ -21,13 +21,14 @@ With DistributedDataParallel pass the wrapper as ``student``: hooks go on the in
 ``student_forward=fn`` replaces the call (``fn(*args, **kwargs)`` must run the hooked modules).
 """
 import warnings
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from lopfast.backend import check_backend
-from lopfast.distill.pairs import sp_pairs
+from lopfast.checks import InvalidArgumentType
+from lopfast.distill.pairs import default_pairing, sp_pairs, unpaired_message, unwrap
 from lopfast.distill.taps import FeatureTaps
 from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram
 
@@ -61,6 +62,22 @@ from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram
 DEFAULT_GAMMA = 3000.0
 
 
+def _param_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype inputs are cast to for ``model`` (None: no cast, e.g. under autocast)."""
+    if torch.is_autocast_enabled():
+        return None  # autocast decides the precision of every op
+    for p in unwrap(model).parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
 class SPLoss(nn.Module):
     """Module form of ``lopfast.sp_loss``: ``SPLoss()(student_feats, teacher_feats)`` -> float32 scalar."""
 
@@ -88,15 +105,25 @@ class SPDistiller:
     Args:
         teacher: the unpruned network (put in eval mode on every call).
         student: the expanded pruned network, possibly wrapped in DDP / DataParallel.
-        layers: None (every expanded layer of the student at a path that exists in the teacher;
-            those that do not run in both forwards, such as GoogLeNet's auxiliary heads, are left
-            out with a warning and listed in ``dropped``) or a list of module names present in
-            both, which must all run (see ``lopfast.sp_pairs``).
+        layers: None (every expanded layer of the student at a path where the teacher has a layer
+            of the same kind; the others are left out with a warning naming them and why, and
+            listed in ``unpaired``; none paired is a ValueError; layers that do not run in both
+            forwards, such as GoogLeNet's auxiliary heads, are left out with a warning and listed
+            in ``dropped``) or a list of module names present in both, which must all run (see
+            ``lopfast.sp_pairs``).
         backend: backend of the SP loss ("auto", "torch", "triton", "cuda").
         student_forward: callable run instead of ``student(*inputs)``.
         reduction: "mean" (default: averaged over pairs, so one gamma, ``DEFAULT_GAMMA``, fits any
             model; what the pipeline and CLI use) or "sum" (Eq. 11 literally: the loss grows with
             the number of pairs, so gamma must shrink with it).
+
+    Precision: each network runs in its own dtype: floating-point inputs are cast to the dtype
+    of the teacher's parameters for the teacher, and to the student's for the student, when they
+    differ (e.g. an fp16 student distils from an fp32 teacher on fp32 batches); the Grams and
+    the loss are float32 either way. Under ``torch.autocast`` nothing is cast (autocast decides).
+
+    NaN / inf in the inputs or weights propagate to the loss as in any PyTorch op (no per-step
+    check: it would cost a host sync); ``lopfast.pipeline.train`` checks once per epoch.
 
     A plain object, not an ``nn.Module``: the teacher's parameters never leak into the student's
     ``parameters()`` / ``state_dict()``. ``close()`` (or leaving a ``with`` block) removes every hook.
@@ -107,12 +134,28 @@ class SPDistiller:
                  reduction: str = "mean"):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if not isinstance(teacher, nn.Module):
+            raise InvalidArgumentType("teacher", teacher, "an nn.Module (the unpruned network)",
+                                      "build or load it first, e.g. lopfast.load(path)")
+        if not isinstance(student, nn.Module):
+            raise InvalidArgumentType("student", student, "an nn.Module (the expanded pruned network)")
+        if student_forward is not None and not callable(student_forward):
+            raise InvalidArgumentType("student_forward", student_forward, "a callable or None")
         self.reduction = reduction
         self.backend = check_backend(backend)
         self.teacher = teacher
         self.student = student
         self.student_forward = student if student_forward is None else student_forward
-        self.pairs = sp_pairs(teacher, student, layers)
+        #: student layers the default pairing left out: {name: why} (empty with layers=[...])
+        self.unpaired: Dict[str, str] = {}
+        if layers is None:
+            names, self.unpaired = default_pairing(teacher, student)
+            if self.unpaired:
+                warnings.warn(unpaired_message(self.unpaired, len(names)), stacklevel=2)
+            layers_arg: Optional[Sequence[str]] = names
+        else:
+            layers_arg = layers
+        self.pairs = sp_pairs(teacher, student, layers_arg)
         self.layers = [name for name, _, _ in self.pairs]
         # default pairing: layers that do not run in both forwards (auxiliary heads run only in the
         # student's training forward) are left out, listed in ``dropped``; named layers must run
@@ -143,6 +186,10 @@ class SPDistiller:
         self._check_open()
         self.teacher.eval()
         self._teacher_taps.clear()
+        dtype = _param_dtype(self.teacher)
+        if dtype is not None:
+            args = tuple(_cast(a, dtype) for a in args)
+            kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
         with torch.no_grad():
             self.teacher(*args, **kwargs)
             names = self._teacher_taps.ran() if self._drop_missing else None
@@ -155,6 +202,10 @@ class SPDistiller:
         gt = self.teacher_grams(*args, **kwargs)
         teacher_ran = self._teacher_ran
         self._student_taps.clear()
+        dtype = _param_dtype(self.student)
+        if dtype is not None:
+            args = tuple(_cast(a, dtype) for a in args)
+            kwargs = {k: _cast(v, dtype) for k, v in kwargs.items()}
         try:
             out = self.student_forward(*args, **kwargs)
             names = self.layers

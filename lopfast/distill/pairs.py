@@ -1,7 +1,10 @@
 """Pair teacher layers with student layers by module path (after ``lopfast.expand``)."""
-from typing import List, Optional, Sequence, Tuple
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
+
+from lopfast.checks import InvalidArgumentType
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -11,29 +14,86 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _same_kind(teacher_module: nn.Module, student_module: nn.Module) -> bool:
+    """An expanded conv pairs with a conv, an expanded linear with a linear (expanded or not)."""
+    from lopfast.layers import ExpandedConv2d
+
+    if isinstance(student_module, ExpandedConv2d):
+        return isinstance(teacher_module, nn.Conv2d)
+    return isinstance(teacher_module, nn.Linear)
+
+
+def default_pairing(teacher: nn.Module, student: nn.Module) -> Tuple[List[str], Dict[str, str]]:
+    """(paired names, {left-out student layer: why}) of the default pairing (see :func:`sp_pairs`).
+
+    Raises ValueError when no expanded layer of the student pairs with a layer of the same kind
+    in the teacher (a different architecture, or an unexpanded student).
+    """
+    from lopfast.surgery import expanded_modules
+
+    t_mods = dict(unwrap(teacher).named_modules())
+    names: List[str] = []
+    unpaired: Dict[str, str] = {}
+    expanded = expanded_modules(unwrap(student))
+    for n, m in expanded:
+        t = t_mods.get(n)
+        if t is None:
+            unpaired[n] = "no module at this path in the teacher"
+        elif not _same_kind(t, m):
+            kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+            unpaired[n] = f"the teacher's {n!r} is a {type(t).__name__}, not a {kind} layer"
+        else:
+            names.append(n)
+    if not expanded:
+        raise ValueError(
+            "sp_pairs: the student has no expanded layer (ExpandedConv2d/ExpandedLinear); expand the student with "
+            "lopfast.expand or pass layers=[...]")
+    if not names:
+        why = "; ".join(f"{n}: {r}" for n, r in list(unpaired.items())[:4])
+        raise ValueError(
+            f"sp_pairs: none of the student's {len(expanded)} expanded layers pairs with a layer of the same kind at "
+            f"the same path in the teacher ({why}{' ...' if len(unpaired) > 4 else ''}): is the teacher the unpruned "
+            f"{type(unwrap(student)).__name__} the student was pruned from? Otherwise pass layers=[...]")
+    return names, unpaired
+
+
+def unpaired_message(unpaired: Dict[str, str], paired: int) -> str:
+    """The warning text for a partial default pairing."""
+    total = paired + len(unpaired)
+    items = "; ".join(f"{n} ({r})" for n, r in list(unpaired.items())[:8])
+    more = f" and {len(unpaired) - 8} more" if len(unpaired) > 8 else ""
+    return (f"SP distillation pairs only {paired} of the student's {total} expanded layers; left out: {items}{more}. "
+            "A teacher of another architecture pairs by coincidence only: pass the unpruned model the student "
+            "was pruned from, or name the pairs with layers=[...]")
+
+
 def sp_pairs(teacher: nn.Module, student: nn.Module,
              layers: Optional[Sequence[str]] = None) -> List[Tuple[str, nn.Module, nn.Module]]:
     """(name, teacher module, student module) of the layer pairs used for SP distillation.
 
     ``layers=None``: every expanded layer of the student (``ExpandedConv2d`` / ``ExpandedLinear``,
-    as listed by ``lopfast.expanded_modules``) whose path also exists in the teacher; after
-    ``lopfast.expand`` the expanded conv sits at the path of the conv it replaced. Otherwise the
-    given module names (e.g. residual stages ``["layer1", "layer2", "layer3"]``), each of which
-    must exist in both models. DDP/DataParallel wrappers are looked through.
+    as listed by ``lopfast.expanded_modules``) whose path also exists in the teacher with a
+    layer of the same kind (a conv for an expanded conv, a linear for an expanded linear);
+    after ``lopfast.expand`` the expanded conv sits at the path of the conv it replaced. Layers
+    left out are named in a warning (with the reason); none paired is a ValueError. Otherwise
+    the given module names (e.g. residual stages ``["layer1", "layer2", "layer3"]``), each of
+    which must exist in both models. DDP/DataParallel wrappers are looked through.
     """
-    from lopfast.surgery import expanded_modules
-
+    if not isinstance(teacher, nn.Module):
+        raise InvalidArgumentType("teacher", teacher, "an nn.Module (the unpruned network)")
+    if not isinstance(student, nn.Module):
+        raise InvalidArgumentType("student", student, "an nn.Module (the expanded pruned network)")
     t_mods = dict(unwrap(teacher).named_modules())
     s_mods = dict(unwrap(student).named_modules())
     if layers is None:
-        names = [n for n, _ in expanded_modules(unwrap(student)) if n in t_mods]
-        if not names:
-            raise ValueError(
-                "sp_pairs: the student has no expanded layer (ExpandedConv2d/ExpandedLinear) at a path that "
-                "also exists in the teacher; expand the student with lopfast.expand or pass layers=[...]")
+        names, unpaired = default_pairing(teacher, student)
+        if unpaired:
+            warnings.warn(unpaired_message(unpaired, len(names)), stacklevel=2)
         return [(n, t_mods[n], s_mods[n]) for n in names]
     if isinstance(layers, str):
         layers = [layers]
+    if not isinstance(layers, (list, tuple)):
+        raise InvalidArgumentType("layers", layers, "None or a list of module names")
     names = list(layers)
     if not names:
         raise ValueError("sp_pairs: layers is empty")

@@ -4,6 +4,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from lopfast.checks import InvalidArgumentType
 from lopfast.distill.pairs import unwrap
 
 
@@ -22,6 +23,10 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, names: Iterable[str],
                  transform: Optional[Callable[[str, Any], Any]] = None):
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentType("model", model, "an nn.Module")
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgumentType("names", names, "a list of module names")
         self.names: List[str] = list(names)
         self.outputs: Dict[str, Any] = {}
         self._transform = transform

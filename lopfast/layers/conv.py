@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast.layers.decompose import check_init, check_rate, decompose, expanded_width
+from lopfast.checks import InvalidArgument, InvalidArgumentType, check_int, check_finite_tensors
+from lopfast.layers.decompose import check_generator, check_init, check_rate, decompose, expanded_width
 from lopfast.ops.collapse import collapse as collapse_op
 
 MODES = ("collapsed", "chain")
@@ -21,8 +22,34 @@ def _check_mode(mode: object) -> str:
 
 
 def _check_finite(t: torch.Tensor, argname: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{argname} contains NaN or infinite values; it cannot be expanded exactly")
+    check_finite_tensors([(argname, t)], argname, "it cannot be expanded exactly")
+
+
+def _pair(value, name: str, lo: int):
+    """An int or a pair of ints, each >= ``lo`` (kernel_size, stride, dilation, padding)."""
+    what = f"an int >= {lo} or a pair of them" if lo else "an int >= 0 or a pair of them"
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(items) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise InvalidArgumentType(name, value, what)
+    if any(v < lo for v in items):
+        raise InvalidArgument(name, value, what)
+    return value
+
+
+def _check_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups) -> None:
+    # checked here, by name, before nn.Conv2d's own checks (which let zeros through to a
+    # ZeroDivisionError in the initialisation, and negative sizes to a tensor-shape error)
+    check_int(in_channels, "in_channels", min=1)
+    check_int(out_channels, "out_channels", min=1)
+    _pair(kernel_size, "kernel_size", 1)
+    _pair(stride, "stride", 1)
+    _pair(dilation, "dilation", 1)
+    if not isinstance(padding, str):
+        _pair(padding, "padding", 0)
+    check_int(groups, "groups", min=1)
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise InvalidArgument(name, value, f"a multiple of groups={groups}")
 
 
 class ExpandedConv2d(nn.Conv2d):
@@ -70,6 +97,9 @@ class ExpandedConv2d(nn.Conv2d):
     ) -> None:
         rate = check_rate(rate)
         check_init(init)
+        _check_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InvalidArgumentType("dtype", dtype, "a floating-point torch.dtype or None")
         # nn.Conv2d.__init__ would register a `weight` Parameter, which our read-only
         # `weight` property forbids; borrow its argument checks through a meta-device probe.
         probe = nn.Conv2d(
@@ -148,6 +178,7 @@ class ExpandedConv2d(nn.Conv2d):
             raise ValueError("conv is a lazy module whose weight is not initialised yet; run it once first")
         rate = check_rate(rate)
         check_init(init)
+        check_generator(generator)
         _check_finite(conv.weight, "conv.weight")
         if conv.bias is not None:
             _check_finite(conv.bias, "conv.bias")

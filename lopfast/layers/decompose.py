@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lopfast.checks import InvalidArgument, InvalidArgumentType
+
 # The collapse reference lives beside the op it checks (lopfast.ops.collapse); re-exported here
 # because the layer maths reads better with it in one place.
 from lopfast.ops.collapse import reference_collapse as collapse  # noqa: F401
@@ -38,6 +40,17 @@ def check_rate(rate: object, argname: str = "rate") -> float:
             "(p = ceil(rate*m) >= m and q = ceil(rate*n) >= n, paper Sec. 2.1)"
         )
     return rate
+
+
+def check_generator(generator: object) -> Optional[torch.Generator]:
+    """None or a CPU ``torch.Generator`` (the random factors are drawn on the CPU, in float64)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise InvalidArgumentType("generator", generator, "a torch.Generator or None")
+    if generator.device.type != "cpu":
+        raise InvalidArgument("generator", generator, "a CPU torch.Generator (the factors are drawn on the CPU)")
+    return generator
 
 
 def check_init(init: object) -> str:

@@ -9,7 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lopfast.layers.conv import _check_finite, _check_mode
+from lopfast.checks import InvalidArgumentType
 from lopfast.layers.decompose import (
+    check_generator,
     check_init,
     check_rate,
     collapse_linear,
@@ -54,6 +56,8 @@ class ExpandedLinear(nn.Linear):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InvalidArgumentType("dtype", dtype, "a floating-point torch.dtype or None")
         nn.Module.__init__(self)
         self.in_features = in_features
         self.out_features = out_features
@@ -105,6 +109,8 @@ class ExpandedLinear(nn.Linear):
             raise ValueError("linear is a lazy module whose weight is not initialised yet; run it once first")
         rate = check_rate(rate)
         depth = _check_depth(depth)
+        check_init(init)
+        check_generator(generator)
         _check_finite(linear.weight, "linear.weight")
         if linear.bias is not None:
             _check_finite(linear.bias, "linear.bias")

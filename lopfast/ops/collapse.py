@@ -332,7 +332,9 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
     all layers of one device and dtype share 2 grouped-GEMM launches forward and 4 backward
     (a few more when both association orders or unaligned widths occur). ``auto`` on CUDA
     routes each shape class to its measured fastest backend (``route``). An explicit backend
-    (argument or ``lopfast.use_backend``) runs every layer on exactly that backend.
+    (argument or ``lopfast.use_backend``) runs every layer on exactly that backend. NaN / inf
+    in the factors propagate to the kernels as in PyTorch ops (no check in a hot op: it would
+    cost a host sync); ``lopfast.expand`` and training check at their boundaries.
     """
     checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
     if not checked:

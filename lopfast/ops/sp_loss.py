@@ -102,6 +102,8 @@ def _check_features(feats: List[torch.Tensor], argname: str, b: Optional[int], d
             raise ValueError(f"{argname}[{i}] must have a batch dimension, got a 0-d tensor")
         if not (t.is_floating_point()):
             raise TypeError(f"{argname}[{i}] must be a floating point tensor, got {t.dtype}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{argname}[{i}] has batch size 0: the SP loss compares the samples of a batch")
         if b is None:
             b = t.shape[0]
         elif t.shape[0] != b:
@@ -410,6 +412,9 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
         backend: "auto" (Triton on CUDA tensors, the PyTorch reference elsewhere), "torch",
             "triton" (on CPU only under ``TRITON_INTERPRET=1``) or "cuda" (the CUDA C++ extension,
             csrc/sp_gram_kernels.cu). ``lopfast.use_backend`` sets the default.
+
+    NaN / inf in the features propagate to the loss as in PyTorch ops: a hot op does not check
+    (that would cost a host sync per step); training checks the loss once per epoch.
 
     >>> loss = lopfast.sp_loss([s1, s2], [t1, t2])   # sum over the two pairs
     """

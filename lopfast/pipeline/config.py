@@ -7,18 +7,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from lopfast.checks import (
+    InvalidArgument,
+    InvalidArgumentType,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_str,
+    check_str_list,
+    closest,
+)
 from lopfast.distill.loss import DEFAULT_GAMMA
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline.data import check_dataset_name
 
-__all__ = ["METHODS", "RunConfig", "check_out_dir", "resolve_device"]
+__all__ = ["METHODS", "SETTING_CHECKS", "RunConfig", "check_out_dir", "check_out_path", "has_run", "resolve_device"]
 
 METHODS = ("lop", "ft", "scratch", "expandnets", "distill", "lop-nokd")
 # which paper schedule each method uses
@@ -81,87 +91,220 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         """Build from a dict (e.g. a config.json); unknown keys are an error."""
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise InvalidArgumentType("config", d, "a dict of settings (as in config.json)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+            near = {k: closest(k, names) for k in unknown}
+            hint = "".join(f" ({k!r}: did you mean {c!r}?)" for k, c in near.items() if c)
+            raise ValueError(f"unknown config keys {unknown}{hint}; valid keys: {sorted(names)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Check every setting; raise ValueError / TypeError naming the bad one. Cheap: no data, no training."""
-        zoo.check_model_name(self.model)
-        check_dataset_name(self.dataset)
-        if isinstance(self.methods, str):
-            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
-        if not self.methods:
-            raise ValueError("methods is empty; choose from " + ", ".join(METHODS))
-        for m in self.methods:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        _check_fraction(self.target, "target")
-        if not isinstance(self.prune_method, str) or not self.prune_method:
-            raise ValueError(f"prune_method must be a method name, got {self.prune_method!r}")
-        try:
-            from lopfast.prune import METHODS as prune_methods
-        except Exception:  # pruning unavailable: the prune stage will say so
-            prune_methods = None
-        if prune_methods is not None and self.prune_method not in prune_methods:
-            raise ValueError(f"unknown prune_method {self.prune_method!r}; choose one of {', '.join(prune_methods)}")
-        _check_rate(self.rate, "rate")
-        if self.linear_rate is not None:
-            _check_rate(self.linear_rate, "linear_rate")
-        if self.linear_depth not in (2, 3):
-            raise ValueError(f"linear_depth must be 2 or 3, got {self.linear_depth!r}")
-        if not isinstance(self.gamma, (int, float)) or self.gamma < 0 or not math.isfinite(self.gamma):
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        if self.sp_reduction not in ("mean", "sum"):
-            raise ValueError(f"sp_reduction must be 'mean' or 'sum', got {self.sp_reduction!r}")
-        if self.factor_weight_decay is not None and not (
-                isinstance(self.factor_weight_decay, (int, float)) and self.factor_weight_decay >= 0):
-            raise ValueError(f"factor_weight_decay must be a number >= 0, got {self.factor_weight_decay!r}")
-        if not (isinstance(self.factor_lr_scale, (int, float)) and self.factor_lr_scale > 0
-                and math.isfinite(self.factor_lr_scale)):
-            raise ValueError(f"factor_lr_scale must be a positive number, got {self.factor_lr_scale!r}")
-        # pretrain_epochs may be 0: take the model as built (e.g. torchvision weights)
-        positive = ("epochs", "scratch_epochs", "train_subset", "test_subset", "threads")
-        if self.pretrain_epochs != 0:
-            positive += ("pretrain_epochs",)
-        for name in positive:
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "scratch_lr", "pretrain_lr"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
-        from lopfast.pipeline.export import check_formats
+        """Check every setting; raise ValueError / TypeError naming the bad one. Cheap: no data, no training.
 
-        check_formats(self.export, "export format")
-        if self.teacher is not None and not os.path.isfile(self.teacher):
-            raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
-        resolve_device(self.device)
+        Each field is checked (and normalised: a comma-separated string becomes a list) by its
+        entry in :data:`SETTING_CHECKS`, then the settings that depend on each other
+        (:func:`_check_together`: pruning options against the pruning method, ...). A bad value
+        raises :class:`lopfast.checks.InvalidArgument` (``.name`` is the setting; the CLI names
+        its flag).
+        """
+        for f in dataclasses.fields(self):
+            check = SETTING_CHECKS.get(f.name) or _check_from_annotation(f)
+            value = check(getattr(self, f.name), f.name)
+            setattr(self, f.name, value)
+        _check_together(self)
         return self
 
 
 def _check_fraction(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        raise ValueError(f"{name} must be a fraction of parameters to remove, strictly between 0 and 1 "
-                         f"(e.g. 0.9 for 90%), got {v!r}")
-    return float(v)
+    return check_number(v, name, min=0, max=1, min_open=True, max_open=True,
+                        accepted="a fraction of parameters to remove, strictly between 0 and 1 (e.g. 0.9 for 90%)")
 
 
 def _check_rate(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 1 or not math.isfinite(v):
-        raise ValueError(f"{name} (expansion rate) must be a number >= 1 (the expanded layers must be at least "
-                         f"as wide as the compact ones), got {v!r}")
-    return float(v)
+    return check_number(v, name, min=1, accepted="a number >= 1",
+                        hint="the expansion rate: the expanded layers must be at least as wide as the compact ones")
+
+
+# ---------------------------------------------------------------------------- the settings' checks
+def _opt(check):
+    """``check`` that also lets None through (the field's "use the default" value)."""
+    return lambda v, n: None if v is None else check(v, n)
+
+
+def _pos_int(v, n):
+    return check_int(v, n, min=1)
+
+
+def _pos_number(v, n):
+    return check_number(v, n, min=0, min_open=True)
+
+
+def _nonneg_number(v, n):
+    return check_number(v, n, min=0)
+
+
+def _model(v, n):
+    return zoo.check_model_name(check_str(v, n), n)
+
+
+def _model_kwargs(v, n):
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise InvalidArgumentType(n, v, 'a dict of builder arguments (JSON object), e.g. {"width": 16}')
+    taken = sorted(set(v) & {"in_channels", "num_classes"})
+    if taken:
+        raise InvalidArgument(n, v, "builder arguments other than in_channels / num_classes",
+                              f"{taken} follow from the dataset")
+    return v
+
+
+def _methods(v, n):
+    v = check_str_list(v, n)
+    for m in v:
+        check_choice(m, n, METHODS)
+    return v
+
+
+def _prune_method(v, n):
+    check_str(v, n)
+    try:
+        from lopfast.prune import METHODS as prune_methods
+    except Exception:  # pruning unavailable (no torch-pruning): the prune stage will say so
+        return v
+    return check_choice(v, n, tuple(prune_methods))
+
+
+def _teacher(v, n):
+    if v is None:
+        return None
+    check_str(v, n)
+    if not os.path.isfile(v):
+        what = "is not a regular file" if os.path.exists(v) else "does not exist"
+        raise ValueError(f"teacher file {v!r} {what}; pass the model.pt of a pretrain run")
+    return v
+
+
+def _export(v, n):
+    from lopfast.pipeline.export import check_formats
+
+    return check_formats(check_str_list(v, n, empty=True), "export format")
+
+
+def _device(v, n):
+    resolve_device(check_str(v, n))
+    return v
+
+
+#: How each RunConfig field is checked: ``check(value, name) -> normalised value``, raising
+#: InvalidArgument (a ValueError) / InvalidArgumentType (also a TypeError) naming the setting.
+#: A new setting adds its field to RunConfig and its check here (tests/test_validation.py fails
+#: for a field without one; until then a type check from its annotation applies). Checks that
+#: need two settings go into _check_together.
+SETTING_CHECKS: Dict[str, Callable[[Any, str], Any]] = {
+    "model": _model,
+    "model_kwargs": _model_kwargs,
+    "dataset": lambda v, n: check_dataset_name(v),
+    "data_dir": lambda v, n: check_str(v, n, none=True),
+    "download": check_bool,
+    "train_subset": _opt(_pos_int),
+    "test_subset": _opt(_pos_int),
+    "batch_size": _pos_int,
+    "workers": lambda v, n: check_int(v, n, min=0),
+    "teacher": _teacher,
+    "pretrain_epochs": lambda v, n: check_int(v, n, min=0, none=True),  # 0: the model as built is the teacher
+    "pretrain_lr": _opt(_pos_number),
+    "prune_method": _prune_method,
+    "target": lambda v, n: _check_fraction(v, n),
+    "global_pruning": check_bool,
+    "prune_options": lambda v, n: _dict(v, n, "options of the pruning parts (JSON object)"),
+    "methods": _methods,
+    "epochs": _opt(_pos_int),
+    "lr": _opt(_pos_number),
+    "scratch_epochs": _opt(_pos_int),
+    "scratch_lr": _opt(_pos_number),
+    "rate": lambda v, n: _check_rate(v, n),
+    "linear": check_bool,
+    "linear_rate": _opt(lambda v, n: _check_rate(v, n)),
+    "linear_depth": lambda v, n: check_choice(v, n, (2, 3)),
+    "gamma": _nonneg_number,
+    "sp_reduction": lambda v, n: check_choice(v, n, ("mean", "sum")),
+    "factor_weight_decay": _opt(_nonneg_number),
+    "factor_lr_scale": _pos_number,
+    "sp_layers": lambda v, n: check_str_list(v, n, none=True),
+    "momentum": lambda v, n: check_number(v, n, min=0, max=1, max_open=True),
+    "weight_decay": _nonneg_number,
+    "clip_grad": _opt(_pos_number),
+    "amp": lambda v, n: check_choice(v, n, ("auto", "bf16", "off")),
+    "compile": check_bool,
+    "device": _device,
+    "threads": _opt(_pos_int),
+    "seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
+    "export": _export,
+}
+
+
+def _dict(v, n, what):
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise InvalidArgumentType(n, v, what)
+    return v
+
+
+_ANNOTATION_CHECKS = {
+    "int": lambda v, n: check_int(v, n),
+    "float": lambda v, n: check_number(v, n),
+    "bool": check_bool,
+    "str": lambda v, n: check_str(v, n, empty=True),
+    "dict": lambda v, n: _dict(v, n, "a dict"),
+    "List[str]": lambda v, n: check_str_list(v, n, empty=True, unique=False),
+}
+
+
+def _check_from_annotation(f: dataclasses.Field) -> Callable[[Any, str], Any]:
+    """A type check from the field's annotation, for a setting added without an entry in SETTING_CHECKS."""
+    ann = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "").replace(" ", "")
+    optional = ann.startswith("Optional[")
+    base = ann[len("Optional["):-1] if optional else ann
+    check = _ANNOTATION_CHECKS.get(base, lambda v, n: v)
+    return _opt(check) if optional else check
+
+
+def _check_together(cfg: "RunConfig") -> None:
+    """The checks that involve several settings."""
+    if cfg.linear_rate is not None and not cfg.linear:
+        raise InvalidArgument("linear_rate", cfg.linear_rate, "unset unless linear is on",
+                              "it sets the rate of the linear expansion: add --linear (or drop --linear-rate)")
+    _check_prune_options(cfg)
+
+
+def _check_prune_options(cfg: "RunConfig") -> None:
+    """criterion / allocation / procedure and every option of the pruning parts, before any stage runs
+    (the prune stage would refuse them only after pretraining)."""
+    try:
+        from lopfast.prune.compose import resolve, split_options
+    except ImportError:  # pruning unavailable: the prune stage will say so
+        return
+    from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PROCEDURES
+
+    opts = dict(cfg.prune_options)
+    parts = {k: opts.pop(k, None) for k in ("criterion", "allocation", "procedure")}
+    opts.pop("data", None)  # batches given through the API, not a setting
+    for (part, value), table in zip(parts.items(), (CRITERIA, ALLOCATIONS, PROCEDURES)):
+        if value is not None:
+            check_choice(value, part, tuple(table))
+    try:
+        _, c, a, p = resolve(cfg.prune_method, parts["criterion"], parts["allocation"], parts["procedure"],
+                             cfg.global_pruning)
+    except ValueError as exc:
+        raise ValueError(f"the pruning settings do not combine: {exc}") from None
+    try:
+        split_options(opts, c, a, p)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument("prune_options", opts, "options the pruning parts accept", str(exc)) from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -182,8 +325,35 @@ def resolve_device(device: str) -> torch.device:
 _REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
 
 
+def check_out_path(out) -> str:
+    """``out`` names a directory to write into: an existing one, or a path where one can be made."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise InvalidArgumentType("out", out, "a directory path")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InvalidArgument("out", out, "a directory (existing, or one to create)", "that path is a file")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InvalidArgument("out", out, "a directory path", f"{parent} is a file, not a directory")
+    return os.fspath(out)
+
+
+def has_run(out: str) -> bool:
+    """Whether ``out`` holds a run to resume: its config.json, or that of a per-seed subfolder."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return True
+    try:
+        subs = os.listdir(out)
+    except OSError:
+        return False
+    return any(n.startswith("seed") and os.path.isfile(os.path.join(out, n, "config.json")) for n in subs)
+
+
 def check_out_dir(cfg: RunConfig, out: str) -> None:
-    """Refuse to reuse a run directory whose saved config differs (its finished stages would be stale)."""
+    """Refuse to reuse a run directory whose saved config differs (its finished stages would be stale),
+    and an ``out`` that is an existing file."""
+    check_out_path(out)
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return

@@ -394,7 +394,13 @@ def load_data(
     check_dataset_name(name)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = torch.device(device)
+    for arg, v in (("train_subset", train_subset), ("test_subset", test_subset), ("eval_batch_size", eval_batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{arg} must be a positive int or None, got {v!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a valid torch device") from None
     eval_bs = eval_batch_size or max(batch_size, 512)
     if name == "imagenet":
         return _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last)

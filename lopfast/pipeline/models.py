@@ -273,7 +273,11 @@ def build_model(name: str, in_channels: Optional[int] = None, num_classes: int =
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     if name in _ZOO:
-        return _ZOO[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+        try:
+            return _ZOO[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+        except RuntimeError as exc:  # e.g. width=-1: a tensor of negative size, not a message about width
+            raise ValueError(f"{name}: the model arguments {kwargs} do not build a model: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if name.startswith("timm:"):
         return _build_timm(name[len("timm:"):], in_channels, num_classes, **kwargs)
     tvm = _import_torchvision()

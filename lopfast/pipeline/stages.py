@@ -38,11 +38,19 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from lopfast.checks import (
+    InvalidArgument,
+    InvalidArgumentType,
+    TrainingDiverged,
+    check_finite_module,
+    nonfinite,
+)
 from lopfast.io import ModelFileError, load, save
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
@@ -217,6 +225,7 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     model = zoo.build_model(cfg.model, **arch_kwargs)
     if cfg.pretrain_epochs == 0:
         log("[pretrain] --pretrain-epochs 0: using the model as built (pretrained weights), no training")
+        check_finite_module(model, f"the {cfg.model} as built (--pretrain-epochs 0)")
         model.to(device)
         res = {"history": [], "final": evaluate(model, data.test, device, cfg.amp)}
     else:
@@ -258,6 +267,11 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
     src = copy.deepcopy(teacher).eval()
     pruned, report = prune(src, example, method=cfg.prune_method, target_removed=target,
                            global_pruning=cfg.global_pruning, **opts)
+    bad = nonfinite(list(pruned.named_parameters()) + list(pruned.named_buffers()))
+    if bad:  # the pruning procedures that train (admm, slimming) can diverge
+        raise TrainingDiverged(f"[{tag}] the pruned model holds NaN or infinite values (in {', '.join(bad[:5])}): "
+                               f"pruning with {cfg.prune_method} diverged; lower its lr in --method-options",
+                               stage=tag)
     report = _report_dict(report)
     report["seconds"] = time.time() - t0
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
@@ -406,12 +420,18 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     data = load_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset, download=cfg.download,
                      workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda")
+    _warn_short_subsets(cfg, data)
     # model-dependent checks, on a meta-free CPU build (cheap for the zoo)
     try:
         probe = zoo.build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                                 **cfg.model_kwargs)
-    except TypeError as exc:
-        raise ValueError(f"model_kwargs {cfg.model_kwargs} are not accepted by {cfg.model}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # a builder's own checks, or a tensor of size -1
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not cfg.model_kwargs:  # e.g. tv:<a name torchvision does not have>
+            raise ValueError(f"--model {cfg.model} cannot be built: {why}") from None
+        raise InvalidArgument("model_kwargs", cfg.model_kwargs, f"arguments {cfg.model} accepts", why) from None
+    if cfg.teacher:
+        check_teacher(cfg, data, zoo.count_params(probe))
     limit = zoo.max_removable_fraction(probe)
     if cfg.target >= limit:
         raise ValueError(f"target={cfg.target} is above what {cfg.model} can lose by channel pruning "
@@ -421,12 +441,80 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
     return data, device
 
 
+def _warn_short_subsets(cfg: RunConfig, data) -> None:
+    """Settings that cannot do what they say, said (they are not errors: the run is still sound)."""
+    for name, asked, loader in (("train_subset", cfg.train_subset, data.train),
+                                ("test_subset", cfg.test_subset, data.test)):
+        have = getattr(loader, "num_samples", None)
+        if asked is not None and isinstance(have, int) and asked > have:
+            warnings.warn(f"{name}={asked} is more than the {have} images {cfg.dataset} has there: using all {have}",
+                          stacklevel=3)
+    have = getattr(data.train, "num_samples", None)
+    if isinstance(have, int) and cfg.batch_size > have:
+        warnings.warn(f"batch_size={cfg.batch_size} is more than the {have} training images: one step per epoch",
+                      stacklevel=3)
+    if cfg.dataset == "digits" and cfg.data_dir is not None:
+        warnings.warn(f"data_dir={cfg.data_dir!r} is not used: the digits data set is embedded", stacklevel=3)
+
+
+def check_teacher(cfg: RunConfig, data, built_params: Optional[int] = None) -> None:
+    """Refuse a ``cfg.teacher`` file that is not what the run records: another architecture or
+    builder arguments than ``cfg.model`` / ``model_kwargs``, another number of classes or input
+    channels than the data, NaN / inf weights (raised by the load), or a model that does not run
+    on the data. Called by :func:`prepare`, before any stage starts."""
+    from lopfast.io import read
+
+    path = cfg.teacher
+    meta = read(path, map_location="cpu")["metadata"]
+    arch, kw = meta.get("arch"), meta.get("arch_kwargs")
+    if isinstance(arch, str) and arch != cfg.model:
+        raise ValueError(f"--teacher {path} holds a {arch} but --model is {cfg.model}: the run would train one and "
+                         f"record the other; pass --model {arch}" + (f" (its --model-kwargs: {_user_kwargs(kw)})"
+                                                                     if _user_kwargs(kw) else ""))
+    want = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
+    if isinstance(kw, dict):
+        for key, what in (("num_classes", "classes"), ("in_channels", "input channels")):
+            if key in kw and kw[key] != want[key]:
+                raise ValueError(f"--teacher {path} has {kw[key]} {what} but --dataset {cfg.dataset} has {want[key]}: "
+                                 "pass a teacher trained on this data set")
+        if _user_kwargs(kw) != _user_kwargs(want):
+            raise ValueError(f"--teacher {path} was built with model arguments {_user_kwargs(kw)} but --model-kwargs "
+                             f"gives {_user_kwargs(want)}: pass --model-kwargs '{json.dumps(_user_kwargs(kw))}'")
+    teacher = load_model_file(path)  # refuses NaN / inf weights
+    from lopfast.surgery import expanded_modules
+
+    if expanded_modules(teacher):
+        raise ValueError(f"--teacher {path} holds an expanded model (ExpandedConv2d/ExpandedLinear layers): pass "
+                         "the plain unpruned model (lopfast.contract(model) gives it back from an expanded one)")
+    n = zoo.count_params(teacher)
+    if built_params is not None and n < built_params:
+        warnings.warn(f"--teacher {path} has {n:,} parameters, fewer than the {built_params:,} of a freshly built "
+                      f"{cfg.model}: is it a pruned model? It is pruned again and distilled from as it is",
+                      stacklevel=3)
+    x = data.example_inputs(2, "cpu")
+    try:
+        with torch.no_grad():
+            out = teacher.eval()(x)
+    except Exception as exc:
+        raise ValueError(f"--teacher {path} does not run on {cfg.dataset} inputs of shape {tuple(x.shape[1:])}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == data.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"--teacher {path} gives outputs of shape {shape} on {cfg.dataset}, which has "
+                         f"{data.num_classes} classes: pass a teacher trained on this data set")
+
+
+def _user_kwargs(kw) -> dict:
+    return {k: v for k, v in (kw or {}).items() if k not in ("in_channels", "num_classes")}
+
+
 def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool = False, data=None,
                  device=None) -> dict:
     """pretrain -> prune -> recover with every ``cfg.methods`` -> contract/verify/evaluate/save.
 
     Returns (and writes to ``out/results.json``) the teacher / pruned accuracies and one entry per method.
     """
+    _check_cfg(cfg)
     rank, world = dist_info()
     if data is None:
         data, device = prepare(cfg, device, rank, world)
@@ -496,6 +584,7 @@ def run_seeds(cfg: RunConfig, out: str, seeds: int = 1, *, resume: bool = False,
     "rows": [one per method and seed], "seeds": [...]}`` and writes ``out/seeds.csv``.
     With ``seeds == 1`` it is exactly :func:`run_pipeline` on ``out``.
     """
+    _check_cfg(cfg)
     ss = seed_list(cfg.seed, seeds)
     if seeds == 1:
         runs = [run_pipeline(cfg, out, resume=resume, quiet=quiet, data=data, device=device)]
@@ -530,9 +619,8 @@ def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: boo
     (accuracy vs % of weights removed, error bars over seeds); seed ``s`` runs in
     ``out/seed<s>/`` when ``seeds > 1``.
     """
-    targets = [_check_fraction(t, "targets") for t in targets]
-    if not targets:
-        raise ValueError("targets is empty; pass e.g. --targets 0.5,0.7,0.9")
+    _check_cfg(cfg)
+    targets = check_targets(targets)
     if seeds != 1:
         rows = []
         for s in seed_list(cfg.seed, seeds):
@@ -547,6 +635,25 @@ def run_sweep(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: boo
                 print(f"[plot] skipped: {exc}")
         return rows
     return _sweep_one(cfg, targets, out, resume=resume, quiet=quiet)
+
+
+def check_targets(targets) -> List[float]:
+    """The pruning targets of a sweep: a non-empty list of distinct fractions in (0, 1)."""
+    if isinstance(targets, (int, float)) and not isinstance(targets, bool):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)):
+        raise InvalidArgumentType("targets", targets, "a list of fractions, e.g. [0.5, 0.7, 0.9]")
+    targets = [_check_fraction(t, "targets") for t in targets]
+    if not targets:
+        raise InvalidArgument("targets", targets, "a non-empty list of fractions, e.g. 0.5,0.7,0.9")
+    if len(set(targets)) != len(targets):
+        raise InvalidArgument("targets", targets, "distinct fractions", "each target is one prune and one row")
+    return targets
+
+
+def _check_cfg(cfg) -> None:
+    if not isinstance(cfg, RunConfig):
+        raise InvalidArgumentType("cfg", cfg, "a RunConfig", "RunConfig.from_dict(d) builds one from a dict")
 
 
 def _sweep_one(cfg: RunConfig, targets: Sequence[float], out: str, *, resume: bool, quiet: bool) -> List[dict]:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lopfast.checks import TrainingDiverged
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
 from lopfast.layers import ExpandedConv2d
@@ -78,10 +79,16 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
+        if self.clip_grad is not None and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):
             raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
-        if self.gamma < 0:
-            raise ValueError(f"gamma (SP loss weight) must be >= 0, got {self.gamma!r}")
+        if not (isinstance(self.gamma, (int, float)) and self.gamma >= 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma (SP loss weight) must be a finite number >= 0, got {self.gamma!r}")
+        for name in ("momentum", "weight_decay"):  # NaN would pass a plain `< 0` test
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.lr_decay, (int, float)) and self.lr_decay > 0 and math.isfinite(self.lr_decay)):
+            raise ValueError(f"lr_decay must be a positive number, got {self.lr_decay!r}")
         if self.sp_reduction not in ("mean", "sum"):
             raise ValueError(f"sp_reduction must be 'mean' or 'sum', got {self.sp_reduction!r}")
         if self.factor_weight_decay is not None and not self.factor_weight_decay >= 0:
@@ -264,6 +271,37 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
     return groups
 
 
+def _nonfinite_after_epoch(sums: torch.Tensor, model: nn.Module) -> Optional[str]:
+    """What went NaN / inf in an epoch (None: nothing): the loss, or a parameter or buffer.
+
+    The weights count as well as the loss: a loss can stay finite while an update makes the
+    weights NaN in the epoch's last step, or while a BatchNorm's running variance overflows to
+    inf (seen: --pretrain-lr 1e4 on digits, a finite 5e23 loss, inf running_var, a 10 % "result").
+    One device flag per tensor, stacked: one host sync per epoch.
+    """
+    named = [("the training loss", sums[:2])] + [
+        (n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all().to(sums.device) for _, t in named]).tolist()
+    bad = [n for (n, _), good in zip(named, ok) if not good]
+    if not bad:
+        return None
+    return bad[0] if bad[0] == "the training loss" else f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+
+
+def _check_diverged(what: Optional[str], desc: str, epoch: int, cfg: TrainConfig, checkpoint: Optional[str]) -> None:
+    if what is None:
+        return
+    good = checkpoint if checkpoint and os.path.exists(checkpoint) else None
+    kept = (f"the last good checkpoint, {good} (epoch {epoch}), is kept" if good
+            else "no checkpoint was written (it diverged in its first epoch)")
+    gamma = f", SP weight gamma {cfg.gamma:g}" if cfg.gamma else ""
+    raise TrainingDiverged(
+        f"[{desc}] training diverged in epoch {epoch + 1}/{cfg.epochs}: {what} is NaN or infinite "
+        f"(lr {cfg.lr:g}{gamma}); {kept}. To continue: lower --lr or --gamma (--pretrain-lr / --scratch-lr "
+        f"in those stages), or set --clip-grad",
+        stage=desc, epoch=epoch + 1, checkpoint=good)
+
+
 def train(
     model: nn.Module,
     data,
@@ -385,14 +423,12 @@ def train(
             if world > 1:
                 dist.all_reduce(sums[:2])
                 _broadcast_buffers(model)
-            if not bool(torch.isfinite(sums[:2]).all()):
-                # checked once per epoch (no per-step host sync) and before the checkpoint is
-                # written, so the last good checkpoint survives for a --resume with other settings
-                raise RuntimeError(
-                    f"[{desc}] training diverged in epoch {epoch + 1}: the loss is NaN or infinite "
-                    f"(lr {cfg.lr}, SP weight gamma {cfg.gamma}); lower --lr or --gamma, or set --clip-grad"
-                )
+            # checked once per epoch (no per-step host sync) and before the checkpoint is
+            # written, so the last good checkpoint survives for a --resume with other settings
+            _check_diverged(_nonfinite_after_epoch(sums, model), desc, epoch, cfg, checkpoint)
             ev = evaluate(model, data.test, device, cfg.amp)
+            if not math.isfinite(ev["loss"]):  # finite weights whose logits overflow
+                _check_diverged("the test loss", desc, epoch, cfg, checkpoint)
             nb = max(float(sums[2]), 1.0)
             rec = {
                 "epoch": epoch + 1,

@@ -224,6 +224,7 @@ def prune(
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
         raise TypeError(f"example_inputs must be a tensor (or tuple/list/dict of them), got "
                         f"{type(example_inputs).__name__}")
+    _check_finite_inputs(model, example_inputs)
     _trial_forward(model, example_inputs)
     data = _as_reiterable(data)
     first = next(iter(model.parameters()), None)
@@ -339,6 +340,16 @@ def _iterative(engine: Engine, crit_name, ratio, target, data, c_opts, p_opts, a
     return current, record, ratio, {"iterative_steps": steps}
 
 
+def _check_finite_inputs(model: nn.Module, example_inputs) -> None:
+    """NaN / inf in the weights or the example inputs would rank channels by NaN scores (issue 20)."""
+    from lopfast.checks import check_finite_module, check_finite_tensors
+
+    check_finite_module(model, "model", "pruning scores from NaN weights are meaningless")
+    ex = example_inputs.values() if isinstance(example_inputs, dict) else (
+        example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs])
+    check_finite_tensors([(f"example_inputs[{i}]", t) for i, t in enumerate(ex)], "example_inputs")
+
+
 def _trial_forward(model: nn.Module, example_inputs) -> None:
     """Run ``model`` once on ``example_inputs`` so a wrong shape is reported as such."""
     try:
@@ -371,6 +382,17 @@ def _check_data(model: nn.Module, example_inputs, data) -> None:
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if isinstance(y, torch.Tensor) and isinstance(out, torch.Tensor) and y.shape[:1] != x.shape[:1]:
         raise ValueError(f"data's targets have {y.shape[0]} entries for {x.shape[0]} inputs")
+    from lopfast.checks import check_finite_tensors
+
+    # every batch, not only the first: data-driven criteria (taylor, hrank, ...) score from all of them
+    for i, b in enumerate(data):
+        if isinstance(b, (list, tuple)):
+            check_finite_tensors([(f"batch {i} inputs", b[0])], "data", "scores from NaN inputs are meaningless")
+            t = b[1] if len(b) > 1 else None
+            if (isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel() and isinstance(out, torch.Tensor)
+                    and out.dim() == 2 and (int(t.min()) < 0 or int(t.max()) >= out.shape[1])):
+                raise ValueError(f"data's batch {i} has class targets in [{int(t.min())}, {int(t.max())}] but the "
+                                 f"model has {out.shape[1]} outputs: is it the data set the model was trained on?")
 
 
 def _check_consistent(pruned: nn.Module, example_inputs, method: str) -> None:
