@@ -17,6 +17,7 @@ import torch
 from lopfast.distill.loss import DEFAULT_GAMMA
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline.data import check_dataset_name
+from lopfast.pipeline.schedule import check_schedule
 
 __all__ = ["METHODS", "RunConfig", "check_out_dir", "resolve_device"]
 
@@ -36,6 +37,11 @@ class RunConfig:
     (150 / 280 / 280); a smaller number rescales the LR milestones proportionally.
     ``pretrain_epochs=0`` takes the model as built as the teacher (e.g. torchvision weights
     through ``model_kwargs={"weights": "DEFAULT"}``).
+
+    ``schedule`` / ``warmup_epochs`` / ``label_smoothing`` / ``nesterov`` apply to every
+    training stage (``lopfast.pipeline.schedule``). ``val_size`` holds that many training images
+    out (stratified, seeded by ``val_seed`` only); ``eval_split="val"`` then reports every
+    accuracy on them instead of the test set: the split on which hyper-parameters are chosen.
     """
 
     model: str = "resnet20"
@@ -71,6 +77,13 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_grad: Optional[float] = None
+    schedule: str = "multistep"  # lopfast.pipeline.schedule.SCHEDULES
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+    val_size: Optional[int] = None  # training images held out as a validation split
+    val_seed: int = 0
+    eval_split: str = "test"  # "val": every accuracy on the validation split (choosing settings)
     amp: str = "auto"
     compile: bool = False
     device: str = "auto"
@@ -139,6 +152,16 @@ class RunConfig:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        self._validate_schedule()
+        if self.val_size is not None and (isinstance(self.val_size, bool) or not isinstance(self.val_size, int)
+                                          or self.val_size < 1):
+            raise ValueError(f"val_size must be a positive int (training images held out), got {self.val_size!r}")
+        if isinstance(self.val_seed, bool) or not isinstance(self.val_seed, int):
+            raise ValueError(f"val_seed must be an int, got {self.val_seed!r}")
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
+        if self.eval_split == "val" and self.val_size is None:
+            raise ValueError("eval_split='val' needs val_size (how many training images to hold out for validation)")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
         from lopfast.pipeline.export import check_formats
@@ -148,6 +171,24 @@ class RunConfig:
             raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
         resolve_device(self.device)
         return self
+
+    def _validate_schedule(self) -> None:
+        check_schedule(self.schedule, self.warmup_epochs)
+        # the warm-up must end inside every stage that trains (None: the paper presets' epochs)
+        stages = {"epochs": (self.epochs or 150) if any(METHOD_PRESET[m] == "finetune" for m in self.methods) else None,
+                  "scratch_epochs": (self.scratch_epochs or 280)
+                  if any(METHOD_PRESET[m] == "scratch" for m in self.methods) else None,
+                  "pretrain_epochs": None if self.teacher or self.pretrain_epochs == 0 else (self.pretrain_epochs or 280)}
+        for name, n in stages.items():
+            if n is not None and self.warmup_epochs > 0 and not self.warmup_epochs < n:
+                raise ValueError(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than {name} ({n})")
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {ls!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
+        if self.nesterov and not self.momentum > 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
 
 
 def _check_fraction(v, name: str) -> float:
@@ -190,6 +231,8 @@ def check_out_dir(cfg: RunConfig, out: str) -> None:
     with open(path) as f:
         old = json.load(f)
     new = cfg.to_dict()
+    # a key the saved config lacks (written before the setting existed) had its default value
+    old = {**RunConfig().to_dict(), **old}
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
     if diff:

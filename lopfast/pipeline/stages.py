@@ -187,7 +187,8 @@ def _train_cfg(cfg: RunConfig, kind: str, epochs: Optional[int], lr: Optional[fl
     return TrainConfig(n, lr_, ms, momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
                        amp=cfg.amp, compile=cfg.compile, seed=cfg.seed, gamma=gamma,
                        sp_reduction=cfg.sp_reduction, factor_weight_decay=cfg.factor_weight_decay,
-                       factor_lr_scale=cfg.factor_lr_scale)
+                       factor_lr_scale=cfg.factor_lr_scale, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                       label_smoothing=cfg.label_smoothing, nesterov=cfg.nesterov)
 
 
 def _write_json(path: str, obj) -> None:
@@ -405,7 +406,11 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
             torch.set_num_threads(threads)
     data = load_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset, download=cfg.download,
-                     workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda")
+                     workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda",
+                     val_size=cfg.val_size, val_seed=cfg.val_seed)
+    if cfg.eval_split == "val":
+        # every accuracy of the run (teacher, pruned, each method, per epoch) on the held-out split
+        data = dataclasses.replace(data, test=data.val, extra={**data.extra, "eval_split": "val"})
     # model-dependent checks, on a meta-free CPU build (cheap for the zoo)
     try:
         probe = zoo.build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
