@@ -205,7 +205,10 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     """Train the unpruned model from scratch (scratch preset) or load ``cfg.teacher``; returns (model, acc)."""
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
     if cfg.teacher:
-        model = load_model_file(cfg.teacher)
+        from lopfast.pipeline.teachers import load_teacher
+
+        # checked: digest of a portable teacher file, architecture, data set, classes; float32
+        model, _ = load_teacher(cfg.teacher, arch=cfg.model, dataset=cfg.dataset, num_classes=data.num_classes)
         return model.to(device), evaluate(model.to(device), data.test, device, cfg.amp)["acc"]
     d = os.path.join(out, "pretrain")
     final = os.path.join(d, "model.pt")
