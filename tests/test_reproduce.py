@@ -186,3 +186,16 @@ def test_cifar_gamma_choice_runs_on_the_validation_split(tmp_path):
     assert "the test set is not read" in res["table"] and "lop, best first" in res["table"]
     # the teacher never saw the held-out images: its own cache entry
     assert any("val96" in d for d in os.listdir(os.path.join(str(tmp_path), "teachers")))
+
+
+@pytest.mark.parametrize("argv,msg", [(["--seeds", "0"], "--seeds must be a positive integer"),
+                                      ([], "give the CIFAR-10 copy"),
+                                      (["/no/such/cifar.tar.gz"], "does not exist"),
+                                      (["--smoke", "--state", "/no/state.tar"], "--state file"),
+                                      (["--bogus"], "unknown option")])
+def test_paper_fast_script_checks_its_arguments(argv, msg):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "paper_fast.sh")
+    r = subprocess.run(["bash", script, *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and msg in r.stderr, (r.returncode, r.stderr)

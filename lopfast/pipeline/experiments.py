@@ -41,6 +41,7 @@ experiment that shares them (or given with ``--teacher``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -429,15 +430,39 @@ def _run_log(path: str, quiet: bool):
 # Module-level functions of one dict argument: run in this process or pickled to a worker.
 def _task_teacher(spec: dict) -> dict:
     """Train (or resume) the teacher of ``spec``; write its portable, checked file; return its record."""
-    from lopfast.pipeline import stages
-    from lopfast.pipeline.teachers import round_to_half, save_teacher, teacher_info
-    from lopfast.pipeline.train import evaluate
+    from lopfast.pipeline.teachers import teacher_info
 
     tdir = spec["tdir"]
     path = os.path.join(tdir, TEACHER_FILE)
-    if os.path.exists(path):
-        info = teacher_info(path)
-        return {"path": path, "acc": info.get("acc"), "bytes": os.path.getsize(path), "cached": True}
+    os.makedirs(tdir, exist_ok=True)
+    with _exclusive(os.path.join(tdir, ".lock")):  # two experiments at once may share this teacher
+        if os.path.exists(path):
+            info = teacher_info(path)
+            return {"path": path, "acc": info.get("acc"), "bytes": os.path.getsize(path), "cached": True}
+        return _train_teacher(spec, tdir, path)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An exclusive lock on ``path`` for the duration (advisory, POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent runs must not share an output folder
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_teacher(spec: dict, tdir: str, path: str) -> dict:
+    from lopfast.pipeline import stages
+    from lopfast.pipeline.teachers import round_to_half, save_teacher
+    from lopfast.pipeline.train import evaluate
+
     cfg = _cell_config(spec["base"], spec["seed"], spec["target"], {}, None)
     cfg.teacher = None
     data, device = stages.prepare(cfg)
