@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lopfast.pipeline.tasks import Task, _Progress, run_tasks
+from lopfast.pipeline.tasks import Task, _epoch_eta, _Progress, run_tasks
 
 
 def test_in_process_runs_in_order_and_reports_progress():
@@ -53,3 +53,6 @@ def test_eta_averages_finished_tasks_of_a_kind_over_the_workers():
     assert p.eta(["b", "c", "d"], {}) == "ETA ~0:22"
     p2 = _Progress([Task("a", "teacher", int)], workers=1, report=lambda s: None, name="x", prior={"teacher": 90})
     assert p2.eta(["a"], {}) == "ETA ~1:30"
+    # a running teacher's own pace: 10 of 40 epochs in 30 s -> 90 s left
+    assert _epoch_eta("[pretrain] epoch 10/40 loss 1.2 test acc 70.00% (3.0s)", 30.0) == ", ~1:30 left"
+    assert _epoch_eta("[teacher] done", 30.0) == ""

@@ -65,3 +65,17 @@ def test_eval_split_val_reports_on_the_held_out_images(tmp_path):
     data, _ = stages.prepare(cfg)
     assert data.test is data.val and data.test.num_samples == 150 and data.extra["eval_split"] == "val"
     assert data.train.num_samples == 1437 - 150
+
+
+def test_a_run_folder_from_before_the_new_settings_is_still_reusable(tmp_path):
+    import json
+
+    from lopfast.pipeline.config import check_out_dir
+
+    cfg = RunConfig(model="digitsnet", dataset="digits", device="cpu")
+    old = {k: v for k, v in cfg.to_dict().items()
+           if k not in ("schedule", "warmup_epochs", "label_smoothing", "nesterov", "val_size", "val_seed", "eval_split")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_out_dir(cfg, str(tmp_path))  # the missing keys had their defaults
+    with pytest.raises(ValueError, match="schedule"):
+        check_out_dir(RunConfig(**{**cfg.to_dict(), "schedule": "linear"}), str(tmp_path))

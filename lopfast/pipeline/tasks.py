@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ class TaskRun:
 def _fmt_s(s: float) -> str:
     s = max(0, int(round(s)))
     return f"{s // 60}:{s % 60:02d}"
+
+
+def _epoch_eta(line: str, elapsed: float) -> str:
+    """``", ~M:SS left"`` from a training log line ``... epoch k/N ...`` (the task's own pace so far)."""
+    m = re.search(r"epoch (\d+)/(\d+)", line)
+    if not m or int(m.group(1)) < 1:
+        return ""
+    k, n = int(m.group(1)), int(m.group(2))
+    return f", ~{_fmt_s(elapsed * (n - k) / k)} left" if n >= k else ""
 
 
 def _last_line(path: Optional[str]) -> str:
@@ -233,9 +243,9 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
                 if time.time() - last_beat >= heartbeat_s and started:
                     last_beat = time.time()
                     for key, t0 in started.items():
-                        line = _last_line(by_key[key].log)
+                        line, spent = _last_line(by_key[key].log), time.time() - t0
                         report(f"[{progress.name}]   running {by_key[key].label or key} "
-                               f"({time.time() - t0:.0f}s){': ' + line if line else ''}")
+                               f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")
                 continue
             busy = {i: k for i, k in busy.items() if k != key}
             finish(key, ok, payload, seconds)
