@@ -223,7 +223,8 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
         "table4", "Table 4: KD ablation, MobileNetV2, CIFAR-10, ADMM", "mobilenet_v2", "cifar10", "admm",
         (0.6837, 0.8980, 0.9480, 0.9866), ("ft", "lop-nokd", "lop"),
         paper=_TABLE4_PAPER, compare=(("lop", "ft"), ("lop-nokd", "ft"), ("lop", "lop-nokd")),
-        shapes={"fast": dict(targets=_T1_FAST)}, notes="table1 --budget fast runs these cells too"),
+        shapes={"fast": dict(targets=_T1_FAST, settings=_TABLE1_FAST["settings"])},
+        notes="table1 --budget fast runs these cells too"),
     Experiment(
         "table5", "Table 5: expansion rate, with and without FC expansion (MobileNetV2, CIFAR-10, ADMM, 92.18 %)",
         "mobilenet_v2", "cifar10", "admm", (0.9218,), ("ft", "lop"),
