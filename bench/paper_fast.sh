@@ -27,6 +27,7 @@
 #                  back with --state on the next machine and only what is missing runs
 # Exit status: 0 when both tables are complete, 3 when one stopped at its time limit, 1 on errors.
 set -uo pipefail
+HERE="$PWD"
 cd "$(dirname "$0")/.."
 
 SMOKE=0; DATA=""; STATE=""; SEEDS=3; PARALLEL=6; TOTAL=560; DEV=""
@@ -48,12 +49,15 @@ done
 for v in SEEDS PARALLEL TOTAL; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "paper_fast.sh: --$(echo $v | tr A-Z a-z) must be a positive integer, got '${!v}'" >&2; exit 2; }
 done
-if [ -n "$STATE" ] && [ ! -f "$STATE" ]; then echo "paper_fast.sh: --state file '$STATE' does not exist" >&2; exit 2; fi
 if [ "$SMOKE" = 0 ] && [ -z "$DATA" ]; then
     echo "paper_fast.sh: give the CIFAR-10 copy: bash bench/paper_fast.sh path/to/cifar10-jpeg.tar.gz (or its folder), or --smoke" >&2
     exit 2
 fi
+# paths given relative to where the script was started
+[ -n "$DATA" ] && [[ "$DATA" != /* ]] && DATA="$HERE/$DATA"
+[ -n "$STATE" ] && [[ "$STATE" != /* ]] && STATE="$HERE/$STATE"
 if [ -n "$DATA" ] && [ ! -e "$DATA" ]; then echo "paper_fast.sh: DATA '$DATA' does not exist" >&2; exit 2; fi
+if [ -n "$STATE" ] && [ ! -f "$STATE" ]; then echo "paper_fast.sh: --state file '$STATE' does not exist" >&2; exit 2; fi
 
 START=$(date +%s)
 OUT_DIR="${OUT:-$PWD/paper-fast-results}"
