@@ -110,6 +110,21 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4")
     g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max grad norm (default off)")
     g.add_argument("--amp", choices=["auto", "bf16", "off"], default=S, help="auto: bf16 autocast on CUDA only")
+    g.add_argument("--budget", choices=["paper", "short", "fast"], default=S,
+                   help="paper (default: the paper's schedules), short (8/15/15 epochs) or fast (one H200: batch 512, "
+                        "linear warm-up/decay, label smoothing, Nesterov; lopfast reproduce --list shows it); "
+                        "--config and flags override its settings")
+    g.add_argument("--schedule", default=S, help="LR schedule of every stage: multistep (default), linear, onecycle")
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
+                   help="linear LR warm-up of every stage, in epochs (default 0)")
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S,
+                   help="label smoothing of the task loss, in [0, 1) (default 0)")
+    g.add_argument("--nesterov", action="store_true", default=S, help="Nesterov momentum")
+    g.add_argument("--val-size", dest="val_size", type=int, default=S,
+                   help="hold N training images out as a validation split (stratified, fixed by --val-seed)")
+    g.add_argument("--val-seed", dest="val_seed", type=int, default=S, help="seed of the validation split (default 0)")
+    g.add_argument("--eval-split", dest="eval_split", default=S,
+                   help="test (default) or val: report every accuracy on the validation split (choose settings there)")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the trained model")
     if prune:
         g = p.add_argument_group("pruning")
@@ -241,8 +256,17 @@ def _add_reproduce(sub) -> None:
                                    "command to resume.")
     p.add_argument("experiment", nargs="?", help="table1, table2, table3, table4, table5, fig3, fig4, gamma")
     p.add_argument("--list", action="store_true", help="print the registry and exit")
-    p.add_argument("--budget", choices=["paper", "short", "smoke"], default="short",
-                   help="paper: the paper's epochs; short: minutes per experiment on one H200; smoke: tiny CPU check")
+    p.add_argument("--budget", choices=["paper", "short", "fast", "smoke", "fast-smoke"], default="short",
+                   help="paper: the paper's epochs; short: its schedule scaled down; fast: a modern short recipe and "
+                        "fewer cells for one H200 (minutes per experiment, teacher included); smoke / fast-smoke: "
+                        "tiny CPU checks of the cells of the others / of fast")
+    p.add_argument("--dataset", default=None, help="run the experiment on another data set it offers "
+                                                   "(gamma: cifar10, chosen on a validation split)")
+    p.add_argument("--teachers", default=None,
+                   help="shared (one teacher for every seed; the fast budgets' default) or per-seed (the others')")
+    p.add_argument("--time-limit", dest="time_limit", type=float, default=None,
+                   help="seconds for the whole experiment: no task starts after it, running ones stop and resume on "
+                        "the next run; the table shows what finished (exit status 3 when something did not)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--out", default="runs/reproduce", help="output root (default runs/reproduce; teachers/ is shared)")
@@ -264,15 +288,21 @@ def _reproduce(args) -> int:
         return 0
     res = reproduce(args.experiment, budget=args.budget, seeds=args.seeds, seed=args.seed, out=args.out,
                     data_dir=args.data_dir, device=args.device, teacher=args.teacher, targets=args.targets,
-                    methods=args.methods, parallel=args.parallel, quiet=args.quiet)
+                    methods=args.methods, parallel=args.parallel, quiet=args.quiet, dataset=args.dataset,
+                    teachers=args.teachers, time_limit=args.time_limit)
     print(res["table"])
     print(f"\n{res['seconds']:.0f}s; wrote {res['csv']}, {res['md']}" + (f", {res['png']}" if res["png"] else ""))
-    return 0
+    if res["failed"]:
+        print(f"lopfast reproduce: {len(res['failed'])} tasks failed: {', '.join(sorted(res['failed']))}",
+              file=sys.stderr)
+        return 1
+    return 3 if res["unfinished"] else 0
 
 
 def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
-    """Layer command defaults < --config file < explicit flags."""
-    settings = dict(command_defaults)
+    """Layer command defaults < --budget < --config file < explicit flags."""
+    budget = getattr(args, "budget", None)
+    loaded = {}
     cfg_path = getattr(args, "config", None)
     if cfg_path:
         if not os.path.isfile(cfg_path):
@@ -284,10 +314,13 @@ def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
             raise ValueError(f"--config file {cfg_path!r} is not valid JSON: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ValueError(f"--config file {cfg_path!r} must hold a JSON object of settings")
-        settings.update(loaded)
-    for k, v in vars(args).items():
-        if k not in ("command", "config", "out", "resume", "quiet"):
-            settings[k] = v
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "out", "resume", "quiet", "budget")}
+    settings = {**command_defaults, **loaded, **flags}
+    if budget is not None:
+        from lopfast.pipeline.experiments import budget_settings
+
+        layered = budget_settings(budget, settings.get("dataset", "cifar10"), settings.get("model", "resnet20"))
+        settings = {**command_defaults, **layered, **loaded, **flags}
     _merge_prune_parts(settings)
     if "model" not in settings and isinstance(settings.get("teacher"), str):
         _model_from_teacher(settings, args)
@@ -474,7 +507,7 @@ def _check_export_args(args) -> None:
 
 
 def _check_reproduce_args(args) -> None:
-    from lopfast.checks import check_int
+    from lopfast.checks import check_choice, check_int, check_number
     from lopfast.pipeline.config import check_out_path
 
     if args.list:
@@ -484,6 +517,10 @@ def _check_reproduce_args(args) -> None:
     check_int(args.seeds, "seeds", min=1)
     check_int(args.seed, "seed", min=0, max=2**32 - 1)
     check_int(args.parallel, "parallel", min=1)
+    if args.time_limit is not None:
+        check_number(args.time_limit, "time_limit", min=0, min_open=True, accepted="a positive number of seconds")
+    if args.teachers is not None:
+        check_choice(args.teachers, "teachers", ("shared", "per-seed"))
     check_out_path(args.out)
 
 

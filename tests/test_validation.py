@@ -529,7 +529,7 @@ def test_default_out_folders_never_collide(tmp_path, monkeypatch):
 def test_every_run_flag_is_a_setting_or_a_known_cli_argument():
     # how a new flag plugs in: its dest is a RunConfig field (checked by SETTING_CHECKS) or one
     # of these command-line-only arguments, which _check_pipeline_args checks
-    cli_only = {"out", "config", "resume", "quiet", "seeds", "targets", "help"}
+    cli_only = {"out", "config", "resume", "quiet", "seeds", "targets", "help", "budget"}  # budget: argparse choices
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     for command in cli.PIPELINE_COMMANDS:
         flags = cli._flag_names(cli.build_parser(), command)

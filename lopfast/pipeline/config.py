@@ -27,6 +27,7 @@ from lopfast.checks import (
 from lopfast.distill.loss import DEFAULT_GAMMA
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline.data import check_dataset_name
+from lopfast.pipeline.schedule import SCHEDULES
 
 __all__ = ["METHODS", "SETTING_CHECKS", "RunConfig", "check_out_dir", "check_out_path", "has_run", "resolve_device"]
 
@@ -46,6 +47,11 @@ class RunConfig:
     (150 / 280 / 280); a smaller number rescales the LR milestones proportionally.
     ``pretrain_epochs=0`` takes the model as built as the teacher (e.g. torchvision weights
     through ``model_kwargs={"weights": "DEFAULT"}``).
+
+    ``schedule`` / ``warmup_epochs`` / ``label_smoothing`` / ``nesterov`` apply to every
+    training stage (``lopfast.pipeline.schedule``). ``val_size`` holds that many training images
+    out (stratified, seeded by ``val_seed`` only); ``eval_split="val"`` then reports every
+    accuracy on them instead of the test set: the split on which hyper-parameters are chosen.
     """
 
     model: str = "resnet20"
@@ -81,6 +87,13 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_grad: Optional[float] = None
+    schedule: str = "multistep"  # lopfast.pipeline.schedule.SCHEDULES
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+    val_size: Optional[int] = None  # training images held out as a validation split
+    val_seed: int = 0
+    eval_split: str = "test"  # "val": every accuracy on the validation split (choosing settings)
     amp: str = "auto"
     compile: bool = False
     device: str = "auto"
@@ -245,6 +258,13 @@ SETTING_CHECKS: Dict[str, Callable[[Any, str], Any]] = {
     "threads": _opt(_pos_int),
     "seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
     "export": _export,
+    "schedule": lambda v, n: check_choice(v, n, SCHEDULES),
+    "warmup_epochs": _nonneg_number,
+    "label_smoothing": lambda v, n: check_number(v, n, min=0, max=1, max_open=True),
+    "nesterov": check_bool,
+    "val_size": _opt(_pos_int),
+    "val_seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
+    "eval_split": lambda v, n: check_choice(v, n, ("test", "val")),
 }
 
 
@@ -278,7 +298,26 @@ def _check_together(cfg: "RunConfig") -> None:
     if cfg.linear_rate is not None and not cfg.linear:
         raise InvalidArgument("linear_rate", cfg.linear_rate, "unset unless linear is on",
                               "it sets the rate of the linear expansion: add --linear (or drop --linear-rate)")
+    _check_schedule(cfg)
+    if cfg.eval_split == "val" and cfg.val_size is None:
+        raise InvalidArgument("eval_split", cfg.eval_split, "'test' unless val_size is set",
+                              "'val' needs val_size (how many training images to hold out for validation)")
     _check_prune_options(cfg)
+
+
+def _check_schedule(cfg: "RunConfig") -> None:
+    """The warm-up must end inside every stage that trains (None: the paper presets' epochs);
+    Nesterov needs momentum."""
+    stages = {"epochs": (cfg.epochs or 150) if any(METHOD_PRESET[m] == "finetune" for m in cfg.methods) else None,
+              "scratch_epochs": (cfg.scratch_epochs or 280)
+              if any(METHOD_PRESET[m] == "scratch" for m in cfg.methods) else None,
+              "pretrain_epochs": None if cfg.teacher or cfg.pretrain_epochs == 0 else (cfg.pretrain_epochs or 280)}
+    for name, n in stages.items():
+        if n is not None and cfg.warmup_epochs > 0 and not cfg.warmup_epochs < n:
+            raise InvalidArgument("warmup_epochs", cfg.warmup_epochs, f"fewer epochs than {name} ({n})",
+                                  "the warm-up must end inside every stage that trains")
+    if cfg.nesterov and not cfg.momentum > 0:
+        raise InvalidArgument("nesterov", cfg.nesterov, "off unless momentum > 0", f"momentum is {cfg.momentum!r}")
 
 
 def _check_prune_options(cfg: "RunConfig") -> None:
@@ -360,6 +399,8 @@ def check_out_dir(cfg: RunConfig, out: str) -> None:
     with open(path) as f:
         old = json.load(f)
     new = cfg.to_dict()
+    # a key the saved config lacks (written before the setting existed) had its default value
+    old = {**RunConfig().to_dict(), **old}
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
     if diff:

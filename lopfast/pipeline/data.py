@@ -9,6 +9,11 @@
 * ``imagenet``: image folders ``train/`` and ``val/`` read by a DataLoader with workers
   (needs torchvision).
 
+A validation split (``val_size`` images) can be carved out of the training set: stratified by
+class, chosen by a generator seeded with ``val_seed`` alone (not the training seed), so every run
+and every seed holds out the same images, and those images are removed from the training set
+before ``train_subset`` is drawn. Hyper-parameters are chosen on it, never on the test set.
+
 Small data sets live on the training device as uint8 tensors; random crop (zero pad) and
 horizontal flip are applied per batch on that device, so an epoch costs no host work and no
 worker processes. The order of an epoch and its augmentation draws come from a generator
@@ -29,7 +34,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "load_data"]
+__all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "load_data", "split_validation"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 
@@ -208,7 +213,12 @@ class FolderLoader:
 
 @dataclass
 class DataBundle:
-    """Train / test loaders plus what a model needs to know about the data."""
+    """Train / test loaders plus what a model needs to know about the data.
+
+    ``val``: the validation loader when ``load_data(val_size=...)`` carved one out of the
+    training set (else None); ``extra["train_index"]`` / ``extra["val_index"]`` then give the
+    positions of both in the full training set (disjoint).
+    """
 
     name: str
     train: object
@@ -217,6 +227,7 @@ class DataBundle:
     num_classes: int
     image_size: int
     extra: dict = field(default_factory=dict)
+    val: Optional[object] = None
 
     def example_inputs(self, n: int = 2, device=None) -> torch.Tensor:
         """A small normalised batch from the test set (for pruning tracers and checks)."""
@@ -351,11 +362,43 @@ def _cifar_pickle(folder: Path, meta: dict):
     return x_tr, y_tr, x_te, y_te, meta["classes"], meta["mean"], meta["std"]
 
 
+def _subset_index(n_all: int, n: Optional[int], seed: int) -> np.ndarray:
+    if n is None or n >= n_all:
+        return np.arange(n_all)
+    return np.sort(np.random.RandomState(seed).permutation(n_all)[:n])
+
+
 def _subset(x, y, n: Optional[int], seed: int):
-    if n is None or n >= len(y):
-        return x, y
-    idx = np.random.RandomState(seed).permutation(len(y))[:n]
-    return x[np.sort(idx)], y[np.sort(idx)]
+    idx = _subset_index(len(y), n, seed)
+    return x[idx], y[idx]
+
+
+def split_validation(labels, val_size: int, seed: int = 0):
+    """Hold ``val_size`` of the positions of ``labels`` out for validation, stratified by class.
+
+    Returns ``(train_index, val_index)``: sorted, disjoint int64 arrays covering every position.
+    Each class gives ``val_size`` times its share of the labels (rounded down, the remainder
+    going one each to classes in a seeded order); which of its images go is a seeded
+    permutation. The result depends on ``labels``, ``val_size`` and ``seed`` only.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 < val_size < n:
+        raise ValueError(f"val_size must be an int between 1 and {n - 1} (images held out of the {n} training "
+                         f"images), got {val_size!r}")
+    rng = np.random.RandomState(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    take = (counts * val_size) // n
+    for c in rng.permutation(len(classes))[: val_size - int(take.sum())]:
+        take[c] += 1
+    val = []
+    for c, k in zip(classes, take):
+        pos = np.flatnonzero(labels == c)
+        val.append(pos[rng.permutation(len(pos))[:k]])
+    val_index = np.sort(np.concatenate(val)).astype(np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[val_index] = False
+    return np.flatnonzero(mask).astype(np.int64), val_index
 
 
 def load_data(
@@ -373,6 +416,8 @@ def load_data(
     rank: int = 0,
     world_size: int = 1,
     channels_last: bool = False,
+    val_size: Optional[int] = None,
+    val_seed: int = 0,
 ) -> DataBundle:
     """Load a data set and return its train / test loaders.
 
@@ -390,6 +435,10 @@ def load_data(
         workers: DataLoader workers (imagenet only).
         rank, world_size: DDP slice.
         channels_last: deliver batches in channels_last format.
+        val_size: hold this many training images out as a validation split
+            (:func:`split_validation`: stratified, seeded by ``val_seed`` only); they are
+            removed before ``train_subset`` is drawn and served by ``bundle.val``.
+        val_seed: seed of the validation split.
     """
     check_dataset_name(name)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -403,6 +452,9 @@ def load_data(
         raise ValueError(f"device {device!r} is not a valid torch device") from None
     eval_bs = eval_batch_size or max(batch_size, 512)
     if name == "imagenet":
+        if val_size is not None:
+            raise ValueError("val_size is not supported for imagenet (its val/ folder is the evaluation set); "
+                             "carve a validation folder by hand")
         return _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last)
     if name == "digits":
         x_tr, y_tr, x_te, y_te, ncls, mean, std = _digits(train_subset, seed)
@@ -410,13 +462,22 @@ def load_data(
     else:
         x_tr, y_tr, x_te, y_te, ncls, mean, std = _cifar(name, data_dir, download)
         crop_pad, flip, size = 4, True, x_tr.shape[-1]
-    x_tr, y_tr = _subset(x_tr, y_tr, train_subset, 1)
+    extra = {"mean": mean, "std": std}
+    keep, val_index = np.arange(len(y_tr)), None
+    if val_size is not None:
+        keep, val_index = split_validation(y_tr, val_size, val_seed)
+    train_index = keep[_subset_index(len(keep), train_subset, 1)]
     x_te, y_te = _subset(x_te, y_te, test_subset, 2)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
     common = dict(rank=rank, world_size=world_size, channels_last=channels_last, seed=seed)
-    train = TensorLoader(t(x_tr), t(y_tr), mean, std, batch_size, train=True, crop_pad=crop_pad, flip=flip, **common)
+    train = TensorLoader(t(x_tr[train_index]), t(y_tr[train_index]), mean, std, batch_size, train=True,
+                         crop_pad=crop_pad, flip=flip, **common)
     test = TensorLoader(t(x_te), t(y_te), mean, std, eval_bs, train=False, **common)
-    return DataBundle(name, train, test, int(x_tr.shape[1]), int(ncls), int(size), {"mean": mean, "std": std})
+    val = None
+    if val_index is not None:
+        val = TensorLoader(t(x_tr[val_index]), t(y_tr[val_index]), mean, std, eval_bs, train=False, **common)
+        extra.update(train_index=train_index, val_index=val_index, val_seed=val_seed)
+    return DataBundle(name, train, test, int(x_tr.shape[1]), int(ncls), int(size), extra, val=val)
 
 
 def _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last) -> DataBundle:

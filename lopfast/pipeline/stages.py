@@ -195,7 +195,8 @@ def _train_cfg(cfg: RunConfig, kind: str, epochs: Optional[int], lr: Optional[fl
     return TrainConfig(n, lr_, ms, momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
                        amp=cfg.amp, compile=cfg.compile, seed=cfg.seed, gamma=gamma,
                        sp_reduction=cfg.sp_reduction, factor_weight_decay=cfg.factor_weight_decay,
-                       factor_lr_scale=cfg.factor_lr_scale)
+                       factor_lr_scale=cfg.factor_lr_scale, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                       label_smoothing=cfg.label_smoothing, nesterov=cfg.nesterov)
 
 
 def _write_json(path: str, obj) -> None:
@@ -212,7 +213,10 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
     """Train the unpruned model from scratch (scratch preset) or load ``cfg.teacher``; returns (model, acc)."""
     arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
     if cfg.teacher:
-        model = load_model_file(cfg.teacher)
+        from lopfast.pipeline.teachers import load_teacher
+
+        # checked: digest of a portable teacher file, architecture, data set, classes; float32
+        model, _ = load_teacher(cfg.teacher, arch=cfg.model, dataset=cfg.dataset, num_classes=data.num_classes)
         return model.to(device), evaluate(model.to(device), data.test, device, cfg.amp)["acc"]
     d = os.path.join(out, "pretrain")
     final = os.path.join(d, "model.pt")
@@ -419,8 +423,12 @@ def prepare(cfg: RunConfig, device=None, rank: int = 0, world: int = 1):
             torch.set_num_threads(threads)
     data = load_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                      train_subset=cfg.train_subset, test_subset=cfg.test_subset, download=cfg.download,
-                     workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda")
+                     workers=cfg.workers, rank=rank, world_size=world, channels_last=device.type == "cuda",
+                     val_size=cfg.val_size, val_seed=cfg.val_seed)
     _warn_short_subsets(cfg, data)
+    if cfg.eval_split == "val":
+        # every accuracy of the run (teacher, pruned, each method, per epoch) on the held-out split
+        data = dataclasses.replace(data, test=data.val, extra={**data.extra, "eval_split": "val"})
     # model-dependent checks, on a meta-free CPU build (cheap for the zoo)
     try:
         probe = zoo.build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
@@ -480,7 +488,11 @@ def check_teacher(cfg: RunConfig, data, built_params: Optional[int] = None) -> N
         if _user_kwargs(kw) != _user_kwargs(want):
             raise ValueError(f"--teacher {path} was built with model arguments {_user_kwargs(kw)} but --model-kwargs "
                              f"gives {_user_kwargs(want)}: pass --model-kwargs '{json.dumps(_user_kwargs(kw))}'")
-    teacher = load_model_file(path)  # refuses NaN / inf weights
+    from lopfast.pipeline.teachers import load_teacher
+
+    # float32 whatever the file stores (portable teacher files hold float16), its digest checked;
+    # lopfast.load refuses NaN / inf weights
+    teacher, _ = load_teacher(path, arch=cfg.model, dataset=cfg.dataset, num_classes=data.num_classes)
     from lopfast.surgery import expanded_modules
 
     if expanded_modules(teacher):

@@ -1,14 +1,17 @@
-"""Training loop: SGD + multi-step LR, optional SP distillation, checkpoints, resume, data parallel.
+"""Training loop: SGD + a per-step LR schedule, optional SP distillation, checkpoints, resume, data parallel.
 
 One function, :func:`train`, serves every stage (pretraining, fine-tuning, training from
 scratch, distillation). Choices and why:
 
-* SGD with momentum and weight decay, ``MultiStepLR`` (the paper's schedules, see
-  :data:`PRESETS`); ``--epochs`` rescales the milestones proportionally.
+* SGD with momentum (optionally Nesterov) and weight decay; the LR of every step is the base LR
+  times :func:`lopfast.pipeline.schedule.lr_factors` (``multistep``: the paper's schedules, see
+  :data:`PRESETS`, ``--epochs`` rescales the milestones proportionally; ``linear`` /
+  ``onecycle``: warm-up then decay to zero, for short budgets); optional label smoothing of
+  the task loss.
 * On CUDA: bf16 autocast and channels_last by default (bf16 needs no loss scaler); the
   loss and the SP Gram matrices are computed in float32.
 * Checkpoint after every epoch, written to a temp file then ``os.replace``d so a crash never
-  leaves a torn file. It holds model, optimizer, scheduler, epoch, history and the RNG
+  leaves a torn file. It holds model, optimizer, epoch, history and the RNG
   states; the data order of an epoch is seeded by (seed, epoch) in the loaders, so a resumed
   run replays exactly the batches an uninterrupted one would.
 * Data parallel with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU, started by
@@ -41,6 +44,7 @@ from lopfast.checks import TrainingDiverged
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
 from lopfast.layers import ExpandedConv2d
+from lopfast.pipeline.schedule import check_schedule, lr_factors
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate", "onednn_conv_guard", "preset", "train"]
 
@@ -71,6 +75,10 @@ class TrainConfig:
     sp_reduction: str = "mean"  # SP loss over layer pairs: "mean" (gamma per pair) or "sum" (Eq. 11 literally)
     factor_weight_decay: Optional[float] = None  # weight decay of expanded factors (weight1..); None: weight_decay
     factor_lr_scale: float = 1.0  # LR multiplier of expanded factors
+    schedule: str = "multistep"  # lopfast.pipeline.schedule.SCHEDULES: multistep, linear, onecycle
+    warmup_epochs: float = 0.0  # linear LR warm-up (any schedule)
+    label_smoothing: float = 0.0  # of the task loss (cross-entropy)
+    nesterov: bool = False  # Nesterov momentum
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -95,6 +103,14 @@ class TrainConfig:
             raise ValueError(f"factor_weight_decay must be >= 0 or None, got {self.factor_weight_decay!r}")
         if not (self.factor_lr_scale > 0 and math.isfinite(self.factor_lr_scale)):
             raise ValueError(f"factor_lr_scale must be a positive number, got {self.factor_lr_scale!r}")
+        check_schedule(self.schedule, self.warmup_epochs, self.epochs)
+        if (isinstance(self.label_smoothing, bool) or not isinstance(self.label_smoothing, (int, float))
+                or not 0 <= self.label_smoothing < 1):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
+        if self.nesterov and not self.momentum > 0:
+            raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
 
 
@@ -348,15 +364,19 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=cfg.lr_decay)
+    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    # the LR of step s is base * factors[s] in every group: no scheduler state, so a resumed run
+    # continues the table at its step (base LRs taken before a checkpoint overwrites the groups)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = len(data.train)
+    factors = lr_factors(cfg, steps_per_epoch).tolist()
     history: List[dict] = []
     start = 0
     if resume and checkpoint and os.path.exists(checkpoint):
         ck = load_checkpoint(checkpoint, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"], device)
         history = list(ck.get("history", []))
         start = int(ck["epoch"]) + 1
@@ -399,15 +419,18 @@ def train(
             te = time.time()
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sp, batches
             batches = _progress(data.train.epoch(epoch), len(data.train), f"{desc} {epoch + 1}/{cfg.epochs}", progress)
-            for x, y, gbs in batches:
+            for i, (x, y, gbs) in enumerate(batches):
                 frac = len(y) / gbs
+                f = factors[epoch * steps_per_epoch + i]
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base * f
                 with _autocast(device, cfg.amp):
                     if distiller is not None:
                         logits, sp = distiller(x)
                     else:
                         logits, sp = forward(x), None
                 # scaled so the summed all-reduce equals the global-batch mean
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") / gbs
+                loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=cfg.label_smoothing) / gbs
                 total = loss if sp is None else loss + cfg.gamma * frac * sp.float()
                 opt.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks; each rank's share is already local/global
@@ -419,7 +442,6 @@ def train(
                 if sp is not None:
                     sums[1] += sp.detach().float() * frac
                 sums[2] += 1
-            sched.step()
             if world > 1:
                 dist.all_reduce(sums[:2])
                 _broadcast_buffers(model)
@@ -450,7 +472,6 @@ def train(
                             "epoch": epoch,
                             "model": model.state_dict(),
                             "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(),
                             "rng": _rng_state(device),
                             "history": history,
                             "config": _jsonable(asdict(cfg)),

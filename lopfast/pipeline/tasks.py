@@ -1,0 +1,267 @@
+"""Run a graph of training tasks on one machine: in this process, or packed onto N worker processes.
+
+``lopfast reproduce`` splits an experiment into tasks (train or load a teacher; prune it per
+seed, target and strategy; train each recovery cell) with dependencies between them, and hands
+them to :func:`run_tasks`. With ``workers > 1`` each task runs in one of ``workers`` spawned
+processes (CUDA does not survive fork), so the small, launch-bound networks of one experiment
+share one GPU at once; a task starts as soon as the tasks it depends on have finished. What
+the caller learns, as it happens: each finished task (``on_done``), a progress line with an ETA
+after every task, and every ``heartbeat_s`` seconds the last line of each running task's log.
+
+A deadline stops the run: no task starts after it, and running worker processes are
+terminated (a task loses at most the epoch it was in: training checkpoints every epoch, and a
+rerun resumes). A task that raises, or whose worker dies, fails alone; the tasks that depend on
+it are not run, and everything else continues. In-process mode (``workers == 1`` without a
+deadline) lets a task's exception propagate, traceback and all.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["Task", "TaskRun", "run_tasks"]
+
+
+@dataclass
+class Task:
+    """One unit of work: ``fn(*args)`` (a module-level function: it is pickled by name)."""
+
+    key: str  # unique; dependencies name it
+    kind: str  # tasks of one kind take similar times: the ETA averages them
+    fn: Callable
+    args: tuple = ()
+    deps: Sequence[str] = ()
+    log: Optional[str] = None  # a file whose last line the heartbeat shows
+    label: str = ""
+
+
+@dataclass
+class TaskRun:
+    """What :func:`run_tasks` did: results by key, failures (key -> error text), tasks not run."""
+
+    results: Dict[str, object] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)
+    unfinished: List[str] = field(default_factory=list)
+    timed_out: bool = False
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def _epoch_eta(line: str, elapsed: float) -> str:
+    """``", ~M:SS left"`` from a training log line ``... epoch k/N ...`` (the task's own pace so far)."""
+    m = re.search(r"epoch (\d+)/(\d+)", line)
+    if not m or int(m.group(1)) < 1:
+        return ""
+    k, n = int(m.group(1)), int(m.group(2))
+    return f", ~{_fmt_s(elapsed * (n - k) / k)} left" if n >= k else ""
+
+
+def _last_line(path: Optional[str]) -> str:
+    if not path or not os.path.exists(path):
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 400))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else ""
+    except OSError:
+        return ""
+
+
+class _Progress:
+    def __init__(self, tasks: Sequence[Task], workers: int, report: Callable[[str], None], name: str,
+                 prior: Optional[Dict[str, float]] = None) -> None:
+        self.total, self.workers, self.report, self.name = len(tasks), workers, report, name
+        self.kind = {t.key: t.kind for t in tasks}
+        self.prior = dict(prior or {})
+        self.taken: Dict[str, List[float]] = {}
+        self.t0 = time.time()
+
+    def estimate(self, kind: str) -> Optional[float]:
+        got = self.taken.get(kind)
+        if got:
+            return sum(got) / len(got)
+        return self.prior.get(kind)
+
+    def eta(self, left: Sequence[str], running: Dict[str, float]) -> str:
+        work = 0.0
+        for key in left:
+            est = self.estimate(self.kind[key])
+            if est is None:
+                return "ETA unknown"
+            work += max(0.0, est - (time.time() - running[key])) if key in running else est
+        return f"ETA ~{_fmt_s(work / max(1, min(self.workers, len(left))))}" if left else "ETA 0:00"
+
+    def done(self, task: Task, seconds: float, ok: bool, n_done: int, left: Sequence[str], running: Dict[str, float],
+             note: str = "") -> None:
+        if ok:
+            self.taken.setdefault(task.kind, []).append(seconds)
+        status = "done" if ok else "FAILED"
+        self.report(f"[{self.name} {_fmt_s(time.time() - self.t0)}] {status} {n_done}/{self.total}: "
+                    f"{task.label or task.key}{note} ({seconds:.0f}s); {len(running)} running, {len(left)} left, "
+                    f"{self.eta(left, running)}")
+
+
+def run_tasks(tasks: Sequence[Task], *, workers: int = 1, deadline: Optional[float] = None,
+              on_done: Optional[Callable[[Task, object], Optional[str]]] = None,
+              report: Callable[[str], None] = print, name: str = "run", heartbeat_s: float = 60.0,
+              prior: Optional[Dict[str, float]] = None, threads: Optional[int] = None) -> TaskRun:
+    """Run ``tasks`` (listed in the order to prefer), each after its ``deps``; returns a :class:`TaskRun`.
+
+    ``workers``: processes (1 and no ``deadline``: in this process). ``deadline``: a
+    ``time.time()`` after which nothing starts and running workers are terminated.
+    ``on_done(task, result)`` runs in this process after each finished task and may return a
+    note for the progress line. ``prior``: seconds per task kind for the ETA before any task of
+    that kind has finished. ``threads``: torch CPU threads of each worker process.
+    """
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        raise ValueError("task keys must be unique")
+    by_key = {t.key: t for t in tasks}
+    for t in tasks:
+        missing = [d for d in t.deps if d not in by_key]
+        if missing:
+            raise ValueError(f"task {t.key} depends on unknown tasks {missing}")
+    progress = _Progress(tasks, workers, report, name, prior)
+    run = TaskRun()
+    if workers <= 1 and deadline is None:
+        _in_process(tasks, run, progress, on_done)
+    else:
+        _in_workers(tasks, by_key, run, progress, on_done, workers, deadline, report, heartbeat_s, threads)
+    return run
+
+
+def _in_process(tasks, run: TaskRun, progress: _Progress, on_done) -> None:
+    left = [t.key for t in tasks]
+    for i, t in enumerate(tasks):
+        t0 = time.time()
+        res = t.fn(*t.args)  # a failure propagates: one process, the caller sees the traceback
+        run.results[t.key], run.seconds[t.key] = res, time.time() - t0
+        left.remove(t.key)
+        note = on_done(t, res) if on_done else None
+        progress.done(t, run.seconds[t.key], True, i + 1, left, {}, note or "")
+
+
+def _worker_main(inbox, outbox, threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    while True:
+        item = inbox.get()
+        if item is None:
+            return
+        key, fn, args = item
+        t0 = time.time()
+        try:
+            outbox.put((key, True, fn(*args), time.time() - t0))
+        except BaseException:  # noqa: BLE001  (reported to the scheduler, which carries on)
+            outbox.put((key, False, traceback.format_exc(), time.time() - t0))
+
+
+def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, workers: int, deadline, report,
+                heartbeat_s: float, threads) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    outbox = ctx.Queue()
+    procs: List = [None] * workers
+    inboxes: List = [None] * workers
+    busy: Dict[int, str] = {}  # worker -> task key
+    started: Dict[str, float] = {}
+
+    def start_worker(i: int) -> None:
+        inboxes[i] = ctx.Queue()
+        procs[i] = ctx.Process(target=_worker_main, args=(inboxes[i], outbox, threads), daemon=True)
+        procs[i].start()
+
+    order = [t.key for t in tasks]
+    pending = list(order)
+    finished = 0
+    last_beat = time.time()
+
+    def finish(key: str, ok: bool, payload, seconds: float) -> None:
+        nonlocal finished
+        finished += 1
+        started.pop(key, None)
+        note = ""
+        if ok:
+            run.results[key], run.seconds[key] = payload, seconds
+            if on_done:
+                note = on_done(by_key[key], payload) or ""
+        else:
+            run.failed[key] = str(payload)
+            report(f"[{progress.name}] task {by_key[key].label or key} failed:\n{payload}")
+            # what depends on it, directly or not, cannot run
+            blocked = {key}
+            for k in order:
+                if k in pending and any(d in blocked for d in by_key[k].deps):
+                    blocked.add(k)
+                    pending.remove(k)
+                    run.failed[k] = f"not run: depends on {key}, which failed"
+        left = pending + list(started)
+        progress.done(by_key[key], seconds, ok, finished, left, started, note)
+
+    try:
+        for i in range(min(workers, len(tasks))):
+            start_worker(i)
+        while pending or busy:
+            if deadline is not None and time.time() >= deadline:
+                run.timed_out = True
+                break
+            for i in range(len(procs)):  # hand ready tasks to idle workers, in the preferred order
+                if i in busy:
+                    continue
+                ready = next((k for k in pending if all(d in run.results for d in by_key[k].deps)), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                busy[i], started[ready] = ready, time.time()
+                t = by_key[ready]
+                inboxes[i].put((t.key, t.fn, t.args))
+            if not busy and pending:  # nothing can start: what is left waits on failures
+                break
+            wait = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.time()))
+            try:
+                key, ok, payload, seconds = outbox.get(timeout=wait)
+            except queue.Empty:
+                for i, key in list(busy.items()):  # a worker that died mid-task (killed, crashed)
+                    if not procs[i].is_alive():
+                        del busy[i]
+                        finish(key, False, f"its worker process died (exit code {procs[i].exitcode})",
+                               time.time() - started[key])
+                        start_worker(i)
+                if time.time() - last_beat >= heartbeat_s and started:
+                    last_beat = time.time()
+                    for key, t0 in started.items():
+                        line, spent = _last_line(by_key[key].log), time.time() - t0
+                        report(f"[{progress.name}]   running {by_key[key].label or key} "
+                               f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")
+                continue
+            busy = {i: k for i, k in busy.items() if k != key}
+            finish(key, ok, payload, seconds)
+    finally:
+        stop = run.timed_out or bool(busy)
+        for i, p in enumerate(procs):
+            if p is None:
+                continue
+            if stop and p.is_alive():
+                p.terminate()
+            elif p.is_alive():
+                inboxes[i].put(None)
+        for p in procs:
+            if p is not None:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+    run.unfinished = [k for k in order if k not in run.results and k not in run.failed]

@@ -1,0 +1,92 @@
+"""Portable teacher files (lopfast.pipeline.teachers): float16 on disk, float32 back, exactly the
+rounded weights, and refused when damaged or not the teacher the run needs."""
+import os
+
+import pytest
+import torch
+
+from lopfast.io import ModelFileError, save
+from lopfast.pipeline import stages
+from lopfast.pipeline.config import RunConfig
+from lopfast.pipeline.models import build_model
+from lopfast.pipeline.teachers import load_teacher, round_to_half, save_teacher, teacher_info, tensor_digest
+
+KW = {"in_channels": 1, "num_classes": 10, "width": 16}
+
+
+def _model():
+    torch.manual_seed(0)
+    m = build_model("digitsnet", **KW)
+    m(torch.randn(8, 1, 8, 8))  # BN running stats that are not the defaults
+    return m.eval()
+
+
+def test_round_trip_is_half_the_size_and_exactly_the_rounded_weights(tmp_path):
+    m = _model()
+    full, small = str(tmp_path / "full.pt"), str(tmp_path / "teacher.pt")
+    save(m, full, arch="digitsnet", arch_kwargs=KW)
+    rounded = round_to_half(m)
+    size = save_teacher(rounded, small, arch="digitsnet", arch_kwargs=KW, dataset="digits", acc=97.5, eval_split="test")
+    assert size == os.path.getsize(small) < 0.6 * os.path.getsize(full)
+    loaded, info = load_teacher(small, arch="digitsnet", dataset="digits", num_classes=10)
+    assert info["acc"] == 97.5 and info["stored_dtype"] == "float16" and info["eval_split"] == "test"
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values() if t.is_floating_point())
+    for (k, a), b in zip(rounded.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(rounded(x), loaded.eval()(x))
+    # rounding moved the weights by at most float16's step
+    w, r = m.state_dict(), rounded.state_dict()
+    for k in w:
+        if w[k].is_floating_point():
+            assert torch.allclose(w[k], r[k], rtol=2 ** -11, atol=1e-7), k
+    assert teacher_info(small)["digest"] == tensor_digest({k: v.half() if v.is_floating_point() else v
+                                                           for k, v in rounded.state_dict().items()})
+
+
+def test_values_float16_cannot_hold_stay_float32(tmp_path):
+    m = _model()
+    with torch.no_grad():
+        next(b for n, b in m.named_buffers() if n.endswith("running_var"))[0] = 1e6
+    path = str(tmp_path / "t.pt")
+    save_teacher(m, path, arch="digitsnet", arch_kwargs=KW, dataset="digits")
+    info = teacher_info(path)
+    assert len(info["float32_tensors"]) == 1 and info["float32_tensors"][0].endswith("running_var")
+    loaded, _ = load_teacher(path)
+    assert float(dict(loaded.named_buffers())[info["float32_tensors"][0]][0]) == 1e6
+
+
+def test_damaged_or_wrong_teachers_are_refused(tmp_path):
+    path = str(tmp_path / "t.pt")
+    save_teacher(_model(), path, arch="digitsnet", arch_kwargs=KW, dataset="digits", acc=90.0)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = payload["state_dict"][name].clone()
+    payload["state_dict"][name].view(-1)[0] += 1
+    bad = str(tmp_path / "edited.pt")
+    torch.save(payload, bad)
+    with pytest.raises(ModelFileError, match="edited.pt.*digest"):
+        load_teacher(bad)
+    with pytest.raises(ModelFileError, match="is a digitsnet, but the run's model is resnet20"):
+        load_teacher(path, arch="resnet20")
+    with pytest.raises(ModelFileError, match="trained on digits"):
+        load_teacher(path, dataset="cifar10")
+    with pytest.raises(ModelFileError, match="10 classes, the data has 100"):
+        load_teacher(path, num_classes=100)
+    # a plain lopfast.save file (a pipeline stage's model.pt) loads, with no record to check
+    plain = str(tmp_path / "plain.pt")
+    save(_model(), plain, arch="digitsnet", arch_kwargs=KW)
+    assert load_teacher(plain, arch="digitsnet")[1] == {}
+
+
+def test_a_run_takes_a_portable_teacher_in_float32(tmp_path):
+    path = str(tmp_path / "t.pt")
+    save_teacher(round_to_half(_model()), path, arch="digitsnet", arch_kwargs=KW, dataset="digits")
+    cfg = RunConfig(model="digitsnet", model_kwargs={"width": 16}, dataset="digits", device="cpu", teacher=path,
+                    test_subset=64)
+    data, device = stages.prepare(cfg)
+    teacher, acc = stages.pretrain_stage(cfg, data, str(tmp_path), device, lambda s: None)
+    assert next(teacher.parameters()).dtype == torch.float32 and 0 <= acc <= 100
+    with pytest.raises(ModelFileError, match="resnet20"):
+        stages.pretrain_stage(RunConfig(**{**cfg.to_dict(), "model": "resnet20", "model_kwargs": {}}), data,
+                              str(tmp_path), device, lambda s: None)
