@@ -50,7 +50,7 @@ routing and the Triton plan done once); each forward only checks the layers' sig
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
