@@ -73,6 +73,7 @@ class RunConfig:
     clip_grad: Optional[float] = None
     amp: str = "auto"
     compile: bool = False
+    capture: str = "auto"  # the training step as one CUDA graph (lopfast.pipeline.step): auto, compile, off
     device: str = "auto"
     threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
     seed: int = 0
@@ -141,6 +142,8 @@ class RunConfig:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.capture not in ("auto", "compile", "off"):
+            raise ValueError(f"capture must be auto, compile or off, got {self.capture!r}")
         from lopfast.pipeline.export import check_formats
 
         check_formats(self.export, "export format")
@@ -179,7 +182,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 # settings that do not change what earlier stages computed: a run directory may be reused with others
-_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
+_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "capture", "targets", "download"}
 
 
 def check_out_dir(cfg: RunConfig, out: str) -> None:
