@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import requires_cuda
 from test_collapse import CASES, _assert_close, _factors
 
 import lopfast
@@ -36,6 +37,19 @@ def _grads(layers, dtype, backend):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("backend", list(op.available_backends(DEV, torch.float16)))
 def test_fp32_factors_collapsed_in_the_step_dtype(backend, dtype):
+    _check_step_dtype(backend, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_bf16_step_collapse_every_backend():
+    """The same on the GPU in bf16, every backend (the Triton kernel's bf16 MMA included), for the
+    GPU suite's `-m gpu` run."""
+    for backend in op.available_backends(DEV, torch.bfloat16):
+        _check_step_dtype(backend, torch.bfloat16)
+
+
+def _check_step_dtype(backend, dtype):
     cases = [CASES["odd3x3"], CASES["right_order"], CASES["depthwise"], CASES["groups_nonsquare"]]
     layers = [(_factors(c, torch.float32, DEV, seed=i), c[0]) for i, c in enumerate(cases)]
     outs, grads, gouts = _grads(layers, dtype, backend)

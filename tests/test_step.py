@@ -257,7 +257,7 @@ def test_amp_auto_measures_once_caches_and_says(fake_gpu, monkeypatch):
         if amp == "bf16":  # make the bf16 candidate the slow one, whatever this CPU does
             import time
 
-            time.sleep(0.01)
+            time.sleep(0.1)  # well above the noise of a loaded machine
         return real(self, x, y, gbs, amp)
 
     monkeypatch.setattr(st.TrainStep, "_loss", counting)

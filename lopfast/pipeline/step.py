@@ -52,7 +52,7 @@ is timed once in bf16 autocast and in fp32 (TF32 as the user's precision setting
 will run (replays of a captured graph when the step is captured), for the model and batch at hand,
 through the measured dispatch's machinery (``lopfast.dispatch.choose``, op "amp": cached in memory
 and in the dispatch's cache file, per GPU, versions and model); the choice is printed. On CPU
-"auto" is off.
+"auto" is off; under DDP it is bf16, unmeasured (ranks timing apart could disagree).
 """
 from __future__ import annotations
 
@@ -240,16 +240,18 @@ class TrainStep:
         if not self._said:
             self._say()
         self.steps += 1
-        if self.why_eager is None:
-            sig = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, int(gbs))
-            if self.signature is None:
-                self.signature = sig
-            if sig == self.signature:
-                with dispatch.graph_timing():
+        # a step that is captured makes (and reuses) the dispatch's choices for work inside a graph;
+        # its eager steps (warm-up, the short batch) run the same choices
+        with dispatch.graph_timing(self.why_eager is None):
+            if self.why_eager is None:
+                sig = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, int(gbs))
+                if self.signature is None:
+                    self.signature = sig
+                if sig == self.signature:
                     self._graphed(x, y, gbs)
-                return
-        self._body(x, y, gbs)  # eager: no capture here, or a batch of another shape (the short last one)
-        self.eager_steps += 1
+                    return
+            self._body(x, y, gbs)  # eager: no capture here, or a batch of another shape (the short last one)
+            self.eager_steps += 1
 
     def _graphed(self, x: torch.Tensor, y: torch.Tensor, gbs: int) -> None:
         if self.static_x is None:
@@ -332,6 +334,12 @@ class TrainStep:
             return self.amp
         if not dispatch.tunable(self.device):
             self.amp = "off"
+            return self.amp
+        if self.world > 1:
+            # timing on every rank could pick different precisions, and DDP's forward and backward
+            # are collectives that ranks must run the same number of times: not measured
+            self.amp = "bf16"
+            self.log(f"[{self.desc}] amp=auto: bf16 autocast (not measured under DDP)")
             return self.amp
         key = (self._model_key(), tuple(x.shape), str(x.dtype), x.stride(), "graph" if self.captures else "eager",
                fp32_matmul_precision())
