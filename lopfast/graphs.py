@@ -81,8 +81,14 @@ class Graph:
                 with _emulating():
                     self.static = list(fn() or [])
         else:
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
-                out = fn()
+            cur = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+                    out = fn()
+            except BaseException:
+                # a capture that ends in an error (a host sync inside fn) can leave its stream current
+                torch.cuda.set_stream(cur)
+                raise
             self.static = list(out or []) if outputs else []
         return self.static
 

@@ -238,11 +238,13 @@ def test_amp_auto_is_off_on_cpu():
     assert "amp off" in logs[0] and not any("amp=auto" in s for s in logs)
 
 
-def test_amp_auto_measures_once_caches_and_says(fake_gpu, monkeypatch):
-    """On a (faked) GPU amp='auto' times the step's forward and backward in both precisions, keeps
-    the faster, prints it with the times; the choice is cached (memory and the dispatch's file),
-    a second run measures nothing; the timing leaves weights, BatchNorm statistics, gradients and
-    the random stream as they were."""
+@pytest.mark.parametrize("captured", [False, True])
+def test_amp_auto_measures_once_caches_and_says(fake_gpu, monkeypatch, captured):
+    """On a (faked) GPU amp='auto' times the step's forward and backward in both precisions (as
+    graph replays when the step will be captured), keeps the faster, prints it with the times; the
+    choice is cached (memory and the dispatch's file), a second run measures nothing; the timing
+    leaves weights, BatchNorm statistics, gradients and the random stream as they were."""
+    monkeypatch.setattr(st, "EMULATE", captured)
     data = _data(128, 64)
     torch.manual_seed(0)
     model = build_model("digitsnet", width=8)
@@ -254,18 +256,18 @@ def test_amp_auto_measures_once_caches_and_says(fake_gpu, monkeypatch):
 
     def counting(self, x, y, gbs, amp):
         calls.append(amp)
-        if amp == "bf16":  # make the bf16 candidate the slow one, whatever this CPU does
-            import time
-
-            time.sleep(0.1)  # well above the noise of a loaded machine
         return real(self, x, y, gbs, amp)
 
     monkeypatch.setattr(st.TrainStep, "_loss", counting)
     before = _state(model)
     rng = torch.get_rng_state()
-    assert eng.choose_amp(x, y, gbs) == "off" and eng.amp == "off"
-    assert set(calls) == {"off", "bf16"}
-    assert "amp=auto: fp32 (measured: fp32" in logs[-1] and "bf16" in logs[-1]
+    assert eng.captures == captured
+    choice = eng.choose_amp(x, y, gbs)
+    assert choice == eng.amp and set(calls) == {"off", "bf16"}
+    (entry,) = dispatch.decisions()
+    assert entry["timing"] == ("graph" if captured else "eager") and entry["op"].startswith("amp")
+    assert choice == min(entry["times_ms"], key=entry["times_ms"].get)  # the faster one
+    assert f"amp=auto: {'fp32' if choice == 'off' else 'bf16 autocast'} (measured: fp32" in logs[-1]
     for u, v in zip(before, _state(model)):
         assert torch.equal(u, v)
     assert all(p.grad is None for p in model.parameters())
@@ -273,7 +275,7 @@ def test_amp_auto_measures_once_caches_and_says(fake_gpu, monkeypatch):
     assert (fake_gpu / "lopfast" / "dispatch.json").exists()
     calls.clear()
     eng2, _ = _engine(copy.deepcopy(model), cfg, data)
-    assert eng2.choose_amp(x, y, gbs) == "off" and calls == []  # cached
+    assert eng2.choose_amp(x, y, gbs) == choice and calls == []  # cached
 
 
 def test_amp_choice_is_kept_on_resume(tmp_path, monkeypatch):
@@ -300,34 +302,45 @@ def test_amp_choice_is_kept_on_resume(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- GPU
 def _gpu_equal(net: str, steps: int = 6, batch: int = 64):
     """(eager, captured) losses and weights after ``steps`` lop steps (expanded r=3 student, SP from the
-    teacher, CollapsedForward), same data, same start."""
+    teacher, CollapsedForward), same data, same start, the same backends in both (the grouped Triton
+    collapse and the reference SP loss forced: the dispatch's eager and graph timings may otherwise
+    choose differently) and cuDNN deterministic."""
     from lopfast.pipeline.models import build_model as bm
 
     torch.manual_seed(0)
     teacher = bm(net).cuda().eval()
-    student0 = lopfast.expand(copy.deepcopy(teacher).cpu(), 3.0, generator=torch.Generator().manual_seed(0)).cuda()
+    student0 = lopfast.expand(teacher, 3.0)  # a deep copy, expanded on the GPU
     g = torch.Generator().manual_seed(1)
     imgs = torch.randint(0, 256, (batch * steps, 3, 32, 32), generator=g, dtype=torch.uint8).cuda()
     labels = torch.randint(0, 10, (batch * steps,), generator=g).cuda()
     loader = TensorLoader(imgs, labels, (0.5,) * 3, (0.25,) * 3, batch, train=True, crop_pad=4, flip=True,
                           channels_last=True)
     out = {}
-    for capture in ("off", "auto"):
-        student = copy.deepcopy(student0).to(memory_format=torch.channels_last)
-        cfg = TrainConfig(1, 0.01, (), gamma=3000.0, capture=capture, amp="off")
-        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-        fast = lopfast.CollapsedForward(student)
-        with lopfast.SPDistiller(teacher, student) as d:
-            eng = st.TrainStep(student, opt, cfg, "cuda", steps_per_epoch=steps, distiller=d)
-            losses = []
-            for x, y, gbs in loader.epoch(0):
-                eng.begin_epoch()
-                eng(x, y, gbs)
-                losses.append(eng.sums[0].item())
-        fast.remove()
-        assert eng.captures == (capture == "auto")
-        out[capture] = (losses, [p.detach().clone() for p in student.parameters()], eng)
+    det = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for capture in ("off", "auto"):
+            out[capture] = _gpu_run(student0, teacher, loader, capture, steps)
+    finally:
+        torch.backends.cudnn.deterministic = det
     return out
+
+
+def _gpu_run(student0, teacher, loader, capture, steps):
+    student = copy.deepcopy(student0).to(memory_format=torch.channels_last).train()
+    cfg = TrainConfig(1, 0.01, (), gamma=3000.0, capture=capture, amp="off")
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    fast = lopfast.CollapsedForward(student, backend="triton")
+    with lopfast.SPDistiller(teacher, student, backend="torch") as d:
+        eng = st.TrainStep(student, opt, cfg, "cuda", steps_per_epoch=steps, distiller=d)
+        losses = []
+        for x, y, gbs in loader.epoch(0):
+            eng.begin_epoch()
+            eng(x, y, gbs)
+            losses.append(eng.sums[0].item())
+    fast.remove()
+    assert eng.captures == (capture == "auto")
+    return losses, [p.detach().clone() for p in student.parameters()], eng
 
 
 @pytest.mark.gpu
@@ -335,16 +348,17 @@ def _gpu_equal(net: str, steps: int = 6, batch: int = 64):
 @pytest.mark.parametrize("net", ["resnet56", "mobilenet_v2"])
 def test_gpu_captured_lop_steps_equal_eager(net):
     """Real CUDA graph: 6 fp32 lop steps (2 eager warm-up, capture, 4 replays) of ResNet-56 and
-    MobileNetV2 equal the eager steps. Tolerance: the same kernels run in both, so the losses
-    agree to 1e-6 relative and the weights to 1e-5 relative (fp32; what differs at most is
-    the order cuBLAS/cuDNN accumulate in, when they pick another algorithm under capture)."""
+    MobileNetV2 equal the eager steps. Tolerance (fp32, same backends, cuDNN deterministic): the
+    same kernels run in both, so the losses agree to 1e-5 relative and the weights to 1e-4
+    relative (+1e-6 absolute); what may differ is only the algorithm cuBLAS picks under capture
+    (another accumulation order: rounding, never a wrong step)."""
     out = _gpu_equal(net)
     (la, wa, _), (lb, wb, eng) = out["off"], out["auto"]
     assert eng.replays == 6 - st.WARMUP and eng.graph is not None
     for a, b in zip(la, lb):
-        assert math.isfinite(a) and abs(a - b) <= 1e-6 * abs(a) + 1e-7
+        assert math.isfinite(a) and abs(a - b) <= 1e-5 * abs(a) + 1e-7
     for u, v in zip(wa, wb):
-        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu

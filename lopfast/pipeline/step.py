@@ -265,12 +265,9 @@ class TrainStep:
                 self.eager_steps += 1
                 return
             graph = Graph(emulate=self.device.type != "cuda", stream=self._stream)
-            cur = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
             try:
                 graph.capture(lambda: self._body(self.static_x, self.static_y, gbs), outputs=False)
             except Exception as exc:  # a host sync or a data-dependent branch: eager from now on
-                if cur is not None:  # a capture that ended in an error may leave its stream current
-                    torch.cuda.set_stream(cur)
                 self.why_eager = f"its capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
                 self.log(f"[{self.desc}] step: eager from now on: {self.why_eager}")
                 self._body(x, y, gbs)
@@ -357,10 +354,18 @@ class TrainStep:
             return fn
 
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), dispatch.graph_timing(self.captures):
+        cands = {"off": candidate("off"), "bf16": candidate("bf16")}
+        with torch.random.fork_rng(devices=devices):
             try:
-                choice = dispatch.choose("amp", key, self.device, {"off": candidate("off"), "bf16": candidate("bf16")},
-                                         reference="off", static="bf16")
+                try:
+                    with dispatch.graph_timing(self.captures):
+                        choice = dispatch.choose("amp", key, self.device, cands, reference="off", static="bf16")
+                except Exception:
+                    if not self.captures:
+                        raise
+                    # a step that cannot be captured (its capture will fail and say why): its eager time
+                    key = key[:4] + ("eager",) + key[5:]
+                    choice = dispatch.choose("amp", key, self.device, cands, reference="off", static="bf16")
             finally:
                 with torch.no_grad():
                     for b, s in zip(bufs, saved):
