@@ -244,6 +244,18 @@ def _collapse_flops_bytes(layers, elt):
     return flops, nbytes
 
 
+def expanded_layers(net: str, device) -> tuple:
+    """(layers, dW_eff, factors): fresh r = 3 expansions of every conv of ``net``, the collapse's
+    inputs, and a fixed gradient of each effective kernel."""
+    model, _, _ = build_net(net)
+    torch.manual_seed(0)
+    mods = [lopfast.ExpandedConv2d(cin, cout, k, groups=g, rate=RATE, bias=False, device=device)
+            for cin, cout, k, g in conv_specs(model)]
+    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in mods]
+    dws = [torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, device=device) for m in mods]
+    return layers, dws, [w for layer in layers for w in layer[:3]]
+
+
 COLLAPSE_VARIANTS = (["ours", "eager", "matmul", "triton", "folded"] + (["compile"] if COMPILE else [])
                      + (["graph"] if CUDA else []))
 
@@ -255,13 +267,7 @@ def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
     from lopfast.ops.collapse import collapse_many, reference_collapse
     from lopfast.ops.collapse_gemm import matmul_many
 
-    model, _, _ = build_net(net)
-    torch.manual_seed(0)
-    mods = [lopfast.ExpandedConv2d(cin, cout, k, groups=g, rate=RATE, bias=False, device=device)
-            for cin, cout, k, g in conv_specs(model)]
-    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in mods]
-    dws = [torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, device=device) for m in mods]
-    params = [w for layer in layers for w in layer[:3]]
+    layers, dws, params = expanded_layers(net, device)
 
     def eager(ls):
         return [reference_collapse(*layer) for layer in ls]
@@ -599,13 +605,7 @@ def test_collapse_host_work(benchmark, net, variant, device, ceilings):
     (on CPU the computation is included: only the launch counts compare there)."""
     from lopfast.ops.collapse import CollapseProgram, collapse_many
 
-    model, _, _ = build_net(net)
-    torch.manual_seed(0)
-    mods = [lopfast.ExpandedConv2d(cin, cout, k, groups=g, rate=RATE, bias=False, device=device)
-            for cin, cout, k, g in conv_specs(model)]
-    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in mods]
-    dws = [torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, device=device) for m in mods]
-    params = [w for layer in layers for w in layer[:3]]
+    layers, dws, params = expanded_layers(net, device)
     prog = [CollapseProgram(layers)]
 
     def call():

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import requires_cuda
+from test_dispatch import fake_gpu  # noqa: F401  (the fake-GPU fixture of the dispatch tests)
 
 import lopfast
 from lopfast import dispatch
@@ -204,6 +205,8 @@ def test_schedule_table_is_multistep_per_epoch():
     assert warm.tolist() == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="steps_per_epoch"):
         lr_factors(cfg, 0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(1, 0.1, schedule="nope")  # refused when the config is made, not mid-run
 
 
 def test_the_step_is_past_the_schedule_is_an_error():
@@ -217,20 +220,6 @@ def test_the_step_is_past_the_schedule_is_an_error():
 
 
 # ----------------------------------------------------------------------------- amp by measurement
-@pytest.fixture
-def fake_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(dispatch, "tunable", lambda device: True)
-    monkeypatch.setattr(dispatch, "_device_name", lambda device: "FakeGPU 9000")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv("LOPFAST_CACHE_DIR", raising=False)
-    monkeypatch.delenv("LOPFAST_DISPATCH", raising=False)
-    monkeypatch.setattr(dispatch, "ITERS", 2)
-    monkeypatch.setattr(dispatch, "WARMUP", 1)
-    dispatch.clear()
-    yield tmp_path
-    dispatch.clear()
-
-
 def test_amp_auto_is_off_on_cpu():
     data = _data(128, 64)
     logs = []
