@@ -21,13 +21,22 @@ sp_loss/resnet56     SP loss forward + backward over the 55 ResNet-56 layer pair
                      ours (``lopfast.sp_loss``, "auto"), eager (the loop a user writes), compile
                      (torch.compile of it); bound: one read of every activation and one write of
                      the student gradient at the measured copy bandwidth.
-train_step/<net>     one training step (bf16 autocast, SGD momentum) of the student with the teacher
-                     forward: compact (plain student + teacher forward, no SP), ours (expanded r = 3,
-                     collapsed mode, ``CollapsedForward`` on CUDA, ``SPDistiller`` "auto"), paper
-                     (expanded in chain mode: three convs, eager SP: ``SPDistiller`` "torch"); peak
-                     memory of each. Nets: ResNet-56 and MobileNetV2 (CIFAR, b = 256), ResNet-50
-                     (ImageNet shapes, b = 128). The student has the teacher's architecture (this
-                     suite runs without torch-pruning): the ratio measures the expansion's cost.
+train_step/<net>/<unpruned|pruned90>
+                     one training step of lopfast's own step engine (lopfast.pipeline.step.TrainStep),
+                     bf16 autocast on CUDA, SGD momentum: ft (the student alone), compact (the student
+                     + the teacher's forward: the fair baseline), lop (expanded r = 3, collapsed,
+                     CollapsedForward, SPDistiller "auto"), chain (the paper's: chain mode, eager SP), each
+                     eager and captured as one CUDA graph, plus the step in fp32 and the collapse in fp32
+                     inside the bf16 step; peak memory of each. Nets: ResNet-56 and MobileNetV2 (CIFAR,
+                     b = 256), ResNet-50 (ImageNet shapes, b = 128); the student unpruned (the teacher's
+                     architecture) or with every channel count scaled by sqrt(0.1) (~90 % removed). See
+                     the comment of that section for the variant names.
+epoch/resnet56-pruned90
+                     one CIFAR-10-sized epoch (50,000 images on the device, b = 256) of ft and lop at
+                     90 % removed, captured: seconds per epoch.
+collapse_host/<net>  host microseconds and launches per step of the collapse (forward + backward) of
+                     every ResNet-56 / ResNet-50 conv at r = 3: the prepared CollapseProgram
+                     (CollapsedForward's path) against a one-off collapse_many.
 
     pytest bench/bench_table.py --benchmark-only
 
@@ -56,13 +65,17 @@ COMPILE = os.environ.get("LOPFAST_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 ROUNDS = int(os.environ.get("LOPFAST_BENCH_ROUNDS", "5" if CUDA else "3"))
 RATE = 3
 
+_STEP_TARGET = ("lop-captured / compact-captured (ft + the teacher's forward) <= 1.2; ft-captured / ft-eager "
+                "<= 0.5; chain-eager / lop-captured >= 3; peak memory lop / compact <= 1.1")
 TARGETS = {
     "collapse/resnet56": "ours <= 2x roofline; eager >= 10x ours",
     "collapse/resnet50": "ours <= 1.3x roofline of the chosen precision; never slower than per-layer matmul",
     "sp_loss/resnet56": "ours <= 1.5x one read; eager >= 5x ours; compile >= 2x ours",
-    "train_step/resnet56": "ours/compact <= 1.15; memory <= 1.1; paper/ours >= 4",
-    "train_step/mobilenet_v2": "ours/compact <= 1.15; memory <= 1.1; paper/ours >= 4",
-    "train_step/resnet50": "ours/compact <= 1.2; memory <= 1.1; paper/ours >= 4",
+    **{f"train_step/{n}/{p}": _STEP_TARGET for n in ("resnet56", "mobilenet_v2", "resnet50")
+       for p in ("unpruned", "pruned90")},
+    "epoch/resnet56-pruned90": "ft <= 1.5 s, lop <= 2 s per CIFAR-10 epoch (H200)",
+    "collapse_host/resnet56": "host us and launches per step reported (program vs one-off collapse_many)",
+    "collapse_host/resnet50": "host us and launches per step reported (program vs one-off collapse_many)",
 }
 
 _table: dict = {}
@@ -181,11 +194,22 @@ def _record(measure: str, variant: str, seconds, **info) -> None:
         m["ratios"] = dict(ours_over_one_read=_ratio(v.get("ours"), m["info"].get("one_read_s")),
                            eager_over_ours=_ratio(v.get("eager"), v.get("ours")),
                            compile_over_ours=_ratio(v.get("compile"), v.get("ours")))
-    else:
+    elif kind == "train_step":
         mem = {k: r.get("peak_mem_GB") for k, r in m["variants"].items()}
-        m["ratios"] = dict(ours_over_compact=_ratio(v.get("ours"), v.get("compact")),
-                           memory_ours_over_compact=_ratio(mem.get("ours"), mem.get("compact")),
-                           paper_over_ours=_ratio(v.get("paper"), v.get("ours")))
+        m["ratios"] = dict(lop_over_compact_captured=_ratio(v.get("lop-captured"), v.get("compact-captured")),
+                           lop_over_compact_eager=_ratio(v.get("lop-eager"), v.get("compact-eager")),
+                           ft_captured_over_ft_eager=_ratio(v.get("ft-captured"), v.get("ft-eager")),
+                           chain_over_lop_captured=_ratio(v.get("chain-eager"), v.get("lop-captured")),
+                           chain_over_lop_eager=_ratio(v.get("chain-eager"), v.get("lop-eager")),
+                           memory_lop_over_compact=_ratio(mem.get("lop-captured"), mem.get("compact-captured")),
+                           collapse32_over_lop=_ratio(v.get("lop-captured-collapse32"), v.get("lop-captured")),
+                           compact_fp32_over_bf16=_ratio(v.get("compact-captured-fp32"), v.get("compact-captured")),
+                           lop_fp32_over_bf16=_ratio(v.get("lop-captured-fp32"), v.get("lop-captured")))
+    elif kind == "epoch":
+        m["ratios"] = dict(lop_over_ft=_ratio(v.get("lop"), v.get("ft")))
+    elif kind == "collapse_host":
+        us = {k: r.get("host_us") for k, r in m["variants"].items()}
+        m["ratios"] = dict(host_collapse_many_over_program=_ratio(us.get("collapse_many"), us.get("program")))
     _write()
 
 
@@ -220,6 +244,18 @@ def _collapse_flops_bytes(layers, elt):
     return flops, nbytes
 
 
+def expanded_layers(net: str, device) -> tuple:
+    """(layers, dW_eff, factors): fresh r = 3 expansions of every conv of ``net``, the collapse's
+    inputs, and a fixed gradient of each effective kernel."""
+    model, _, _ = build_net(net)
+    torch.manual_seed(0)
+    mods = [lopfast.ExpandedConv2d(cin, cout, k, groups=g, rate=RATE, bias=False, device=device)
+            for cin, cout, k, g in conv_specs(model)]
+    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in mods]
+    dws = [torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, device=device) for m in mods]
+    return layers, dws, [w for layer in layers for w in layer[:3]]
+
+
 COLLAPSE_VARIANTS = (["ours", "eager", "matmul", "triton", "folded"] + (["compile"] if COMPILE else [])
                      + (["graph"] if CUDA else []))
 
@@ -231,13 +267,7 @@ def test_collapse_all_layers(benchmark, net, variant, device, ceilings):
     from lopfast.ops.collapse import collapse_many, reference_collapse
     from lopfast.ops.collapse_gemm import matmul_many
 
-    model, _, _ = build_net(net)
-    torch.manual_seed(0)
-    mods = [lopfast.ExpandedConv2d(cin, cout, k, groups=g, rate=RATE, bias=False, device=device)
-            for cin, cout, k, g in conv_specs(model)]
-    layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in mods]
-    dws = [torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, device=device) for m in mods]
-    params = [w for layer in layers for w in layer[:3]]
+    layers, dws, params = expanded_layers(net, device)
 
     def eager(ls):
         return [reference_collapse(*layer) for layer in ls]
@@ -313,78 +343,297 @@ def test_sp_loss_resnet56_pairs(benchmark, variant, device, ceilings):
 
 
 # ----------------------------------------------------------------------------- training step
+# Every variant is one step of lopfast's own training-step engine (lopfast.pipeline.step.TrainStep),
+# i.e. what `lopfast run` executes, named <kind>-<mode>[-<option>]:
+#   kind     ft       the student alone (fine-tuning)
+#            compact  the student + the teacher's forward on the same batch (no grad, no SP): the fair
+#                     baseline of LOP, which must run the teacher too ("ft + teacher forward")
+#            lop      the student expanded at r = 3, collapsed (CollapsedForward: one grouped collapse),
+#                     SP distillation from the teacher (SPDistiller, "auto")
+#            chain    the paper's way: expanded in chain mode (three convs), eager SP ("torch"), eager step
+#   mode     eager    the step as Python launches it; captured: one CUDA graph replayed per step
+#                     (on CPU through lopfast.graphs' stand-in: it runs, it times nothing meaningful)
+#   option   fp32     amp off (fp32 step, TF32 as the user's setting) instead of bf16 autocast
+#            collapse32  the collapse in fp32 inside the bf16 step (CollapsedForward precision="params"),
+#                     the way before the collapse followed the step's precision
+# Nets: ResNet-56 and MobileNetV2 (CIFAR, b = 256) and ResNet-50 (ImageNet shapes, b = 128); "unpruned"
+# (student = teacher's architecture) and "pruned90" (every channel count scaled by sqrt(0.1): about
+# 90 % of the parameters removed, close to what the pipeline's per-layer l1 pruning gives; the teacher
+# stays unpruned).
 STEP_NETS = ["resnet56", "mobilenet_v2", "resnet50"]
-STEP_VARIANTS = ["compact", "ours", "paper"]
+STEP_PRUNE = ["unpruned", "pruned90"]
+# every variant at the GPU and CPU sizes; CI's smoke (tiny) runs one of each code path
+STEP_VARIANTS = os.environ.get(
+    "LOPFAST_BENCH_STEP_VARIANTS",
+    "ft-eager,ft-captured,compact-captured,lop-eager,lop-captured-collapse32,chain-eager" if TINY else
+    "ft-eager,ft-captured,compact-eager,compact-captured,lop-eager,lop-captured,lop-captured-collapse32,"
+    "chain-eager,compact-captured-fp32,lop-captured-fp32").split(",")
+AMP = "bf16" if CUDA else "off"
+KEEP = math.sqrt(0.1)  # channel fraction of "pruned90"
 
 
-def _train_step(variant, net, device):
-    model, chw, batch = build_net(net)
-    torch.manual_seed(0)
-    teacher = model.to(device).eval()
-    student = copy.deepcopy(teacher).train()
-    distiller = fast = None
-    if variant != "compact":
-        # CPU sizes: the wide 1x1 convs of MobileNetV2 stay compact (their exact expansion, a QR
-        # per layer, costs seconds on one CPU thread); at full size every conv is expanded
-        skip = None if FULL else (lambda name, m: max(m.in_channels, m.out_channels) > 64)
-        student = lopfast.expand(student, rate=RATE, inplace=True, skip=skip)
-        lopfast.set_mode(student, "chain" if variant == "paper" else "collapsed")
-        if variant == "ours" and CUDA:
-            fast = lopfast.CollapsedForward(student)
-        distiller = lopfast.SPDistiller(teacher, student, backend="torch" if variant == "paper" else "auto")
-    opt = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(batch, *chw, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+def _thin_mobilenet_v2(keep: float) -> nn.Module:
+    """The zoo's CIFAR MobileNetV2 with every channel count (stem, blocks, head) scaled by ``keep``."""
+    from lopfast.pipeline.models import InvertedResidual, MobileNetV2Cifar
 
-    def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=CUDA):
-            if distiller is not None:
-                logits, sp = distiller(x)
-            else:
+    def ch(c):
+        return max(1, round(c * keep))
+
+    net = MobileNetV2Cifar()
+    stem = ch(32)
+    layers = [nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)]
+    c = stem
+    for t, out, n, st in MobileNetV2Cifar.CFG:
+        for i in range(n):
+            block = InvertedResidual(c, ch(out), st if i == 0 else 1, t)
+            layers.append(block)
+            c = ch(out)
+    layers += [nn.Conv2d(c, ch(1280), 1, bias=False), nn.BatchNorm2d(ch(1280)), nn.ReLU6(inplace=True)]
+    net.features = nn.Sequential(*layers)
+    net.classifier = nn.Linear(ch(1280), 10)
+    return net
+
+
+def build_step_nets(name: str, pruned: bool) -> tuple:
+    """(teacher, student architecture, input C,H,W, batch): the student thinned for "pruned90"."""
+    teacher, chw, batch = build_net(name)
+    if not pruned:
+        return teacher, copy.deepcopy(teacher), chw, batch
+    from lopfast.pipeline.models import build_model
+
+    if name == "resnet56":
+        width = 16 if FULL else (4 if TINY else 8)
+        student = build_model("resnet56", width=max(1, round(width * KEEP)))
+    elif name == "mobilenet_v2":
+        student = _thin_mobilenet_v2(KEEP)
+    else:
+        if FULL:
+            student = bottleneck_resnet(round(64 * KEEP), num_classes=1000)
+        else:
+            student = bottleneck_resnet(max(1, round((4 if TINY else 8) * KEEP)), num_classes=10)
+    return teacher, student, chw, batch
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+class _StepRig:
+    """One training step of a variant, run by lopfast's TrainStep (see the section comment)."""
+
+    def __init__(self, variant: str, net: str, prune: str, device):
+        from lopfast.pipeline import step as st
+        from lopfast.pipeline.train import TrainConfig
+
+        kind, mode, *opts = variant.split("-")
+        self.kind, self.mode = kind, mode
+        dev = torch.device(device)
+        torch.manual_seed(0)
+        teacher, student, chw, batch = build_step_nets(net, prune == "pruned90")
+        self.removed = 1 - _params(student) / _params(teacher)
+        cl = dev.type == "cuda"
+        teacher = teacher.to(dev).eval()
+        student = student.to(dev).train()
+        if cl:
+            teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+        self.keep = []
+        self.distiller = None
+        forward = student
+        if kind in ("lop", "chain"):
+            # CPU sizes: the wide 1x1 convs of MobileNetV2 stay compact (their exact expansion, a QR
+            # per layer, costs seconds on one CPU thread); at full size every conv is expanded
+            skip = None if FULL else (lambda name, m: max(m.in_channels, m.out_channels) > 64)
+            student = lopfast.expand(student, rate=RATE, inplace=True, skip=skip)
+            lopfast.set_mode(student, "chain" if kind == "chain" else "collapsed")
+            if kind == "lop":
+                self.keep.append(lopfast.CollapsedForward(student, precision="params" if "collapse32" in opts else "step"))
+            self.distiller = lopfast.SPDistiller(teacher, student, backend="torch" if kind == "chain" else "auto")
+            self.keep.append(self.distiller)
+        elif kind == "compact":
+            def forward(x, student=student):
                 with torch.no_grad():
                     teacher(x)
-                logits, sp = student(x), None
-        loss = F.cross_entropy(logits.float(), y % logits.shape[1])
-        if sp is not None:
-            loss = loss + 1000.0 * sp.float()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
+                return student(x)
+        self.emulated = mode == "captured" and dev.type != "cuda"
+        self._st, self._old_emulate = st, st.EMULATE
+        st.EMULATE = self.emulated or st.EMULATE
+        cfg = TrainConfig(1, 1e-4, (), gamma=3000.0 if self.distiller is not None else 0.0,
+                          amp="off" if "fp32" in opts else AMP, capture="auto" if mode == "captured" else "off")
+        opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
+                              weight_decay=5e-4)
+        self.engine = st.TrainStep(student, opt, cfg, dev, steps_per_epoch=100_000, forward=forward,
+                                   distiller=self.distiller)
+        self.x = torch.randn(batch, *chw, device=dev)
+        if cl:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 10, (batch,), device=dev)
+        self.batch, self.device = batch, dev
 
-    return step, (distiller, fast), batch
+    def step(self):
+        self.engine(self.x, self.y, self.batch)
+        sync(self.device)
+
+    def close(self):
+        for obj in self.keep:
+            (obj.close if hasattr(obj, "close") else obj.remove)()
+        self._st.EMULATE = self._old_emulate
 
 
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
+@pytest.mark.parametrize("prune", STEP_PRUNE)
 @pytest.mark.parametrize("net", STEP_NETS)
-def test_train_step(benchmark, net, variant, device, ceilings):
-    measure = f"train_step/{net}"
-    keep = None
+def test_train_step(benchmark, net, prune, variant, device, ceilings):
+    measure = f"train_step/{net}/{prune}"
+    rig = None
     try:
-        step, keep, batch = _train_step(variant, net, device)
-        step()  # warm-up: optimizer state, dispatch tuning, compilation
+        rig = _StepRig(variant, net, prune, device)
+        from lopfast.pipeline.step import WARMUP
+
+        for _ in range(WARMUP + 1):  # optimizer state, dispatch tuning, compilation, the capture
+            rig.step()
         peak = None
         if CUDA:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            step()
+            rig.step()
             peak = torch.cuda.max_memory_allocated() / 1e9
-        t = _measure(benchmark, step, measure, net=net, variant=variant)
+        t = _measure(benchmark, rig.step, measure, net=net, prune=prune, variant=variant)
+        info = dict(captured=rig.engine.graph is not None, why_eager=rig.engine.why_eager, emulated=rig.emulated)
     except torch.cuda.OutOfMemoryError as exc:  # the paper's chain at ImageNet sizes may not fit
         _table.setdefault(measure, dict(variants={}, ratios={}, info={}))["variants"][variant] = dict(
             s=None, status="out of memory", error=str(exc).splitlines()[0])
         _write()
         pytest.skip(f"{measure} {variant}: out of GPU memory")
     finally:
-        if keep is not None:
-            for obj in keep:
-                if obj is not None:
-                    (obj.close if hasattr(obj, "close") else obj.remove)()
-    _table.setdefault(measure, dict(variants={}, ratios={}, info={}))["info"] = dict(
-        batch=batch, rate=RATE, precision="bf16 autocast" if CUDA else "fp32")
-    _record(measure, variant, t, peak_mem_GB=peak)
+        if rig is not None:
+            rig.close()
+    m = _table.setdefault(measure, dict(variants={}, ratios={}, info={}))
+    m["info"] = dict(batch=rig.batch, rate=RATE, removed=round(rig.removed, 4),
+                     precision=f"{AMP} autocast (variants -fp32: off)" if CUDA else "fp32",
+                     captured_on="CUDA graph" if CUDA else "CPU stand-in (no timing meaning)")
+    _record(measure, variant, t, peak_mem_GB=peak, **info)
+    del rig
     if CUDA:
         torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- epoch
+EPOCH_VARIANTS = ["ft", "lop"]
+
+
+@pytest.mark.parametrize("variant", EPOCH_VARIANTS)
+def test_epoch_resnet56_pruned90(benchmark, variant, device, ceilings):
+    """One training epoch of ResNet-56 at 90 % removed on CIFAR-10-sized data held on the device
+    (50,000 random 32x32 images at full size, b = 256, random crop and flip on the device), the
+    step captured (``capture="auto"``) in the bench's precision; the first epoch warms up (dispatch,
+    Triton compilation, the capture), the second is timed: loader + steps + the epoch-end read."""
+    from lopfast.pipeline import step as st
+    from lopfast.pipeline.data import TensorLoader
+    from lopfast.pipeline.train import TrainConfig
+
+    dev = torch.device(device)
+    n, batch = (50_000, 256) if FULL else ((64, 16) if TINY else (512, 64))
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8).to(dev)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(dev)
+    loader = TensorLoader(imgs, labels, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), batch, train=True, crop_pad=4,
+                          flip=True, channels_last=dev.type == "cuda")
+    rig = _StepRig(f"{variant}-captured", "resnet56", "pruned90", device)
+    cfg = TrainConfig(2, 0.05, (), gamma=rig.engine.cfg.gamma, amp=AMP, capture="auto")
+    eng = st.TrainStep(rig.engine.model, rig.engine.opt, cfg, dev, steps_per_epoch=len(loader),
+                       forward=rig.engine.forward, distiller=rig.distiller)
+
+    def epoch(e):
+        eng.begin_epoch()
+        for x, y, gbs in loader.epoch(e):
+            eng(x, y, gbs)
+        out = eng.end_epoch()
+        sync(dev)
+        return out
+
+    try:
+        epoch(0)
+        t0 = time.perf_counter()
+        sums = epoch(1)
+        seconds = time.perf_counter() - t0
+    finally:
+        rig.close()
+    assert sums["finite"]
+    m = _table.setdefault("epoch/resnet56-pruned90", dict(variants={}, ratios={}, info={}))
+    m["info"] = dict(images=n, batch=batch, steps=len(loader), removed=round(rig.removed, 4), precision=AMP,
+                     captured=eng.graph is not None, why_eager=eng.why_eager)
+    benchmark.extra_info.update(seconds=seconds)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    _record("epoch/resnet56-pruned90", variant, seconds, images_per_s=n / seconds)
+
+
+# ----------------------------------------------------------------------------- host work of the collapse
+def _count_launches(fn, device) -> tuple:
+    """(count, what): GPU kernels (and memcpy/memset) launched by ``fn()`` on CUDA, from the
+    profiler; on CPU the ATen ops it dispatched (a stand-in: each is a launch on a GPU, Triton
+    kernels aside)."""
+    if torch.device(device).type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA), "GPU kernels"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n, "ATen ops (CPU)"
+
+
+@pytest.mark.parametrize("variant", ["program", "collapse_many"])
+@pytest.mark.parametrize("net", ["resnet56", "resnet50"])
+def test_collapse_host_work(benchmark, net, variant, device, ceilings):
+    """Host microseconds and launches per step of the collapse, forward + backward, r = 3, fp32:
+    ``program`` = what CollapsedForward runs each step (a CollapseProgram prepared once: no
+    validation, routing or planning per call, only the signature check), ``collapse_many`` = a
+    one-off call doing all of it. Host us: wall time of the call without waiting for the GPU
+    (on CPU the computation is included: only the launch counts compare there)."""
+    from lopfast.ops.collapse import CollapseProgram, collapse_many
+
+    layers, dws, params = expanded_layers(net, device)
+    prog = [CollapseProgram(layers)]
+
+    def call():
+        if variant == "program":
+            if prog[0].signature != CollapseProgram.signature_of(layers):
+                prog[0] = CollapseProgram(layers)
+            outs = prog[0](layers)
+        else:
+            outs = collapse_many(layers)
+        torch.autograd.backward(outs, dws)
+        for w in params:
+            w.grad = None
+
+    call()  # dispatch tuning, Triton compilation
+    sync(device)
+    launches, what = _count_launches(call, device)
+    host = []
+    for _ in range(ROUNDS):
+        sync(device)
+        t0 = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - t0)
+    sync(device)
+    host_us = 1e6 * sorted(host)[len(host) // 2]
+    t = _measure(benchmark, lambda: (call(), sync(device)), f"collapse-host-{net}", net=net, variant=variant)
+    m = _table.setdefault(f"collapse_host/{net}", dict(variants={}, ratios={}, info={}))
+    m["info"] = dict(layers=len(layers), launches_are=what, rate=RATE, dtype="fp32")
+    _record(f"collapse_host/{net}", variant, t, host_us=host_us, launches=launches)
 
 
 def test_ratios_are_finite():

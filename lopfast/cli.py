@@ -109,7 +109,8 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4")
     g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max grad norm (default off)")
-    g.add_argument("--amp", choices=["auto", "bf16", "off"], default=S, help="auto: bf16 autocast on CUDA only")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default=S,
+                   help="auto: on CUDA bf16 autocast or fp32, whichever the step measures faster (cached); off elsewhere")
     g.add_argument("--budget", choices=["paper", "short", "fast"], default=S,
                    help="paper (default: the paper's schedules), short (8/15/15 epochs) or fast (one H200: batch 512, "
                         "linear warm-up/decay, label smoothing, Nesterov; lopfast reproduce --list shows it); "
@@ -126,6 +127,9 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--eval-split", dest="eval_split", default=S,
                    help="test (default) or val: report every accuracy on the validation split (choose settings there)")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the trained model")
+    g.add_argument("--capture", choices=["auto", "compile", "off"], default=S,
+                   help="the training step as one CUDA graph: auto (captured by hand where it can be, else eager, "
+                        "saying why), compile (torch.compile's CUDA graphs), off (eager)")
     if prune:
         g = p.add_argument_group("pruning")
         g.add_argument("--prune-method", dest="prune_method", default=S, help="lopfast.prune method (default l1)")

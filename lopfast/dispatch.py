@@ -31,10 +31,23 @@ during CUDA graph capture nothing is timed: the cached choice is used when there
 static default. So call the model once eagerly (one training step) before compiling it or
 capturing a graph, and the compiled code uses the measured choice.
 
+What is timed depends on how the work will run (``timing_mode()``):
+
+* ``"eager"`` (default): each candidate called as Python calls it, CUDA events around the call:
+  the time includes the GPU idling while the host launches, which is what an eager step pays.
+* ``"graph"`` (inside ``with lopfast.dispatch.graph_timing():``; the training-step engine enters
+  it when it will capture the step as one CUDA graph): each candidate's forward and backward is
+  captured once as a CUDA graph (``lopfast.graphs.Graph``) and its *replays* are timed, i.e. its
+  GPU time alone: a grouped launch is not ruled out by Python launch cost that a replayed graph
+  never pays. A candidate that cannot be captured (a host sync) is rejected in this mode.
+  Choices are cached apart from the eager ones (the cache key names the mode).
+
 An explicit ``backend=`` on an op, or a ``lopfast.use_backend`` block, bypasses all of this.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import statistics
@@ -48,7 +61,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup", "median_time"]
+from lopfast import graphs
+
+__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "graph_timing", "lookup", "median_time",
+           "timing_mode"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -63,6 +79,29 @@ ITERS = 5
 BUDGET_S = 0.25
 
 _lock = threading.RLock()
+_timing: contextvars.ContextVar[str] = contextvars.ContextVar("lopfast_dispatch_timing", default="eager")
+
+
+def timing_mode() -> str:
+    """How candidates are timed right now: "eager" (as called) or "graph" (replays of a captured
+    CUDA graph: GPU time only); see the module docstring."""
+    return _timing.get()
+
+
+@contextlib.contextmanager
+def graph_timing(on: bool = True):
+    """Inside this block, choices are made (and cached) for work that will run inside a CUDA graph:
+    candidates are timed by replaying each one captured as a graph. ``on=False``: eager timing."""
+    token = _timing.set("graph" if on else "eager")
+    try:
+        yield
+    finally:
+        _timing.reset(token)
+
+
+def _mode_op(op: str) -> str:
+    """The name a choice of ``op`` is cached under in the current timing mode."""
+    return f"{op} [graph]" if _timing.get() == "graph" else op
 _memory: Dict[tuple, dict] = {}
 _disk: Dict[str, dict] = {}  # entries of the cache file, by their string key
 _disk_loaded: List[str] = []  # the path whose entries _disk holds
@@ -223,12 +262,12 @@ def choose(op: str, key: Any, device: torch.device, candidates: Mapping[str, Cal
                    f"lopfast.dispatch: {ENV_DISPATCH}={mode} is not a backend of {op} here "
                    f"(have {sorted(candidates)}); using {default!r}")
         return default
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        cached = lookup(op, key, device)
-        return cached if cached in candidates else default
+    op = _mode_op(op)
     cached = lookup(op, key, device)
     if cached in candidates:
         return cached
+    if graphs.capturing():  # never time inside a capture: the static default until measured
+        return default
     return _measure(op, key, device, candidates, reference, args)
 
 
@@ -334,18 +373,38 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
 
 
 def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
-                budget_s: Optional[float] = None) -> float:
+                budget_s: Optional[float] = None, graphed: bool = False) -> float:
     """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
     ``warmup`` untimed ones: CUDA events on CUDA (the queue is drained first, so a call measures
     its own work), ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that
     much time was spent (after at least two rounds). The dispatch and the benchmarks both time
-    with it, so their numbers compare."""
+    with it, so their numbers compare.
+
+    ``graphed=True``: after the warm-up calls, ``fn`` is captured once as a CUDA graph (on a side
+    stream, ``lopfast.graphs.Graph``; off CUDA its CPU stand-in) and the graph's replays are
+    timed: the GPU time of ``fn``'s work without the host's launch cost. ``fn`` must then be
+    capturable (no host syncs; its allocations come from the graph's own pool, freed after)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    if graphed:
+        graph = graphs.Graph(emulate=not cuda, stream=torch.cuda.Stream(device) if cuda else None)
+        if cuda:  # warm up on the capture's stream (lazy cuBLAS / Triton state), as torch advises
+            graph.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(graph.stream):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(graph.stream)
+            torch.cuda.synchronize(device)
+        else:
+            for _ in range(warmup):
+                fn()
+        graph.capture(lambda: _discard(fn()), outputs=False)
+        return median_time(graph.replay, device, rounds=rounds, warmup=1, budget_s=budget_s)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
     times: List[float] = []
     spent = 0.0
@@ -368,6 +427,10 @@ def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int =
     return statistics.median(times)
 
 
+def _discard(_) -> None:
+    return None
+
+
 def _measure(op, key, device, candidates, reference, args) -> str:
     with _lock:  # one tuning at a time: timings of two threads on one GPU would disturb each other
         cached = lookup(op, key, device)
@@ -387,14 +450,16 @@ def _measure(op, key, device, candidates, reference, args) -> str:
                     if why is not None:
                         rejected[name] = why
                         continue
-                times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S)
+                times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S,
+                                          graphed=_timing.get() == "graph")
             except Exception as exc:  # a candidate that cannot run this call is not a choice
                 if name == reference:
                     raise
                 rejected[name] = f"{type(exc).__name__}: {exc}"[:300]
         choice = min(times, key=times.get)
         entry = dict(choice=choice, times_ms={k: round(v * 1e3, 5) for k, v in times.items()},
-                     rejected=rejected, backward=ref_run.backward, when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                     rejected=rejected, backward=ref_run.backward, timing=_timing.get(),
+                     when=time.strftime("%Y-%m-%dT%H:%M:%S"))
         dev = _device_name(device)
         _memory[(dev, op, key)] = entry
         if _disk_enabled():

@@ -32,17 +32,33 @@ launches. It is correct by construction for the usual training loop because:
   forwards, CPU models and calls under ``torch.compile`` run the eager collapse.
 
 The first graphed call warms up on a side stream (Triton compilation, the measured dispatch,
-cuBLAS workspaces), then captures; that costs a few eager steps once.
+cuBLAS workspaces), then captures; that costs a few eager steps once. Inside a capture of a
+larger graph (the whole training step of ``lopfast.pipeline.step``) the collapse is simply
+recorded as part of it: no graph inside the graph.
+
+Precision: the collapse follows the step's (``precision="step"``, the default). Under autocast
+(bf16 or fp16) the factors are rounded to autocast's dtype and multiplied with fp32 accumulation,
+and the kernels come out in that dtype, which is what the autocast conv casts them to anyway;
+outside autocast it runs in the factors' dtype (fp32: IEEE unless TF32 is allowed).
+``precision="params"`` always collapses in the factors' dtype (the kernels are then rounded once
+by the conv's autocast cast). The error against the step's own precision is stated in
+``lopfast.ops.collapse.collapse_many`` and checked by ``lopfast selfcheck``.
+
+Host work: the collapse of one layer list is a ``CollapseProgram`` (validation, the measured
+routing and the Triton plan done once); each forward only checks the layers' signature (about
+1 us per factor) and runs it.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from lopfast.graphs import Graph, capturing, copy_into
 from lopfast.layers.conv import ExpandedConv2d
-from lopfast.ops.collapse import collapse_many
+from lopfast.ops._precision import autocast_dtype
+from lopfast.ops.collapse import CollapseProgram, collapse_many
 
 _STASH = "_lopfast_weff"  # read by ExpandedConv2d.effective_weight
 
@@ -52,51 +68,16 @@ def _fresh(ts: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return list(torch._foreach_mul(list(ts), 1.0)) if ts else []
 
 
-def _copy_into(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(list(dst), list(src))
-    else:  # pragma: no cover - torch < 2.1
-        for d, t in zip(dst, src):
-            d.copy_(t)
-
-
-class _Graph:
-    """A ``torch.cuda.CUDAGraph``, or (``emulate=True``, for CPU tests) a stand-in with the
-    same aliasing: replay re-runs the captured function and copies its results into the
-    tensors the capture returned."""
-
-    def __init__(self, emulate: bool, pool=None, stream=None) -> None:
-        self.emulate, self.pool, self.stream = emulate, pool, stream
-        self.graph = None if emulate else torch.cuda.CUDAGraph()
-        self.fn: Optional[Callable[[], List[torch.Tensor]]] = None
-        self.static: List[torch.Tensor] = []
-
-    def capture(self, fn: Callable[[], List[torch.Tensor]]) -> List[torch.Tensor]:
-        if self.emulate:
-            self.fn, self.static = fn, fn()
-        else:
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
-                self.static = fn()
-        return self.static
-
-    def replay(self) -> None:
-        if self.emulate:
-            with torch.no_grad():  # through .data: a graph replay bumps no version counter either
-                _copy_into([t.data for t in self.static], self.fn())
-        else:
-            self.graph.replay()
-
-
 class GraphedCollapse:
     """The collapse of fixed factors as a forward graph and a backward graph (see the module
     docstring for why replaying them is exact). ``layers``: ``(w1, w2, w3, groups)`` tuples on
-    one CUDA device; ``backend`` as in ``collapse_many``. ``emulate=True`` runs the same
-    plumbing without CUDA graphs (for tests on CPU)."""
+    one CUDA device; ``backend`` and ``dtype`` as in ``collapse_many``. ``emulate=True`` runs the
+    same plumbing without CUDA graphs (for tests on CPU)."""
 
     def __init__(self, layers: Sequence[tuple], backend: Optional[str] = None, *, emulate: bool = False,
-                 warmup: int = 2) -> None:
+                 warmup: int = 2, dtype: Optional[torch.dtype] = None) -> None:
         self.layers = [tuple(layer) for layer in layers]
-        self.backend = backend
+        self.backend, self.dtype = backend, dtype
         self.params = [w for layer in self.layers for w in layer[:3]]
         self.key = self.signature(self.layers)
         self.needs = [w for w in self.params if w.requires_grad]
@@ -107,24 +88,21 @@ class GraphedCollapse:
         if not emulate:
             self._warm_up(warmup, stream)
         pool = None if emulate else torch.cuda.graph_pool_handle()
-        self.fwd, self.bwd = _Graph(emulate, pool, stream), _Graph(emulate, pool, stream)
+        self.fwd, self.bwd = Graph(emulate, pool, stream), Graph(emulate, pool, stream)
         self.out = self.fwd.capture(self._forward)
         self.gout = [torch.empty_like(o) for o in self.out]
         self.grads = self.bwd.capture(self._backward) if self.needs else []
         if not emulate:
             self._live = None  # the captured autograd graph is spent; replays need none
 
-    @staticmethod
-    def signature(layers: Sequence[tuple]) -> tuple:
-        """What a capture depends on, checked on every call: which tensors, their addresses,
-        shapes, strides and requires_grad, and the groups. (A new dtype or device means new
-        storage, hence a new address; this check costs about 1 us per factor on the host.)"""
-        return tuple((id(w), w.data_ptr(), w.requires_grad, w.shape, w.stride())
-                     for layer in layers for w in layer[:3]) + tuple(int(layer[3]) for layer in layers)
+    signature = staticmethod(CollapseProgram.signature_of)
+
+    def _collapse(self) -> List[torch.Tensor]:
+        return collapse_many(self.layers, backend=self.backend, dtype=self.dtype)
 
     def _forward(self) -> List[torch.Tensor]:
         with torch.enable_grad():
-            outs = collapse_many(self.layers, backend=self.backend)
+            outs = self._collapse()
         self._live = outs
         return [o.detach() for o in outs]
 
@@ -140,7 +118,7 @@ class GraphedCollapse:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(iters):
-                outs = collapse_many(self.layers, backend=self.backend)
+                outs = self._collapse()
                 diff = [o for o in outs if o.requires_grad]
                 if diff and self.needs:
                     torch.autograd.grad(diff, self.needs, [torch.ones_like(o) for o in diff], allow_unused=True)
@@ -163,7 +141,7 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gouts: torch.Tensor):  # type: ignore[override]
         g: GraphedCollapse = ctx.g
-        _copy_into(g.gout, gouts)
+        copy_into(g.gout, gouts)
         g.bwd.replay()
         fresh = iter(_fresh(g.grads))  # never hand graph memory to autograd (it may keep it as .grad)
         return (None, *[next(fresh) if w.requires_grad else None for w in g.params])
@@ -180,23 +158,31 @@ class CollapsedForward:
     ``refresh()`` after replacing modules). ``backend`` as in every lopfast op (None: on CUDA
     each shape class on its measured fastest backend, the reference on CPU). ``cuda_graph``:
     replay the collapse forward and backward as CUDA graphs (module docstring; CUDA models
-    with grad enabled only, else the eager collapse runs). The state dict and parameters of
-    ``model`` are unchanged: the factors are packed into one buffer per step ("triton") or
-    stacked per shape class ("matmul"), copies of O(parameters) beside the collapse's
-    O(parameters x width) GEMMs. Each forward of the
-    model recollapses, so calling it twice in a step (e.g. two crops) stays correct.
+    with grad enabled only, else the eager collapse runs). ``precision``: ``"step"`` (default:
+    under autocast the collapse runs in autocast's dtype with fp32 accumulation) or
+    ``"params"`` (always in the factors' dtype); see the module docstring. The state dict and
+    parameters of ``model`` are unchanged: the factors are packed into one buffer per step
+    ("triton") or stacked per shape class ("matmul"), copies of O(parameters) beside the
+    collapse's O(parameters x width) GEMMs. Each forward of the model recollapses, so calling it
+    twice in a step (e.g. two crops) stays correct.
     """
 
-    def __init__(self, model: nn.Module, *, backend: Optional[str] = None, cuda_graph: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, backend: Optional[str] = None, cuda_graph: bool = False,
+                 precision: str = "step") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if precision not in ("step", "params"):
+            raise ValueError(f"precision must be 'step' or 'params', got {precision!r}")
         self.model = model
         self.backend = backend
         self.cuda_graph = cuda_graph
+        self.precision = precision
         self.graph: Optional[GraphedCollapse] = None
+        self.program: Optional[CollapseProgram] = None
         self.captures = 0  # how many times the graphs were (re)captured
+        self.programs = 0  # how many times the collapse program was (re)built
         self._emulate = False  # tests: the graph plumbing without CUDA graphs
         self.layers: List[ExpandedConv2d] = []
         self.refresh()
@@ -213,27 +199,44 @@ class CollapsedForward:
         dev, dtype = active[0].weight1.device, active[0].weight1.dtype
         if any(w.device != dev or w.dtype != dtype for m in active for w in (m.weight1, m.weight2, m.weight3)):
             return False  # one graph pair per device and dtype is not worth the bookkeeping
-        if not self._emulate and (dev.type != "cuda" or torch.cuda.is_current_stream_capturing()):
+        if capturing():
+            return False  # inside a larger capture (the whole step): recorded as part of it
+        if not self._emulate and dev.type != "cuda":
             return False
         return any(w.requires_grad for m in active for w in (m.weight1, m.weight2, m.weight3))
+
+    def compute_dtype(self, factor: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype the collapse runs in now (None: the factors' dtype); see ``precision``."""
+        if self.precision != "step" or factor.dtype != torch.float32:
+            return None
+        return autocast_dtype(factor.device.type)
 
     def collapse_all(self) -> List[torch.Tensor]:
         """Effective kernels of every collapsed-mode layer (one grouped call), also stashed on them."""
         active = [m for m in self.layers if m.mode == "collapsed"]
         if not active:
             return []
-        dev = active[0].weight1.device.type
+        w0 = active[0].weight1
         layers = [(m.weight1, m.weight2, m.weight3, m.groups) for m in active]
-        # autocast off, as in ExpandedConv2d.effective_weight: collapse in the parameters' dtype
-        with torch.autocast(dev, enabled=False):
+        dtype = self.compute_dtype(w0)
+        # autocast off: the collapse picks its precision itself (dtype), autocast would recast
+        with torch.autocast(w0.device.type, enabled=False):
             if self._graphable(active):
-                if self.graph is None or self.graph.key != GraphedCollapse.signature(layers):
+                if (self.graph is None or self.graph.key != GraphedCollapse.signature(layers)
+                        or self.graph.dtype != dtype):
                     self.graph = None  # free the old graphs' memory before capturing anew
-                    self.graph = GraphedCollapse(layers, self.backend, emulate=self._emulate)
+                    self.graph = GraphedCollapse(layers, self.backend, emulate=self._emulate, dtype=dtype)
                     self.captures += 1
                 weffs = self.graph()
+            elif torch.compiler.is_compiling():
+                weffs = collapse_many(layers, backend=self.backend, dtype=dtype)
             else:
-                weffs = collapse_many(layers, backend=self.backend)
+                prog = self.program
+                if (prog is None or prog.signature != CollapseProgram.signature_of(layers)
+                        or prog.context != CollapseProgram.context_of(self.backend, dtype)):
+                    prog = self.program = CollapseProgram(layers, backend=self.backend, dtype=dtype)
+                    self.programs += 1
+                weffs = prog(layers)
         for m, w in zip(active, weffs):
             m.__dict__[_STASH] = w
         return weffs
@@ -256,6 +259,7 @@ class CollapsedForward:
         self._post.remove()
         self._clear()
         self.graph = None
+        self.program = None
 
     def __enter__(self) -> "CollapsedForward":
         return self

@@ -3,6 +3,10 @@
 Ops checked, forward and backward each (one row per op, backend, dtype and direction):
     collapse        one expanded conv's W3.W2.W1 (``lopfast.ops.collapse.collapse``)
     collapse_many   a model's layer list in one grouped call (``collapse_many``)
+    collapse_step   the same with fp32 factors in a bf16 step: the collapse follows the step's
+                    precision (``collapse_many(dtype=bf16)``, what ``CollapsedForward`` runs under
+                    bf16 autocast); budget from PyTorch's einsum on the factors rounded to bf16,
+                    i.e. the error is stated against the step's own precision (bf16 rows only)
     sp_loss         the SP distillation loss over several layer pairs (``lopfast.sp_loss``)
     expanded_conv   ``ExpandedConv2d`` in collapsed mode (its collapse on the backend), input,
                     weight and bias gradients included
@@ -169,6 +173,14 @@ def _cases(device: torch.device, dtypes, big: bool, seed: int) -> List[_Case]:
         cases.append(_Case("collapse", dtype, lambda b, r=run_collapse: r(b, one=True), plain_collapse,
                            lambda dt, i=collapse_inputs: i(dt, one=True)))
         cases.append(_Case("collapse_many", dtype, run_collapse, plain_collapse, collapse_inputs))
+        if dtype in (torch.bfloat16, torch.float16):  # (h17) the collapse of an fp32 model in a bf16 step
+            def run_step_collapse(backend, inputs=collapse_inputs, dtype=dtype):
+                ls, dws = inputs(torch.float32)
+                outs = collapse_many([(*f, g) for f, g in ls], backend=backend, dtype=dtype)
+                grads = torch.autograd.grad(outs, [w for f, _ in ls for w in f], [d.to(dtype) for d in dws])
+                return [o.detach() for o in outs], list(grads)
+
+            cases.append(_Case("collapse_step", dtype, run_step_collapse, plain_collapse, collapse_inputs))
 
         pairs = _sp_pairs(big)
         s64 = [torch.randn(s, generator=gen, dtype=torch.float64).relu_() for s, _, _ in pairs]

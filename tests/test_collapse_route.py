@@ -54,9 +54,9 @@ def _spy_runs(monkeypatch):
     runs = []
     real = op._run
 
-    def spy(name, layers):
+    def spy(name, layers, *dtype):
         runs.append((name, len(layers)))
-        return real(name, layers)
+        return real(name, layers, *dtype)
 
     monkeypatch.setattr(op, "_run", spy)
     return runs
@@ -125,7 +125,7 @@ def test_auto_measures_each_class(fake_gpu, monkeypatch):
         time.sleep(0.0 if big(ls) else 0.01)
         return real["matmul"](ls)
 
-    monkeypatch.setattr(op, "_auto_candidates", lambda device, dtype: {"torch": ref, "matmul": mm})
+    monkeypatch.setattr(op, "_auto_candidates", lambda device, dtype, *compute: {"torch": ref, "matmul": mm})
     work, layers, classes = _layers()
     assert op.route(layers) == {"matmul": [0, 2], "torch": [1, 3]}
     decided = dispatch.decisions()

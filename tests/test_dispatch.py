@@ -19,7 +19,7 @@ def _lopfast_imports(module):
 def test_backend_and_dispatch_import_nothing_above_them():
     # both sit below lopfast.ops (which imports them): any import of an op module is a circle
     for module in (lopfast.backend, lopfast.dispatch):
-        allowed = ("lopfast.kernels.", "lopfast._C", "lopfast.backend.", "lopfast._build_flags")
+        allowed = ("lopfast.kernels.", "lopfast._C", "lopfast.backend.", "lopfast._build_flags", "lopfast.graphs")
         assert all(n.startswith(allowed) for n in _lopfast_imports(module)), module.__name__
 
 
@@ -191,6 +191,58 @@ def test_compile_never_times(fake_gpu):
     out = torch.compile(f, backend="eager", fullgraph=True)(x, w, (9,))
     torch.testing.assert_close(out, x @ w * 3.0)
     assert calls == []
+
+
+def test_graph_timing_times_replays_and_is_cached_apart(fake_gpu):
+    """Under graph_timing() each candidate is captured once (lopfast.graphs; on CPU its stand-in)
+    and its replays are timed: host work a replayed graph never pays (here a sleep outside any
+    capture, standing for Python launch cost) does not count, so the launch-bound candidate that
+    loses eagerly wins for a captured step; the two choices are cached under separate keys."""
+    from lopfast import graphs
+
+    calls = []
+
+    def launch_bound(x, w):
+        if not graphs.capturing():
+            time.sleep(0.006)  # host launch cost: paid when called eagerly, not by a replay
+        calls.append("launch_bound")
+        return x @ w
+
+    def device_bound(x, w):
+        time.sleep(0.002)  # device work: paid by every replay too
+        return x @ w
+
+    cands = {"torch": device_bound, "triton": launch_bound}
+    cpu = torch.device("cpu")
+    assert dispatch.timing_mode() == "eager"
+    assert dispatch.choose("mm", (3,), cpu, cands, args=_args()) == "torch"
+    with dispatch.graph_timing():
+        assert dispatch.timing_mode() == "graph"
+        calls.clear()
+        assert dispatch.choose("mm", (3,), cpu, cands, args=_args()) == "triton"
+        assert "launch_bound" in calls  # warm-up, correctness check, then replays
+    entries = {d["op"]: d for d in dispatch.decisions()}
+    assert entries["mm"]["timing"] == "eager" and entries["mm [graph]"]["timing"] == "graph"
+    assert entries["mm [graph]"]["times_ms"]["triton"] < entries["mm [graph]"]["times_ms"]["torch"]
+    calls.clear()  # both cached: no new measurement in either mode
+    assert dispatch.choose("mm", (3,), cpu, cands, args=_args()) == "torch"
+    with dispatch.graph_timing():
+        assert dispatch.choose("mm", (3,), cpu, cands, args=_args()) == "triton"
+    assert calls == []
+
+
+def test_nothing_is_timed_inside_a_capture(fake_gpu):
+    """Inside a capture (here the stand-in's) choose() answers the cached choice or the static
+    default and times nothing (a CUDA capture would fail on the timing's synchronisation)."""
+    from lopfast import graphs
+
+    calls = []
+    cands = _candidates(calls)
+    got = []
+    g = graphs.Graph(emulate=True)
+    g.capture(lambda: got.append(dispatch.choose("mm", (4,), torch.device("cpu"), cands, args=_args())), outputs=False)
+    g.replay()
+    assert got == ["triton"] and calls == [] and dispatch.decisions() == []
 
 
 def test_shape_key_distinguishes_shape_dtype_layout():

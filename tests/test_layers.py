@@ -276,15 +276,26 @@ def test_deepcopy_state_dict_and_to():
     assert rel_err(d(x.double()), conv.double()(x.double())) < 1e-6
 
 
-def test_autocast_bf16_collapses_in_full_precision():
+def test_autocast_bf16_collapse_follows_the_step():
+    """Under bf16 autocast the collapse runs in bf16 (fp32 accumulation) and hands the conv a bf16
+    kernel, within bf16's rounding of the exact one; the factor gradients stay fp32, and
+    contract() is full precision whatever the caller's autocast."""
     conv = nn.Conv2d(8, 8, 3, padding=1)
     e = lopfast.ExpandedConv2d.from_conv(conv)
     x = torch.randn(2, 8, 9, 9)
+    exact = e.effective_weight().double()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert e.effective_weight().dtype == torch.float32
+        w = e.effective_weight()
+        assert w.dtype == torch.bfloat16
         out = e(x)
+        assert e.contract().weight.dtype == torch.float32
+    # the kernel the autocast conv would have used anyway: the exact one rounded to bf16
+    rounded = exact.to(torch.bfloat16).double()
+    assert rel_err(w.double(), exact) < 4 * max(rel_err(rounded, exact), 2 ** -9)
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), conv(x)) < 2e-2
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in (e.weight1, e.weight2, e.weight3))
 
 
 def test_torch_compile_fullgraph_collapsed():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lopfast.checks import InvalidArgument, InvalidArgumentType, check_int, check_finite_tensors
 from lopfast.layers.decompose import check_generator, check_init, check_rate, decompose, expanded_width
+from lopfast.ops._precision import autocast_dtype
 from lopfast.ops.collapse import collapse as collapse_op
 
 MODES = ("collapsed", "chain")
@@ -212,17 +213,21 @@ class ExpandedConv2d(nn.Conv2d):
     def effective_weight(self) -> torch.Tensor:
         """The differentiable effective kernel W3.W2.W1, shape (n, m/G, kh, kw).
 
-        Computed with autocast off, in the parameters' dtype, so a bf16 autocast step still
-        collapses in full precision before the conv casts the result.
+        Its precision follows the step's: in the parameters' dtype, except fp32 factors under
+        autocast (bf16 / fp16), which are multiplied in autocast's dtype with fp32 accumulation
+        and give the kernel in that dtype, the one the autocast conv casts it to anyway
+        (``lopfast.ops.collapse.collapse_many``, ``dtype``; the error is stated there).
         """
         # A model-level fast path (lopfast.CollapsedForward) may have collapsed every layer
         # of the model in one grouped launch already; use its result for this forward.
         stashed = self.__dict__.get("_lopfast_weff")
         if stashed is not None:
             return stashed
-        with torch.autocast(self.weight1.device.type, enabled=False):
+        dev = self.weight1.device.type
+        dtype = autocast_dtype(dev) if self.weight1.dtype == torch.float32 else None
+        with torch.autocast(dev, enabled=False):
             # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
-            return collapse_op(self.weight1, self.weight2, self.weight3, self.groups)
+            return collapse_op(self.weight1, self.weight2, self.weight3, self.groups, dtype=dtype)
 
     def effective_bias(self) -> Optional[torch.Tensor]:
         """The effective bias (the last layer's bias: the first two carry none)."""
@@ -252,7 +257,8 @@ class ExpandedConv2d(nn.Conv2d):
     @torch.no_grad()
     def contract(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with this layer's hyper-parameters and collapsed weight/bias."""
-        w = self.effective_weight()
+        with torch.autocast(self.weight1.device.type, enabled=False):  # full precision, whatever the caller's
+            w = self.effective_weight()
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, self.bias is not None, self.padding_mode,

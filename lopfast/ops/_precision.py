@@ -18,9 +18,11 @@ recompiles rather than reusing a graph traced with the old setting.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-__all__ = ["deterministic", "fp32_matmul_precision"]
+__all__ = ["autocast_dtype", "deterministic", "fp32_matmul_precision"]
 
 
 def _read_fp32_precision() -> str:
@@ -48,3 +50,19 @@ def fp32_matmul_precision() -> str:
 def deterministic() -> bool:
     """True when ``torch.use_deterministic_algorithms(True)`` is on: ops then avoid atomics."""
     return bool(torch.are_deterministic_algorithms_enabled())
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes matrix products in on ``device_type`` right now (bf16 / fp16),
+    or None when autocast is off there: the step's precision, which the collapse follows
+    (``lopfast.ops.collapse.collapse_many(dtype=...)``, ``lopfast.CollapsedForward``)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # pragma: no cover - torch < 2.4: the old per-device getters
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None

@@ -181,44 +181,60 @@ def _zeros(n: int, like: torch.Tensor) -> torch.Tensor:
     return z[:n]
 
 
-def _triton_many(layers: Sequence[Layer]) -> List[torch.Tensor]:
-    """All layers (one device, fp32/fp16/bf16) through the grouped Triton GEMM."""
-    kc = _kernels()
-    groups = list(bucket(layers).items())
-    specs = tuple(kc.ClassSpec(len(idx), c.G, c.n, c.m, c.p, c.q, c.T, c.left) for (c, _, _), idx in groups)
-    ref = layers[0][0]
-    plan = _get_plan(specs, ref.device)
-    # pack: per class all W1, all W2 in the canonical (q, T, p) layout, all W3; 16-aligned segments
-    pieces: List[torch.Tensor] = []
-    pos = 0
+class _TritonPack:
+    """The grouped Triton launch for one list of layer shapes, planned once: shape classes, the
+    launch plan (its tables already on the device) and where each factor goes in the packed
+    buffer. ``run(layers, dtype)`` only packs, launches and unpacks."""
 
-    def put(t: torch.Tensor, at: int) -> None:
-        nonlocal pos
-        if at > pos:
-            pieces.append(_zeros(at - pos, ref))
-        pieces.append(t)
-        pos = at + t.numel()
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        kc = _kernels()
+        self.groups = [(c, idx) for (c, _, _), idx in bucket(layers).items()]
+        specs = tuple(kc.ClassSpec(len(idx), c.G, c.n, c.m, c.p, c.q, c.T, c.left) for c, idx in self.groups)
+        self.plan = _get_plan(specs, layers[0][0].device)
 
-    for ((c, _, _), idx), lay in zip(groups, plan.layouts):
-        G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
-        for k, i in enumerate(idx):
-            put(layers[i][0].reshape(-1), lay.w1 + k * G * p * m)
-        w2c = torch.stack([layers[i][1].reshape(G, q, p, T).transpose(-1, -2) for i in idx])
-        put(w2c.reshape(-1), lay.w2)
-        for k, i in enumerate(idx):
-            put(layers[i][2].reshape(-1), lay.w3 + k * G * n * q)
-    if plan.x_numel > pos:
-        pieces.append(_zeros(plan.x_numel - pos, ref))
-    x = torch.cat(pieces)
-    out = _apply_grouped(x, plan, fp32_matmul_precision() if ref.dtype == torch.float32 else "ieee")
-    results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
-    for ((c, _, _), idx), lay in zip(groups, plan.layouts):
-        L, G, n, m, T = len(idx), c.G, c.n, c.m, c.T
-        w = out[lay.out:lay.out + L * G * n * T * m].view(L, G * n, T, m).transpose(-1, -2)
-        w = w.contiguous().view(L, G * n, m, c.kh, c.kw)
-        for i, wi in zip(idx, w.unbind(0)):
-            results[i] = wi
-    return results
+    def run(self, layers: Sequence[Layer], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+        """Kernels of ``layers`` (of the planned shapes) computed in ``dtype`` (None: the factors')."""
+        groups, plan = self.groups, self.plan
+        ref = layers[0][0]
+        # pack: per class all W1, all W2 in the canonical (q, T, p) layout, all W3; 16-aligned segments
+        pieces: List[torch.Tensor] = []
+        pos = 0
+
+        def put(t: torch.Tensor, at: int) -> None:
+            nonlocal pos
+            if at > pos:
+                pieces.append(_zeros(at - pos, ref))
+            pieces.append(t)
+            pos = at + t.numel()
+
+        for (c, idx), lay in zip(groups, plan.layouts):
+            G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
+            for k, i in enumerate(idx):
+                put(layers[i][0].reshape(-1), lay.w1 + k * G * p * m)
+            w2c = torch.stack([layers[i][1].reshape(G, q, p, T).transpose(-1, -2) for i in idx])
+            put(w2c.reshape(-1), lay.w2)
+            for k, i in enumerate(idx):
+                put(layers[i][2].reshape(-1), lay.w3 + k * G * n * q)
+        if plan.x_numel > pos:
+            pieces.append(_zeros(plan.x_numel - pos, ref))
+        x = torch.cat(pieces)
+        if dtype is not None and dtype != x.dtype:
+            x = x.to(dtype)  # one cast of the whole pack (its backward: one cast of the packed gradient)
+        out = _apply_grouped(x, plan, fp32_matmul_precision() if x.dtype == torch.float32 else "ieee")
+        results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
+        for (c, idx), lay in zip(groups, plan.layouts):
+            L, G, n, m, T = len(idx), c.G, c.n, c.m, c.T
+            w = out[lay.out:lay.out + L * G * n * T * m].view(L, G * n, T, m).transpose(-1, -2)
+            w = w.contiguous().view(L, G * n, m, c.kh, c.kw)
+            for i, wi in zip(idx, w.unbind(0)):
+                results[i] = wi
+        return results
+
+
+def _triton_many(layers: Sequence[Layer], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    """All layers (one device, fp32/fp16/bf16) through the grouped Triton GEMM, computed in
+    ``dtype`` (None: the factors' dtype) with fp32 accumulation."""
+    return _TritonPack(layers).run(layers, dtype)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -251,7 +267,8 @@ BACKENDS = op_backends("collapse")  # every name backend= accepts here, "matmul"
 def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
     """Collapse backends that run natively on tensors of ``device``/``dtype`` on this machine:
     the candidates a measured ``auto`` (lopfast.dispatch) times against the reference. "cuda"
-    (the C++ fallback) is left to the caller, since probing it may build the extension."""
+    (the C++ fallback) is left to the caller, since probing it may build the extension.
+    ``dtype`` is the dtype the collapse computes in."""
     from lopfast.backend import triton_interpreting
 
     names = ["torch", "matmul"]
@@ -261,17 +278,35 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> Tuple[str, .
     return tuple(names)
 
 
-def _auto_candidates(device: torch.device, dtype: torch.dtype) -> Dict[str, object]:
-    """The collapse backends the measured dispatch times here, each ``fn(layers) -> [W_eff, ...]``."""
-    cands: Dict[str, object] = {"torch": lambda ls: [reference_collapse(*layer) for layer in ls],
-                                "matmul": matmul_many}
-    if "triton" in available_backends(device, dtype):
-        cands["triton"] = _triton_many
-    if device.type == "cuda" and cuda_extension() is not None:
+def _cast_layers(layers: Sequence[Layer], dtype: Optional[torch.dtype]) -> List[Layer]:
+    if dtype is None:
+        return list(layers)
+    return [(w1.to(dtype), w2.to(dtype), w3.to(dtype), g) for w1, w2, w3, g in layers]
+
+
+def _run(name: str, layers: Sequence[Layer], dtype: Optional[torch.dtype] = None,
+         pack: Optional[_TritonPack] = None) -> List[torch.Tensor]:
+    """``layers`` on backend ``name``, computed in ``dtype`` (None: the factors' dtype); "triton"
+    through ``pack`` when the caller planned it already."""
+    if name == "triton":
+        return (pack or _TritonPack(layers)).run(layers, dtype)
+    if name == "matmul":
+        return matmul_many(layers, dtype=dtype)
+    if name == "cuda":
         from lopfast.ops.cuda_ext import CollapseCuda
 
-        cands["cuda"] = lambda ls: [CollapseCuda.apply(*layer) for layer in ls]
-    return cands
+        return [CollapseCuda.apply(*layer) for layer in _cast_layers(layers, dtype)]
+    return [reference_collapse(*layer) for layer in _cast_layers(layers, dtype)]
+
+
+def _auto_candidates(device: torch.device, factor_dtype: torch.dtype,
+                     dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """The collapse backends the measured dispatch times here, each ``fn(layers) -> [W_eff, ...]``
+    computing in ``dtype`` (None: the factors' dtype ``factor_dtype``)."""
+    names = list(available_backends(device, dtype or factor_dtype))
+    if device.type == "cuda" and cuda_extension() is not None:
+        names.append("cuda")
+    return {name: (lambda ls, name=name: _run(name, ls, dtype)) for name in names}
 
 
 def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
@@ -283,59 +318,146 @@ def _resolve(backend: Optional[str], device: torch.device, dtype: torch.dtype) -
     return name
 
 
-def route(layers: Sequence[Layer], backend: Optional[str] = None) -> Dict[str, List[int]]:
-    """Which backend runs which layers of ``collapse_many(layers, backend=backend)``: a dict
-    from backend name to layer indices (layers of one device and dtype, already validated).
+def _compute_dtype(dtype: Optional[torch.dtype], factor_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """None when the collapse computes in the factors' own dtype."""
+    return None if dtype is None or dtype == factor_dtype else dtype
+
+
+def route(layers: Sequence[Layer], backend: Optional[str] = None,
+          dtype: Optional[torch.dtype] = None) -> Dict[str, List[int]]:
+    """Which backend runs which layers of ``collapse_many(layers, backend=backend, dtype=dtype)``:
+    a dict from backend name to layer indices (layers of one device and dtype, already validated).
 
     An explicit backend (argument or ``use_backend``) takes every layer. ``auto`` on a device
     the dispatch measures (CUDA) routes per *shape class* (``lopfast.ops.collapse_gemm.bucket``):
     ``lopfast.dispatch.choose`` times the candidates on that class's own layers (key: their
-    shapes, strides, dtype) and the class goes where it ran fastest. All classes that chose
-    "triton" then share ONE grouped launch per phase, so small classes pay the launch cost
-    once for the whole model while large ones can take cuBLAS ("matmul"). Elsewhere (CPU):
-    the reference, untimed.
+    shapes, strides, dtype and the compute dtype) and the class goes where it ran fastest. All
+    classes that chose "triton" then share ONE grouped launch per phase, so small classes pay the
+    launch cost once for the whole model while large ones can take cuBLAS ("matmul"). Elsewhere
+    (CPU): the reference, untimed.
     """
     w1 = layers[0][0]
-    device, dtype = w1.device, w1.dtype
-    static = _resolve(backend, device, dtype)
+    device = w1.device
+    cd = _compute_dtype(dtype, w1.dtype)
+    static = _resolve(backend, device, cd or w1.dtype)
     if not (_dispatch.tunable(device) and is_auto(backend, "collapse")):
         return {static: list(range(len(layers)))}
-    cands = _auto_candidates(device, dtype)
+    cands = _auto_candidates(device, w1.dtype, cd)
     routes: Dict[str, List[int]] = {}
     for _, idx in bucket(layers).items():
         sub = [layers[i] for i in idx]
-        name = _dispatch.choose(op="collapse", key=_dispatch.shape_key(sub), device=device,
+        key = _dispatch.shape_key(sub) if cd is None else (_dispatch.shape_key(sub), cd)
+        name = _dispatch.choose(op="collapse", key=key, device=device,
                                 candidates=cands, reference="torch", args=(sub,), static=static)
         routes.setdefault(name, []).extend(idx)
     return {name: sorted(idx) for name, idx in routes.items()}
 
 
-def _run(name: str, layers: Sequence[Layer]) -> List[torch.Tensor]:
-    if name == "triton":
-        return _triton_many(layers)
-    if name == "matmul":
-        return matmul_many(layers)
-    if name == "cuda":
-        from lopfast.ops.cuda_ext import CollapseCuda
-
-        return [CollapseCuda.apply(*layer) for layer in layers]
-    return [reference_collapse(*layer) for layer in layers]
+def _check_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return dtype
 
 
-def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> List[torch.Tensor]:
+class CollapseProgram:
+    """``collapse_many`` prepared once for one list of layers (the host out of the hot path).
+
+    Built from the layer list, it validates the layers, and at its first call routes them (the
+    measured dispatch may time candidates there, on that call's own factors) and plans the
+    grouped Triton launch (shape classes, launch tables uploaded to the device once, where each
+    factor goes in the pack). Every later call only packs, launches and unpacks: no validation,
+    no routing, no planning. ``signature`` says what the program was built for (factor
+    identities, addresses, shapes, dtypes, ``requires_grad``, groups) and ``context`` under which
+    settings (``backend``, ``dtype``, ``lopfast.use_backend``, ``LOPFAST_DISPATCH``, the
+    dispatch's timing mode); a caller that holds a program rebuilds it when either changes
+    (``lopfast.CollapsedForward`` does, and costs about 1 us per factor per call to check).
+    """
+
+    def __init__(self, layers: Sequence[Layer], *, backend: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        self.backend, self.dtype = backend, _check_dtype(dtype)
+        checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
+        self.signature = self.signature_of(checked)
+        self.context = self.context_of(backend, dtype)
+        self.n = len(checked)
+        self._runs: Optional[List[Tuple[List[int], object]]] = None
+
+    @staticmethod
+    def signature_of(layers: Sequence[Layer]) -> tuple:
+        """What a program (or a captured graph) of ``layers`` depends on: which tensors, their
+        addresses, shapes, strides, dtypes and ``requires_grad``, and the groups. (A new dtype or
+        device means new storage, hence a new address.)"""
+        return tuple((id(w), w.data_ptr(), w.requires_grad, w.shape, w.stride())
+                     for layer in layers for w in layer[:3]) + tuple(int(layer[3]) for layer in layers)
+
+    @staticmethod
+    def context_of(backend: Optional[str], dtype: Optional[torch.dtype]) -> tuple:
+        """The settings a program's routing depends on besides its layers."""
+        from lopfast.backend import get_backend
+
+        return (backend, dtype, get_backend(), _dispatch._env_mode(), _dispatch.timing_mode())
+
+    def __call__(self, layers: Sequence[Layer]) -> List[torch.Tensor]:
+        """The effective kernels of ``layers`` (the layers the program was built for; checked
+        only by length here: see ``signature``)."""
+        if len(layers) != self.n:
+            raise ValueError(f"this CollapseProgram was built for {self.n} layers, got {len(layers)}")
+        if self._runs is None:
+            self._runs = _plan_runs(layers, self.backend, self.dtype)
+        return _execute(self._runs, layers)
+
+
+def _plan_runs(layers: Sequence[Layer], backend: Optional[str], dtype: Optional[torch.dtype]) -> List[tuple]:
+    """``[(layer indices, fn(those layers) -> kernels), ...]``: the routed backends of ``layers``
+    (validated), by device and dtype; the Triton route planned (``_TritonPack``)."""
+    runs: List[tuple] = []
+    buckets: Dict[tuple, List[int]] = {}
+    for i, (w1, _, _, _) in enumerate(layers):
+        buckets.setdefault((w1.device, w1.dtype), []).append(i)
+    for idx in buckets.values():
+        group = [layers[i] for i in idx]
+        cd = _compute_dtype(dtype, group[0][0].dtype)
+        for name, sub in route(group, backend, dtype).items():
+            members = [idx[j] for j in sub]
+            pack = _TritonPack([layers[i] for i in members]) if name == "triton" else None
+            runs.append((members, lambda ls, name=name, cd=cd, pack=pack: _run(name, ls, cd, pack)))
+    return runs
+
+
+def _execute(runs: List[tuple], layers: Sequence[Layer]) -> List[torch.Tensor]:
+    results: List[Optional[torch.Tensor]] = [None] * len(layers)
+    for members, run in runs:
+        for i, o in zip(members, run([layers[i] for i in members])):
+            results[i] = o
+    return results  # type: ignore[return-value]
+
+
+def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Effective kernels of many expanded convs at once, differentiable.
 
     ``layers``: a sequence of ``(w1, w2, w3, groups)`` (the factor shapes of
     ``ExpandedConv2d``: W1 (p, m_g, 1, 1), W2 (q, p_g, kh, kw), W3 (n, q_g, 1, 1)). Returns one
-    (n, m_g, kh, kw) tensor per layer, in the factors' dtype. ``backend``: see the module
-    docstring; on "matmul" each shape class costs one batched GEMM per product, on "triton"
-    all layers of one device and dtype share 2 grouped-GEMM launches forward and 4 backward
-    (a few more when both association orders or unaligned widths occur). ``auto`` on CUDA
-    routes each shape class to its measured fastest backend (``route``). An explicit backend
-    (argument or ``lopfast.use_backend``) runs every layer on exactly that backend. NaN / inf
-    in the factors propagate to the kernels as in PyTorch ops (no check in a hot op: it would
-    cost a host sync); ``lopfast.expand`` and training check at their boundaries.
+    (n, m_g, kh, kw) tensor per layer. ``backend``: see the module docstring; on "matmul" each
+    shape class costs one batched GEMM per product, on "triton" all layers of one device and
+    dtype share 2 grouped-GEMM launches forward and 4 backward (a few more when both
+    association orders or unaligned widths occur). ``auto`` on CUDA routes each shape class to
+    its measured fastest backend (``route``). An explicit backend (argument or
+    ``lopfast.use_backend``) runs every layer on exactly that backend. NaN / inf in the factors
+    propagate to the kernels as in PyTorch ops (no check in a hot op: it would cost a host sync);
+    ``lopfast.expand`` and training check at their boundaries.
+
+    ``dtype``: the precision the products run in (None: the factors' dtype). With fp32 factors
+    and ``dtype=torch.bfloat16`` (what a bf16 autocast step asks for: ``lopfast.CollapsedForward``
+    and ``ExpandedConv2d`` pass autocast's dtype) the factors are rounded to bf16, multiplied with
+    fp32 accumulation, the kernels come out in bf16 (the dtype the autocast conv would cast them
+    to anyway) and the factor gradients go back in fp32. fp32 products are IEEE unless TF32 is
+    allowed (``lopfast.ops._precision.fp32_matmul_precision``).
+
+    A caller that collapses the same layers every step can hold a ``CollapseProgram`` instead,
+    which does the validation, routing and planning once.
     """
+    _check_dtype(dtype)
     checked = [_check_layer(layer, i) for i, layer in enumerate(layers)]
     if not checked:
         return []
@@ -345,29 +467,21 @@ def collapse_many(layers: Sequence[Layer], *, backend: Optional[str] = None) -> 
         # torch.compile the folded GEMMs ("matmul", plain differentiable torch ops) are traced
         # instead, or the einsum reference when backend="torch" is asked for explicitly.
         if backend == "torch":
-            return [reference_collapse(*layer) for layer in checked]
-        return matmul_many(checked)
-    results: List[Optional[torch.Tensor]] = [None] * len(checked)
-    buckets: Dict[tuple, List[int]] = {}
-    for i, (w1, _, _, _) in enumerate(checked):
-        buckets.setdefault((w1.device, w1.dtype), []).append(i)
-    for idx in buckets.values():
-        group = [checked[i] for i in idx]
-        for name, sub in route(group, backend).items():
-            for j, o in zip(sub, _run(name, [group[k] for k in sub])):
-                results[idx[j]] = o
-    return results  # type: ignore[return-value]
+            return [reference_collapse(*layer) for layer in _cast_layers(checked, dtype)]
+        return matmul_many(checked, dtype=dtype)
+    return _execute(_plan_runs(checked, backend, dtype), checked)
 
 
 def collapse(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int = 1, *,
-             backend: Optional[str] = None) -> torch.Tensor:
+             backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Effective kernel W3.W2.W1 (per tap and group) of one expanded conv, differentiable.
 
     Same maths and shapes as ``reference_collapse``; ``backend`` picks the implementation
     (None/"auto": on CUDA the measured choice of lopfast.dispatch, with ``LOPFAST_DISPATCH=off``
-    Triton; the reference on CPU).
+    Triton; the reference on CPU); ``dtype`` the precision of the products (``collapse_many``).
     """
-    return collapse_many([(w1, w2, w3, groups)], backend=backend)[0]
+    return collapse_many([(w1, w2, w3, groups)], backend=backend, dtype=dtype)[0]
 
 
-__all__ = ["BACKENDS", "available_backends", "collapse", "collapse_many", "reference_collapse", "route"]
+__all__ = ["BACKENDS", "CollapseProgram", "available_backends", "collapse", "collapse_many", "reference_collapse",
+           "route"]

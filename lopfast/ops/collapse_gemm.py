@@ -49,7 +49,7 @@ The same classes and canonical layouts feed the Triton grouped GEMM (``lopfast.k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -151,6 +151,13 @@ def canonical(layers: Sequence[Layer], c: ShapeClass) -> Tuple[torch.Tensor, tor
     return a1, a2c, a3
 
 
+def _cast(ops: Sequence[torch.Tensor], dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, ...]:
+    """``ops`` in ``dtype`` (differentiable; no copy when they already are, or for None)."""
+    if dtype is None:
+        return tuple(ops)
+    return tuple(t.to(dtype) for t in ops)
+
+
 def folded_collapse(a1: torch.Tensor, a2c: torch.Tensor, a3: torch.Tensor, left: bool) -> torch.Tensor:
     """Wc (B, n, T, m) from canonical operands: two batched GEMMs with the taps folded in.
 
@@ -185,10 +192,10 @@ class FoldedClass(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, c: ShapeClass, *flat: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, c: ShapeClass, dtype: Optional[torch.dtype], *flat: torch.Tensor):  # type: ignore[override]
         L = len(flat) // 3
         layers = [(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2], c.G) for i in range(L)]
-        a1, a2c, a3 = canonical(layers, c)
+        a1, a2c, a3 = _cast(canonical(layers, c), dtype)
         B, q, T, p = a2c.shape
         n, m = c.n, c.m
         if c.left:
@@ -197,7 +204,7 @@ class FoldedClass(torch.autograd.Function):
         else:
             inter = torch.matmul(a2c.reshape(B, q * T, p), a1)  # S (B, q*T, m)
             wc = torch.matmul(a3, inter.reshape(B, q, T * m))
-        ctx.c = c
+        ctx.c, ctx.dtype = c, dtype
         ctx.save_for_backward(*flat, inter)
         return tuple(uncanonical(wc.reshape(B, n, T, m), c, L))
 
@@ -209,7 +216,8 @@ class FoldedClass(torch.autograd.Function):
         L = len(flat) // 3
         G, n, m, p, q, T = c.G, c.n, c.m, c.p, c.q, c.T
         B = L * G
-        a1, a2c, a3 = canonical([(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2], G) for i in range(L)], c)
+        a1, a2c, a3 = _cast(canonical([(flat[3 * i], flat[3 * i + 1], flat[3 * i + 2], G) for i in range(L)], c),
+                            ctx.dtype)
         # dWc (B, n, T, m) from the per-layer (G*n, m, kh, kw) gradients: one layout copy
         dwc = torch.stack([g.reshape(G, n, m, T) for g in gouts]).transpose(-1, -2).reshape(B, n, T, m)
         dwc = dwc.to(inter.dtype)
@@ -226,22 +234,27 @@ class FoldedClass(torch.autograd.Function):
             pp = pp.reshape(B, q * T, m)
             da2c = torch.matmul(pp, a1.transpose(-1, -2))
             da1 = torch.matmul(a2c.reshape(B, q * T, p).transpose(-1, -2), pp)
-        # back to the factor layouts: views for W1 / W3, one copy for W2 (taps back last)
-        d1 = da1.reshape(L, G * p, m, 1, 1).unbind(0)
-        d3 = da3.reshape(L, G * n, q, 1, 1).unbind(0)
-        d2 = da2c.reshape(L, G, q, T, p).transpose(-1, -2).contiguous()
+        # back to the factor layouts (and dtype): views for W1 / W3, one copy for W2 (taps back last)
+        pdt = flat[0].dtype
+        d1 = da1.to(pdt).reshape(L, G * p, m, 1, 1).unbind(0)
+        d3 = da3.to(pdt).reshape(L, G * n, q, 1, 1).unbind(0)
+        d2t = da2c.reshape(L, G, q, T, p).transpose(-1, -2)
+        d2 = torch.empty(d2t.shape, dtype=pdt, device=d2t.device).copy_(d2t)  # layout and dtype in one copy
         d2 = d2.reshape(L, G * q, p, c.kh, c.kw).unbind(0)
         grads = []
         for i in range(L):
             grads += [d1[i], d2[i], d3[i]]
-        need = ctx.needs_input_grad[1:]
-        return (None, *[g if nd else None for g, nd in zip(grads, need)])
+        need = ctx.needs_input_grad[2:]
+        return (None, None, *[g if nd else None for g, nd in zip(grads, need)])
 
 
-def matmul_many(layers: Sequence[Layer], recompute: bool = True) -> List[torch.Tensor]:
+def matmul_many(layers: Sequence[Layer], recompute: bool = True,
+                dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Effective kernels of ``layers`` (already validated) by folded GEMMs, one bmm per shape
-    class and product. Runs in the factors' dtype; torch.matmul accumulates in fp32 for
-    fp16/bf16 and follows PyTorch's own TF32 setting for fp32 on CUDA.
+    class and product. Runs in ``dtype`` (None: the factors' dtype; else the stacked canonical
+    operands are cast to it, the kernels come out in it and the factor gradients go back in the
+    factors' dtype); torch.matmul accumulates in fp32 for fp16/bf16 and follows PyTorch's own
+    TF32 setting for fp32 on CUDA.
 
     ``recompute`` (eager calls that build a graph): each class is one ``FoldedClass`` node that
     keeps only the intermediate for the backward and rebuilds the canonical copies of the
@@ -254,9 +267,9 @@ def matmul_many(layers: Sequence[Layer], recompute: bool = True) -> List[torch.T
         group = [layers[i] for i in idx]
         if graph and any(w.requires_grad for layer in group for w in layer[:3]):
             flat = [w for layer in group for w in layer[:3]]
-            outs = list(FoldedClass.apply(c, *flat))
+            outs = list(FoldedClass.apply(c, dtype, *flat))
         else:
-            outs = uncanonical(folded_collapse(*canonical(group, c), c.left), c, len(group))
+            outs = uncanonical(folded_collapse(*_cast(canonical(group, c), dtype), c.left), c, len(group))
         for i, o in zip(idx, outs):
             results[i] = o
     return results

@@ -96,6 +96,7 @@ class RunConfig:
     eval_split: str = "test"  # "val": every accuracy on the validation split (choosing settings)
     amp: str = "auto"
     compile: bool = False
+    capture: str = "auto"  # the training step as one CUDA graph (lopfast.pipeline.step): auto, compile, off
     device: str = "auto"
     threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
     seed: int = 0
@@ -254,6 +255,7 @@ SETTING_CHECKS: Dict[str, Callable[[Any, str], Any]] = {
     "clip_grad": _opt(_pos_number),
     "amp": lambda v, n: check_choice(v, n, ("auto", "bf16", "off")),
     "compile": check_bool,
+    "capture": lambda v, n: check_choice(v, n, ("auto", "compile", "off")),
     "device": _device,
     "threads": _opt(_pos_int),
     "seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
@@ -361,7 +363,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 # settings that do not change what earlier stages computed: a run directory may be reused with others
-_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
+_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "capture", "targets", "download"}
 
 
 def check_out_path(out) -> str:

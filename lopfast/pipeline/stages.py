@@ -193,7 +193,7 @@ class RunLog:
 def _train_cfg(cfg: RunConfig, kind: str, epochs: Optional[int], lr: Optional[float], gamma: float = 0.0) -> TrainConfig:
     n, lr_, ms = preset(kind, epochs, lr)
     return TrainConfig(n, lr_, ms, momentum=cfg.momentum, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-                       amp=cfg.amp, compile=cfg.compile, seed=cfg.seed, gamma=gamma,
+                       amp=cfg.amp, compile=cfg.compile, capture=cfg.capture, seed=cfg.seed, gamma=gamma,
                        sp_reduction=cfg.sp_reduction, factor_weight_decay=cfg.factor_weight_decay,
                        factor_lr_scale=cfg.factor_lr_scale, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
                        label_smoothing=cfg.label_smoothing, nesterov=cfg.nesterov)

@@ -1,19 +1,25 @@
-"""Training loop: SGD + a per-step LR schedule, optional SP distillation, checkpoints, resume, data parallel.
+"""Training of every stage: the step engine (``lopfast.pipeline.step``) plus a short epoch loop.
 
 One function, :func:`train`, serves every stage (pretraining, fine-tuning, training from
-scratch, distillation). Choices and why:
+scratch, distillation). The step itself (teacher and student forward, loss, backward, SGD with
+the lr read on the device, captured as one CUDA graph on a GPU) is ``TrainStep`` in
+``lopfast/pipeline/step.py``; this file holds the configuration, the loop over epochs,
+evaluation, checkpoints and the divergence check. Choices and why:
 
-* SGD with momentum (optionally Nesterov) and weight decay; the LR of every step is the base LR
-  times :func:`lopfast.pipeline.schedule.lr_factors` (``multistep``: the paper's schedules, see
-  :data:`PRESETS`, ``--epochs`` rescales the milestones proportionally; ``linear`` /
-  ``onecycle``: warm-up then decay to zero, for short budgets); optional label smoothing of
-  the task loss.
-* On CUDA: bf16 autocast and channels_last by default (bf16 needs no loss scaler); the
-  loss and the SP Gram matrices are computed in float32.
+* SGD with momentum and weight decay (Nesterov optional), lr schedules as a table of per-step
+  factors (``lopfast.pipeline.schedule``; the paper's multi-step schedules, see
+  :data:`PRESETS`; ``--epochs`` rescales the milestones proportionally).
+* On CUDA: channels_last by default; ``amp="auto"`` times bf16 autocast against fp32 for the
+  model at hand once and keeps the faster (``TrainStep.choose_amp``); the loss and the SP Gram
+  matrices are computed in float32.
+* Losses are accumulated on the device and read once per epoch, with the finiteness of every
+  weight: a NaN or infinite loss or weight stops the stage with an error naming it and the
+  epoch, before that epoch's checkpoint is written, so the last good checkpoint survives.
 * Checkpoint after every epoch, written to a temp file then ``os.replace``d so a crash never
-  leaves a torn file. It holds model, optimizer, epoch, history and the RNG
-  states; the data order of an epoch is seeded by (seed, epoch) in the loaders, so a resumed
-  run replays exactly the batches an uninterrupted one would.
+  leaves a torn file. It holds model, optimizer (momentum buffers), the step counter, the amp
+  choice, epoch, history and the RNG states; the data order of an epoch is seeded by (seed,
+  epoch) in the loaders, so a resumed run replays exactly the batches an uninterrupted one
+  would, and gives a bit-identical result.
 * Data parallel with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU, started by
   torchrun), so gradient all-reduces overlap the backward: every rank draws the same global
   batch and keeps its slice; per-rank losses are scaled by ``world * local / global`` batch
@@ -21,7 +27,7 @@ scratch, distillation). Choices and why:
   The SP distiller hooks the layers of the wrapped module and calls the DDP wrapper. The
   teacher runs in inference mode on every rank. BatchNorm buffers are broadcast from rank 0
   before evaluation and checkpointing (not at every forward); metrics are all-reduced; only
-  rank 0 writes.
+  rank 0 writes. A DDP step runs eagerly (``lopfast.pipeline.step``).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,7 +50,9 @@ from lopfast.checks import TrainingDiverged
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
 from lopfast.layers import ExpandedConv2d
+from lopfast.pipeline import step as _step
 from lopfast.pipeline.schedule import check_schedule, lr_factors
+from lopfast.pipeline.step import CAPTURE, TrainStep, autocast
 
 __all__ = ["PRESETS", "TrainConfig", "evaluate", "onednn_conv_guard", "preset", "train"]
 
@@ -67,7 +75,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_grad: Optional[float] = None  # max grad norm; None = off (the paper does not clip)
-    amp: str = "auto"  # "auto" (bf16 on CUDA, off elsewhere), "bf16", "off"
+    amp: str = "auto"  # "auto" (CUDA: bf16 or fp32, whichever measures faster; off elsewhere), "bf16", "off"
     channels_last: Optional[bool] = None  # None = on for CUDA
     compile: bool = False
     seed: int = 0
@@ -75,10 +83,11 @@ class TrainConfig:
     sp_reduction: str = "mean"  # SP loss over layer pairs: "mean" (gamma per pair) or "sum" (Eq. 11 literally)
     factor_weight_decay: Optional[float] = None  # weight decay of expanded factors (weight1..); None: weight_decay
     factor_lr_scale: float = 1.0  # LR multiplier of expanded factors
-    schedule: str = "multistep"  # lopfast.pipeline.schedule.SCHEDULES: multistep, linear, onecycle
-    warmup_epochs: float = 0.0  # linear LR warm-up (any schedule)
-    label_smoothing: float = 0.0  # of the task loss (cross-entropy)
+    schedule: str = "multistep"  # lr schedule kind (lopfast.pipeline.schedule)
+    warmup_epochs: float = 0.0  # linear lr warm-up at the start (lopfast.pipeline.schedule)
+    label_smoothing: float = 0.0  # of the cross-entropy (0: none)
     nesterov: bool = False  # Nesterov momentum
+    capture: str = "auto"  # the step as one CUDA graph: "auto" (by hand, where it can), "compile", "off"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -87,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.capture not in CAPTURE:
+            raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE))}, got {self.capture!r}")
         if self.clip_grad is not None and not (self.clip_grad > 0 and math.isfinite(self.clip_grad)):
             raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad!r}")
         if not (isinstance(self.gamma, (int, float)) and self.gamma >= 0 and math.isfinite(self.gamma)):
@@ -112,6 +123,7 @@ class TrainConfig:
         if self.nesterov and not self.momentum > 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
+        lr_factors(self, 1)  # the schedule module checks its own settings (schedule kind ...) now, not mid-run
 
 
 def preset(kind: str, epochs: Optional[int] = None, lr: Optional[float] = None) -> Tuple[int, float, Tuple[int, ...]]:
@@ -131,11 +143,6 @@ def dist_info() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _broadcast_buffers(model: nn.Module) -> None:
-    for b in model.buffers():
-        dist.broadcast(b, 0)
 
 
 # --------------------------------------------------------------------------- oneDNN workaround
@@ -198,13 +205,6 @@ def onednn_conv_guard(model: nn.Module):
 
 
 # --------------------------------------------------------------------------- misc helpers
-def _autocast(device: torch.device, amp: str):
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
-    if use:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -254,7 +254,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "auto", 
     fwd = forward or model
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for x, y, _ in loader.epoch(0):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = fwd(x)
         logits = logits.float()
         stats[0] += (logits.argmax(1) == y).sum()
@@ -285,23 +285,6 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> List[dict]:
         wd = cfg.weight_decay if cfg.factor_weight_decay is None else cfg.factor_weight_decay
         groups.append({"params": factors, "weight_decay": wd, "lr": cfg.lr * cfg.factor_lr_scale})
     return groups
-
-
-def _nonfinite_after_epoch(sums: torch.Tensor, model: nn.Module) -> Optional[str]:
-    """What went NaN / inf in an epoch (None: nothing): the loss, or a parameter or buffer.
-
-    The weights count as well as the loss: a loss can stay finite while an update makes the
-    weights NaN in the epoch's last step, or while a BatchNorm's running variance overflows to
-    inf (seen: --pretrain-lr 1e4 on digits, a finite 5e23 loss, inf running_var, a 10 % "result").
-    One device flag per tensor, stacked: one host sync per epoch.
-    """
-    named = [("the training loss", sums[:2])] + [
-        (n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
-    ok = torch.stack([torch.isfinite(t).all().to(sums.device) for _, t in named]).tolist()
-    bad = [n for (n, _), good in zip(named, ok) if not good]
-    if not bad:
-        return None
-    return bad[0] if bad[0] == "the training loss" else f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
 
 
 def _check_diverged(what: Optional[str], desc: str, epoch: int, cfg: TrainConfig, checkpoint: Optional[str]) -> None:
@@ -346,13 +329,15 @@ def train(
             layer of the student).
         checkpoint: path of the per-epoch checkpoint (rank 0 writes it).
         resume: continue from ``checkpoint`` if it exists.
-        desc: label for logs and progress bars.
-        log: callable receiving one line per epoch.
+        desc: label for logs, progress bars and errors (the stage's name).
+        log: callable receiving one line per epoch (and the step's capture and amp notices).
         on_epoch_end: ``f(epoch, record)`` after each epoch's checkpoint (tests use it to
             simulate an interruption).
         progress: tqdm bars (default: only when stderr is a terminal, rank 0).
 
     Returns ``{"history": [...], "final": {"acc", "loss"}, "epochs": n, "seconds": t}``.
+    Raises ``RuntimeError`` when the loss or a weight becomes NaN or infinite (checked once per
+    epoch, before that epoch's checkpoint is written).
     """
     device = torch.device(device)
     rank, world = dist_info()
@@ -363,16 +348,11 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
-    # the LR of step s is base * factors[s] in every group: no scheduler state, so a resumed run
-    # continues the table at its step (base LRs taken before a checkpoint overwrites the groups)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    steps_per_epoch = len(data.train)
-    factors = lr_factors(cfg, steps_per_epoch).tolist()
     history: List[dict] = []
-    start = 0
+    start = step0 = 0
+    amp = None
     if resume and checkpoint and os.path.exists(checkpoint):
         ck = load_checkpoint(checkpoint, map_location=device)
         model.load_state_dict(ck["model"])
@@ -380,6 +360,8 @@ def train(
         _set_rng_state(ck["rng"], device)
         history = list(ck.get("history", []))
         start = int(ck["epoch"]) + 1
+        step0 = int(ck.get("step", start * len(data.train)))
+        amp = ck.get("amp")  # the precision the run chose at its start: a resumed run keeps it
         log(f"[{desc}] resumed from {checkpoint} at epoch {start}/{cfg.epochs}")
     else:
         torch.manual_seed(cfg.seed)
@@ -403,12 +385,17 @@ def train(
         distiller = SPDistiller(teacher, forward, layers=list(sp_layers) if sp_layers is not None else None,
                                 reduction=cfg.sp_reduction)
     fast = None
-    if device.type == "cuda" and any(isinstance(m, ExpandedConv2d) for m in model.modules()):
+    if (device.type == "cuda" or _step.EMULATE) and any(isinstance(m, ExpandedConv2d) for m in model.modules()):
         # one grouped collapse of every expanded conv per forward instead of one per layer
         fast = CollapsedForward(model)
-    if cfg.compile:
-        # compile the module in place: the distiller's hooks on inner layers keep working
-        model.compile()
+    if cfg.compile or cfg.capture == "compile":
+        # compile the module in place: the distiller's hooks on inner layers keep working;
+        # capture="compile": torch.compile's CUDA graphs around forward and backward
+        model.compile(**({"mode": "reduce-overhead"} if cfg.capture == "compile" else {}))
+    engine = TrainStep(model, opt, cfg, device, steps_per_epoch=len(data.train), forward=forward,
+                       distiller=distiller, world=world, start_step=step0, log=log if rank == 0 else None, desc=desc)
+    if amp is not None:
+        engine.amp = amp
     t0 = time.time()
     guard = contextlib.ExitStack()
     if device.type == "cpu":
@@ -417,48 +404,26 @@ def train(
         for epoch in range(start, cfg.epochs):
             model.train()
             te = time.time()
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, sp, batches
+            engine.begin_epoch()
             batches = _progress(data.train.epoch(epoch), len(data.train), f"{desc} {epoch + 1}/{cfg.epochs}", progress)
-            for i, (x, y, gbs) in enumerate(batches):
-                frac = len(y) / gbs
-                f = factors[epoch * steps_per_epoch + i]
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = base * f
-                with _autocast(device, cfg.amp):
-                    if distiller is not None:
-                        logits, sp = distiller(x)
-                    else:
-                        logits, sp = forward(x), None
-                # scaled so the summed all-reduce equals the global-batch mean
-                loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=cfg.label_smoothing) / gbs
-                total = loss if sp is None else loss + cfg.gamma * frac * sp.float()
-                opt.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks; each rank's share is already local/global
-                (total * world if world > 1 else total).backward()
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                opt.step()
-                sums[0] += loss.detach()  # local share of the global-batch mean CE
-                if sp is not None:
-                    sums[1] += sp.detach().float() * frac
-                sums[2] += 1
-            if world > 1:
-                dist.all_reduce(sums[:2])
-                _broadcast_buffers(model)
+            for x, y, gbs in batches:
+                if engine.amp == "auto":
+                    engine.choose_amp(x, y, gbs)
+                engine(x, y, gbs)
+            sums = engine.end_epoch()
             # checked once per epoch (no per-step host sync) and before the checkpoint is
             # written, so the last good checkpoint survives for a --resume with other settings
-            _check_diverged(_nonfinite_after_epoch(sums, model), desc, epoch, cfg, checkpoint)
-            ev = evaluate(model, data.test, device, cfg.amp)
+            _check_diverged(sums["nonfinite"], desc, epoch, cfg, checkpoint)
+            ev = evaluate(model, data.test, device, engine.amp)
             if not math.isfinite(ev["loss"]):  # finite weights whose logits overflow
                 _check_diverged("the test loss", desc, epoch, cfg, checkpoint)
-            nb = max(float(sums[2]), 1.0)
             rec = {
                 "epoch": epoch + 1,
-                "train_loss": float(sums[0]) / nb,
-                "sp_loss": float(sums[1]) / nb if distiller is not None else None,
+                "train_loss": sums["loss"],
+                "sp_loss": sums["sp"] if distiller is not None else None,
                 "test_acc": ev["acc"],
                 "test_loss": ev["loss"],
-                "lr": opt.param_groups[0]["lr"],
+                "lr": engine.lr(),
                 "seconds": time.time() - te,
             }
             history.append(rec)
@@ -470,6 +435,8 @@ def train(
                     save_atomic(
                         {
                             "epoch": epoch,
+                            "step": engine.steps,
+                            "amp": engine.amp,
                             "model": model.state_dict(),
                             "optimizer": opt.state_dict(),
                             "rng": _rng_state(device),
@@ -488,7 +455,7 @@ def train(
             distiller.close()
         if fast is not None:
             fast.remove()
-    final = history[-1] if history else evaluate(model, data.test, device, cfg.amp)
+    final = history[-1] if history else evaluate(model, data.test, device, engine.amp)
     return {
         "history": history,
         "final": {"acc": final.get("test_acc", final.get("acc")), "loss": final.get("test_loss", final.get("loss"))},
