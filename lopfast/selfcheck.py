@@ -84,7 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LOOSE", "SAFETY", "UNIT_ROUNDOFF", "main", "selfcheck"]
+__all__ = ["LOOSE", "SAFETY", "UNIT_ROUNDOFF", "check_distill", "distill_features", "main", "selfcheck"]
 
 #: unit roundoff of each dtype (half the spacing of the numbers near 1)
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -259,13 +259,13 @@ def _sp_pairs(big: bool) -> List[Tuple[Tuple[int, ...], Tuple[int, ...], bool]]:
     return pairs
 
 
-def _cases(device: torch.device, dtypes, big: bool, seed: int, nets: Sequence[str] = ()) -> List[_Case]:
+def _cases(device: torch.device, dtypes, big: bool, seed: int, nets: Sequence[str] = ()):
+    """The cases one after another (a generator: one case and its reference alive at a time)."""
     import lopfast
     from lopfast.ops._precision import fp32_matmul_precision
     from lopfast.ops.collapse import collapse, collapse_many
 
     mm_tf32 = device.type == "cuda" and fp32_matmul_precision() == "tf32"
-    cases = []
     for dtype in dtypes:
         gen = torch.Generator().manual_seed(seed)
         layers64 = [(_factors(*spec, gen), spec[3]) for spec in _collapse_layers(big)]
@@ -295,10 +295,10 @@ def _cases(device: torch.device, dtypes, big: bool, seed: int, nets: Sequence[st
 
         k1 = _collapse_K(layers64[0][0])
         kall = max(_collapse_K(f) for f, _ in layers64)
-        cases.append(_Case("collapse", dtype, lambda b, r=run_collapse: r(b, one=True), plain_collapse,
-                           lambda dt, i=collapse_inputs, **kw: i(dt, one=True, **kw), K=k1, n_int=1, tf32=mm_tf32))
-        cases.append(_Case("collapse_many", dtype, run_collapse, plain_collapse, collapse_inputs, K=kall, n_int=1,
-                           tf32=mm_tf32))
+        yield _Case("collapse", dtype, lambda b, r=run_collapse: r(b, one=True), plain_collapse,
+                    lambda dt, i=collapse_inputs, **kw: i(dt, one=True, **kw), K=k1, n_int=1, tf32=mm_tf32)
+        yield _Case("collapse_many", dtype, run_collapse, plain_collapse, collapse_inputs, K=kall, n_int=1,
+                    tf32=mm_tf32)
 
         pairs = _sp_pairs(big)
         s64, t64 = _sp_compute_inputs(pairs, gen)
@@ -320,8 +320,8 @@ def _cases(device: torch.device, dtypes, big: bool, seed: int, nets: Sequence[st
 
         k_sp = max(max(math.prod(s[1:]) for s, _, _ in pairs), max(math.prod(t[1:]) for _, t, _ in pairs),
                    pairs[0][0][0])
-        cases.append(_Case("sp_loss", dtype, run_sp, plain_sp, sp_inputs, K=k_sp, n_int=0, tf32=mm_tf32,
-                           out_dtype=torch.float32))
+        yield _Case("sp_loss", dtype, run_sp, plain_sp, sp_inputs, K=k_sp, n_int=0, tf32=mm_tf32,
+                    out_dtype=torch.float32)
 
         c, hw, bsz = (32, 16, 16) if big else (6, 6, 4)
         layer = lopfast.ExpandedConv2d(c, c, 3, stride=1, padding=1, rate=3, dtype=torch.float64)
@@ -354,12 +354,11 @@ def _cases(device: torch.device, dtypes, big: bool, seed: int, nets: Sequence[st
 
         # the convolutions sum over C k^2 (input, output side) and, for the weight, N H W positions
         k_conv = max(c * 9, bsz * hw * hw, _collapse_K(params64[:3]))
-        cases.append(_Case("expanded_conv", dtype, run_conv, plain_conv, conv_inputs, K=k_conv, n_int=2,
-                           tf32=_conv_tf32(device) or mm_tf32))
+        yield _Case("expanded_conv", dtype, run_conv, plain_conv, conv_inputs, K=k_conv, n_int=2,
+                    tf32=_conv_tf32(device) or mm_tf32)
         if dtype != torch.float64:  # the distiller's features: a training step (fp32 or bf16 autocast)
             for net in nets:
-                cases.append(_distill_case(net, device, dtype, seed, mm_tf32))
-    return cases
+                yield _distill_case(net, device, dtype, seed, mm_tf32)
 
 
 # ----------------------------------------------------------------------------- the distiller's features
@@ -561,36 +560,57 @@ def selfcheck(device: Optional[str] = None, *, json_path: Optional[str] = None, 
         os.replace(tmp, json_path)
 
     for case in _cases(dev, [lookup[n] for n in names], big, seed, nets):
-        budgets = case.budgets
-        for backend, why in _backends(case.op, dev, case.dtype):
-            row_base = dict(op=case.op, backend=backend, dtype=_DT[case.dtype], K=case.K, eta=case.eta)
-            if why is not None:
-                for direction in ("fwd", "bwd"):
-                    rows.append(dict(row_base, direction=direction, status="skip", error=None,
-                                     budget=None, ms=None, note=why))
-                continue
-            t0 = time.perf_counter()
-            try:
-                if dev.type == "cuda":  # warm-up: compilation and dispatch tuning stay out of the time
-                    case.run(backend)
-                    _sync(dev)
-                t0 = time.perf_counter()
-                got = case.run(backend)
-                _sync(dev)
-                note, errs = case.note, [_err(g, r, case.scale) for g, r in zip(got, case.ref)]
-            except Exception as exc:  # a backend that raises fails the check (and the rest goes on)
-                note, errs = f"{type(exc).__name__}: {exc}".splitlines()[0][:200], [math.inf, math.inf]
-            ms = 1e3 * (time.perf_counter() - t0)
-            for direction, e, b in zip(("fwd", "bwd"), errs, budgets):
-                loose = f"budget >= {LOOSE:g}: bf16 storage of intermediates" if b >= LOOSE else ""
-                rows.append(dict(row_base, direction=direction, status="pass" if e <= b else "FAIL",
-                                 error=e, budget=b, ms=ms, note="; ".join(n for n in (note, loose) if n)))
+        rows += _check(case, dev)
         write(make_report(False))  # a run stopped by a time limit keeps what it checked
     report = make_report(True)
     write(report)
     if verbose:
         print(format_table(report), file=out)
     return report
+
+
+def _check(case: _Case, dev: torch.device) -> List[Dict]:
+    """The rows of one case: every backend of its op, forward and backward."""
+    rows: List[Dict] = []
+    for backend, why in _backends(case.op, dev, case.dtype):
+        row_base = dict(op=case.op, backend=backend, dtype=_DT[case.dtype], K=case.K, eta=case.eta)
+        if why is not None:
+            for direction in ("fwd", "bwd"):
+                rows.append(dict(row_base, direction=direction, status="skip", error=None,
+                                 budget=None, ms=None, note=why))
+            continue
+        t0 = time.perf_counter()
+        try:
+            if dev.type == "cuda":  # warm-up: compilation and dispatch tuning stay out of the time
+                case.run(backend)
+                _sync(dev)
+            t0 = time.perf_counter()
+            got = case.run(backend)
+            _sync(dev)
+            note, errs = case.note, [_err(g, r, case.scale) for g, r in zip(got, case.ref)]
+        except Exception as exc:  # a backend that raises fails the check (and the rest goes on)
+            note, errs = f"{type(exc).__name__}: {exc}".splitlines()[0][:200], [math.inf, math.inf]
+        ms = 1e3 * (time.perf_counter() - t0)
+        for direction, e, b in zip(("fwd", "bwd"), errs, case.budgets):
+            loose = f"budget >= {LOOSE:g}: bf16 storage of intermediates" if b >= LOOSE else ""
+            rows.append(dict(row_base, direction=direction, status="pass" if e <= b else "FAIL",
+                             error=e, budget=b, ms=ms, note="; ".join(n for n in (note, loose) if n)))
+    return rows
+
+
+def check_distill(net: str, device=None, dtype: str = "fp32", seed: int = 0) -> List[Dict]:
+    """The ``sp_distill/<net>`` rows alone (every backend here, forward and backward): the features
+    of a real ``SPDistiller`` step (``distill_features``) against the float64 formula. ``net``
+    among ``DISTILL_NETS_GPU`` (CUDA) or ``DISTILL_NETS_CPU``; ``dtype`` "fp32" or "bf16"
+    (autocast)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lookup = {v: k for k, v in _DT.items()}
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    from lopfast.ops._precision import fp32_matmul_precision
+
+    case = _distill_case(net, dev, lookup[dtype], seed, dev.type == "cuda" and fp32_matmul_precision() == "tf32")
+    return _check(case, dev)
 
 
 def format_table(report: dict) -> str:
