@@ -311,7 +311,8 @@ def _num_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def _plan(b: int, feats: Sequence[int], sms: int) -> Tuple[int, int]:
+@functools.lru_cache(maxsize=1024)
+def _plan(b: int, feats: Tuple[int, ...], sms: int) -> Tuple[int, int]:
     nt = triton.cdiv(b, GRAM_BLOCK_B)
     tiles = nt * (nt + 1) // 2
     blocks = sum(triton.cdiv(f, GRAM_BLOCK_K) for f in feats)
@@ -324,7 +325,7 @@ def gram_plan(qs: Sequence[torch.Tensor]) -> Tuple[int, int]:
     """(k_iters, programs) of one Gram launch over ``qs``: the split-K is sized so that the launch
     has about ``GRAM_WAVES`` waves of programs on the device's SMs (fewer, longer chunks when the
     Grams are large; more, shorter ones for few tensors or few tiles)."""
-    feats = [f for f, _ in _rows(qs, "qs")]
+    feats = tuple(f for f, _ in _rows(qs, "qs"))
     return _plan(qs[0].shape[0], feats, _num_sms(qs[0].device))
 
 
@@ -333,10 +334,9 @@ def _align(*ints: int) -> int:
     return 16 if all(int(v) % 16 == 0 for v in ints) else 1
 
 
-def _multi_args(qs: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], chunk: int):
-    """Pad the per-tensor (ptr, F, stride) lists to MAX_TENSORS and the chunk boundaries."""
-    pad = MAX_TENSORS - len(qs)
-    ps = list(qs) + [qs[0]] * pad
+def _multi_ints(rows: Sequence[Tuple[int, int]], chunk: int):
+    """The per-tensor (F, stride) lists padded to MAX_TENSORS and the chunk boundaries of a group."""
+    pad = MAX_TENSORS - len(rows)
     fs = [f for f, _ in rows] + [0] * pad
     ss = [s for _, s in rows] + [0] * pad
     bounds, total = [], 0
@@ -344,7 +344,42 @@ def _multi_args(qs: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], chu
         total += triton.cdiv(f, chunk)
         bounds.append(total)
     bounds = bounds + [total] * pad
-    return ps, fs, ss, bounds[:MAX_TENSORS - 1], total
+    return fs, ss, bounds[:MAX_TENSORS - 1], total
+
+
+def _padded(qs: Sequence[torch.Tensor], grp: range) -> List[torch.Tensor]:
+    return [qs[i] for i in grp] + [qs[grp.start]] * (MAX_TENSORS - len(grp))
+
+
+# ----------------------------------------------------------------------------- call plans
+#
+# The host out of the hot path: everything a launch needs besides the tensors themselves (the
+# checks, the layout of every tensor, the dtype groups, the split-K plan, the padded argument
+# lists, the device tables) is worked out once per *call signature* (every tensor's address,
+# shape, strides and dtype, plus the switches that steer the plan) and kept in an LRU of call
+# plans. A training step whose tensors sit where the previous step's did (the caching
+# allocator's usual behaviour) costs the signature (about a microsecond a tensor), one dict
+# lookup and the launches. Calls under a trace, with fake tensors or during CUDA-graph capture
+# are planned afresh each time (nothing to key on, or nothing worth keeping).
+
+_REAL = (torch.Tensor, torch.nn.Parameter)
+
+
+def _call_plan(kind: tuple, tensors: Sequence[torch.Tensor], build, outputs: Sequence[torch.Tensor] = ()):
+    """The cached plan of a call on ``tensors`` (keyed by their addresses too) writing into
+    ``outputs`` (keyed by shape, strides and dtype only: fresh tensors every call), or ``build()``."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or _dispatch_mode_active() or \
+            any(type(t) not in _REAL for t in tensors) or any(type(t) not in _REAL for t in outputs):
+        return build()
+    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (kind, first.device, capturing, USE_TABLE, TABLE_MIN_PAIRS, NUM_SMS, _interpreting(),
+           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
+           tuple((t.shape, t.stride(), t.dtype) for t in outputs))
+    plan = _CALLS.get(key)
+    if plan is None:
+        plan = _CALLS.put(key, build())
+    return plan
 
 
 def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: bool = False,
@@ -356,44 +391,93 @@ def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: 
     atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable). ``table``: True
     walks every pair in one launch per dtype through a device-side pair table (CUDA; the CPU
     interpreter), False launches per group of ``MAX_TENSORS``, None picks the table on CUDA for at
-    least ``TABLE_MIN_PAIRS`` pairs when ``table_supported``."""
+    least ``TABLE_MIN_PAIRS`` pairs when ``table_supported``. The launch plan is cached by the
+    call's signature (see "call plans")."""
+    if not qs:
+        raise ValueError("qs is empty")
+    return _call_plan(("gram", precision, deterministic, table), qs,
+                      lambda: _gram_call(qs, precision, deterministic, table))(qs)
+
+
+def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, table: Optional[bool]):
     rows = _rows(qs, "qs")
     b = qs[0].shape[0]
     if b * b >= 2**31:  # the kernel's in-slot offsets are int32
         raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
-    if _precision_checked(precision) and _use_table(qs, table):
-        return _gram_by_table(qs, rows, precision, deterministic)
-    dev = qs[0].device
+    _precision_checked(precision)
+    dev, P = qs[0].device, len(qs)
+    nt = triton.cdiv(b, GRAM_BLOCK_B)
+    if _use_table(qs, table):
+        groups = []
+        for idx in _by_dtype(qs, skip_empty=True):
+            sub = [qs[i] for i in idx]
+            t = _gram_table(sub, [rows[i] for i in idx], idx if not deterministic else list(range(len(sub))), b,
+                            deterministic)
+            groups.append((idx, t, _dot_precision(sub, precision), _gram_stages(sub[0].dtype == torch.float32)))
+
+        def run_table(qs):
+            out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+            pieces: List[Optional[torch.Tensor]] = [None] * P
+            for idx, t, prec, stages in groups:
+                target = out
+                if deterministic:
+                    target = torch.empty((max(t.n_partials, 1), b, b), device=dev, dtype=torch.float32)
+                if t.n_work:
+                    LAUNCHES["gram"] += 1
+                    LAUNCHES["gram_table"] += 1
+                    LAUNCHES["gram_deterministic"] += int(deterministic)
+                    _gram_table_kernel[(t.n_work,)](
+                        target, t.pairs.tensor(), t.work.tensor(), qs[idx[0]], b, t.k_iters,
+                        BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=t.align,
+                        ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS, num_stages=stages)
+                if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
+                    for i, (lo, hi) in zip(idx, t.partials):
+                        pieces[i] = target[lo:hi].sum(dim=0) if hi > lo else None
+            if not deterministic:
+                return out
+            zero = torch.zeros((b, b), device=dev, dtype=torch.float32)  # featureless pairs: zero Grams
+            return torch.stack([z if z is not None else zero for z in pieces])
+
+        return run_table
+
+    # per-pair launches: groups of MAX_TENSORS, each tensor its own pointer argument
     # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
     # from per-group partial buffers without writing into views
-    out = None if deterministic else torch.zeros((len(qs), b, b), device=dev, dtype=torch.float32)
-    pieces: List[torch.Tensor] = []
-    nt = triton.cdiv(b, GRAM_BLOCK_B)
     sms = _num_sms(dev)
-    for grp in _groups(len(qs)):
+    launches = []
+    for grp in _groups(P):
         sub = [qs[i] for i in grp]
         sub_rows = [rows[i] for i in grp]
-        k_iters, _ = _plan(b, [f for f, _ in sub_rows], sms)
-        ps, fs, ss, cs, total = _multi_args(sub, sub_rows, GRAM_BLOCK_K * k_iters)
-        if total == 0:  # every tensor of the group has 0 features: Grams are 0
-            pieces += [torch.zeros((b, b), device=dev, dtype=torch.float32) for _ in sub]
-            continue
-        target = out if not deterministic else torch.empty((total, b, b), device=dev, dtype=torch.float32)
-        LAUNCHES["gram"] += 1
-        LAUNCHES["gram_deterministic"] += int(deterministic)
-        _gram_kernel[(total, nt * (nt + 1) // 2)](
-            target, b, grp.start, k_iters, *ps, *fs, *ss, *cs,
-            NT=len(sub), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
-            PRECISION=_dot_precision(sub, precision), ALIGN=_align(*fs, *ss), ATOMIC=not deterministic,
-            num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(any(q.dtype == torch.float32 for q in sub)),
-        )
-        if deterministic:  # second stage: each tensor's chunk partials, summed in chunk order
-            lo = 0
-            for hi in [*cs[:len(sub) - 1], total]:
-                pieces.append(target[lo:hi].sum(dim=0) if hi > lo
-                              else torch.zeros((b, b), device=dev, dtype=torch.float32))
-                lo = hi
-    return torch.stack(pieces) if deterministic else out
+        k_iters, _ = _plan(b, tuple(f for f, _ in sub_rows), sms)
+        fs, ss, cs, total = _multi_ints(sub_rows, GRAM_BLOCK_K * k_iters)
+        launches.append((grp, fs, ss, cs, total, k_iters, _dot_precision(sub, precision), _align(*fs, *ss),
+                         _gram_stages(any(q.dtype == torch.float32 for q in sub))))
+
+    def run_pairs(qs):
+        out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+        pieces: List[torch.Tensor] = []
+        for grp, fs, ss, cs, total, k_iters, prec, align, stages in launches:
+            if total == 0:  # every tensor of the group has 0 features: Grams are 0
+                pieces += [torch.zeros((b, b), device=dev, dtype=torch.float32) for _ in grp]
+                continue
+            target = out if not deterministic else torch.empty((total, b, b), device=dev, dtype=torch.float32)
+            LAUNCHES["gram"] += 1
+            LAUNCHES["gram_deterministic"] += int(deterministic)
+            _gram_kernel[(total, nt * (nt + 1) // 2)](
+                target, b, grp.start, k_iters, *_padded(qs, grp), *fs, *ss, *cs,
+                NT=len(grp), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
+                PRECISION=prec, ALIGN=align, ATOMIC=not deterministic,
+                num_warps=GRAM_NUM_WARPS, num_stages=stages,
+            )
+            if deterministic:  # second stage: each tensor's chunk partials, summed in chunk order
+                lo = 0
+                for hi in [*cs[:len(grp) - 1], total]:
+                    pieces.append(target[lo:hi].sum(dim=0) if hi > lo
+                                  else torch.zeros((b, b), device=dev, dtype=torch.float32))
+                    lo = hi
+        return torch.stack(pieces) if deterministic else out
+
+    return run_pairs
 
 
 # ----------------------------------------------------------------------------- normalisation and loss
@@ -588,9 +672,14 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
     M = dg + dg^T is formed once (one elementwise pass over the small (P, b, b) tensor), so each
     program reads one M tile per step instead of two. bf16 inputs multiply on bf16 tensor cores
     (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``).
-    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA)."""
+    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA). The
+    launch plan is cached by the call's signature, as in ``gram``."""
     if not qs:
         return
+    _call_plan(("grad", precision, table), qs, lambda: _grad_call(qs, dqs, precision, table), dqs)(dg, qs, dqs)
+
+
+def _grad_call(qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], precision: str, table: Optional[bool]):
     rows = _rows(qs, "qs")
     drows = _rows(dqs, "dqs")
     b = qs[0].shape[0]
@@ -601,27 +690,48 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
     block_i = _grad_block_i(b)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    m = dg + dg.transpose(1, 2)
     if _use_table(qs, table):
-        _grad_features_by_table(m, qs, rows, dqs, drows, precision)
-        return
+        groups = []
+        for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
+            t = _grad_table([qs[i] for i in idx], [rows[i] for i in idx], [drows[i] for i in idx], idx, b)
+            if t.n_work:
+                groups.append((idx, t, _DOffsets(), qs[idx[0]].dtype == torch.bfloat16))
+
+        def run_table(dg, qs, dqs):
+            m = dg + dg.transpose(1, 2)
+            for idx, t, doffs, split in groups:
+                dsub = [dqs[i] for i in idx]
+                d_table, d_align = doffs.tensor(dsub)
+                LAUNCHES["sp_grad_features"] += 1
+                LAUNCHES["sp_grad_features_table"] += 1
+                _sp_grad_features_table_kernel[(t.n_work, triton.cdiv(b, block_i))](
+                    m, t.pairs.tensor(), t.work.tensor(), d_table, qs[idx[0]], dsub[0], b,
+                    BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision,
+                    ALIGN=min(t.align, d_align), SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
+
+        return run_table
+
+    launches = []
     for grp in _groups(len(qs)):
-        sub = [qs[i] for i in grp]
-        dsub = [dqs[i] for i in grp]
-        ps, fs, ss, cs, total = _multi_args(sub, [rows[i] for i in grp], GRAD_BLOCK_K)
+        fs, ss, cs, total = _multi_ints([rows[i] for i in grp], GRAD_BLOCK_K)
         if total == 0:
             continue
-        pad = MAX_TENSORS - len(sub)
-        ds = dsub + [dsub[0]] * pad
-        ts = [drows[i][1] for i in grp] + [0] * pad
-        LAUNCHES["sp_grad_features"] += 1
-        # fp32/fp16: fp32 M times Q converted to fp32, so the precision applies to both
-        _sp_grad_features_kernel[(total, triton.cdiv(b, block_i))](
-            m, b, grp.start, *ps, *ds, *fs, *ss, *ts, *cs,
-            NT=len(sub), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-            PRECISION=precision, ALIGN=_align(*fs, *ss, *ts),
-            SPLIT_BF16=all(q.dtype == torch.bfloat16 for q in sub), num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES,
-        )
+        ts = [drows[i][1] for i in grp] + [0] * (MAX_TENSORS - len(grp))
+        launches.append((grp, fs, ss, ts, cs, total, _align(*fs, *ss, *ts),
+                         all(qs[i].dtype == torch.bfloat16 for i in grp)))
+
+    def run_pairs(dg, qs, dqs):
+        m = dg + dg.transpose(1, 2)
+        for grp, fs, ss, ts, cs, total, align, split in launches:
+            LAUNCHES["sp_grad_features"] += 1
+            # fp32/fp16: fp32 M times Q converted to fp32, so the precision applies to both
+            _sp_grad_features_kernel[(total, triton.cdiv(b, block_i))](
+                m, b, grp.start, *_padded(qs, grp), *_padded(dqs, grp), *fs, *ss, *ts, *cs,
+                NT=len(grp), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
+                PRECISION=precision, ALIGN=align, SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES,
+            )
+
+    return run_pairs
 
 
 # ----------------------------------------------------------------------------- device-side pair table (CUDA)
@@ -629,9 +739,11 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
 # The per-pair launchers above take each tensor as its own pointer argument: at most MAX_TENSORS
 # per launch. The table path puts every pair of a step (of one dtype) into ONE launch: an int64
 # table holds, per pair, the address of its tensor (``data_ptr``), feature count, sample stride,
-# output slot, (backward) the gradient's address and stride, and the element offset of each
-# from pair 0's tensor; a separate work list says what each program does. Pair 0's tensor is
-# the kernel's pointer argument and pair p is addressed as ``ref_ptr + off_p``. Why offsets and
+# output slot, the element offset from pair 0's tensor and (backward) the gradient's sample
+# stride; the gradients' element offsets from the first gradient sit in a small table of their
+# own (the gradients are fresh tensors every call); a separate work list says what each program
+# does. Pair 0's tensor is the kernel's pointer argument and pair p is addressed as
+# ``ref_ptr + off_p``. Why offsets and
 # not a cast of the loaded address to a pointer (``addr.to(tl.pointer_type(...))``, the
 # grouped-GEMM tutorial's idiom): a cast pointer carries no alignment, so Triton copies element
 # by element (AOT check on sm_90: scalar ``ld.global.b16`` / 4-byte ``cp.async``), while
@@ -666,7 +778,8 @@ def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence
 # steps launch once per dtype.
 
 # addr, F, sample stride, slot, dq addr, dq sample stride, element offset of Q from pair 0's Q, the
-# same for dQ (64 bytes a row: aligned). The kernel reads the offsets; the addresses are for humans
+# same for dQ (64 bytes a row: aligned). The kernels read the offsets (the dQ offsets from their own
+# table; ``build_grad_table`` shows them in this row); the addresses are for humans
 PAIR_COLS = 8
 GRAM_WORK_COLS = 5  # pair, ti, tj, chunk, element offset of the output (b, b) slot
 GRAD_WORK_COLS = 2  # pair, feature column block
@@ -907,12 +1020,14 @@ class _Table(NamedTuple):
 
 _WORK = _LRU()   # work lists by shape set
 _PAIRS = _LRU()  # _Table by address set (+ the shape set)
+_CALLS = _LRU()  # whole call plans by call signature ("call plans")
 
 
 def clear_table_cache() -> None:
-    """Forget every cached table (tests; a process that wants its pinned buffers back)."""
+    """Forget every cached table and call plan (tests; a process that wants its pinned buffers back)."""
     _WORK.d.clear()
     _PAIRS.d.clear()
+    _CALLS.d.clear()
 
 
 def _gram_table(sub: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], slots: Sequence[int], b: int,
@@ -943,11 +1058,14 @@ def _gram_table(sub: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], sl
     return _PAIRS.put(key, _Table(DeviceInts(ints, dev), wdev, n_work, align, k_iters, partials, n_partials))
 
 
-def _grad_table(sub, rows, dsub, drows, slots, b) -> _Table:
+def _grad_table(sub, rows, drows, slots, b) -> _Table:
+    """The dQ launch's pair rows (keyed by the features' addresses and the gradients' strides) and
+    work list. The gradients' own addresses are not in it: they are fresh tensors every call, so
+    their element offsets travel in a small table of their own (``_DOffsets``)."""
     dev = sub[0].device
     feats = tuple(f for f, _ in rows)
     key = ("grad", dev, sub[0].dtype, tuple(slots), feats,
-           tuple((q.data_ptr(), s, d.data_ptr(), ds) for q, (_, s), d, (_, ds) in zip(sub, rows, dsub, drows)))
+           tuple((q.data_ptr(), s, ds) for q, (_, s), (_, ds) in zip(sub, rows, drows)))
     t = _PAIRS.get(key)
     if t is not None:
         return t
@@ -958,14 +1076,35 @@ def _grad_table(sub, rows, dsub, drows, slots, b) -> _Table:
         LAUNCHES["table_work_build"] += 1
         work = _WORK.put(wkey, (DeviceInts(ints, dev), len(ints) // GRAD_WORK_COLS))
     offs = _elem_offsets([q.data_ptr() for q in sub], sub[0].element_size(), "pairs")
-    doffs = _elem_offsets([d.data_ptr() for d in dsub], sub[0].element_size(), "grads")
     ints: List[int] = []
-    for q, (f, s), d, (_, ds), slot, off, doff in zip(sub, rows, dsub, drows, slots, offs, doffs):
-        ints += _pair_row(q.data_ptr(), f, s, slot, off, d.data_ptr(), ds, doff)
+    for q, (f, s), (_, ds), slot, off in zip(sub, rows, drows, slots, offs):
+        ints += _pair_row(q.data_ptr(), f, s, slot, off, 0, ds, 0)
     LAUNCHES["table_build"] += 1
-    align = _align(*feats, *[s for _, s in rows], *[ds for _, ds in drows], *offs, *doffs)
+    align = _align(*feats, *[s for _, s in rows], *[ds for _, ds in drows], *offs)
     wdev, n_work = work
     return _PAIRS.put(key, _Table(DeviceInts(ints, dev), wdev, n_work, align, 0, [], 0))
+
+
+class _DOffsets:
+    """The element offsets of one dQ launch's gradients from the first one, on the device: kept
+    while the next call's gradients sit where this call's did (the caching allocator's usual
+    behaviour), uploaded anew (a few bytes a pair, from a pinned buffer of their own) when not."""
+
+    __slots__ = ("key", "ints", "align")
+
+    def __init__(self):
+        self.key: Optional[Tuple[int, ...]] = None
+        self.ints: Optional[DeviceInts] = None
+        self.align = 1
+
+    def tensor(self, dsub: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        addrs = tuple(d.data_ptr() for d in dsub)
+        if addrs != self.key:
+            offs = _elem_offsets(addrs, dsub[0].element_size(), "grads")
+            self.ints = DeviceInts(offs, dsub[0].device)
+            self.key, self.align = addrs, _align(*offs)
+            LAUNCHES["table_doffs_upload"] += 1
+        return self.ints.tensor(), self.align
 
 
 @triton.jit(do_not_specialize=["b", "k_iters"])
@@ -992,7 +1131,7 @@ def _gram_table_kernel(g_ptr, pairs_ptr, work_ptr, ref_ptr, b, k_iters,
 
 
 @triton.jit(do_not_specialize=["b"])
-def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr, b,
+def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, doffs_ptr, ref_ptr, dref_ptr, b,
                                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                                    PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
     w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAD_WORK_COLS_C
@@ -1004,62 +1143,13 @@ def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr
     slot = tl.load(row + 3)
     dstride_b = tl.load(row + 5)
     off = tl.load(row + 6)
-    doff = tl.load(row + 7)
+    doff = tl.load(doffs_ptr + pair)  # the gradients' offsets: their own table (fresh tensors each call)
     if ALIGN > 1:
         off = off // ALIGN * ALIGN
         doff = doff // ALIGN * ALIGN
     _grad_part(ref_ptr + off, dref_ptr + doff, F, stride_b, dstride_b, col_blk,
                m_ptr + slot * b * b, b, tl.program_id(1),
                BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
-
-
-def _gram_by_table(qs: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], precision: str,
-                   deterministic: bool) -> torch.Tensor:
-    b = qs[0].shape[0]
-    dev = qs[0].device
-    P = len(qs)
-    out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
-    zero = torch.zeros((b, b), device=dev, dtype=torch.float32) if deterministic else None
-    pieces: List[Optional[torch.Tensor]] = [zero] * P  # featureless pairs: zero Grams
-    for idx in _by_dtype(qs, skip_empty=True):
-        sub = [qs[i] for i in idx]
-        t = _gram_table(sub, [rows[i] for i in idx], idx if not deterministic else list(range(len(sub))), b,
-                        deterministic)
-        target = out
-        if deterministic:
-            target = torch.empty((max(t.n_partials, 1), b, b), device=dev, dtype=torch.float32)
-        if t.n_work:
-            LAUNCHES["gram"] += 1
-            LAUNCHES["gram_table"] += 1
-            LAUNCHES["gram_deterministic"] += int(deterministic)
-            _gram_table_kernel[(t.n_work,)](
-                target, t.pairs.tensor(), t.work.tensor(), sub[0], b, t.k_iters,
-                BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=_dot_precision(sub, precision),
-                ALIGN=t.align, ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS,
-                num_stages=_gram_stages(sub[0].dtype == torch.float32))
-        if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
-            for i, (lo, hi) in zip(idx, t.partials):
-                pieces[i] = (target[lo:hi].sum(dim=0) if hi > lo
-                             else torch.zeros((b, b), device=dev, dtype=torch.float32))
-    return torch.stack(pieces) if deterministic else out  # type: ignore[arg-type]
-
-
-def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]],
-                            dqs: Sequence[torch.Tensor], drows: Sequence[Tuple[int, int]], precision: str) -> None:
-    b = qs[0].shape[0]
-    block_i = _grad_block_i(b)
-    for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
-        t = _grad_table([qs[i] for i in idx], [rows[i] for i in idx], [dqs[i] for i in idx],
-                        [drows[i] for i in idx], idx, b)
-        if not t.n_work:
-            continue
-        q0, d0 = qs[idx[0]], dqs[idx[0]]
-        LAUNCHES["sp_grad_features"] += 1
-        LAUNCHES["sp_grad_features_table"] += 1
-        _sp_grad_features_table_kernel[(t.n_work, triton.cdiv(b, block_i))](
-            m, t.pairs.tensor(), t.work.tensor(), q0, d0, b,
-            BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision, ALIGN=t.align,
-            SPLIT_BF16=q0.dtype == torch.bfloat16, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
 
 
 # ----------------------------------------------------------------------------- AOT variants
@@ -1138,7 +1228,7 @@ def aot_variants() -> List[dict]:
                     num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
             for block_i in (16, GRAD_MAX_BLOCK_I):
                 sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
-                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", doffs_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
                            dref_ptr=_TRITON_DTYPES[dt])
                 consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
                               PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
@@ -1146,7 +1236,7 @@ def aot_variants() -> List[dict]:
                 out.append(dict(
                     name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
                     fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
-                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr", "dref_ptr"],
+                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "doffs_ptr", "ref_ptr", "dref_ptr"],
                     num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
     for b in (16, 256, 1024):
         br, bc = _row_block(b)

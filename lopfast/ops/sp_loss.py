@@ -231,7 +231,10 @@ def _grad_input(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     must lay out a sample's dims as ``g`` does. True for every dense input (``g`` keeps its
     strides) and for NCHW / channels_last ones with gaps between samples; otherwise a copy of
     ``t`` in ``g``'s layout."""
-    if _K.sample_layout(t) is not None and _order(tuple(t.shape), t.stride()) == _order(tuple(g.shape), g.stride()):
+    ts = t.stride()
+    if ts == g.stride():  # a dense input: g kept its strides (and g's samples are dense blocks)
+        return t
+    if _K.sample_layout(t) is not None and _order(tuple(t.shape), ts) == _order(tuple(g.shape), g.stride()):
         return t
     return torch.empty_like(g).copy_(t)
 
