@@ -1,10 +1,11 @@
 """Fused similarity-preserving (SP) distillation kernels: batched Gram, row normalisation, loss, backward.
 
-Tensors in, tensors out: no ``torch.nn``, no lopfast imports. Every feature tensor is handed in
-as a 2-D *row view* ``Q`` of shape (b, F) whose rows are dense (``Q.stride(1) == 1``) and whose
-sample stride ``Q.stride(0)`` may be anything; the caller builds that view without a copy for
-any layout where each sample is one block of memory (NCHW, channels_last, ...): the Gram
-``Q Q^T`` does not depend on the order of the features inside a sample.
+Tensors in, tensors out: no ``torch.nn``, no lopfast imports. Every feature tensor is a (b, ...)
+tensor whose samples are each one dense block of memory (NCHW, channels_last, any order of a
+sample's dims, a slice along the batch or at an offset: ``sample_layout``); the kernels read it
+as its (b, F) row view ``Q`` (sample stride anything, features dense) without building one: the
+Gram ``Q Q^T`` does not depend on the order of the features inside a sample, and a gradient of
+the same layout receives dQ in the same order.
 
 Maths (paper Sec. 2.2, Eq. 7-11), per layer pair p with b samples::
 
@@ -35,12 +36,14 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   followed by a flattened work list of (pair, upper tile, split-K chunk, output offset). ONE
   launch per dtype covers every pair of the step (1 instead of 7 for ResNet-56), with the same
   tiles, split-K plan, atomic / deterministic modes, precision and 16-byte loads as above. The
-  table is built from host metadata and sent with one non-blocking pinned H2D copy (no host
-  sync). A traced tensor (torch.compile) has no address, so the traced op keeps the per-pair
-  launches, as does CUDA-graph capture (``table_supported``). Auto takes the table on CUDA from
-  ``TABLE_MIN_PAIRS`` (9) pairs on, where it saves launches; the CPU tests run the table kernels
-  through the interpreter with ``table=True`` (they add offsets to a real pointer: no loaded
-  pointers, which the interpreter could not follow).
+  table is built from host metadata once per address set and kept on the device (an LRU; see
+  that section): a step that repeats the previous one's addresses uploads nothing. CUDA-graph
+  capture keeps the per-pair launches (``table_supported``); torch.compile never sees these
+  launchers (the op layer registers opaque custom ops), so a compiled graph takes the same path
+  as eager code at run time. Auto takes the table on CUDA from ``TABLE_MIN_PAIRS`` (9) pairs on,
+  where it saves launches; the CPU tests run the table kernels through the interpreter with
+  ``table=True`` (they add offsets to a real pointer: no loaded pointers, which the interpreter
+  could not follow).
 * ``sp_finish``: row norms of the student Grams, normalisation, difference to the (already
   normalised) teacher Grams and the loss of all P pairs in ONE launch (all Grams are b x b,
   since b is shared), one partial per program summed in a fixed order (no atomics).
@@ -55,11 +58,15 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   gradient written once. On CUDA the table path does the same in ONE launch per dtype
   (``_sp_grad_features_table_kernel``: work list of (pair, feature column block)).
 
-Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given
-the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T). Table path
-(CUDA, one dtype): forward 1 + 1 (+ memset + table copy), teacher 1 + 1 (+ the same), backward
-1 + 1 (+ table copy): ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a
-step to 6.
+Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+ a memset, + the loss's sum) for
+the student given the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more (+ a memset).
+Backward 1 + ceil(P/T) (+ M = dG + dG^T). Table path (CUDA, one dtype): forward 1 + 1, teacher
+1 + 1, backward 1 + 1 (+ the same memsets, sum and M; no table copy once the tables are cached):
+ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a step to 6.
+
+Host work: every launcher's plan (checks, layouts, dtype groups, split-K plan, padded argument
+lists, device tables) is cached by the call's signature (section "call plans"), so a repeated
+call costs about a microsecond a tensor, one lookup and the launches.
 
 Feature offsets are int64 (rows * sample-stride and chunk * CHUNK are widened before use), so
 a single tensor may exceed 2**31 elements. fp32 inputs use ``input_precision="ieee"`` in
@@ -85,9 +92,12 @@ a kernel argument is dropped: the AOT PTX then shows scalar loads): at most two 
 (kernel, tensor count, dtype, precision, mode), and the aligned one keeps 16-byte ``cp.async``
 loads (tests/test_sp_table.py checks the PTX). ``aot_variants()`` lists what runtime can compile (for the AOT report).
 
-Every launcher takes ``wrap``: ``torch.library.wrap_triton`` when called from a ``triton_op``
-(so torch.compile can trace the launch), None for a direct launch (interpreter, old torch).
-``LAUNCHES`` counts kernel launches per kernel name (tests use it to prove a kernel ran).
+Launches are direct (no ``torch.library.wrap_triton``): torch.compile records the op layer's
+opaque custom ops with fake implementations and never analyses these launchers, whose host-side
+plans and device tables could not be traced. Integer arguments are still cast with ``tl.cast``
+(an analysis that passes them as Python ints, as Inductor's of triton 3.6 does, stays valid).
+``LAUNCHES`` counts kernel launches per kernel name, and table builds and uploads (tests and the
+benchmarks use it to prove a kernel ran and that nothing was rebuilt).
 """
 from __future__ import annotations
 

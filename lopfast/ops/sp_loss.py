@@ -3,29 +3,37 @@
 For each (student, teacher) layer pair with batch b: Q = activation as (b, -1), G = Q Q^T,
 every row of G divided by its L2 norm (``F.normalize``, eps 1e-12: a zero row stays zero),
 and ``L = sum_pairs ||G_T - G_S||_F^2 / b^2``, a float32 scalar whatever the input dtype
-(accumulation is always fp32). Gradients flow to the student features only.
+(accumulation is always fp32, under ``torch.autocast`` too). Gradients flow to the student
+features only.
 
 Layers of this file, top to bottom:
 
 * input handling: ``row_view`` turns any activation whose samples are each one dense block of
   memory (contiguous NCHW, channels_last, any permutation) into a (b, F) view *without a copy*
   (the Gram does not depend on the feature order within a sample); only non-sample-dense
-  inputs are copied.
+  inputs are copied. The Triton path does not even build the view: its launchers read such a
+  tensor directly (``kernels/sp_gram.py``: ``sample_layout``).
 * the PyTorch reference (``backend="torch"``, and what CPU tensors run): plain differentiable
-  torch code, fp32 accumulation.
-* the Triton path: ``kernels/sp_gram.py`` launchers wired as ``torch.library.triton_op`` ops
-  ``lopfast::sp_gram``, ``lopfast::sp_loss_fwd``, ``lopfast::sp_loss_bwd`` (CPU kernels = the
-  reference, autograd registered, torch.compile-traceable on CUDA), plus an
-  ``autograd.Function`` calling the same launchers directly. The Function is what runs for
+  torch code in fp32 with autocast switched off for its products (under bf16 autocast a matmul
+  of fp32 operands runs in bf16: the reference, which the measured dispatch judges every
+  candidate against, then computed bf16 Grams and rejected the exact kernels, issue 16).
+* the Triton path: ``kernels/sp_gram.py`` launchers wired as opaque ``torch.library.custom_op``
+  ops ``lopfast::sp_gram``, ``lopfast::sp_loss_fwd``, ``lopfast::sp_loss_bwd`` with fake
+  implementations (CPU kernels = the reference, autograd registered). torch.compile,
+  ``fullgraph=True`` and dynamic shapes included, records one call per op and never analyses the
+  Triton launches; at run time the ops get real tensors and take the same path as eager code.
+  Plus an ``autograd.Function`` calling the same launchers directly: what runs for
   ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1`` (the registered CPU kernel
-  would otherwise take CPU tensors away from Triton) and on torch < 2.6 (no ``triton_op``).
+  would otherwise take CPU tensors away from Triton) and on torch < 2.4 (no ``custom_op``).
 * on CUDA the Triton launchers walk all pairs of a call in one launch per dtype through a
   device-side pair table (per pair: ``data_ptr``, sizes, strides, element offset from the first
   pair's tensor) when there are at least 9 pairs (``kernels/sp_gram.py``: ``TABLE_MIN_PAIRS``,
-  ``USE_TABLE``), else one launch per 8 pairs. This is an internal choice of the "triton"
-  backend: the backend names and the measured dispatch's candidates are unchanged. ``data_ptr``
-  cannot be traced: under torch.compile (FakeTensors) and during CUDA-graph capture the per-pair
-  launches run instead; on CPU (the interpreter) auto keeps the per-pair launches too.
+  ``USE_TABLE``), else one launch per 8 pairs. The tables and each call's launch plan are built
+  once per address set and reused: a training step whose activations sit where the previous
+  step's did does no host work beyond a key per tensor. This is an internal choice of the
+  "triton" backend: the backend names and the measured dispatch's candidates are unchanged.
+  Under CUDA-graph capture the per-pair launches run (their addresses are launch arguments a
+  graph replays as they were); on CPU (the interpreter) auto keeps the per-pair launches too.
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
 
@@ -33,11 +41,16 @@ Policies, read once per public call (in Python, before any launch) and passed do
 arguments, so a traced graph holds them as constants (``lopfast.ops._precision``):
 
 * float64 features run the reference: ``tl.dot`` has no fp64 form on sm_90 (``"auto"`` routes
-  them there; an explicit ``backend="triton"`` with float64 raises a ValueError).
+  them there, and the measured dispatch does not offer Triton for them; an explicit
+  ``backend="triton"`` with float64 raises a ValueError).
 * fp32 products are IEEE fp32 unless TF32 was allowed through PyTorch's switch
   (``torch.backends.cuda.matmul.fp32_precision = "tf32"``; ``allow_tf32`` on torch < 2.9).
 * under ``torch.use_deterministic_algorithms(True)`` the Gram's split-K atomics are replaced by a
   fixed-order two-stage reduction: loss and gradients are bitwise repeatable.
+
+A sample whose features are all zero (a zero row of G) gets F.normalize's gradient D / eps, about
+1e12 |D|, in every backend: finite in fp32 / bf16, beyond fp16's range, where it is +-inf (the
+exact value rounded to fp16; an fp16 run's ``GradScaler`` skips such a step).
 """
 import contextlib
 import functools
