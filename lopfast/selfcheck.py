@@ -55,9 +55,9 @@ loop, which is how a "2 x PyTorch's error" budget failed correct kernels on the 
   the plain float64 formula run on every input (features, factors, incoming gradients)
   multiplied by ``1 + eta * r``, ``r`` random signs, two draws, the larger error: the magnitudes,
   cancellations and conditioning of the case enter through it.
-* ``u_out`` the rounding of the result to its dtype (the loss is fp32; the SP loss computes in
-  fp32 whatever the inputs, so its float64 rows get fp32's model); ``SAFETY`` = 4 for the tail
-  of the maximum over many entries and the constants of blocked summation.
+* ``u_out`` the rounding of the result to its dtype (the SP loss is an fp32 scalar; it computes in
+  fp32 from fp32 / bf16 inputs, in float64 from float64 ones); ``SAFETY`` = 4 for the tail of the
+  maximum over many entries and the constants of blocked summation.
 
 In fp32 and fp64 every budget is far below 1 % (``LOOSE``), so a kernel off by 1 % fails; in
 bf16 the storage of an intermediate product costs about 2**-8 times the chain's amplification, so
@@ -213,9 +213,11 @@ class _Case:
         self.budgets = [SAFETY * pert[0] + u_fwd, SAFETY * pert[1] + u_bwd]
 
     def compute_dtype(self):
-        # the SP loss computes in fp32 whatever the input dtype (its fp64 and bf16 models are fp32's;
-        # bf16 gradients are then rounded to bf16: u_out)
-        return torch.float32 if self.op.startswith("sp_") else self.dtype
+        # the SP loss computes in fp32 from fp32 / bf16 / fp16 inputs (bf16 gradients are then
+        # rounded to bf16: u_out), in float64 from float64 ones (the reference; its loss is fp32)
+        if self.op.startswith("sp_") and self.dtype != torch.float64:
+            return torch.float32
+        return self.dtype
 
 
 def _sp_compute_inputs(pairs, gen):

@@ -26,6 +26,7 @@ from conftest import requires_cuda, requires_triton
 from lopfast import dispatch
 from lopfast import selfcheck as _sc  # noqa: F401  (the module: lopfast.selfcheck is the function)
 from lopfast.ops import sp_loss as sp_ops
+from test_dispatch import fake_gpu  # noqa: F401  (the fixture: measure on a fake GPU, cache in tmp)
 
 SC = __import__("sys").modules["lopfast.selfcheck"]
 
@@ -81,21 +82,6 @@ def test_reference_computes_in_fp32_under_autocast(entry):
 
 
 # ----------------------------------------------------------------------------- the gate on a fake GPU
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(dispatch, "tunable", lambda device: True)
-    monkeypatch.setattr(dispatch, "_device_name", lambda device: "FakeGPU 9000")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv("LOPFAST_CACHE_DIR", raising=False)
-    monkeypatch.delenv("LOPFAST_DISPATCH", raising=False)
-    monkeypatch.delenv("LOPFAST_DISPATCH_CACHE", raising=False)
-    monkeypatch.setattr(dispatch, "ITERS", 2)
-    monkeypatch.setattr(dispatch, "WARMUP", 1)
-    dispatch.clear()
-    yield
-    dispatch.clear()
 
 
 def test_gate_judges_a_vanishing_tensor_against_the_list():
@@ -203,3 +189,18 @@ def test_gpu_distiller_configurations(net, dtype):
     ran = {r["backend"] for r in rows if r["status"] == "pass"}
     assert {"torch", "triton", "auto"} <= ran
     assert K.LAUNCHES["gram_table"] > before
+
+
+def test_float64_reference_is_float64():
+    """float64 features: the reference computes in float64 (the loss is still an fp32 scalar), so a
+    float64 candidate (the CUDA extension's double path) passes the gate's float64 tolerance; it
+    computed in fp32 before and the gate rejected the more accurate candidate."""
+    s, t = identical_first_pair(b=4)
+    s64 = [x.double().requires_grad_() for x in s]
+    t64 = [x.double() for x in t]
+    for loss in (lopfast.sp_loss(s64, t64, backend="torch"),
+                 lopfast.sp_loss_from_gram(s64, lopfast.sp_gram(t64, backend="torch"), backend="torch")):
+        assert loss.dtype == torch.float32
+        grads = torch.autograd.grad(loss, s64)
+        _, ref = ref64_grads(s, t)
+        assert dispatch._error(list(grads), list(ref)) is None

@@ -3,8 +3,8 @@
 For each (student, teacher) layer pair with batch b: Q = activation as (b, -1), G = Q Q^T,
 every row of G divided by its L2 norm (``F.normalize``, eps 1e-12: a zero row stays zero),
 and ``L = sum_pairs ||G_T - G_S||_F^2 / b^2``, a float32 scalar whatever the input dtype
-(accumulation is always fp32, under ``torch.autocast`` too). Gradients flow to the student
-features only.
+(accumulation in fp32, under ``torch.autocast`` too; in float64 for float64 features, which run
+the reference). Gradients flow to the student features only.
 
 Layers of this file, top to bottom:
 
@@ -152,30 +152,35 @@ def _fp32_region(t: torch.Tensor):
 
 
 def _gram32(t: torch.Tensor) -> torch.Tensor:
+    # fp32 products (fp64 for float64 features: the float64 reference and the CUDA extension's
+    # double path then agree to float64 precision)
     q = row_view(t)
-    q = q if q.dtype == torch.float32 else q.float()
+    q = q if q.dtype in (torch.float32, torch.float64) else q.float()
     with _fp32_region(q):
         return q @ q.t()
 
 
 def reference_gram(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Normalised Grams (P, b, b) fp32 (differentiable; the teacher side is detached by callers)."""
+    """Normalised Grams (P, b, b), fp32 (float64 when a feature is float64; differentiable; the
+    teacher side is detached by callers)."""
     return torch.stack([F.normalize(_gram32(t), p=2.0, dim=1, eps=EPS) for t in features])
 
 
 def sp_loss_reference(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch SP loss of the student features against normalised teacher Grams (P, b, b),
-    in fp32 whatever the input dtype, autocast or not."""
+    """Plain PyTorch SP loss of the student features against normalised teacher Grams (P, b, b):
+    computed in fp32 whatever the input dtype, autocast or not (in float64 for float64 features
+    and Grams), returned as a float32 scalar."""
     b = student[0].shape[0]
-    loss = torch.zeros((), device=teacher_gram.device, dtype=torch.float32)
+    loss = torch.zeros((), device=teacher_gram.device, dtype=teacher_gram.dtype)
     for s, gt in zip(student, teacher_gram):
         d = gt - F.normalize(_gram32(s), p=2.0, dim=1, eps=EPS)
         loss = loss + (d * d).sum()
-    return loss / (b * b)
+    return (loss / (b * b)).float()
 
 
 def _ref_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    graw = torch.stack([_gram32(s) for s in student])
+    # the op's contract: an fp32 raw Gram (what the Triton implementation saves for the backward)
+    graw = torch.stack([_gram32(s).float() for s in student])
     d = teacher_gram - F.normalize(graw, p=2.0, dim=2, eps=EPS)
     b = graw.shape[1]
     return (d * d).sum() / (b * b), graw
@@ -443,9 +448,11 @@ def _gram_impl(features: List[torch.Tensor], name: str, device) -> torch.Tensor:
 
 
 def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device) -> torch.Tensor:
-    gt = gt.detach().to(torch.float32)
-    if name == "torch":
-        return sp_loss_reference(student, gt)
+    gt = gt.detach()
+    if name == "torch":  # float64 features keep float64 teacher Grams (the float64 reference)
+        keep64 = gt.dtype == torch.float64 and any(s.dtype == torch.float64 for s in student)
+        return sp_loss_reference(student, gt if keep64 else gt.to(torch.float32))
+    gt = gt.to(torch.float32)
     gt = gt.contiguous()
     precision, determ = fp32_matmul_precision(), deterministic()
     if _use_op(device):
@@ -454,7 +461,8 @@ def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device)
 
 
 def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
-    """Row-normalised Gram matrices (P, b, b) float32 of the features (no autograd: the teacher side).
+    """Row-normalised Gram matrices (P, b, b) of the features (no autograd: the teacher side), float32
+    (float64 when a feature is float64: the float64 reference).
 
     ``features`` is one tensor or a sequence of P tensors of the same batch size b.
     """
