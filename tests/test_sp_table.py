@@ -547,8 +547,9 @@ def test_cached_tables_are_never_rewritten(device, monkeypatch):
     qs = _step_feats(device)
     K.gram(qs, table=True)
     snap = {k: (t.pairs.dev.clone(), t.work.dev.clone()) for k, t in K._PAIRS.d.items()}
-    for _ in range(3):
-        K.gram([q.clone() for q in qs], table=True)  # new addresses each time
+    copies = [[q.clone() for q in qs] for _ in range(3)]  # kept alive: three new address sets
+    for c in copies:
+        K.gram(c, table=True)
     for k, (pairs, work) in snap.items():
         t = K._PAIRS.d[k]
         assert torch.equal(t.pairs.dev, pairs) and torch.equal(t.work.dev, work)
