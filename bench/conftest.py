@@ -11,6 +11,7 @@ else bench/results/.
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,17 @@ def make_conv_layer(variant: str, channels: int, size: int, batch: int, rate: fl
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=input_grad)
     grad = torch.randn(batch, channels, size, size, device=device)
     return module, x, grad
+
+
+@pytest.fixture(autouse=True)
+def _suite_deadline():
+    """The GPU suite's time budget (bench/gpu_suite.sh): past ``LOPFAST_BENCH_DEADLINE`` (epoch
+    seconds) a benchmark that has not started skips, with the reason in the run's summary,
+    instead of the phase running out of time mid-measurement."""
+    deadline = os.environ.get("LOPFAST_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("the GPU suite's time budget is spent (LOPFAST_BENCH_DEADLINE)")
+    yield
 
 
 def timing(benchmark):

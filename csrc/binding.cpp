@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <climits>
 #include <vector>
 
 #include "lopfast_cuda.h"
@@ -99,6 +100,9 @@ void check_pairs(const std::vector<at::Tensor>& s, const std::vector<at::Tensor>
                 "lopfast._C sp_loss: every feature must have the same batch size");
     TORCH_CHECK(s[k].scalar_type() == s[0].scalar_type() && t[k].scalar_type() == s[0].scalar_type(),
                 "lopfast._C sp_loss: every feature must share a dtype");
+    // the backward's matmul takes the feature count as an int (the Gram's K is 64-bit)
+    TORCH_CHECK(s[0].size(0) == 0 || s[k].numel() / s[0].size(0) <= INT_MAX,
+                "lopfast._C sp_loss: more than 2**31 - 1 features per sample in student feature ", k);
   }
 }
 

@@ -1,10 +1,11 @@
 """Fused similarity-preserving (SP) distillation kernels: batched Gram, row normalisation, loss, backward.
 
-Tensors in, tensors out: no ``torch.nn``, no lopfast imports. Every feature tensor is handed in
-as a 2-D *row view* ``Q`` of shape (b, F) whose rows are dense (``Q.stride(1) == 1``) and whose
-sample stride ``Q.stride(0)`` may be anything; the caller builds that view without a copy for
-any layout where each sample is one block of memory (NCHW, channels_last, ...): the Gram
-``Q Q^T`` does not depend on the order of the features inside a sample.
+Tensors in, tensors out: no ``torch.nn``, no lopfast imports. Every feature tensor is a (b, ...)
+tensor whose samples are each one dense block of memory (NCHW, channels_last, any order of a
+sample's dims, a slice along the batch or at an offset: ``sample_layout``); the kernels read it
+as its (b, F) row view ``Q`` (sample stride anything, features dense) without building one: the
+Gram ``Q Q^T`` does not depend on the order of the features inside a sample, and a gradient of
+the same layout receives dQ in the same order.
 
 Maths (paper Sec. 2.2, Eq. 7-11), per layer pair p with b samples::
 
@@ -35,12 +36,14 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   followed by a flattened work list of (pair, upper tile, split-K chunk, output offset). ONE
   launch per dtype covers every pair of the step (1 instead of 7 for ResNet-56), with the same
   tiles, split-K plan, atomic / deterministic modes, precision and 16-byte loads as above. The
-  table is built from host metadata and sent with one non-blocking pinned H2D copy (no host
-  sync). A traced tensor (torch.compile) has no address, so the traced op keeps the per-pair
-  launches, as does CUDA-graph capture (``table_supported``). Auto takes the table on CUDA from
-  ``TABLE_MIN_PAIRS`` (9) pairs on, where it saves launches; the CPU tests run the table kernels
-  through the interpreter with ``table=True`` (they add offsets to a real pointer: no loaded
-  pointers, which the interpreter could not follow).
+  table is built from host metadata once per address set and kept on the device (an LRU; see
+  that section): a step that repeats the previous one's addresses uploads nothing. CUDA-graph
+  capture keeps the per-pair launches (``table_supported``); torch.compile never sees these
+  launchers (the op layer registers opaque custom ops), so a compiled graph takes the same path
+  as eager code at run time. Auto takes the table on CUDA from ``TABLE_MIN_PAIRS`` (9) pairs on,
+  where it saves launches; the CPU tests run the table kernels through the interpreter with
+  ``table=True`` (they add offsets to a real pointer: no loaded pointers, which the interpreter
+  could not follow).
 * ``sp_finish``: row norms of the student Grams, normalisation, difference to the (already
   normalised) teacher Grams and the loss of all P pairs in ONE launch (all Grams are b x b,
   since b is shared), one partial per program summed in a fixed order (no atomics).
@@ -55,11 +58,15 @@ Launch plan (honest count, P = number of pairs, T = ``MAX_TENSORS`` = 8):
   gradient written once. On CUDA the table path does the same in ONE launch per dtype
   (``_sp_grad_features_table_kernel``: work list of (pair, feature column block)).
 
-Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+2 memsets) for the student given
-the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more. Backward 1 + ceil(P/T). Table path
-(CUDA, one dtype): forward 1 + 1 (+ memset + table copy), teacher 1 + 1 (+ the same), backward
-1 + 1 (+ table copy): ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a
-step to 6.
+Totals, per-pair path: forward ceil(P/T) + 1 kernel launches (+ a memset, + the loss's sum) for
+the student given the teacher Grams; the teacher Grams cost ceil(P/T) + 1 more (+ a memset).
+Backward 1 + ceil(P/T) (+ M = dG + dG^T). Table path (CUDA, one dtype): forward 1 + 1, teacher
+1 + 1, backward 1 + 1 (+ the same memsets, sum and M; no table copy once the tables are cached):
+ResNet-56's 55 pairs go from 7 + 1 + 7 + 1 + 1 + 7 = 24 kernel launches a step to 6.
+
+Host work: every launcher's plan (checks, layouts, dtype groups, split-K plan, padded argument
+lists, device tables) is cached by the call's signature (section "call plans"), so a repeated
+call costs about a microsecond a tensor, one lookup and the launches.
 
 Feature offsets are int64 (rows * sample-stride and chunk * CHUNK are widened before use), so
 a single tensor may exceed 2**31 elements. fp32 inputs use ``input_precision="ieee"`` in
@@ -85,16 +92,20 @@ a kernel argument is dropped: the AOT PTX then shows scalar loads): at most two 
 (kernel, tensor count, dtype, precision, mode), and the aligned one keeps 16-byte ``cp.async``
 loads (tests/test_sp_table.py checks the PTX). ``aot_variants()`` lists what runtime can compile (for the AOT report).
 
-Every launcher takes ``wrap``: ``torch.library.wrap_triton`` when called from a ``triton_op``
-(so torch.compile can trace the launch), None for a direct launch (interpreter, old torch).
-``LAUNCHES`` counts kernel launches per kernel name (tests use it to prove a kernel ran).
+Launches are direct (no ``torch.library.wrap_triton``): torch.compile records the op layer's
+opaque custom ops with fake implementations and never analyses these launchers, whose host-side
+plans and device tables could not be traced. Integer arguments are still cast with ``tl.cast``
+(an analysis that passes them as Python ints, as Inductor's of triton 3.6 does, stays valid).
+``LAUNCHES`` counts kernel launches per kernel name, and table builds and uploads (tests and the
+benchmarks use it to prove a kernel ran and that nothing was rebuilt).
 """
 from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -194,7 +205,7 @@ def _gram_kernel(
     tj = tl.where(tj * (tj + 1) // 2 > tid, tj - 1, tj)
     tj = tl.where((tj + 1) * (tj + 2) // 2 <= tid, tj + 1, tj)
     ti = tid - tj * (tj + 1) // 2
-    bb = b.to(tl.int64) * b
+    bb = tl.cast(b, tl.int64) * b  # tl.cast: also when b arrives as a Python int (a traced launch)
     # atomic mode: slot t of the (P, b, b) output; deterministic mode: g_ptr is the launch's
     # (chunks, b, b) partial buffer and every program owns the slot of its global chunk pid
     if ATOMIC:
@@ -245,17 +256,52 @@ def _precision_checked(precision: str) -> bool:
     return True
 
 
-def _check_rows(qs: Sequence[torch.Tensor], argname: str) -> None:
+def _dtype_checked(qs: Sequence[torch.Tensor], argname: str) -> None:
     for i, q in enumerate(qs):
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             # tl.dot has no fp64 (or other) form on sm_90; the op layer sends float64 to the reference
             raise TypeError(f"{argname}[{i}]: the Triton SP kernels take float32/float16/bfloat16, got {q.dtype}")
-        if q.dim() != 2 or (q.shape[1] > 1 and q.stride(1) != 1):
-            raise ValueError(f"{argname}[{i}] must be a (b, F) row view with dense rows")
 
 
-def _launch(kernel, wrap: Optional[Callable]):
-    return wrap(kernel) if wrap is not None else kernel
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> Optional[Tuple[int, int]]:
+    if not shape:
+        return None
+    feats = 1
+    for n in shape[1:]:
+        feats *= n
+    # the sample's dims by decreasing stride must tile one dense block (size-1 dims have no stride)
+    expect = 1
+    for st, n in sorted(((st, n) for n, st in zip(shape[1:], stride[1:]) if n != 1), reverse=True)[::-1]:
+        if st != expect:
+            return None
+        expect *= n
+    # one sample: its stride is never used (row 0); F keeps the alignment test meaningful
+    return feats, (stride[0] if shape[0] > 1 else max(feats, 1))
+
+
+def sample_layout(t: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """``(F, sample stride)`` of a (b, ...) tensor whose samples are each one dense block of memory
+    (contiguous, channels_last, any permutation of the sample's dims, a slice along the batch or
+    at an offset), else None. The kernels read such a tensor as its (b, F) row view without
+    building one: the Gram does not depend on the order of the features inside a sample, and a
+    gradient written in the same order lands in the same layout. Memoised by (shape, strides)."""
+    return _layout(tuple(t.shape), t.stride())
+
+
+def _rows(qs: Sequence[torch.Tensor], argname: str) -> List[Tuple[int, int]]:
+    """Every tensor's (F, sample stride); refuses dtypes without a tensor-core form and tensors
+    whose samples are not dense blocks (the op layer copies those)."""
+    _dtype_checked(qs, argname)
+    out = []
+    for i, q in enumerate(qs):
+        lay = _layout(tuple(q.shape), q.stride())
+        if lay is None:
+            raise ValueError(f"{argname}[{i}] must have dense samples (each sample one block of memory, "
+                             f"e.g. a (b, F) row view, NCHW or channels_last); got shape {tuple(q.shape)}, "
+                             f"strides {q.stride()}")
+        out.append(lay)
+    return out
 
 
 def _groups(n: int) -> List[range]:
@@ -275,17 +321,22 @@ def _num_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(b: int, feats: Tuple[int, ...], sms: int) -> Tuple[int, int]:
+    nt = triton.cdiv(b, GRAM_BLOCK_B)
+    tiles = nt * (nt + 1) // 2
+    blocks = sum(triton.cdiv(f, GRAM_BLOCK_K) for f in feats)
+    k_iters = max(1, triton.cdiv(blocks * tiles, GRAM_WAVES * sms))
+    chunk = GRAM_BLOCK_K * k_iters
+    return k_iters, sum(triton.cdiv(f, chunk) for f in feats) * tiles
+
+
 def gram_plan(qs: Sequence[torch.Tensor]) -> Tuple[int, int]:
     """(k_iters, programs) of one Gram launch over ``qs``: the split-K is sized so that the launch
     has about ``GRAM_WAVES`` waves of programs on the device's SMs (fewer, longer chunks when the
     Grams are large; more, shorter ones for few tensors or few tiles)."""
-    b = qs[0].shape[0]
-    nt = triton.cdiv(b, GRAM_BLOCK_B)
-    tiles = nt * (nt + 1) // 2
-    blocks = sum(triton.cdiv(q.shape[1], GRAM_BLOCK_K) for q in qs)
-    k_iters = max(1, triton.cdiv(blocks * tiles, GRAM_WAVES * _num_sms(qs[0].device)))
-    chunk = GRAM_BLOCK_K * k_iters
-    return k_iters, sum(triton.cdiv(q.shape[1], chunk) for q in qs) * tiles
+    feats = tuple(f for f, _ in _rows(qs, "qs"))
+    return _plan(qs[0].shape[0], feats, _num_sms(qs[0].device))
 
 
 def _align(*ints: int) -> int:
@@ -293,63 +344,150 @@ def _align(*ints: int) -> int:
     return 16 if all(int(v) % 16 == 0 for v in ints) else 1
 
 
-def _multi_args(qs: Sequence[torch.Tensor], chunk: int):
-    """Pad the per-tensor (ptr, F, stride) lists to MAX_TENSORS and the chunk boundaries."""
-    ps = list(qs) + [qs[0]] * (MAX_TENSORS - len(qs))
-    fs = [q.shape[1] for q in qs] + [0] * (MAX_TENSORS - len(qs))
-    ss = [q.stride(0) for q in qs] + [0] * (MAX_TENSORS - len(qs))
+def _multi_ints(rows: Sequence[Tuple[int, int]], chunk: int):
+    """The per-tensor (F, stride) lists padded to MAX_TENSORS and the chunk boundaries of a group."""
+    pad = MAX_TENSORS - len(rows)
+    fs = [f for f, _ in rows] + [0] * pad
+    ss = [s for _, s in rows] + [0] * pad
     bounds, total = [], 0
-    for q in qs:
-        total += triton.cdiv(q.shape[1], chunk)
+    for f, _ in rows:
+        total += triton.cdiv(f, chunk)
         bounds.append(total)
-    bounds = bounds + [total] * (MAX_TENSORS - len(qs))
-    return ps, fs, ss, bounds[:MAX_TENSORS - 1], total
+    bounds = bounds + [total] * pad
+    return fs, ss, bounds[:MAX_TENSORS - 1], total
+
+
+def _padded(qs: Sequence[torch.Tensor], grp: range) -> List[torch.Tensor]:
+    return [qs[i] for i in grp] + [qs[grp.start]] * (MAX_TENSORS - len(grp))
+
+
+# ----------------------------------------------------------------------------- call plans
+#
+# The host out of the hot path: everything a launch needs besides the tensors themselves (the
+# checks, the layout of every tensor, the dtype groups, the split-K plan, the padded argument
+# lists, the device tables) is worked out once per *call signature* (every tensor's address,
+# shape, strides and dtype, plus the switches that steer the plan) and kept in an LRU of call
+# plans. A training step whose tensors sit where the previous step's did (the caching
+# allocator's usual behaviour) costs the signature (about a microsecond a tensor), one dict
+# lookup and the launches. Calls under a trace, with fake tensors or during CUDA-graph capture
+# are planned afresh each time (nothing to key on, or nothing worth keeping).
+
+_REAL = (torch.Tensor, torch.nn.Parameter)
+
+
+def _call_plan(kind: tuple, tensors: Sequence[torch.Tensor], build, outputs: Sequence[torch.Tensor] = ()):
+    """The cached plan of a call on ``tensors`` (keyed by their addresses too) writing into
+    ``outputs`` (keyed by shape, strides and dtype only: fresh tensors every call), or ``build()``."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or _dispatch_mode_active() or \
+            any(type(t) not in _REAL for t in tensors) or any(type(t) not in _REAL for t in outputs):
+        return build()
+    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (kind, first.device, capturing, USE_TABLE, TABLE_MIN_PAIRS, NUM_SMS, _interpreting(),
+           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
+           tuple((t.shape, t.stride(), t.dtype) for t in outputs))
+    plan = _CALLS.get(key)
+    if plan is None:
+        plan = _CALLS.put(key, build())
+    return plan
 
 
 def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: bool = False,
-         wrap: Optional[Callable] = None, table: Optional[bool] = None) -> torch.Tensor:
-    """Raw Grams ``Q Q^T`` of every row view in ``qs`` (same b), as one fp32 (P, b, b) tensor.
+         table: Optional[bool] = None) -> torch.Tensor:
+    """Raw Grams ``Q Q^T`` of every tensor in ``qs`` (same b; each a (b, ...) tensor with dense
+    samples, read as its (b, F) row view: ``sample_layout``), as one fp32 (P, b, b) tensor.
 
     ``precision`` ("ieee" or "tf32") applies to fp32 inputs; ``deterministic`` replaces the split-K
     atomics by per-chunk partial Grams summed in chunk order (bitwise repeatable). ``table``: True
-    walks every pair in one launch per dtype through a device-side pair table (CUDA only), False
-    launches per group of ``MAX_TENSORS``, None picks the table on CUDA for at least
-    ``TABLE_MIN_PAIRS`` pairs when ``table_supported`` (never while torch.compile traces)."""
-    _check_rows(qs, "qs")
+    walks every pair in one launch per dtype through a device-side pair table (CUDA; the CPU
+    interpreter), False launches per group of ``MAX_TENSORS``, None picks the table on CUDA for at
+    least ``TABLE_MIN_PAIRS`` pairs when ``table_supported``. The launch plan is cached by the
+    call's signature (see "call plans")."""
+    if not qs:
+        raise ValueError("qs is empty")
+    return _call_plan(("gram", precision, deterministic, table), qs,
+                      lambda: _gram_call(qs, precision, deterministic, table))(qs)
+
+
+def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, table: Optional[bool]):
+    rows = _rows(qs, "qs")
     b = qs[0].shape[0]
     if b * b >= 2**31:  # the kernel's in-slot offsets are int32
         raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
-    if _precision_checked(precision) and _use_table(qs, table):
-        return _gram_by_table(qs, precision, deterministic, wrap)
-    dev = qs[0].device
-    # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
-    # from per-group partial buffers without writing into views (functional under torch.compile)
-    out = None if deterministic else torch.zeros((len(qs), b, b), device=dev, dtype=torch.float32)
-    pieces: List[torch.Tensor] = []
+    _precision_checked(precision)
+    dev, P = qs[0].device, len(qs)
     nt = triton.cdiv(b, GRAM_BLOCK_B)
-    for grp in _groups(len(qs)):
+    if _use_table(qs, table):
+        groups = []
+        for idx in _by_dtype(qs, skip_empty=True):
+            sub = [qs[i] for i in idx]
+            t = _gram_table(sub, [rows[i] for i in idx], idx if not deterministic else list(range(len(sub))), b,
+                            deterministic)
+            groups.append((idx, t, _dot_precision(sub, precision), _gram_stages(sub[0].dtype == torch.float32)))
+
+        def run_table(qs):
+            out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+            pieces: List[Optional[torch.Tensor]] = [None] * P
+            for idx, t, prec, stages in groups:
+                target = out
+                if deterministic:
+                    target = torch.empty((max(t.n_partials, 1), b, b), device=dev, dtype=torch.float32)
+                if t.n_work:
+                    LAUNCHES["gram"] += 1
+                    LAUNCHES["gram_table"] += 1
+                    LAUNCHES["gram_deterministic"] += int(deterministic)
+                    _gram_table_kernel[(t.n_work,)](
+                        target, t.pairs.tensor(), t.work.tensor(), qs[idx[0]], b, t.k_iters,
+                        BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=t.align,
+                        ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS, num_stages=stages)
+                if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
+                    for i, (lo, hi) in zip(idx, t.partials):
+                        pieces[i] = target[lo:hi].sum(dim=0) if hi > lo else None
+            if not deterministic:
+                return out
+            zero = torch.zeros((b, b), device=dev, dtype=torch.float32)  # featureless pairs: zero Grams
+            return torch.stack([z if z is not None else zero for z in pieces])
+
+        return run_table
+
+    # per-pair launches: groups of MAX_TENSORS, each tensor its own pointer argument
+    # atomic mode accumulates into one zeroed (P, b, b) buffer; deterministic mode builds the result
+    # from per-group partial buffers without writing into views
+    sms = _num_sms(dev)
+    launches = []
+    for grp in _groups(P):
         sub = [qs[i] for i in grp]
-        k_iters, _ = gram_plan(sub)
-        ps, fs, ss, cs, total = _multi_args(sub, GRAM_BLOCK_K * k_iters)
-        if total == 0:  # every tensor of the group has 0 features: Grams are 0
-            pieces += [torch.zeros((b, b), device=dev, dtype=torch.float32) for _ in sub]
-            continue
-        target = out if not deterministic else torch.empty((total, b, b), device=dev, dtype=torch.float32)
-        LAUNCHES["gram"] += 1
-        LAUNCHES["gram_deterministic"] += int(deterministic)
-        _launch(_gram_kernel, wrap)[(total, nt * (nt + 1) // 2)](
-            target, b, grp.start, k_iters, *ps, *fs, *ss, *cs,
-            NT=len(sub), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
-            PRECISION=_dot_precision(sub, precision), ALIGN=_align(*fs, *ss), ATOMIC=not deterministic,
-            num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(any(q.dtype == torch.float32 for q in sub)),
-        )
-        if deterministic:  # second stage: each tensor's chunk partials, summed in chunk order
-            lo = 0
-            for hi in [*cs[:len(sub) - 1], total]:
-                pieces.append(target[lo:hi].sum(dim=0) if hi > lo
-                              else torch.zeros((b, b), device=dev, dtype=torch.float32))
-                lo = hi
-    return torch.stack(pieces) if deterministic else out
+        sub_rows = [rows[i] for i in grp]
+        k_iters, _ = _plan(b, tuple(f for f, _ in sub_rows), sms)
+        fs, ss, cs, total = _multi_ints(sub_rows, GRAM_BLOCK_K * k_iters)
+        launches.append((grp, fs, ss, cs, total, k_iters, _dot_precision(sub, precision), _align(*fs, *ss),
+                         _gram_stages(any(q.dtype == torch.float32 for q in sub))))
+
+    def run_pairs(qs):
+        out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
+        pieces: List[torch.Tensor] = []
+        for grp, fs, ss, cs, total, k_iters, prec, align, stages in launches:
+            if total == 0:  # every tensor of the group has 0 features: Grams are 0
+                pieces += [torch.zeros((b, b), device=dev, dtype=torch.float32) for _ in grp]
+                continue
+            target = out if not deterministic else torch.empty((total, b, b), device=dev, dtype=torch.float32)
+            LAUNCHES["gram"] += 1
+            LAUNCHES["gram_deterministic"] += int(deterministic)
+            _gram_kernel[(total, nt * (nt + 1) // 2)](
+                target, b, grp.start, k_iters, *_padded(qs, grp), *fs, *ss, *cs,
+                NT=len(grp), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
+                PRECISION=prec, ALIGN=align, ATOMIC=not deterministic,
+                num_warps=GRAM_NUM_WARPS, num_stages=stages,
+            )
+            if deterministic:  # second stage: each tensor's chunk partials, summed in chunk order
+                lo = 0
+                for hi in [*cs[:len(grp) - 1], total]:
+                    pieces.append(target[lo:hi].sum(dim=0) if hi > lo
+                                  else torch.zeros((b, b), device=dev, dtype=torch.float32))
+                    lo = hi
+        return torch.stack(pieces) if deterministic else out
+
+    return run_pairs
 
 
 # ----------------------------------------------------------------------------- normalisation and loss
@@ -373,7 +511,7 @@ def _row_normalize_kernel(g_ptr, out_ptr, b, eps, BLOCK_R: tl.constexpr, BLOCK_C
     tl.store(out_ptr + offs, g / tl.maximum(n, eps)[:, None], mask=mask)
 
 
-def row_normalize(g: torch.Tensor, *, wrap: Optional[Callable] = None) -> torch.Tensor:
+def row_normalize(g: torch.Tensor) -> torch.Tensor:
     """Each row of each (b, b) slot of the fp32 (P, b, b) tensor ``g`` divided by its L2 norm."""
     P, b, _ = g.shape
     out = torch.empty_like(g)
@@ -381,7 +519,7 @@ def row_normalize(g: torch.Tensor, *, wrap: Optional[Callable] = None) -> torch.
         return out
     br, bc = _row_block(b)
     LAUNCHES["row_normalize"] += 1
-    _launch(_row_normalize_kernel, wrap)[(P, triton.cdiv(b, br))](g, out, b, EPS, BLOCK_R=br, BLOCK_C=bc)
+    _row_normalize_kernel[(P, triton.cdiv(b, br))](g, out, b, EPS, BLOCK_R=br, BLOCK_C=bc)
     return out
 
 
@@ -401,7 +539,7 @@ def _sp_finish_kernel(gs_ptr, gt_ptr, part_ptr, b, eps, inv_b2, BLOCK_R: tl.cons
     tl.store(part_ptr + p * tl.num_programs(1) + rb, tl.sum(tl.sum(d * d, axis=1), axis=0) * inv_b2)
 
 
-def sp_finish(gs_raw: torch.Tensor, gt: torch.Tensor, *, wrap: Optional[Callable] = None) -> torch.Tensor:
+def sp_finish(gs_raw: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """fp32 scalar ``sum_p ||gt_p - normalize(gs_raw_p)||_F^2 / b^2`` for all pairs in one launch."""
     P, b, _ = gs_raw.shape
     if P == 0:
@@ -410,7 +548,7 @@ def sp_finish(gs_raw: torch.Tensor, gt: torch.Tensor, *, wrap: Optional[Callable
     nrb = triton.cdiv(b, br)
     part = torch.empty((P, nrb), device=gs_raw.device, dtype=torch.float32)
     LAUNCHES["sp_finish"] += 1
-    _launch(_sp_finish_kernel, wrap)[(P, nrb)](
+    _sp_finish_kernel[(P, nrb)](
         gs_raw, gt, part, b, EPS, 1.0 / (b * b), BLOCK_R=br, BLOCK_C=bc)
     return part.sum()
 
@@ -439,8 +577,7 @@ def _sp_grad_gram_kernel(grad_ptr, gs_ptr, gt_ptr, dg_ptr, b, eps, scale,
     tl.store(dg_ptr + offs, dg, mask=mask)
 
 
-def sp_grad_gram(grad: torch.Tensor, gs_raw: torch.Tensor, gt: torch.Tensor, *,
-                 wrap: Optional[Callable] = None) -> torch.Tensor:
+def sp_grad_gram(grad: torch.Tensor, gs_raw: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """dL/dGr (P, b, b) fp32 of all pairs in one launch; ``grad`` is the 1-element incoming gradient."""
     P, b, _ = gs_raw.shape
     dg = torch.empty_like(gs_raw)
@@ -448,7 +585,7 @@ def sp_grad_gram(grad: torch.Tensor, gs_raw: torch.Tensor, gt: torch.Tensor, *,
         return dg
     br, bc = _row_block(b)
     LAUNCHES["sp_grad_gram"] += 1
-    _launch(_sp_grad_gram_kernel, wrap)[(P, triton.cdiv(b, br))](
+    _sp_grad_gram_kernel[(P, triton.cdiv(b, br))](
         grad, gs_raw, gt, dg, b, EPS, 2.0 / (b * b), BLOCK_R=br, BLOCK_C=bc)
     return dg
 
@@ -505,7 +642,7 @@ def _sp_grad_features_kernel(
 ):
     pid = tl.program_id(0)
     ti = tl.program_id(1)
-    bb = b.to(tl.int64) * b
+    bb = tl.cast(b, tl.int64) * b  # tl.cast: also when b arrives as a Python int (a traced launch)
     base = (slot0 + tl.zeros((), tl.int64)) * bb
     if pid < c1:
         _grad_part(p0, d0, f0, s0, t0, pid, m_ptr + base, b, ti, BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
@@ -537,75 +674,122 @@ def _grad_block_i(b: int) -> int:
 
 
 def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], *,
-                     precision: str = "ieee", wrap: Optional[Callable] = None,
-                     table: Optional[bool] = None) -> None:
-    """Write ``dqs[p] = (dg[p] + dg[p]^T) @ qs[p]`` for every pair (row views, dense rows).
+                     precision: str = "ieee", table: Optional[bool] = None) -> None:
+    """Write ``dqs[p] = (dg[p] + dg[p]^T) @ qs[p]`` for every pair (tensors with dense samples, as
+    in ``gram``; ``dqs[p]`` has the shape and dtype of ``qs[p]``, its samples dense and disjoint,
+    and receives the gradient in its own layout).
 
     M = dg + dg^T is formed once (one elementwise pass over the small (P, b, b) tensor), so each
     program reads one M tile per step instead of two. bf16 inputs multiply on bf16 tensor cores
     (M split into two bf16 parts); fp32 and fp16 inputs multiply M by Q in fp32 (``precision``).
-    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA)."""
+    ``table`` as in ``gram``: one launch per dtype through the device-side pair table (CUDA). The
+    launch plan is cached by the call's signature, as in ``gram``."""
     if not qs:
         return
-    _check_rows(qs, "qs")
+    _call_plan(("grad", precision, table), qs, lambda: _grad_call(qs, dqs, precision, table), dqs)(dg, qs, dqs)
+
+
+def _grad_call(qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], precision: str, table: Optional[bool]):
+    rows = _rows(qs, "qs")
+    drows = _rows(dqs, "dqs")
     b = qs[0].shape[0]
+    for i, ((f, _), (df, ds), q, d) in enumerate(zip(rows, drows, qs, dqs)):
+        if df != f or d.dtype != q.dtype or d.shape[0] != b or (b > 1 and f > 0 and ds < f):
+            raise ValueError(f"dqs[{i}] must hold {f} features per sample of dtype {q.dtype} for {b} samples, "
+                             f"samples not overlapping; got shape {tuple(d.shape)}, strides {d.stride()}, {d.dtype}")
     block_i = _grad_block_i(b)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    m = dg + dg.transpose(1, 2)
     if _use_table(qs, table):
-        _grad_features_by_table(m, qs, dqs, precision, wrap)
-        return
+        groups = []
+        for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
+            t = _grad_table([qs[i] for i in idx], [rows[i] for i in idx], [drows[i] for i in idx], idx, b)
+            if t.n_work:
+                groups.append((idx, t, _DOffsets(), qs[idx[0]].dtype == torch.bfloat16))
+
+        def run_table(dg, qs, dqs):
+            m = dg + dg.transpose(1, 2)
+            for idx, t, doffs, split in groups:
+                dsub = [dqs[i] for i in idx]
+                d_table, d_align = doffs.tensor(dsub)
+                LAUNCHES["sp_grad_features"] += 1
+                LAUNCHES["sp_grad_features_table"] += 1
+                _sp_grad_features_table_kernel[(t.n_work, triton.cdiv(b, block_i))](
+                    m, t.pairs.tensor(), t.work.tensor(), d_table, qs[idx[0]], dsub[0], b,
+                    BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision,
+                    ALIGN=min(t.align, d_align), SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
+
+        return run_table
+
+    launches = []
     for grp in _groups(len(qs)):
-        sub = [qs[i] for i in grp]
-        dsub = [dqs[i] for i in grp]
-        ps, fs, ss, cs, total = _multi_args(sub, GRAD_BLOCK_K)
+        fs, ss, cs, total = _multi_ints([rows[i] for i in grp], GRAD_BLOCK_K)
         if total == 0:
             continue
-        pad = MAX_TENSORS - len(sub)
-        ds = dsub + [dsub[0]] * pad
-        ts = [d.stride(0) for d in dsub] + [0] * pad
-        LAUNCHES["sp_grad_features"] += 1
-        # fp32/fp16: fp32 M times Q converted to fp32, so the precision applies to both
-        _launch(_sp_grad_features_kernel, wrap)[(total, triton.cdiv(b, block_i))](
-            m, b, grp.start, *ps, *ds, *fs, *ss, *ts, *cs,
-            NT=len(sub), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-            PRECISION=precision, ALIGN=_align(*fs, *ss, *ts),
-            SPLIT_BF16=all(q.dtype == torch.bfloat16 for q in sub), num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES,
-        )
+        ts = [drows[i][1] for i in grp] + [0] * (MAX_TENSORS - len(grp))
+        launches.append((grp, fs, ss, ts, cs, total, _align(*fs, *ss, *ts),
+                         all(qs[i].dtype == torch.bfloat16 for i in grp)))
+
+    def run_pairs(dg, qs, dqs):
+        m = dg + dg.transpose(1, 2)
+        for grp, fs, ss, ts, cs, total, align, split in launches:
+            LAUNCHES["sp_grad_features"] += 1
+            # fp32/fp16: fp32 M times Q converted to fp32, so the precision applies to both
+            _sp_grad_features_kernel[(total, triton.cdiv(b, block_i))](
+                m, b, grp.start, *_padded(qs, grp), *_padded(dqs, grp), *fs, *ss, *ts, *cs,
+                NT=len(grp), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
+                PRECISION=precision, ALIGN=align, SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES,
+            )
+
+    return run_pairs
 
 
 # ----------------------------------------------------------------------------- device-side pair table (CUDA)
 #
 # The per-pair launchers above take each tensor as its own pointer argument: at most MAX_TENSORS
 # per launch. The table path puts every pair of a step (of one dtype) into ONE launch: an int64
-# table holds, per pair, the address of its row view (``data_ptr``), feature count, sample
-# stride, output slot, (backward) the gradient's address and stride, and the element offset of
-# each from pair 0's tensor; a flattened work list follows. Pair 0's tensor is the kernel's
-# pointer argument and pair p is addressed as ``ref_ptr + off_p``. Why offsets and not a cast of
-# the loaded address to a pointer (``addr.to(tl.pointer_type(...))``, the grouped-GEMM tutorial's
-# idiom): a cast pointer carries no alignment, so Triton copies element by element (AOT check on
-# sm_90: scalar ``ld.global.b16`` / 4-byte ``cp.async``), while ``ref_ptr + off`` keeps the
-# runtime's 16-byte specialisation of ``ref_ptr`` and, with ALIGN, 16-byte ``cp.async`` like the
-# per-pair kernel. It relies on one flat address space (CUDA's; the host's under the
-# interpreter, which is why the interpreter can run the table kernels on CPU tensors and CPU
-# tests check them).
+# table holds, per pair, the address of its tensor (``data_ptr``), feature count, sample stride,
+# output slot, the element offset from pair 0's tensor and (backward) the gradient's sample
+# stride; the gradients' element offsets from the first gradient sit in a small table of their
+# own (the gradients are fresh tensors every call); a separate work list says what each program
+# does. Pair 0's tensor is the kernel's pointer argument and pair p is addressed as
+# ``ref_ptr + off_p``. Why offsets and
+# not a cast of the loaded address to a pointer (``addr.to(tl.pointer_type(...))``, the
+# grouped-GEMM tutorial's idiom): a cast pointer carries no alignment, so Triton copies element
+# by element (AOT check on sm_90: scalar ``ld.global.b16`` / 4-byte ``cp.async``), while
+# ``ref_ptr + off`` keeps the runtime's 16-byte specialisation of ``ref_ptr`` and, with ALIGN,
+# 16-byte ``cp.async`` like the per-pair kernel. It relies on one flat address space (CUDA's; the
+# host's under the interpreter, which is why the interpreter can run the table kernels on CPU
+# tensors and CPU tests check them).
 #
-# The table is built on the host from Python ints (sizes, strides and addresses are host
-# metadata: no host sync) and copied with one non-blocking H2D copy from pinned memory (the
-# caching host allocator keeps the pinned buffer until the copy ran; the device table is
-# stream-ordered like any temporary). The features themselves are referenced by the op's inputs
-# until the kernel has run.
+# Built once, reused (the host out of the hot path): the work list depends only on the shapes
+# (feature counts, b, the split-K chunk, the output slots) and the pair rows only on the
+# addresses, strides, dtype and shapes. Both are int64 device tensors kept in two small LRU caches
+# (``TABLE_CACHE_SIZE``) keyed by exactly those values, so a training loop, whose allocator hands
+# the same addresses to the same activations step after step, builds and uploads them in its
+# first steps and afterwards only computes the key (a few host microseconds per pair) and
+# launches. A key that misses (new addresses) rebuilds the small pair rows only; the work list
+# is shared by every address set of a shape set. Each upload is one non-blocking H2D copy from a
+# pinned host buffer that the cache entry owns for its whole life and never writes again, so no
+# later call can overwrite a staging buffer whose copy may still be in flight; a use on another
+# stream than the upload's waits for the upload (an event) and is recorded with the tensor's
+# allocator (``record_stream``). The features and gradients themselves are the op's own tensors,
+# alive until the kernels have run.
 #
-# Not for: traced tensors (torch.compile: a FakeTensor has no ``data_ptr``, so the traced op keeps
-# the per-pair launches), CUDA-graph capture (the addresses and the pinned source would be baked
-# into the graph), CUDA tensors under the interpreter (copied one by one). ``table_supported``
-# says when it can run; auto (``USE_TABLE = None``) takes it on CUDA from ``TABLE_MIN_PAIRS``
-# pairs on. A launch holds the tensors of ONE dtype (the pointer type is fixed by ``ref_ptr``):
-# mixed-dtype steps launch once per dtype.
+# Not for: traced tensors (FakeTensors have no ``data_ptr``), CUDA-graph capture, CUDA tensors
+# under the interpreter (it copies them one by one). Under capture the per-pair launches run: their
+# addresses are launch arguments, which a graph records and replays as they were (a captured
+# step replays with the same addresses, so that is exactly what holds across replays), while a
+# table would have to be uploaded before capture and outlive every replay of the graph, and its
+# one saving, host launch time, is what replaying a graph removes anyway. ``table_supported``
+# says when the table can run; auto (``USE_TABLE = None``) takes it on CUDA from
+# ``TABLE_MIN_PAIRS`` pairs on. A launch holds the tensors of ONE dtype (the pointer type is
+# fixed by ``ref_ptr``, and the element offsets are in that dtype's element size): mixed-dtype
+# steps launch once per dtype.
 
 # addr, F, sample stride, slot, dq addr, dq sample stride, element offset of Q from pair 0's Q, the
-# same for dQ (64 bytes a row: aligned). The kernel reads the offsets; the addresses are for humans
+# same for dQ (64 bytes a row: aligned). The kernels read the offsets (the dQ offsets from their own
+# table; ``build_grad_table`` shows them in this row); the addresses are for humans
 PAIR_COLS = 8
 GRAM_WORK_COLS = 5  # pair, ti, tj, chunk, element offset of the output (b, b) slot
 GRAD_WORK_COLS = 2  # pair, feature column block
@@ -613,6 +797,7 @@ TABLE_MIN_PAIRS = MAX_TENSORS + 1  # auto: below this the per-pair launch is alr
 # None: auto (CUDA tensors, at least TABLE_MIN_PAIRS pairs); True: wherever table_supported (the
 # interpreter included: tests); False: never. A launcher's ``table=`` argument overrides it.
 USE_TABLE: Optional[bool] = None
+TABLE_CACHE_SIZE = 64  # device tables kept per cache (pair rows by address set; work lists by shape set)
 
 _PAIR_COLS_C = tl.constexpr(PAIR_COLS)
 _GRAM_WORK_COLS_C = tl.constexpr(GRAM_WORK_COLS)
@@ -656,6 +841,28 @@ def gram_tiles(b: int) -> List[Tuple[int, int]]:
     return [(ti, tj) for tj in range(nt) for ti in range(tj + 1)]
 
 
+def _gram_work(feats: Sequence[int], slots: Sequence[int], b: int, chunk: int,
+               deterministic: bool) -> Tuple[List[int], List[Tuple[int, int]], int]:
+    """(work list, partials, number of output slots) of one Gram launch: shapes only."""
+    if chunk <= 0 or b <= 0:
+        raise ValueError(f"chunk and b must be positive, got chunk={chunk}, b={b}")
+    tiles = gram_tiles(b)
+    work: List[int] = []
+    partials: List[Tuple[int, int]] = []
+    nxt = 0
+    bb = b * b
+    for p, F in enumerate(feats):
+        n_chunks = triton.cdiv(int(F), chunk)
+        partials.append((nxt, nxt + n_chunks) if deterministic else (slots[p], slots[p] + 1))
+        for c in range(n_chunks):
+            off = (nxt + c) * bb if deterministic else slots[p] * bb
+            for ti, tj in tiles:
+                work += [p, ti, tj, c, off]
+        if deterministic:
+            nxt += n_chunks
+    return work, partials, nxt if deterministic else len(feats)
+
+
 def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int], b: int, chunk: int,
                      deterministic: bool, elem_size: int) -> TablePlan:
     """Table of one Gram launch: ``pairs[p] = (address, F, sample stride)`` of tensors of one dtype
@@ -665,28 +872,20 @@ def build_gram_table(pairs: Sequence[Tuple[int, int, int]], slots: Sequence[int]
     innermost (programs running together share a feature chunk in L2). Atomic mode: the item adds
     into its pair's slot; deterministic mode: each (pair, chunk) owns a partial slot, numbered
     pair by pair in chunk order."""
-    if chunk <= 0 or b <= 0:
-        raise ValueError(f"chunk and b must be positive, got chunk={chunk}, b={b}")
-    tiles = gram_tiles(b)
+    work, partials, n_partials = _gram_work([F for _, F, _ in pairs], slots, b, chunk, deterministic)
     offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
     ints: List[int] = []
     for p, (addr, F, stride) in enumerate(pairs):
         ints += _pair_row(addr, F, stride, slots[p], offs[p])
+    return TablePlan(ints + work, len(pairs), len(work) // GRAM_WORK_COLS, n_partials, partials)
+
+
+def _grad_work(feats: Sequence[int], block_k: int) -> List[int]:
     work: List[int] = []
-    partials: List[Tuple[int, int]] = []
-    nxt = 0
-    bb = b * b
-    for p, (_, F, _) in enumerate(pairs):
-        n_chunks = triton.cdiv(int(F), chunk)
-        partials.append((nxt, nxt + n_chunks) if deterministic else (slots[p], slots[p] + 1))
-        for c in range(n_chunks):
-            off = (nxt + c) * bb if deterministic else slots[p] * bb
-            for ti, tj in tiles:
-                work += [p, ti, tj, c, off]
-        if deterministic:
-            nxt += n_chunks
-    n_work = len(work) // GRAM_WORK_COLS
-    return TablePlan(ints + work, len(pairs), n_work, nxt if deterministic else len(pairs), partials)
+    for p, F in enumerate(feats):
+        for c in range(triton.cdiv(int(F), block_k)):
+            work += [p, c]
+    return work
 
 
 def build_grad_table(pairs: Sequence[Tuple[int, int, int, int, int]], slots: Sequence[int],
@@ -697,11 +896,9 @@ def build_grad_table(pairs: Sequence[Tuple[int, int, int, int, int]], slots: Seq
     offs = _elem_offsets([p[0] for p in pairs], elem_size, "pairs")
     doffs = _elem_offsets([p[3] for p in pairs], elem_size, "grads")
     ints: List[int] = []
-    work: List[int] = []
     for p, (addr, F, stride, daddr, dstride) in enumerate(pairs):
         ints += _pair_row(addr, F, stride, slots[p], offs[p], daddr, dstride, doffs[p])
-        for c in range(triton.cdiv(int(F), block_k)):
-            work += [p, c]
+    work = _grad_work([p[1] for p in pairs], block_k)
     return TablePlan(ints + work, len(pairs), len(work) // GRAD_WORK_COLS, len(pairs),
                      [(s, s + 1) for s in slots])
 
@@ -752,28 +949,172 @@ def _use_table(qs: Sequence[torch.Tensor], table: Optional[bool]) -> bool:
 
 def _by_dtype(qs: Sequence[torch.Tensor], skip_empty: bool = False) -> List[List[int]]:
     """Indices of ``qs`` grouped by dtype, groups in order of first appearance; ``skip_empty``
-    leaves out row views without features (an empty tensor's address may be null: no base for
+    leaves out tensors without features (an empty tensor's address may be null: no base for
     the element offsets, and there is nothing to compute)."""
     groups: "collections.OrderedDict[torch.dtype, List[int]]" = collections.OrderedDict()
     for i, q in enumerate(qs):
-        if not (skip_empty and q.shape[1] == 0):
+        if not (skip_empty and math.prod(q.shape[1:]) == 0):
             groups.setdefault(q.dtype, []).append(i)
     return list(groups.values())
 
 
-def _upload(plan: TablePlan, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(pairs, work) int64 views of one device table filled by one non-blocking pinned H2D copy."""
-    host = torch.tensor(plan.ints, dtype=torch.int64)
-    if device.type != "cuda":  # the interpreter (CPU tensors): the host table is the table
-        dev = host
-    else:
-        dev = host.pin_memory().to(device, non_blocking=True)
-    cut = plan.n_pairs * PAIR_COLS
-    return dev[:cut], dev[cut:]
-
-
 def _table_col(plan: TablePlan, col: int) -> List[int]:
     return [plan.ints[p * PAIR_COLS + col] for p in range(plan.n_pairs)]
+
+
+class DeviceInts:
+    """``ints`` as an int64 tensor on ``device``, uploaded once (CPU: the host tensor itself).
+
+    The upload is one non-blocking copy from a pinned host buffer that this object keeps, and
+    never writes again, for its whole life: no later call can refill a staging buffer whose copy
+    is still in flight. ``tensor()`` hands the device copy to the current stream, which waits for
+    the upload (an event) when it is not the stream that queued it."""
+
+    __slots__ = ("dev", "host", "event", "streams")
+
+    def __init__(self, ints: Sequence[int], device: torch.device):
+        host = torch.tensor(list(ints), dtype=torch.int64)
+        self.event = None
+        if device.type != "cuda":
+            self.dev, self.host, self.streams = host, None, None
+            return
+        self.host = host.pin_memory()
+        self.dev = torch.empty(host.shape, dtype=torch.int64, device=device)
+        self.dev.copy_(self.host, non_blocking=True)
+        stream = torch.cuda.current_stream(device)
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+        self.streams = {stream.cuda_stream}
+        LAUNCHES["table_upload"] += 1
+
+    def tensor(self) -> torch.Tensor:
+        if self.streams is not None:
+            stream = torch.cuda.current_stream(self.dev.device)
+            if stream.cuda_stream not in self.streams:
+                stream.wait_event(self.event)
+                self.dev.record_stream(stream)  # its memory is not reused before this stream's work ran
+                self.streams.add(stream.cuda_stream)
+        return self.dev
+
+
+class _LRU:
+    """A small LRU dict (``TABLE_CACHE_SIZE`` entries)."""
+
+    def __init__(self):
+        self.d: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+    def get(self, key):
+        v = self.d.get(key)
+        if v is not None:
+            self.d.move_to_end(key)
+        return v
+
+    def put(self, key, value):
+        self.d[key] = value
+        while len(self.d) > TABLE_CACHE_SIZE:
+            self.d.popitem(last=False)
+        return value
+
+
+class _Table(NamedTuple):
+    """One launch's tables and the launch parameters derived from them."""
+
+    pairs: DeviceInts
+    work: DeviceInts
+    n_work: int
+    align: int
+    k_iters: int
+    partials: List[Tuple[int, int]]
+    n_partials: int
+
+
+_WORK = _LRU()   # work lists by shape set
+_PAIRS = _LRU()  # _Table by address set (+ the shape set)
+_CALLS = _LRU()  # whole call plans by call signature ("call plans")
+
+
+def clear_table_cache() -> None:
+    """Forget every cached table and call plan (tests; a process that wants its pinned buffers back)."""
+    _WORK.d.clear()
+    _PAIRS.d.clear()
+    _CALLS.d.clear()
+
+
+def _gram_table(sub: Sequence[torch.Tensor], rows: Sequence[Tuple[int, int]], slots: Sequence[int], b: int,
+                deterministic: bool) -> _Table:
+    dev = sub[0].device
+    feats = tuple(f for f, _ in rows)
+    sms = _num_sms(dev)
+    key = ("gram", dev, sub[0].dtype, b, sms, deterministic, tuple(slots), feats,
+           tuple((q.data_ptr(), s) for q, (_, s) in zip(sub, rows)))
+    t = _PAIRS.get(key)
+    if t is not None:
+        return t
+    k_iters, _ = _plan(b, feats, sms)
+    chunk = GRAM_BLOCK_K * k_iters
+    wkey = ("gram", dev, b, chunk, deterministic, tuple(slots), feats)
+    work = _WORK.get(wkey)
+    if work is None:
+        ints, partials, n_partials = _gram_work(feats, slots, b, chunk, deterministic)
+        LAUNCHES["table_work_build"] += 1
+        work = _WORK.put(wkey, (DeviceInts(ints, dev), len(ints) // GRAM_WORK_COLS, partials, n_partials))
+    offs = _elem_offsets([q.data_ptr() for q in sub], sub[0].element_size(), "pairs")
+    ints: List[int] = []
+    for q, (f, s), slot, off in zip(sub, rows, slots, offs):
+        ints += _pair_row(q.data_ptr(), f, s, slot, off)
+    LAUNCHES["table_build"] += 1
+    align = _align(*feats, *[s for _, s in rows], *offs)
+    wdev, n_work, partials, n_partials = work
+    return _PAIRS.put(key, _Table(DeviceInts(ints, dev), wdev, n_work, align, k_iters, partials, n_partials))
+
+
+def _grad_table(sub, rows, drows, slots, b) -> _Table:
+    """The dQ launch's pair rows (keyed by the features' addresses and the gradients' strides) and
+    work list. The gradients' own addresses are not in it: they are fresh tensors every call, so
+    their element offsets travel in a small table of their own (``_DOffsets``)."""
+    dev = sub[0].device
+    feats = tuple(f for f, _ in rows)
+    key = ("grad", dev, sub[0].dtype, tuple(slots), feats,
+           tuple((q.data_ptr(), s, ds) for q, (_, s), (_, ds) in zip(sub, rows, drows)))
+    t = _PAIRS.get(key)
+    if t is not None:
+        return t
+    wkey = ("grad", dev, GRAD_BLOCK_K, feats)
+    work = _WORK.get(wkey)
+    if work is None:
+        ints = _grad_work(feats, GRAD_BLOCK_K)
+        LAUNCHES["table_work_build"] += 1
+        work = _WORK.put(wkey, (DeviceInts(ints, dev), len(ints) // GRAD_WORK_COLS))
+    offs = _elem_offsets([q.data_ptr() for q in sub], sub[0].element_size(), "pairs")
+    ints: List[int] = []
+    for q, (f, s), (_, ds), slot, off in zip(sub, rows, drows, slots, offs):
+        ints += _pair_row(q.data_ptr(), f, s, slot, off, 0, ds, 0)
+    LAUNCHES["table_build"] += 1
+    align = _align(*feats, *[s for _, s in rows], *[ds for _, ds in drows], *offs)
+    wdev, n_work = work
+    return _PAIRS.put(key, _Table(DeviceInts(ints, dev), wdev, n_work, align, 0, [], 0))
+
+
+class _DOffsets:
+    """The element offsets of one dQ launch's gradients from the first one, on the device: kept
+    while the next call's gradients sit where this call's did (the caching allocator's usual
+    behaviour), uploaded anew (a few bytes a pair, from a pinned buffer of their own) when not."""
+
+    __slots__ = ("key", "ints", "align")
+
+    def __init__(self):
+        self.key: Optional[Tuple[int, ...]] = None
+        self.ints: Optional[DeviceInts] = None
+        self.align = 1
+
+    def tensor(self, dsub: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        addrs = tuple(d.data_ptr() for d in dsub)
+        if addrs != self.key:
+            offs = _elem_offsets(addrs, dsub[0].element_size(), "grads")
+            self.ints = DeviceInts(offs, dsub[0].device)
+            self.key, self.align = addrs, _align(*offs)
+            LAUNCHES["table_doffs_upload"] += 1
+        return self.ints.tensor(), self.align
 
 
 @triton.jit(do_not_specialize=["b", "k_iters"])
@@ -800,7 +1141,7 @@ def _gram_table_kernel(g_ptr, pairs_ptr, work_ptr, ref_ptr, b, k_iters,
 
 
 @triton.jit(do_not_specialize=["b"])
-def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr, b,
+def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, doffs_ptr, ref_ptr, dref_ptr, b,
                                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                                    PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT_BF16: tl.constexpr):
     w = work_ptr + tl.program_id(0).to(tl.int64) * _GRAD_WORK_COLS_C
@@ -812,70 +1153,13 @@ def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, ref_ptr, dref_ptr
     slot = tl.load(row + 3)
     dstride_b = tl.load(row + 5)
     off = tl.load(row + 6)
-    doff = tl.load(row + 7)
+    doff = tl.load(doffs_ptr + pair)  # the gradients' offsets: their own table (fresh tensors each call)
     if ALIGN > 1:
         off = off // ALIGN * ALIGN
         doff = doff // ALIGN * ALIGN
     _grad_part(ref_ptr + off, dref_ptr + doff, F, stride_b, dstride_b, col_blk,
                m_ptr + slot * b * b, b, tl.program_id(1),
                BLOCK_I, BLOCK_J, BLOCK_K, PRECISION, ALIGN, SPLIT_BF16)
-
-
-def _gram_by_table(qs: Sequence[torch.Tensor], precision: str, deterministic: bool,
-                   wrap: Optional[Callable]) -> torch.Tensor:
-    b = qs[0].shape[0]
-    dev = qs[0].device
-    P = len(qs)
-    out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
-    zero = torch.zeros((b, b), device=dev, dtype=torch.float32) if deterministic else None
-    pieces: List[Optional[torch.Tensor]] = [zero] * P  # featureless pairs: zero Grams
-    for idx in _by_dtype(qs, skip_empty=True):
-        sub = [qs[i] for i in idx]
-        k_iters, _ = gram_plan(sub)
-        plan = build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in sub],
-                                idx if not deterministic else list(range(len(sub))),
-                                b, GRAM_BLOCK_K * k_iters, deterministic, sub[0].element_size())
-        target = out
-        if deterministic:
-            target = torch.empty((max(plan.n_partials, 1), b, b), device=dev, dtype=torch.float32)
-        if plan.n_work:
-            pairs, work = _upload(plan, dev)
-            fp32 = sub[0].dtype == torch.float32
-            align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *_table_col(plan, 6))
-            LAUNCHES["gram"] += 1
-            LAUNCHES["gram_table"] += 1
-            LAUNCHES["gram_deterministic"] += int(deterministic)
-            _launch(_gram_table_kernel, wrap)[(plan.n_work,)](
-                target, pairs, work, sub[0], b, k_iters,
-                BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=_dot_precision(sub, precision),
-                ALIGN=align, ATOMIC=not deterministic, num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(fp32))
-        if deterministic:  # second stage: each pair's chunk partials, summed in chunk order
-            for i, (lo, hi) in zip(idx, plan.partials):
-                pieces[i] = (target[lo:hi].sum(dim=0) if hi > lo
-                             else torch.zeros((b, b), device=dev, dtype=torch.float32))
-    return torch.stack(pieces) if deterministic else out  # type: ignore[arg-type]
-
-
-def _grad_features_by_table(m: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor],
-                            precision: str, wrap: Optional[Callable]) -> None:
-    b = qs[0].shape[0]
-    block_i = _grad_block_i(b)
-    for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
-        sub = [qs[i] for i in idx]
-        dsub = [dqs[i] for i in idx]
-        plan = build_grad_table([(q.data_ptr(), q.shape[1], q.stride(0), d.data_ptr(), d.stride(0))
-                                 for q, d in zip(sub, dsub)], idx, GRAD_BLOCK_K, sub[0].element_size())
-        if not plan.n_work:
-            continue
-        pairs, work = _upload(plan, m.device)
-        align = _align(*[q.shape[1] for q in sub], *[q.stride(0) for q in sub], *[d.stride(0) for d in dsub],
-                       *_table_col(plan, 6), *_table_col(plan, 7))
-        LAUNCHES["sp_grad_features"] += 1
-        LAUNCHES["sp_grad_features_table"] += 1
-        _launch(_sp_grad_features_table_kernel, wrap)[(plan.n_work, triton.cdiv(b, block_i))](
-            m, pairs, work, sub[0], dsub[0], b,
-            BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision, ALIGN=align,
-            SPLIT_BF16=sub[0].dtype == torch.bfloat16, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
 
 
 # ----------------------------------------------------------------------------- AOT variants
@@ -954,7 +1238,7 @@ def aot_variants() -> List[dict]:
                     num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
             for block_i in (16, GRAD_MAX_BLOCK_I):
                 sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
-                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", doffs_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
                            dref_ptr=_TRITON_DTYPES[dt])
                 consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
                               PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
@@ -962,7 +1246,7 @@ def aot_variants() -> List[dict]:
                 out.append(dict(
                     name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
                     fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
-                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "ref_ptr", "dref_ptr"],
+                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "doffs_ptr", "ref_ptr", "dref_ptr"],
                     num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
     for b in (16, 256, 1024):
         br, bc = _row_block(b)

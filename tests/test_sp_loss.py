@@ -270,6 +270,21 @@ def test_zero_rows(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_row_gradient_overflows_fp16_exactly_where_it_must(backend, device):
+    """A dead sample (all-zero features) in fp16: F.normalize's gradient D / eps is ~1e10 in its
+    row of dQ, beyond fp16's range. Every backend returns +-inf exactly there (the CUDA C++ one is
+    checked the same way in test_cuda_ext.py) and the right finite values everywhere else."""
+    from test_cuda_ext import assert_grads_match_with_overflow
+
+    shapes = [((5, 7, 7), (9, 7, 7)), ((33,), (17,)), ((3, 4, 4), (3, 4, 4))]
+    s, t = make(12, shapes, torch.float16, device)
+    s[2][3] = 0
+    _, ref = run(ref_sp_loss64, [x.double() for x in s], t)
+    _, grads = run(lambda a, b: lopfast.sp_loss(a, b, backend=backend), s, t)
+    assert assert_grads_match_with_overflow(grads, ref, torch.float16, 2e-3) == 48
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_detached_and_grad_output(backend, device):
     s, t = make(4, SHAPES[7], torch.float16, device)
     s = [x.requires_grad_() for x in s]
@@ -345,21 +360,29 @@ def test_cuda_backend_follows_the_extension(device):
 # ----------------------------------------------------------------------------- registration
 
 
-@pytest.mark.skipif(sp_ops.OPS is None, reason="torch.library.triton_op needs torch >= 2.6 and triton")
-def test_opcheck(device):
+OPCHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opcheck_all(ops, device):
     s, t = make(5, SHAPES[7], torch.float32, device)
+    s[0] = s[0].contiguous(memory_format=torch.channels_last) if s[0].dim() == 4 else s[0]
     s = [x.requires_grad_() for x in s]
     gt = lopfast.sp_gram(t, backend="torch")
-    # Under TRITON_INTERPRET=1 the fake (meta) run of a triton_op body launches the interpreter on
-    # fake tensors, which have no data: the fake-tensor / AOT checks only run on the GPU.
-    utils = ("test_schema", "test_autograd_registration") if not HAS_CUDA else (
-        "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(sp_ops.OPS.sp_gram, ([x.detach() for x in t], "ieee", False), test_utils=utils)
-    torch.library.opcheck(sp_ops.OPS.sp_loss_fwd, (s, gt, "ieee", False), test_utils=utils)
-    loss, graw = sp_ops.OPS.sp_loss_fwd(s, gt, "ieee", False)
-    torch.library.opcheck(sp_ops.OPS.sp_loss_bwd,
+    torch.library.opcheck(ops.sp_gram, ([x.detach() for x in t], "ieee", False), test_utils=OPCHECKS)
+    torch.library.opcheck(ops.sp_loss_fwd, (s, gt, "ieee", False), test_utils=OPCHECKS)
+    loss, graw = ops.sp_loss_fwd(s, gt, "ieee", False)
+    torch.library.opcheck(ops.sp_loss_bwd,
                           (torch.tensor(1.0, device=device), [x.detach() for x in s], gt, graw.detach(), "ieee"),
-                          test_utils=utils)
+                          test_utils=OPCHECKS)
+    return s, gt, loss
+
+
+@pytest.mark.skipif(sp_ops.OPS is None, reason="torch.library.custom_op needs torch >= 2.4 and triton")
+def test_opcheck(device):
+    """Schema, autograd registration, fake implementation against the real one (shapes, dtypes,
+    strides: a channels_last feature's gradient included) and AOT dispatch with dynamic shapes:
+    on the GPU the Triton implementation, on CPU the registered reference kernels."""
+    s, gt, loss = _opcheck_all(sp_ops.OPS, device)
     # the registered op (CPU kernel = reference; Triton on CUDA) agrees with the plain reference
     ref = sp_ops.sp_loss_reference(s, gt)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
@@ -367,10 +390,18 @@ def test_opcheck(device):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6 * c.abs().max().item())
 
 
-@pytest.mark.skipif(HAS_CUDA or sp_ops.OPS is None, reason="interpreter check of the triton_op bodies")
-def test_triton_op_bodies_run_triton_under_interpreter():
+@pytest.fixture(scope="module")
+def interp_ops():
+    """The ops as they run on CUDA (Triton implementation, no CPU reference kernels), in their own
+    namespace: CPU tensors reach the Triton kernels through the interpreter."""
+    if HAS_CUDA or sp_ops.OPS is None:
+        pytest.skip("interpreter check of the ops' Triton implementation (CPU only)")
+    return sp_ops._Ops("lopfast_sptest", cpu_reference=False)
+
+
+def test_triton_op_bodies_run_triton_under_interpreter(interp_ops):
     """The ops that run on CUDA, built without CPU kernels: CPU tensors reach the Triton kernels."""
-    ops = sp_ops._Ops("lopfast_sptest", cpu_reference=False)
+    ops = interp_ops
     K = lopfast.kernels.sp_gram
     s, t = make(7, SHAPES[7], torch.float32, "cpu")
     s = [x.requires_grad_() for x in s]
@@ -385,23 +416,59 @@ def test_triton_op_bodies_run_triton_under_interpreter():
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5 * r.abs().max().item())
 
 
+def test_opcheck_triton_implementation(interp_ops):
+    """opcheck of the Triton implementation itself (interpreter): its outputs' metadata match the
+    fake implementation's, under AOT dispatch with dynamic shapes too (on the H200 the op failed
+    test_aot_dispatch_dynamic: Inductor could not analyse the wrapped Triton launch)."""
+    _opcheck_all(interp_ops, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_compile_fullgraph_dynamic_runs_the_kernels(interp_ops, table, monkeypatch):
+    """torch.compile(fullgraph=True, dynamic=True) of the loss and its backward: the ops are opaque
+    calls with fake implementations (no graph break, no look inside), two batch sizes share one
+    dynamic graph, and at run time the Triton kernels run, the device-side pair table included."""
+    K = lopfast.kernels.sp_gram
+    monkeypatch.setattr(K, "USE_TABLE", table)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, g: interp_ops.loss(a, g), fullgraph=True, dynamic=True, backend="aot_eager")
+    for b in (5, 7):
+        s, t = make(b, SHAPES[7], torch.float32, "cpu")
+        s = [x.requires_grad_() for x in s]
+        gt = lopfast.sp_gram(t, backend="torch")
+        K.LAUNCHES.clear()
+        loss = compiled(s, gt)
+        grads = torch.autograd.grad(loss, s)
+        assert K.LAUNCHES["gram"] == 1 and K.LAUNCHES["sp_grad_features"] == 1
+        assert K.LAUNCHES["gram_table"] == int(table)
+        ref_loss, ref_grads = run(ref_sp_loss64, s, t)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
 @requires_cuda
 @requires_triton
 @pytest.mark.gpu
-def test_compile_fullgraph_gpu(device):
-    s, t = make(16, [((8, 5, 5), (6, 7, 7)), ((12, 3, 3), (9, 3, 3))], torch.float32, device)
-    s = [x.requires_grad_() for x in s]
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_gpu(device, dynamic):
+    """Inductor on the GPU (the issue's crash: "Cannot access data pointer of Tensor"), dynamic
+    shapes too, with the Triton backend and with the distiller's two calls."""
+    torch._dynamo.reset()
 
     def f(s, t):
-        return lopfast.sp_loss(s, t, backend="triton")
+        return lopfast.sp_loss(s, t, backend="triton") + lopfast.sp_loss_from_gram(s, lopfast.sp_gram(t))
 
-    compiled = torch.compile(f, fullgraph=True)
-    loss = compiled(s, t)
-    grads = torch.autograd.grad(loss, s)
-    ref_loss, ref_grads = run(ref_sp_loss64, s, t)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), r.double(), rtol=1e-3, atol=1e-4 * r.abs().max().item())
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for b in (16, 24):
+        s, t = make(b, [((8, 5, 5), (6, 7, 7)), ((12, 3, 3), (9, 3, 3))], torch.float32, device)
+        s = [x.requires_grad_() for x in s]
+        loss = compiled(s, t)
+        grads = torch.autograd.grad(loss, s)
+        ref_loss, ref_grads = run(lambda a, c: 2 * ref_sp_loss64(a, c), s, t)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r.double(), rtol=1e-3, atol=1e-4 * r.abs().max().item())
 
 
 def test_dynamo_traces_dispatch_fullgraph():

@@ -336,9 +336,10 @@ def test_table_deterministic_loss_bitwise(device, monkeypatch):
 @requires_cuda
 @requires_triton
 @pytest.mark.gpu
-def test_table_not_used_under_compile_or_graph_capture(device, monkeypatch):
-    """torch.compile traces the op with FakeTensors (no data_ptr): the traced op keeps the per-pair
-    launches; CUDA-graph capture would bake the table's addresses: refused there too."""
+def test_table_under_compile_and_graph_capture(device, monkeypatch):
+    """torch.compile records the SP ops as opaque calls: at run time they get real tensors and take
+    the table like eager code. CUDA-graph capture keeps the per-pair launches (their addresses are
+    launch arguments the graph replays); a captured loss replays right."""
     monkeypatch.setattr(K, "TABLE_MIN_PAIRS", 1)
     s = [x.requires_grad_() for x in resnet56_feats(4, torch.float32, device, width=0.5)[:12]]
     t = resnet56_feats(4, torch.float32, device)[:12]
@@ -347,15 +348,26 @@ def test_table_not_used_under_compile_or_graph_capture(device, monkeypatch):
     assert K.LAUNCHES["gram_table"] == before + 2  # eager: the table (teacher + student)
     compiled = torch.compile(lambda a, c: lopfast.sp_loss(a, c, backend="triton"), fullgraph=True)
     loss = compiled(s, t)
-    assert K.LAUNCHES["gram_table"] == before + 2
+    assert K.LAUNCHES["gram_table"] == before + 4  # the compiled graph's op calls: the table too
     torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-6)
-    qs = [sp_ops.row_view(x.detach()) for x in s]
+    qs = [x.detach() for x in s]
     assert K.table_supported(qs)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        with monkeypatch.context() as m:  # warm up (compile) the per-pair kernels outside the capture
+            m.setattr(K, "USE_TABLE", False)
+            lopfast.sp_loss([x.detach() for x in s], t, backend="triton")
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             assert not K.table_supported(qs)
+            before = K.LAUNCHES["gram_table"]
+            static = lopfast.sp_loss([x.detach() for x in s], t, backend="triton")
+            assert K.LAUNCHES["gram_table"] == before  # per-pair launches under capture
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static, eager.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_table_kernels_are_in_the_aot_report():
@@ -446,3 +458,132 @@ def test_table_negative_offsets(width, device, monkeypatch):
         torch.testing.assert_close(dqs[p].double(), (dg[p] + dg[p].T).double() @ qs[p].double(),
                                    rtol=1e-5, atol=1e-4)
     assert out[:, :64].abs().sum() == 0 and out[:, 256 + width:].abs().sum() == 0  # nothing else written
+
+
+# ----------------------------------------------------------------------------- offsets beyond int32
+
+
+@requires_triton
+def test_offsets_and_strides_beyond_int32(device, monkeypatch):
+    """Sample strides and pair offsets of more than 2**31 elements (ResNet-50's activations span
+    several GB): both paths address them in int64. On CPU the 4.3 GB buffer is only reserved
+    (untouched pages are never committed); a GPU holds it for real."""
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n = 2**31 + 4096
+    try:
+        buf = torch.empty(n, dtype=torch.float16, device=device)
+        out = torch.empty(n, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as exc:  # pragma: no cover - a machine that will not reserve it
+        pytest.skip(f"cannot reserve 2 x 4.3 GB here: {exc}")
+    stride = 2**31 + 1024
+    qs = [buf.as_strided((2, 48), (stride, 1), 0),          # sample stride > 2**31 elements
+          buf.as_strided((2, 32), (64, 1), 1600),
+          buf.as_strided((2, 16), (32, 1), n - 64)]          # > 2**31 elements after pair 0
+    for q in qs:
+        q.copy_(torch.randn(q.shape, device=device).half())
+    plan = K.build_gram_table([(q.data_ptr(), q.shape[1], q.stride(0)) for q in qs], [0, 1, 2], 2, 64, False, 2)
+    assert K._table_col(plan, 6)[2] == n - 64 > 2**31
+    ref = torch.stack([q.double() @ q.double().T for q in qs])
+    dg = torch.randn(3, 2, 2, device=device)
+    dqs = [out.as_strided(q.shape, q.stride(), q.storage_offset()) for q in qs]
+    for table in (False, True):
+        torch.testing.assert_close(K.gram(qs, table=table).double(), ref, rtol=1e-5, atol=1e-4)
+        for d in dqs:
+            d.zero_()
+        K.sp_grad_features(dg, qs, dqs, table=table)
+        for p, q in enumerate(qs):
+            r = (dg[p] + dg[p].T).double() @ q.double()
+            assert (dqs[p].double() - r).abs().max() <= 2**-10 * r.abs().max() + 1e-6  # fp16 storage
+
+
+# ----------------------------------------------------------------------------- tables built once
+
+
+def _step_feats(device, dtype=torch.float32, b=3):
+    return [sp_ops.row_view(x) for x in resnet56_feats(b, dtype, device, width=0.5)[:12]]
+
+
+@requires_triton
+def test_tables_are_built_once_and_reused(device, monkeypatch):
+    """Pair rows are cached by the address set, work lists by the shape set: a second call on the
+    same tensors builds (and uploads) nothing; new tensors of the same shapes rebuild the pair rows
+    only (a training loop's next step with other addresses); results stay right throughout."""
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    K.clear_table_cache()
+    qs = _step_feats(device)
+    dg = torch.randn(len(qs), 3, 3, device=device)
+    dqs = [torch.empty_like(q) for q in qs]
+    before = dict(K.LAUNCHES)
+
+    def built(key):
+        return K.LAUNCHES[key] - before.get(key, 0)
+
+    g1 = K.gram(qs, table=True)
+    K.sp_grad_features(dg, qs, dqs, table=True)
+    assert built("table_build") == 2 and built("table_work_build") == 2  # Gram + dQ
+    g2 = K.gram(qs, table=True)
+    K.sp_grad_features(dg, qs, dqs, table=True)
+    assert built("table_build") == 2 and built("table_work_build") == 2  # nothing rebuilt
+    assert torch.equal(g1, g2) or torch.allclose(g1, g2, rtol=1e-6, atol=1e-6)
+    others = [q.clone() + 1 for q in qs]  # same shapes, other addresses, other values
+    g3 = K.gram(others, table=True)
+    assert built("table_build") == 3 and built("table_work_build") == 2  # rows rebuilt, work list shared
+    torch.testing.assert_close(g3.double(), torch.stack([q.double() @ q.double().T for q in others]),
+                               rtol=1e-5, atol=1e-4)
+    for p, (q, d) in enumerate(zip(qs, dqs)):
+        torch.testing.assert_close(d.double(), (dg[p] + dg[p].T).double() @ q.double(), rtol=1e-5, atol=1e-4)
+
+
+@requires_triton
+def test_cached_tables_are_never_rewritten(device, monkeypatch):
+    """A cached table is written once, when built: later calls with other addresses (which on
+    a GPU would reuse a staging buffer while an earlier copy may still be in flight) leave every
+    earlier table bit for bit as it was."""
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    K.clear_table_cache()
+    qs = _step_feats(device)
+    K.gram(qs, table=True)
+    snap = {k: (t.pairs.dev.clone(), t.work.dev.clone()) for k, t in K._PAIRS.d.items()}
+    copies = [[q.clone() for q in qs] for _ in range(3)]  # kept alive: three new address sets
+    for c in copies:
+        K.gram(c, table=True)
+    for k, (pairs, work) in snap.items():
+        t = K._PAIRS.d[k]
+        assert torch.equal(t.pairs.dev, pairs) and torch.equal(t.work.dev, work)
+    assert len(K._PAIRS.d) == 4
+
+
+def test_table_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(K, "TABLE_CACHE_SIZE", 3)
+    lru = K._LRU()
+    for i in range(5):
+        lru.put(i, str(i))
+    assert list(lru.d) == [2, 3, 4] and lru.get(2) == "2" and list(lru.d) == [3, 4, 2]
+
+
+@requires_triton
+def test_table_mixed_dtypes_and_layouts_real_step(device, monkeypatch):
+    """A real step's features in two dtypes at once (pairs alternate fp16 and fp32: one launch per
+    dtype, element offsets in each dtype's size) and mixed NCHW / channels_last, gradients in the
+    inputs' layouts, against the float64 formula."""
+    from lopfast import selfcheck as _sc  # noqa: F401
+    import sys
+
+    SC = sys.modules["lopfast.selfcheck"]
+    if device.type != "cuda":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(K, "USE_TABLE", True)
+    s, t, b = SC.distill_features("resnet20", "cpu")
+    s = [(x if i % 2 else x.half()).to(device) for i, x in enumerate(s)]
+    t = [x.to(device) for x in t]
+    K.LAUNCHES.clear()
+    from test_sp_loss import assert_close_to_ref
+
+    assert_close_to_ref(s, t, "triton", 2e-3)
+    assert K.LAUNCHES["gram_table"] == 1 + 2 and K.LAUNCHES["sp_grad_features_table"] == 2
+    leaves = [x.clone().requires_grad_() for x in s]
+    grads = torch.autograd.grad(lopfast.sp_loss(leaves, t, backend="triton"), leaves)
+    assert all(g.stride() == x.stride() for g, x in zip(grads, s))  # each gradient in its input's layout

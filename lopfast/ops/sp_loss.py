@@ -3,29 +3,37 @@
 For each (student, teacher) layer pair with batch b: Q = activation as (b, -1), G = Q Q^T,
 every row of G divided by its L2 norm (``F.normalize``, eps 1e-12: a zero row stays zero),
 and ``L = sum_pairs ||G_T - G_S||_F^2 / b^2``, a float32 scalar whatever the input dtype
-(accumulation is always fp32). Gradients flow to the student features only.
+(accumulation in fp32, under ``torch.autocast`` too; in float64 for float64 features, which run
+the reference). Gradients flow to the student features only.
 
 Layers of this file, top to bottom:
 
 * input handling: ``row_view`` turns any activation whose samples are each one dense block of
   memory (contiguous NCHW, channels_last, any permutation) into a (b, F) view *without a copy*
   (the Gram does not depend on the feature order within a sample); only non-sample-dense
-  inputs are copied.
+  inputs are copied. The Triton path does not even build the view: its launchers read such a
+  tensor directly (``kernels/sp_gram.py``: ``sample_layout``).
 * the PyTorch reference (``backend="torch"``, and what CPU tensors run): plain differentiable
-  torch code, fp32 accumulation.
-* the Triton path: ``kernels/sp_gram.py`` launchers wired as ``torch.library.triton_op`` ops
-  ``lopfast::sp_gram``, ``lopfast::sp_loss_fwd``, ``lopfast::sp_loss_bwd`` (CPU kernels = the
-  reference, autograd registered, torch.compile-traceable on CUDA), plus an
-  ``autograd.Function`` calling the same launchers directly. The Function is what runs for
+  torch code in fp32 with autocast switched off for its products (under bf16 autocast a matmul
+  of fp32 operands runs in bf16: the reference, which the measured dispatch judges every
+  candidate against, then computed bf16 Grams and rejected the exact kernels, issue 16).
+* the Triton path: ``kernels/sp_gram.py`` launchers wired as opaque ``torch.library.custom_op``
+  ops ``lopfast::sp_gram``, ``lopfast::sp_loss_fwd``, ``lopfast::sp_loss_bwd`` with fake
+  implementations (CPU kernels = the reference, autograd registered). torch.compile,
+  ``fullgraph=True`` and dynamic shapes included, records one call per op and never analyses the
+  Triton launches; at run time the ops get real tensors and take the same path as eager code.
+  Plus an ``autograd.Function`` calling the same launchers directly: what runs for
   ``backend="triton"`` on CPU tensors under ``TRITON_INTERPRET=1`` (the registered CPU kernel
-  would otherwise take CPU tensors away from Triton) and on torch < 2.6 (no ``triton_op``).
+  would otherwise take CPU tensors away from Triton) and on torch < 2.4 (no ``custom_op``).
 * on CUDA the Triton launchers walk all pairs of a call in one launch per dtype through a
   device-side pair table (per pair: ``data_ptr``, sizes, strides, element offset from the first
   pair's tensor) when there are at least 9 pairs (``kernels/sp_gram.py``: ``TABLE_MIN_PAIRS``,
-  ``USE_TABLE``), else one launch per 8 pairs. This is an internal choice of the "triton"
-  backend: the backend names and the measured dispatch's candidates are unchanged. ``data_ptr``
-  cannot be traced: under torch.compile (FakeTensors) and during CUDA-graph capture the per-pair
-  launches run instead; on CPU (the interpreter) auto keeps the per-pair launches too.
+  ``USE_TABLE``), else one launch per 8 pairs. The tables and each call's launch plan are built
+  once per address set and reused: a training step whose activations sit where the previous
+  step's did does no host work beyond a key per tensor. This is an internal choice of the
+  "triton" backend: the backend names and the measured dispatch's candidates are unchanged.
+  Under CUDA-graph capture the per-pair launches run (their addresses are launch arguments a
+  graph replays as they were); on CPU (the interpreter) auto keeps the per-pair launches too.
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
 
@@ -33,14 +41,19 @@ Policies, read once per public call (in Python, before any launch) and passed do
 arguments, so a traced graph holds them as constants (``lopfast.ops._precision``):
 
 * float64 features run the reference: ``tl.dot`` has no fp64 form on sm_90 (``"auto"`` routes
-  them there; an explicit ``backend="triton"`` with float64 raises a ValueError).
+  them there, and the measured dispatch does not offer Triton for them; an explicit
+  ``backend="triton"`` with float64 raises a ValueError).
 * fp32 products are IEEE fp32 unless TF32 was allowed through PyTorch's switch
   (``torch.backends.cuda.matmul.fp32_precision = "tf32"``; ``allow_tf32`` on torch < 2.9).
 * under ``torch.use_deterministic_algorithms(True)`` the Gram's split-K atomics are replaced by a
   fixed-order two-stage reduction: loss and gradients are bitwise repeatable.
+
+A sample whose features are all zero (a zero row of G) gets F.normalize's gradient D / eps, about
+1e12 |D|, in every backend: finite in fp32 / bf16, beyond fp16's range, where it is +-inf (the
+exact value rounded to fp16; an fp16 run's ``GradScaler`` skips such a step).
 """
+import contextlib
 import functools
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -128,29 +141,48 @@ def _check_gram(gram: torch.Tensor, n: int, b: int, device) -> None:
 # ----------------------------------------------------------------------------- PyTorch reference
 
 
+def _fp32_region(t: torch.Tensor):
+    """Autocast off for the reference's products: under ``torch.autocast`` a matmul of fp32
+    operands runs in bf16/fp16, which made the "fp32 accumulation" reference a bf16 one (its
+    gradient then rounding noise wherever teacher and student Grams nearly agree; the measured
+    dispatch, which judges every candidate against it, rejected the exact kernels)."""
+    try:
+        on = torch.is_autocast_enabled(t.device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (meta), or an old torch
+        on = False
+    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
+
+
 def _gram32(t: torch.Tensor) -> torch.Tensor:
+    # fp32 products (fp64 for float64 features: the float64 reference and the CUDA extension's
+    # double path then agree to float64 precision)
     q = row_view(t)
-    q = q if q.dtype == torch.float32 else q.float()
-    return q @ q.t()
+    q = q if q.dtype in (torch.float32, torch.float64) else q.float()
+    with _fp32_region(q):
+        return q @ q.t()
 
 
 def reference_gram(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Normalised Grams (P, b, b) fp32 (differentiable; the teacher side is detached by callers)."""
+    """Normalised Grams (P, b, b), fp32 (float64 when a feature is float64; differentiable; the
+    teacher side is detached by callers)."""
     return torch.stack([F.normalize(_gram32(t), p=2.0, dim=1, eps=EPS) for t in features])
 
 
 def sp_loss_reference(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch SP loss of the student features against normalised teacher Grams (P, b, b)."""
+    """Plain PyTorch SP loss of the student features against normalised teacher Grams (P, b, b):
+    computed in fp32 whatever the input dtype, autocast or not (in float64 for float64 features
+    and Grams), returned as a float32 scalar."""
     b = student[0].shape[0]
-    loss = torch.zeros((), device=teacher_gram.device, dtype=torch.float32)
+    loss = torch.zeros((), device=teacher_gram.device, dtype=teacher_gram.dtype)
     for s, gt in zip(student, teacher_gram):
         d = gt - F.normalize(_gram32(s), p=2.0, dim=1, eps=EPS)
         loss = loss + (d * d).sum()
-    return loss / (b * b)
+    return (loss / (b * b)).float()
 
 
 def _ref_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    graw = torch.stack([_gram32(s) for s in student])
+    # the op's contract: an fp32 raw Gram (what the Triton implementation saves for the backward)
+    graw = torch.stack([_gram32(s).float() for s in student])
     d = teacher_gram - F.normalize(graw, p=2.0, dim=2, eps=EPS)
     b = graw.shape[1]
     return (d * d).sum() / (b * b), graw
@@ -167,20 +199,24 @@ def _ref_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: 
     proj = (d * gsn).sum(dim=2, keepdim=True)
     dg = torch.where(big, d - proj * gsn, d) / denom
     m = dg + dg.transpose(1, 2)
-    return [_scatter_rows(m[p] @ row_view(s).float(), s) for p, s in enumerate(student)]
-
-
-def _scatter_rows(dq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A gradient with the memory layout of ``like`` whose row view holds ``dq``."""
-    g = _empty_grad(like)
-    row_view(g).copy_(dq)
-    return g
+    out = []
+    for p, s in enumerate(student):
+        with _fp32_region(s):
+            dq = m[p] @ s.reshape(b, -1).float()  # the features in their logical order
+        g = _empty_grad(s)
+        g.copy_(dq.view(s.shape))
+        out.append(g)
+    return out
 
 
 def _empty_grad(like: torch.Tensor) -> torch.Tensor:
-    g = torch.empty_like(like)  # keeps the strides of a dense input (channels_last stays so)
-    v = row_view(g)
-    if v.data_ptr() != g.data_ptr() or (v.shape[1] > 1 and v.stride(1) != 1):  # pragma: no cover
+    """The gradient buffer of a feature, with dense samples: ``empty_like`` (a dense input keeps
+    its strides, so channels_last stays so; anything else becomes dense), contiguous where that
+    puts the batch inside a sample (a batch-transposed input). The same function in the real and
+    the fake (traced) implementation, so the strides a compiled graph assumes are the ones it gets."""
+    g = torch.empty_like(like)
+    b = like.shape[0] if like.dim() else 1
+    if like.dim() >= 2 and b > 1 and g.numel() > 0 and g.stride(0) * b != g.numel():
         g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     return g
 
@@ -197,31 +233,54 @@ except Exception:  # pragma: no cover - a broken triton install
     _K = None
 
 
-def _triton_gram(features: Sequence[torch.Tensor], precision: str, determ: bool, wrap=None) -> torch.Tensor:
-    qs = [row_view(t) for t in features]
-    return _K.row_normalize(_K.gram(qs, precision=precision, deterministic=determ, wrap=wrap), wrap=wrap)
+@functools.lru_cache(maxsize=4096)
+def _order(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> Tuple[int, ...]:
+    # the order of a sample's dims in memory (outermost first; size-1 dims carry no order)
+    return tuple(sorted((d for d in range(1, len(shape)) if shape[d] != 1), key=lambda d: -stride[d]))
 
 
-def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, precision: str, determ: bool,
-                wrap=None):
-    qs = [row_view(s) for s in student]
-    graw = _K.gram(qs, precision=precision, deterministic=determ, wrap=wrap)
-    return _K.sp_finish(graw, teacher_gram, wrap=wrap), graw
+def _gram_input(t: torch.Tensor) -> torch.Tensor:
+    """What the Gram kernels read: the feature itself when its samples are dense blocks (no copy;
+    the order of a sample's features does not matter to Q Q^T), else its row view (a copy)."""
+    return t if _K.sample_layout(t) is not None else row_view(t)
+
+
+def _grad_input(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """What the dQ kernel reads for feature ``t`` whose gradient lands in ``g`` (``_empty_grad``):
+    the kernel pairs the k-th feature of a sample of Q with the k-th of dQ in memory order, so Q
+    must lay out a sample's dims as ``g`` does. True for every dense input (``g`` keeps its
+    strides) and for NCHW / channels_last ones with gaps between samples; otherwise a copy of
+    ``t`` in ``g``'s layout."""
+    ts = t.stride()
+    if ts == g.stride():  # a dense input: g kept its strides (and g's samples are dense blocks)
+        return t
+    if _K.sample_layout(t) is not None and _order(tuple(t.shape), ts) == _order(tuple(g.shape), g.stride()):
+        return t
+    return torch.empty_like(g).copy_(t)
+
+
+def _triton_gram(features: Sequence[torch.Tensor], precision: str, determ: bool) -> torch.Tensor:
+    qs = [_gram_input(t) for t in features]
+    return _K.row_normalize(_K.gram(qs, precision=precision, deterministic=determ))
+
+
+def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, precision: str, determ: bool):
+    graw = _K.gram([_gram_input(s) for s in student], precision=precision, deterministic=determ)
+    return _K.sp_finish(graw, teacher_gram), graw
 
 
 def _triton_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gram: torch.Tensor,
-                graw: torch.Tensor, precision: str, wrap=None) -> List[torch.Tensor]:
+                graw: torch.Tensor, precision: str) -> List[torch.Tensor]:
     # an expanded (stride-0) incoming gradient is made a real 1-element tensor first
     grad = grad.reshape(()).to(device=graw.device, dtype=torch.float32).contiguous()
-    dg = _K.sp_grad_gram(grad, graw, teacher_gram, wrap=wrap)
+    dg = _K.sp_grad_gram(grad, graw, teacher_gram)
     grads = [_empty_grad(s) for s in student]
-    _K.sp_grad_features(dg, [row_view(s) for s in student], [row_view(g) for g in grads],
-                        precision=precision, wrap=wrap)
+    _K.sp_grad_features(dg, [_grad_input(s, g) for s, g in zip(student, grads)], grads, precision=precision)
     return grads
 
 
 class _SPLossTritonFn(torch.autograd.Function):
-    """Direct launches of the Triton kernels (CPU interpreter, torch < 2.6)."""
+    """Direct launches of the Triton kernels (CPU tensors under the interpreter, torch < 2.4)."""
 
     @staticmethod
     def forward(ctx, teacher_gram, precision, determ, *student):
@@ -238,27 +297,47 @@ class _SPLossTritonFn(torch.autograd.Function):
 
 
 class _Ops:
-    """The torch.library ops of one namespace (``lopfast``; tests build a second one without CPU kernels)."""
+    """The torch.library ops of one namespace (``lopfast``; tests build a second one without CPU kernels).
+
+    Opaque custom ops (``torch.library.custom_op``) with fake implementations: torch.compile,
+    ``fullgraph=True`` and dynamic shapes included, records one call per op and never looks
+    inside (Inductor's analysis of Triton kernels, which the launchers' host-side planning and
+    device tables cannot go through, never runs), and at run time the op receives real tensors:
+    the compiled graph takes the same launch path as eager code, the device-side pair table
+    included."""
 
     def __init__(self, namespace: str, cpu_reference: bool = True):
-        tl_op = torch.library.triton_op
-        wrap = torch.library.wrap_triton
+        custom_op = torch.library.custom_op
 
         # the precision ("ieee"/"tf32") and the deterministic switch are op arguments: read once by
         # the caller, they are constants of a traced graph, not state read inside the kernel launch
-        @tl_op(f"{namespace}::sp_gram", mutates_args=())
+        @custom_op(f"{namespace}::sp_gram", mutates_args=())
         def sp_gram_op(features: List[torch.Tensor], precision: str, deterministic: bool) -> torch.Tensor:
-            return _triton_gram(features, precision, deterministic, wrap=wrap)
+            return _triton_gram(features, precision, deterministic)
 
-        @tl_op(f"{namespace}::sp_loss_fwd", mutates_args=())
+        @sp_gram_op.register_fake
+        def _(features, precision, deterministic):
+            b = features[0].shape[0]
+            return features[0].new_empty((len(features), b, b), dtype=torch.float32)
+
+        @custom_op(f"{namespace}::sp_loss_fwd", mutates_args=())
         def fwd_op(student: List[torch.Tensor], teacher_gram: torch.Tensor, precision: str,
                    deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-            return _triton_fwd(student, teacher_gram, precision, deterministic, wrap=wrap)
+            return _triton_fwd(student, teacher_gram, precision, deterministic)
 
-        @tl_op(f"{namespace}::sp_loss_bwd", mutates_args=())
+        @fwd_op.register_fake
+        def _(student, teacher_gram, precision, deterministic):
+            return (teacher_gram.new_empty((), dtype=torch.float32),
+                    teacher_gram.new_empty(teacher_gram.shape, dtype=torch.float32))
+
+        @custom_op(f"{namespace}::sp_loss_bwd", mutates_args=())
         def bwd_op(grad: torch.Tensor, student: List[torch.Tensor], teacher_gram: torch.Tensor,
                    gram: torch.Tensor, precision: str) -> List[torch.Tensor]:
-            return _triton_bwd(grad, student, teacher_gram, gram, precision, wrap=wrap)
+            return _triton_bwd(grad, student, teacher_gram, gram, precision)
+
+        @bwd_op.register_fake
+        def _(grad, student, teacher_gram, gram, precision):
+            return [_empty_grad(s) for s in student]
 
         if cpu_reference:
             @sp_gram_op.register_kernel("cpu")
@@ -275,7 +354,6 @@ class _Ops:
 
         def setup_context(ctx, inputs, output):
             student, teacher_gram, precision, _ = inputs
-            ctx.n = len(student)
             ctx.precision = precision
             ctx.save_for_backward(teacher_gram, output[1], *student)
 
@@ -295,8 +373,8 @@ class _Ops:
         return self.sp_loss_fwd(list(student), teacher_gram, precision, determ)[0]
 
 
-HAS_TRITON_OP = _K is not None and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-OPS: Optional[_Ops] = _Ops("lopfast") if HAS_TRITON_OP else None
+HAS_OP = _K is not None and hasattr(torch.library, "custom_op")
+OPS: Optional[_Ops] = _Ops("lopfast") if HAS_OP else None
 
 
 # ----------------------------------------------------------------------------- dispatch and public API
@@ -337,15 +415,17 @@ def _resolve(backend: Optional[str], device: torch.device, *groups: Sequence[tor
     return name
 
 
-def _measured(backend: Optional[str], device: torch.device, entry: str, args: tuple, impl, cuda=None):
+def _measured(backend: Optional[str], device: torch.device, entry: str, args: tuple, impl, cuda=None,
+              fp64: bool = False):
     """``backend`` itself, or for "auto" on CUDA the measured fastest backend of this call's
-    shapes (``lopfast.dispatch``); ``impl(name, *args)`` runs the entry on backend ``name``."""
+    shapes (``lopfast.dispatch``); ``impl(name, *args)`` runs the entry on backend ``name``.
+    ``fp64``: float64 features, which Triton refuses by design (not a candidate then)."""
     if torch.compiler.is_compiling() or not _dispatch.tunable(device) or not is_auto(backend, _OP):
         # under torch.compile _resolve keeps the static default (dynamo cannot trace use_backend's
         # ContextVar, and the shape key may hold symbolic sizes)
         return backend
     cands = {"torch": functools.partial(impl, "torch")}
-    if _K is not None:
+    if _K is not None and not fp64:
         cands["triton"] = functools.partial(impl, "triton")
     if cuda is not None and cuda_extension() is not None:
         cands["cuda"] = cuda
@@ -370,9 +450,11 @@ def _gram_impl(features: List[torch.Tensor], name: str, device) -> torch.Tensor:
 
 
 def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device) -> torch.Tensor:
-    gt = gt.detach().to(torch.float32)
-    if name == "torch":
-        return sp_loss_reference(student, gt)
+    gt = gt.detach()
+    if name == "torch":  # float64 features keep float64 teacher Grams (the float64 reference)
+        keep64 = gt.dtype == torch.float64 and any(s.dtype == torch.float64 for s in student)
+        return sp_loss_reference(student, gt if keep64 else gt.to(torch.float32))
+    gt = gt.to(torch.float32)
     gt = gt.contiguous()
     precision, determ = fp32_matmul_precision(), deterministic()
     if _use_op(device):
@@ -381,13 +463,15 @@ def _loss_impl(student: List[torch.Tensor], gt: torch.Tensor, name: str, device)
 
 
 def sp_gram(features: Features, *, backend: Optional[str] = "auto") -> torch.Tensor:
-    """Row-normalised Gram matrices (P, b, b) float32 of the features (no autograd: the teacher side).
+    """Row-normalised Gram matrices (P, b, b) of the features (no autograd: the teacher side), float32
+    (float64 when a feature is float64: the float64 reference).
 
     ``features`` is one tensor or a sequence of P tensors of the same batch size b.
     """
     feats = _as_list(features, "features")
     b, device = _check_features(feats, "features", None, None)
-    backend = _measured(backend, device, "gram", (feats,), lambda n, f: _gram_impl([t.detach() for t in f], n, device))
+    backend = _measured(backend, device, "gram", (feats,), lambda n, f: _gram_impl([t.detach() for t in f], n, device),
+                        fp64=_has_fp64(feats))
     return _gram_impl([t.detach() for t in feats], _resolve(backend, device, feats), device)
 
 
@@ -397,7 +481,8 @@ def sp_loss_from_gram(student: Features, teacher_gram: torch.Tensor, *,
     s = _as_list(student, "student")
     b, device = _check_features(s, "student", None, None)
     _check_gram(teacher_gram, len(s), b, device)
-    backend = _measured(backend, device, "from_gram", (s, teacher_gram), lambda n, a, g: _loss_impl(a, g, n, device))
+    backend = _measured(backend, device, "from_gram", (s, teacher_gram), lambda n, a, g: _loss_impl(a, g, n, device),
+                        fp64=_has_fp64(s))
     return _loss_impl(s, teacher_gram, _resolve(backend, device, s), device)
 
 
@@ -425,7 +510,7 @@ def sp_loss(student: Features, teacher: Features, *, backend: Optional[str] = "a
     b, device = _check_features(s, "student", None, None)
     _check_features(t, "teacher", b, device)
     backend = _measured(backend, device, "loss", (s, t), lambda n, a, b_: sp_loss(a, b_, backend=n),
-                        cuda=lambda a, b_: sp_loss(a, b_, backend="cuda"))
+                        cuda=lambda a, b_: sp_loss(a, b_, backend="cuda"), fp64=_has_fp64(s, t))
     if not torch.compiler.is_compiling() and resolve_backend(backend, device, _OP) == "cuda":
         # the CUDA C++ fallback (csrc/sp_gram_kernels.cu) covers the whole loss, not the Gram-only
         # entries; skipped while dynamo traces (an opaque extension call; _resolve decides there)
