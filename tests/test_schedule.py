@@ -63,6 +63,15 @@ def test_warmup_rounds_to_steps_and_bad_settings_are_named():
     assert set(SCHEDULES) == {"multistep", "linear", "onecycle"}
 
 
+@pytest.mark.parametrize("schedule", ["linear", "onecycle", "multistep"])
+def test_warmup_rounded_up_to_the_whole_run_ends_one_step_early(schedule):
+    # half an epoch of one-step epochs rounds to one warm-up step: the whole one-step run
+    f = lr_factors(_cfg(epochs=1, schedule=schedule, warmup_epochs=0.5), 1)
+    assert f.tolist() == [1.0]
+    f = lr_factors(_cfg(epochs=2, schedule=schedule, warmup_epochs=1.5), 1)  # 2 warm-up steps of 2
+    assert f[0] == 1.0 and len(f) == 2
+
+
 def _data():
     return load_data("digits", batch_size=64, train_subset=256, test_subset=64, seed=3)
 

@@ -69,10 +69,10 @@ def lr_factors(cfg, steps_per_epoch: int) -> torch.Tensor:
     check_schedule(schedule, warmup, epochs)
     total = epochs * steps_per_epoch
     steps = torch.arange(total, dtype=torch.float64)
-    w = warmup_steps(warmup, steps_per_epoch)
-    if w >= total:  # a warm-up rounded up to the whole run: nothing left to decay over
-        raise ValueError(f"warmup_epochs ({warmup:g}) leaves no step after the warm-up in {epochs} epochs of "
-                         f"{steps_per_epoch} steps")
+    # check_schedule keeps warmup_epochs < epochs, so only rounding (a half-epoch warm-up of a
+    # one-step epoch) can reach the whole run; it then ends one step early, so the last step
+    # always follows the schedule rather than the ramp.
+    w = min(warmup_steps(warmup, steps_per_epoch), total - 1)
     if schedule == "multistep":
         epoch = torch.div(steps, steps_per_epoch, rounding_mode="floor")
         ms = torch.tensor(sorted(getattr(cfg, "milestones", ())), dtype=torch.float64)
