@@ -48,7 +48,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup", "median_time"]
+__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "lookup", "median_time", "timed_rounds",
+           "cached_entry", "store_entry"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -166,6 +167,15 @@ def _warn_once(tag: str, msg: str) -> None:
 # ----------------------------------------------------------------------------- public API
 def lookup(op: str, key: Any, device: torch.device) -> Optional[str]:
     """The cached choice for ``(op, key)`` on ``device``'s model of GPU, or None (nothing timed)."""
+    entry = cached_entry(op, key, device)
+    return None if entry is None else entry.get("choice")
+
+
+def cached_entry(op: str, key: Any, device: torch.device) -> Optional[dict]:
+    """The whole cached entry for ``(op, key)`` on ``device``'s model (memory, then the file), or None.
+
+    With :func:`store_entry`, other measurements made once per device (the pruning latency
+    tables, ``lopfast.prune.latency``) share this cache, its keys and its atomic file."""
     dev = _device_name(device)
     with _lock:
         entry = _memory.get((dev, op, key))
@@ -174,7 +184,17 @@ def lookup(op: str, key: Any, device: torch.device) -> Optional[str]:
             entry = _disk.get(_disk_key(op, key, dev))
             if entry is not None:
                 _memory[(dev, op, key)] = entry
-    return None if entry is None else entry.get("choice")
+    return entry
+
+
+def store_entry(op: str, key: Any, device: torch.device, entry: dict) -> None:
+    """Cache ``entry`` (a JSON-serialisable dict) for ``(op, key)`` on ``device``'s model, in memory
+    and (unless ``LOPFAST_DISPATCH_CACHE=0``) in the cache file."""
+    dev = _device_name(device)
+    with _lock:
+        _memory[(dev, op, key)] = entry
+        if _disk_enabled():
+            _save_disk(_disk_key(op, key, dev), entry)
 
 
 def clear(disk: bool = False) -> None:
@@ -336,10 +356,18 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
 def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
                 budget_s: Optional[float] = None) -> float:
     """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
-    ``warmup`` untimed ones: CUDA events on CUDA (the queue is drained first, so a call measures
-    its own work), ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that
-    much time was spent (after at least two rounds). The dispatch and the benchmarks both time
-    with it, so their numbers compare."""
+    ``warmup`` untimed ones (the loop of :func:`timed_rounds`). The dispatch and the
+    benchmarks both time with it, so their numbers compare."""
+    return statistics.median(timed_rounds(fn, device, rounds=rounds, warmup=warmup, budget_s=budget_s))
+
+
+def timed_rounds(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
+                 budget_s: Optional[float] = None) -> List[float]:
+    """Seconds of each of ``rounds`` timed ``fn()`` calls on ``device``, after ``warmup`` untimed
+    ones: CUDA events on CUDA (the queue is drained first, so a call measures its own work),
+    ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that much time was
+    spent (after at least two rounds). The project's one timing loop: :func:`median_time` and
+    the latency reports (their median and spread) read it."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     device = torch.device(device)
@@ -365,7 +393,7 @@ def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int =
         spent += dt
         if budget_s is not None and spent > budget_s and len(times) >= 2:
             break
-    return statistics.median(times)
+    return times
 
 
 def _measure(op, key, device, candidates, reference, args) -> str:
