@@ -10,7 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -77,6 +77,14 @@ class RunConfig:
     threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
     seed: int = 0
     export: List[str] = field(default_factory=list)
+    # pruning for speed (lopfast.prune): pruned widths a multiple of round_to ("auto": 8 on CUDA, none
+    # on CPU; None: exact); target_speedup: a latency budget instead of target (NetAdapt allocation)
+    round_to: Union[int, str, None] = "auto"
+    target_speedup: Optional[float] = None
+    # latency of the original, pruned and final models in results.json (lopfast.prune.latency);
+    # measure_compile: also torch.compile'd (None: on CUDA only)
+    measure: bool = True
+    measure_compile: Optional[bool] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -146,6 +154,18 @@ class RunConfig:
         check_formats(self.export, "export format")
         if self.teacher is not None and not os.path.isfile(self.teacher):
             raise ValueError(f"teacher file {self.teacher!r} does not exist; pass the model.pt of a pretrain run")
+        if not (self.round_to is None or self.round_to == "auto" or (
+                isinstance(self.round_to, int) and not isinstance(self.round_to, bool) and self.round_to >= 1)):
+            raise ValueError(f"round_to must be a positive int, 'auto' or None, got {self.round_to!r}")
+        if self.target_speedup is not None and (
+                isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float))
+                or not math.isfinite(self.target_speedup) or self.target_speedup <= 1):
+            raise ValueError(f"target_speedup must be a number > 1 (e.g. 2.0 for twice as fast), "
+                             f"got {self.target_speedup!r}")
+        if not isinstance(self.measure, bool):
+            raise ValueError(f"measure must be true or false, got {self.measure!r}")
+        if self.measure_compile is not None and not isinstance(self.measure_compile, bool):
+            raise ValueError(f"measure_compile must be true, false or null (on CUDA only), got {self.measure_compile!r}")
         resolve_device(self.device)
         return self
 
@@ -179,7 +199,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 # settings that do not change what earlier stages computed: a run directory may be reused with others
-_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download"}
+_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "targets", "download",
+                  "measure", "measure_compile"}
 
 
 def check_out_dir(cfg: RunConfig, out: str) -> None:
@@ -190,8 +211,9 @@ def check_out_dir(cfg: RunConfig, out: str) -> None:
     with open(path) as f:
         old = json.load(f)
     new = cfg.to_dict()
+    defaults = RunConfig().to_dict()  # a setting newer than the saved run had its default there
     diff = sorted(k for k in set(old) | set(new)
-                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k, defaults.get(k))) != json.dumps(new.get(k)))
     if diff:
         raise ValueError(f"--out {out} holds a run with different settings ({', '.join(diff)}); its finished stages "
                          "would not match: choose a new --out, or rerun with the settings of its config.json")

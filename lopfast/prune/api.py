@@ -152,6 +152,10 @@ def _allocate(engine: Engine, crit, allocation: str, ratio, target, data, a_opts
             return model, rec, ratio, {}
         hi = engine.max_layer_ratio if engine.global_pruning else 1.0
         return engine.search(prune_at, target, hi=hi, unit=unit) + ({},)
+    if allocation == "netadapt":
+        from lopfast.prune.methods.netadapt import netadapt
+
+        return netadapt(engine, crit, ratio, target, data, a_opts, a_opts["_target_speedup"])
     if allocation == "eagleeye":
         from lopfast.prune.methods.eagleeye import eagleeye
 
@@ -283,6 +287,8 @@ def prune(
             hint = " (a fraction: 0.6837 for 68.37 %)" if v >= 1.0 else ""
             raise ValueError(f"{arg} must be in the open interval (0, 1){hint}, got {v!r}")
     unit = "macs" if (a_opts.get("budget") == "flops" or budget == "flops") else "params"
+    if budget == "latency":
+        unit = "latency"
     if unit == "macs" and target_removed is None:
         raise ValueError("budget='flops' needs target_removed (the fraction of MACs to remove), not ratio")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
@@ -342,6 +348,8 @@ def prune(
             engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
                             max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
         crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
+        if alloc == "netadapt":
+            a_opts["_target_speedup"] = float(target_speedup)
         pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts, unit)
         extra.update(crit.extra)
         extra.update(more)

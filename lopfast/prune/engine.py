@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -441,7 +442,8 @@ class Engine:
                 model, rec = prune_at(ratios)
                 exact = abs(self.removed_fraction(model) - self.predicted_fraction(ratios)) < 1e-12
                 self._model_state = "exact" if exact else "wrong"
-                if abs(self.removed_fraction(model) - target) <= TOLERANCE:
+                # with round_to the closest count the rounded widths allow (it warned) is the answer
+                if abs(self.removed_fraction(model) - target) <= TOLERANCE or (exact and self.round_to):
                     return model, rec, ratios
         cache: Dict[int, Tuple[nn.Module, dict]] = {}
 
@@ -482,12 +484,18 @@ class Engine:
                 f"layer cut as far as allowed only {top:.4f} of the {counted} go (the input channels, "
                 f"the classifier outputs and the ignored layers {self.ignored} are kept)"
             )
-        lo, best = 0.0, 0.0
+        lo, best, best_ratios = 0.0, 0.0, None
+
+        def closer(got, ratios):
+            nonlocal best, best_ratios
+            if best_ratios is None or abs(got - target) < abs(best - target):
+                best, best_ratios = got, ratios
+
         for _ in range(40):
             mid = 0.5 * (lo + hi)
             ratios = spec(mid)
             got = measure(ratios)
-            best = got if abs(got - target) < abs(best - target) else best
+            closer(got, ratios)
             if abs(got - target) <= TOLERANCE:
                 return ratios
             if got < target:
@@ -505,7 +513,7 @@ class Engine:
                 ratios = dict(below)
                 ratios.update({n: above[n] for n in names[:k]})
                 got = measure(ratios)
-                best = got if abs(got - target) < abs(best - target) else best
+                closer(got, ratios)
                 if abs(got - target) <= TOLERANCE:
                     return ratios
                 if got < target:
@@ -522,7 +530,7 @@ class Engine:
                     ratios = dict(base_ratios)
                     ratios[layer] = 0.5 * (r_lo + r_hi)
                     got = measure(ratios)
-                    best = got if abs(got - target) < abs(best - target) else best
+                    closer(got, ratios)
                     if abs(got - target) <= TOLERANCE:
                         return ratios
                     if got < target:
@@ -531,6 +539,10 @@ class Engine:
                         r_hi = ratios[layer]
                     if r_hi - r_lo < 1e-4:
                         break
+        if self.round_to and best_ratios is not None:
+            warnings.warn(f"round_to={self.round_to}: the closest the rounded widths get to removing {target:.4f} of "
+                          f"the {counted} is {best:.4f} (outside {TOLERANCE}); pruned to that")
+            return best_ratios
         raise ValueError(
             f"no {what} removes {target:.4f} of the {counted} within {TOLERANCE}: removing a single "
             f"channel more jumps from below to above it (closest: {best:.4f}); the network is too small "
