@@ -381,23 +381,39 @@ def test_run_config_and_flags_are_checked_before_work():
     assert (args.round_to, args.target_speedup, args.measure) == (None, 1.5, False)
 
 
-def test_prune_command_with_a_latency_budget(tmp_path, capsys, cache_dir):
-    from lopfast import cli
-    from lopfast.pipeline import stages
-
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_latency_eager_and_compiled():
+    """On a GPU: CUDA-event timings, bf16 autocast and channels_last, the real torch.compile column,
+    and round_to="auto" = 8 for a model on CUDA."""
     torch.manual_seed(0)
-    teacher = build_model("digitsnet", width=8).eval()
-    path = tmp_path / "teacher.pt"
-    stages._save_stage_model(teacher, str(path), "digitsnet", {"width": 8})
-    out = tmp_path / "run"
-    rc = cli.main(["prune", "--model", "digitsnet", "--model-kwargs", '{"width": 8}', "--dataset", "digits",
-                   "--teacher", str(path), "--target-speedup", "1.2", "--round-to", "4", "--measure",
-                   "--method-options", '{"lut_points": 3, "rounds": 3, "budget_s": 0.01, "repeats": 1}',
-                   "--device", "cpu", "--batch-size", "32", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    report = json.loads((out / "prune" / "report.json").read_text())
-    assert report["target_unit"] == "latency" and report["target_speedup"] == 1.2 and report["round_to"] == 4
-    assert report["extra"]["netadapt"]["batch"] == 32 and "achieved_speedup" in report["extra"]
-    assert report["latency"]["batches"] == [1, 32]
-    text = capsys.readouterr().out
-    assert "latency budget:" in text and "| pruned | 32 |" in text
+    model = build_model("resnet20", num_classes=10).cuda().eval()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    pruned, rep = lopfast.prune(model, x, ratio=0.45, measure={"train_batch": 64, "compile": True})
+    assert rep.round_to == 8 and rep.extra["round_to_unmet"] == []
+    lat = rep.latency
+    assert lat["device_type"] == "cuda" and lat["amp"] == "bf16" and lat["channels_last"]
+    for name in ("original", "pruned"):
+        for b in ("1", "64"):
+            assert lat["models"][name][b]["eager"]["median_ms"] > 0
+            assert lat["models"][name][b]["compiled"]["median_ms"] > 0, lat["models"][name][b]["compiled"]
+
+
+def test_round_to_auto_yields_to_the_asked_target(monkeypatch):
+    """round_to="auto" (8 on CUDA) is a preference: a ratio is rounded; a target_removed the 8-channel
+    steps cannot meet is cut with exact counts instead, and the report says so (a paper's 68.37 % stays)."""
+    from lopfast.prune import api
+
+    monkeypatch.setitem(api.ROUND_TO_DEFAULT, "cpu", 8)  # what a CUDA model gets
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = _widths(model)
+    pruned, rep = lopfast.prune(model, x, ratio=0.4)
+    assert rep.round_to == 8 and all(w % 8 == 0 for n, w in _widths(pruned).items() if w != before[n])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pruned, rep = lopfast.prune(model, x, target_removed=0.6)
+    assert abs(rep.removed_fraction - 0.6) <= 0.005 and rep.round_to is None
+    assert "exact counts used" in rep.extra["round_to_auto_dropped"]
+    assert not any("closest" in str(i.message) for i in w)

@@ -16,7 +16,7 @@ from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.prune.shuffle import shuffle_blocks
 from lopfast.prune.shuffle import supported as shuffle_supported
 from lopfast.prune.tracing import Tracing
-from lopfast.prune.engine import Engine, _eval_forward, count_macs, count_params, output_layers
+from lopfast.prune.engine import Engine, RoundingMissed, _eval_forward, count_macs, count_params, output_layers
 from lopfast.prune.compose import (
     ALLOCATIONS,
     CRITERIA,
@@ -78,7 +78,7 @@ class PruneReport:
     target_unit: str = "params"
     #: every pruned width is a multiple of it (None: exact counts); exceptions in extra["round_to_unmet"]
     round_to: Optional[int] = None
-    #: measured speed (``measure=``; always with ``budget="latency"``): see lopfast.prune.latency
+    #: measured speed of the original and the pruned model (``measure=``): see lopfast.prune.latency
     latency: Optional[Dict[str, Any]] = None
     #: the speed-up asked for with ``budget="latency"`` (the achieved one: ``extra["achieved_speedup"]``)
     target_speedup: Optional[float] = None
@@ -217,9 +217,12 @@ def prune(
         method_options: the parts' options as a dict (merged with ``**options``).
         round_to: every pruned width a multiple of this (tensor cores take channels in
             multiples of 8 in bf16/fp16). ``"auto"`` (default): :data:`ROUND_TO_DEFAULT` for
-            the model's device (8 on CUDA, none on CPU); ``None`` or 1: exact counts. Kept
-            counts are rounded to the nearest multiple (never to 0); layers narrower than it
-            keep their own count and are listed in ``extra["round_to_unmet"]``.
+            the model's device (8 on CUDA, none on CPU), as a preference: when the rounded
+            steps cannot meet ``target_removed`` within 0.5 points, the cut is redone with
+            exact counts (``extra["round_to_auto_dropped"]`` says so); an explicit N keeps the
+            rounding and takes the closest count, with a warning. ``None`` or 1: exact
+            counts. Kept counts are rounded to the nearest multiple (never to 0); layers
+            narrower than it keep their own count and are listed in ``extra["round_to_unmet"]``.
         budget: what ``target_removed`` counts: ``"params"`` (default), ``"flops"`` (the
             conv/linear MACs), or ``"latency"``: give ``target_speedup`` instead; the
             allocation is then ``"netadapt"`` (per-layer latencies measured on this device,
@@ -322,7 +325,8 @@ def prune(
     auto = output_layers(base, example_inputs, tracing)
     all_ignored = sorted(set(ignored_names) | set(auto))
     engine = Engine(base, example_inputs, all_ignored, global_pruning=alloc == "global",
-                    max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), round_to=rounding, tracing=tracing)
+                    max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), round_to=rounding,
+                    round_to_auto=round_to == "auto", tracing=tracing)
     if not engine.prunable:
         raise ValueError("model has no prunable conv/linear layer (all are ignored or produce the output)")
     params_before = engine.params_before
@@ -332,29 +336,44 @@ def prune(
         # the original is timed before anything else loads the machine (same settings as the pruned one)
         latency_before = _measure({"original": base}, example_inputs, measure_opts)
 
-    extra: Dict[str, Any] = {}
-    if proc == "admm":
-        from lopfast.prune.methods.admm import admm
+    def run(engine: Engine):
+        extra: Dict[str, Any] = {}
+        if proc == "admm":
+            from lopfast.prune.methods.admm import admm
 
-        pruned, record, used_ratio, extra = admm(engine, ratio, target_removed, data, p_opts)
-    elif proc == "iterative":
-        pruned, record, used_ratio, extra = _iterative(engine, crit_name, ratio, target_removed, data, c_opts,
-                                                       p_opts, alloc, unit)
-    else:
-        if proc == "slimming":
-            from lopfast.prune.methods.slimming import sparsity_train
+            pruned, record, used_ratio, extra = admm(engine, ratio, target_removed, data, p_opts)
+        elif proc == "iterative":
+            pruned, record, used_ratio, extra = _iterative(engine, crit_name, ratio, target_removed, data, c_opts,
+                                                           p_opts, alloc, unit)
+        else:
+            if proc == "slimming":
+                from lopfast.prune.methods.slimming import sparsity_train
 
-            trained, extra = sparsity_train(base, data, p_opts)
-            engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
-                            max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
-        crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
-        if alloc == "netadapt":
-            a_opts["_target_speedup"] = float(target_speedup)
-        pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts, unit)
-        extra.update(crit.extra)
-        extra.update(more)
-        if isinstance(crit, ThiNetCriterion):
-            extra["thinet_peak_sample_bytes"] = crit.peak_sample_bytes
+                trained, extra = sparsity_train(base, data, p_opts)
+                engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
+                                max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), round_to=engine.round_to,
+                                round_to_auto=engine.round_to_auto, tracing=tracing)
+            crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
+            if alloc == "netadapt":
+                a_opts["_target_speedup"] = float(target_speedup)
+            pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts,
+                                                         unit)
+            extra.update(crit.extra)
+            extra.update(more)
+            if isinstance(crit, ThiNetCriterion):
+                extra["thinet_peak_sample_bytes"] = crit.peak_sample_bytes
+        return engine, pruned, record, used_ratio, extra
+
+    try:
+        engine, pruned, record, used_ratio, extra = run(engine)
+    except RoundingMissed as missed:
+        # round_to="auto" is a preference: the asked target comes first (a paper's 68.37 %), so the
+        # cut is redone with exact counts and the report says why
+        rounding = None
+        engine = Engine(base, example_inputs, all_ignored, global_pruning=alloc == "global",
+                        max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), tracing=tracing)
+        engine, pruned, record, used_ratio, extra = run(engine)
+        extra["round_to_auto_dropped"] = str(missed)
 
     _check_consistent(pruned, example_inputs, name, tracing)
     params_after = count_params(pruned)

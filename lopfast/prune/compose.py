@@ -36,6 +36,9 @@ admm          admm / uniform / admm (1 epoch, 4 b.)    17.3 / 70.9       814 / 2
 slimming      bn / global / slimming (1 epoch, 4 b.)   14.0 / 58.7       911 / 2912
 ============  =======================================  ================  ===============
 
+netadapt (l2 / netadapt / none, ``budget="latency"``) is measured in
+:mod:`lopfast.prune.methods.netadapt` (its cost is the device's timings, not the model's size).
+
 Taylor, ADMM and slimming hold one training step's activations (backward through a batch
 of 128); ADMM and slimming cost what training costs, per epoch of ``data``. EagleEye costs
 ~2.8 / 8.6 s per candidate (10 by default). ThiNet runs one forward per channel group

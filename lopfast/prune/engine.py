@@ -11,11 +11,17 @@ import torch.nn as nn
 
 from lopfast.prune.attention import attention_kwargs, sync_attention, sync_widths
 from lopfast.prune.importance import PrecomputedImportance, require_tp
+from lopfast.prune.tracing import _call as _forward  # model(x), model(*x) or model(**x)
 
 #: the removed-parameter fraction must land within this of ``target_removed`` (0.5 points)
 TOLERANCE = 0.005
 
 RatioSpec = Union[float, Dict[str, float]]
+
+
+class RoundingMissed(ValueError):
+    """``round_to="auto"``: the rounded widths cannot meet the target within TOLERANCE (the caller
+    redoes the cut with exact counts)."""
 
 
 def count_params(model: nn.Module) -> int:
@@ -98,14 +104,6 @@ def _eval_output_layers(model: nn.Module, example_inputs) -> List[str]:
     return found
 
 
-def _forward(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
-
-
 def _eval_forward(model: nn.Module, example_inputs):
     """One no-grad forward of ``model`` in eval mode (BN statistics untouched; its mode restored)."""
     was_training = model.training
@@ -126,7 +124,8 @@ class Engine:
     """
 
     def __init__(self, base: nn.Module, example_inputs, ignored: List[str], global_pruning: bool = False,
-                 max_layer_ratio: float = 0.95, round_to: Optional[int] = None, tracing=None) -> None:
+                 max_layer_ratio: float = 0.95, round_to: Optional[int] = None, round_to_auto: bool = False,
+                 tracing=None) -> None:
         from lopfast.prune.tracing import Tracing
 
         self.tp = require_tp()
@@ -136,6 +135,8 @@ class Engine:
         self.global_pruning = global_pruning
         self.max_layer_ratio = max_layer_ratio
         self.round_to = int(round_to) if round_to and round_to > 1 else None
+        # round_to came from "auto": a missed target raises RoundingMissed instead of taking the closest
+        self.round_to_auto = bool(round_to_auto)
         self.tracing = tracing if tracing is not None else Tracing(base, example_inputs)
         self.tracing.check()
         self.params_before = count_params(base)
@@ -417,7 +418,8 @@ class Engine:
         the cost model (it does not depend on which channels go) and only the result is
         pruned and checked; if the check disagrees, or for global pruning, every trial is
         pruned. ``prune_at(ratios)`` returns (model, record). Raises ValueError if even
-        ``hi`` removes too little, or if no trial lands in the band.
+        ``hi`` removes too little, or if no trial lands in the band (with ``round_to``, whose
+        steps can be too coarse for the band, the closest trial is taken with a warning).
         With ``unit="macs"`` the target is a fraction of the multiply-accumulates, counted by
         the cost model (conv/linear MACs; local pruning only).
         Returns (model, record, ratios used).
@@ -443,8 +445,13 @@ class Engine:
                 exact = abs(self.removed_fraction(model) - self.predicted_fraction(ratios)) < 1e-12
                 self._model_state = "exact" if exact else "wrong"
                 # with round_to the closest count the rounded widths allow (it warned) is the answer
-                if abs(self.removed_fraction(model) - target) <= TOLERANCE or (exact and self.round_to):
+                if abs(self.removed_fraction(model) - target) <= TOLERANCE or (
+                        exact and self.round_to and not self.round_to_auto):
                     return model, rec, ratios
+                if exact and self.round_to:
+                    raise RoundingMissed(f"round_to={self.round_to} (auto) cannot remove {target:.4f} of the "
+                                         f"parameters within {TOLERANCE} (closest "
+                                         f"{self.removed_fraction(model):.4f}); exact counts used")
         cache: Dict[int, Tuple[nn.Module, dict]] = {}
 
         def measure(ratios):
@@ -540,6 +547,9 @@ class Engine:
                     if r_hi - r_lo < 1e-4:
                         break
         if self.round_to and best_ratios is not None:
+            if self.round_to_auto:
+                raise RoundingMissed(f"round_to={self.round_to} (auto) cannot remove {target:.4f} of the {counted} "
+                                     f"within {TOLERANCE} (closest {best:.4f}); exact counts used")
             warnings.warn(f"round_to={self.round_to}: the closest the rounded widths get to removing {target:.4f} of "
                           f"the {counted} is {best:.4f} (outside {TOLERANCE}); pruned to that")
             return best_ratios
