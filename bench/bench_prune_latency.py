@@ -7,7 +7,9 @@ removed (``lopfast.prune``, l1, ``target_removed``), timed by :func:`lopfast.pru
 eager and ``torch.compile``d, speed-up beside the MACs reduction. Then the ``round_to`` study
 at channel ratio 0.45: exact counts against widths rounded to 8 and to 16 (bf16 autocast on CUDA: tensor cores
 take channels in multiples of 8), the measurement the CUDA default ``round_to=8``
-(``lopfast.prune.api.ROUND_TO_DEFAULT``) rests on.
+(``lopfast.prune.api.ROUND_TO_DEFAULT``) rests on. Last, the latency budget: the CIFAR ResNet-56
+and MobileNetV2 asked to run 2x faster at the training batch (``budget="latency"``), the
+achieved (measured) speed-up beside the asked one.
 
     LOPFAST_BENCH_PRUNE=1 pytest bench/bench_prune_latency.py --benchmark-only -q     # GPU: ~6 min on one H200
 
@@ -56,13 +58,20 @@ ROUND_TOS = (None, 8, 16)
 # rounding changes; at 0.5 the power-of-two widths of these nets stay multiples of 8 anyway
 RT_RATIO = 0.45
 
-_doc: dict = {}
+def _path():
+    return results_dir() / f"prune_latency-{'gpu' if CUDA else 'cpu'}.json"
+
+
+# a run of some tests (-k) updates their sections and keeps the others' from the last run
+try:
+    _doc: dict = json.loads(_path().read_text())
+except (OSError, ValueError):
+    _doc = {}
 
 
 def _save() -> None:
-    path = results_dir() / f"prune_latency-{'gpu' if CUDA else 'cpu'}.json"
     _doc["machine"] = machine_info()
-    path.write_text(json.dumps(_doc, indent=1))
+    _path().write_text(json.dumps(_doc, indent=1))
 
 
 def _opts():
@@ -132,3 +141,39 @@ class _quiet:
     def __exit__(self, *exc):
         self._w.__exit__(*exc)
 
+
+
+# the latency budget (NetAdapt allocation): CIFAR ResNet-56 and MobileNetV2, asked 2x at the training batch
+BUDGET_NETS = {"resnet56": ("resnet56", 32, 256, 64), "mobilenet_v2_cifar": ("mobilenet_v2", 32, 256, 64)}
+if TINY:
+    BUDGET_NETS = {"resnet20": ("resnet20", 16, 8, 8)}
+
+
+@pytest.mark.parametrize("net", list(BUDGET_NETS))
+def test_latency_budget(benchmark, net):
+    name, size, tb_cuda, tb_cpu = BUDGET_NETS[net]
+    dev = torch.device("cuda" if CUDA else "cpu")
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10).eval().to(dev)
+    x = torch.randn(2, 3, size, size, device=dev)
+    batch = tb_cuda if CUDA else tb_cpu
+    target = 1.3 if TINY else 2.0
+    opts = dict(lut_points=3, rounds=3, budget_s=0.01, repeats=1) if TINY else {}
+    t0 = time.perf_counter()
+    with _quiet():
+        pruned, rep = lopfast.prune(model, x, budget="latency", target_speedup=target, batch=batch, **opts)
+    seconds = time.perf_counter() - t0
+    na = rep.extra["netadapt"]
+    _doc.setdefault("latency_budget", {})[net] = {
+        "asked": target, "achieved": rep.extra["achieved_speedup"], "predicted": rep.extra["predicted_speedup"],
+        "batch": batch, "round_to": rep.round_to, "params_removed": rep.removed_fraction,
+        "macs_removed": rep.macs_removed_fraction, "seconds": seconds, "iterations": na["iterations"],
+        "chosen_iteration": na["chosen_iteration"], "measurements": na["measurements"],
+        "calibration": na["calibration"], "table_configs_measured": na["table_configs_measured"]}
+    _save()
+    print(f"\n{net}: asked {target}x at batch {batch}, measured {rep.extra['achieved_speedup']:.2f}x "
+          f"(predicted {rep.extra['predicted_speedup']:.2f}x), {100 * rep.removed_fraction:.1f}% of the parameters "
+          f"and {100 * rep.macs_removed_fraction:.1f}% of the MACs removed, {seconds:.0f}s")
+    xb = torch.randn(batch, 3, size, size, device=dev)
+    with torch.no_grad():
+        benchmark.pedantic(lambda: pruned(xb), rounds=3, iterations=1, warmup_rounds=1)

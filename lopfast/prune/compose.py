@@ -111,7 +111,7 @@ ALLOCATIONS: Dict[str, Dict[str, Tuple[Any, _Check]]] = {
             "lr_critic": (1e-3, POS), "tau": (0.01, POS), "batch_size": (64, POS_INT), "buffer": (2000, POS_INT),
             "sigma": (0.5, POS), "sigma_decay": (0.95, POS), "seed": (0, NONNEG_INT)},
     "netadapt": {"batch": (None, OPT_POS_INT), "step": (0.025, OPEN_UNIT), "decay": (0.96, OPEN_UNIT),
-                 "min_step": (0.005, UNIT), "max_iters": (500, POS_INT), "search_margin": (1.25, GROWTH),
+                 "min_step": (0.005, UNIT), "max_iters": (500, POS_INT), "search_margin": (1.25, GROWTH), "recalibrate": (3, NONNEG_INT),
                  "lut_points": (5, _Check("an integer >= 2 or 'all'", lambda v: v == "all" or (
                      isinstance(v, int) and not isinstance(v, bool) and v >= 2))),
                  "compiled": (False, BOOL), "rounds": (20, POS_INT), "budget_s": (0.3, POS),
