@@ -56,6 +56,10 @@ DEMO_DEFAULTS = {
 }
 
 
+# `lopfast prune` reports speed when asked (--measure); run/demo report it by default
+PRUNE_DEFAULTS = {"measure": False}
+
+
 def _csv(kind):
     def parse(s: str):
         items = [x.strip() for x in s.split(",") if x.strip()]
@@ -137,6 +141,7 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
         g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=S,
                        help="rank channels across layers instead of per layer")
         _add_prune_parts(g, S)
+        _add_speed_flags(g, S)
     if recovery:
         g = p.add_argument_group("recovery")
         g.add_argument("--methods", type=_csv(str), default=S,
@@ -177,6 +182,45 @@ def _add_prune_parts(g, S) -> None:
                    help=f"replace the preset's procedure: {', '.join(PROCEDURES)}")
     g.add_argument("--method-options", dest="_prune_method_options", metavar="JSON", type=_json_object, default=S,
                    help='options of the pruning parts as JSON, e.g. \'{"episodes": 100, "budget": "flops"}\'')
+
+
+def _round_to(s: str):
+    if s.strip().lower() == "auto":
+        return "auto"
+    if s.strip().lower() in ("none", "off", "0", "1"):
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, auto or none, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, auto or none, got {s!r}")
+    return v
+
+
+def _speedup(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 (e.g. 2.0), got {s!r}")
+    if not v > 1 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 1 (e.g. 2.0), got {s!r}")
+    return v
+
+
+def _add_speed_flags(g, S) -> None:
+    """--round-to / --target-speedup / --measure / --measure-compile (lopfast.prune, issue 19)."""
+    g.add_argument("--round-to", dest="round_to", type=_round_to, metavar="N|auto|none", default=S,
+                   help="every pruned width a multiple of N (tensor cores: 8); auto (default): 8 on CUDA, none on CPU")
+    g.add_argument("--target-speedup", dest="target_speedup", type=_speedup, metavar="X", default=S,
+                   help="prune until the model runs X times faster on this device (a latency budget, NetAdapt "
+                        "allocation with any --criterion), measured at the training batch (--batch-size; "
+                        "--method-options '{\"batch\": 1}' for batch-1 latency); replaces --target")
+    g.add_argument("--measure", dest="measure", action=argparse.BooleanOptionalAction, default=S,
+                   help="report latency and throughput of the original, pruned and final models on the run's device "
+                        "(batch 1 and --batch-size; default on for run/demo, off for prune)")
+    g.add_argument("--measure-compile", dest="measure_compile", action=argparse.BooleanOptionalAction, default=S,
+                   help="also time the torch.compile'd models (default: on CUDA only; tens of seconds per model on CPU)")
 
 
 def _merge_prune_parts(settings: dict) -> None:
@@ -230,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models (random weights); prints the covered-models table")
     p.add_argument("models", nargs="*", help="names from the zoo list (default: all but the heavy ones)")
     p.add_argument("--all", action="store_true", help="include the heavy models")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the original, pruned and final models (batch 1 and --measure-batch, eager; default on)")
+    p.add_argument("--measure-batch", dest="measure_batch", type=int, default=32,
+                   help="the training batch the latency is also measured at (default 32)")
+    p.add_argument("--measure-compile", dest="measure_compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the torch.compile'd models (default: on CUDA only)")
     _add_selfcheck(sub)
     return parser
 
@@ -444,7 +494,7 @@ def _check_pipeline_args(args) -> argparse.Namespace:
     from lopfast.pipeline.config import check_out_dir, check_out_path, has_run
     from lopfast.pipeline.stages import RunConfig
 
-    defaults = DEMO_DEFAULTS if args.command == "demo" else {}
+    defaults = DEMO_DEFAULTS if args.command == "demo" else PRUNE_DEFAULTS if args.command == "prune" else {}
     settings = _settings(args, defaults)
     targets = settings.pop("targets", None)
     seeds = check_int(settings.pop("seeds", 1), "seeds", min=1)
@@ -529,12 +579,14 @@ def _check_reproduce_args(args) -> None:
 
 
 def _check_zoo_args(args) -> None:
+    from lopfast.checks import check_int
     from lopfast.pipeline.zoocheck import ZOO
 
-    known = [e.name for e in ZOO]
+    known = [e.key for e in ZOO]
     unknown = [n for n in args.models if n not in known]
     if unknown:
         raise ValueError(f"models {unknown} are not in the zoo list; choose from {', '.join(known)}")
+    check_int(args.measure_batch, "measure_batch", min=1)
 
 
 #: the check of each subcommand that is not a pipeline command (those share _check_pipeline_args)
@@ -597,13 +649,17 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "prune":
         teacher, acc = stages.pretrain_stage(cfg, data, out, device, log, resume)
-        pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log)
+        pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log, measure=cfg.measure)
         from lopfast.pipeline.train import evaluate
 
         pacc = evaluate(pruned, data.test, device, cfg.amp)["acc"]
         stages._write_json(os.path.join(out, "results.json"),
                            {"teacher": {"acc": acc}, "pruned": {"acc": pacc, "report": report}})
         log(f"pruned: accuracy {acc:.2f}% -> {pacc:.2f}% before recovery; {os.path.join(out, 'prune', 'model.pt')}")
+        if (report.get("latency") or {}).get("models"):
+            from lopfast.prune.latency import format_latency
+
+            log(format_latency(report["latency"]))
         return 0
     t0 = time.time()
     if seeds > 1:
@@ -695,17 +751,22 @@ def _zoo(args) -> int:
 
     from lopfast.pipeline.zoocheck import ZOO, check_model, markdown_table
 
-    known = {e.name: e for e in ZOO}
+    known = {e.key: e for e in ZOO}
+    measure = {"train_batch": args.measure_batch, "compile": args.measure_compile} if args.measure else None
     entries = [known[n] for n in args.models] if args.models else [e for e in ZOO if args.all or not e.heavy]
     results, skipped = [], {}
     for e in entries:
         if e.skip:
-            skipped[e.name] = e.skip
+            skipped[e.key] = e.skip
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = check_model(e)
-        print(f"{e.name}: removed {100 * r['removed']:.0f}%, reload identical, {r['seconds']:.1f}s", flush=True)
+            r = check_model(e, measure=measure)
+        sp = ""
+        if r.get("latency"):
+            s1 = r["latency"]["speedup"]["final"]
+            sp = ", final " + " / ".join(f"{s1[b]['eager']:.2f}x at batch {b}" for b in s1 if s1[b]["eager"])
+        print(f"{e.key}: removed {100 * r['removed']:.0f}%, reload identical{sp}, {r['seconds']:.1f}s", flush=True)
         results.append(r)
     print()
     print(markdown_table(results, skipped))

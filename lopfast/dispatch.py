@@ -64,8 +64,8 @@ from torch.utils import _pytree as pytree
 
 from lopfast import graphs
 
-__all__ = ["TOLERANCE", "cache_path", "choose", "clear", "decisions", "graph_timing", "lookup", "median_time",
-           "timing_mode"]
+__all__ = ["TOLERANCE", "cache_path", "cached_entry", "choose", "clear", "decisions", "graph_timing", "lookup",
+           "median_time", "store_entry", "timed_rounds", "timing_mode"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -209,6 +209,15 @@ def _warn_once(tag: str, msg: str) -> None:
 # ----------------------------------------------------------------------------- public API
 def lookup(op: str, key: Any, device: torch.device) -> Optional[str]:
     """The cached choice for ``(op, key)`` on ``device``'s model of GPU, or None (nothing timed)."""
+    entry = cached_entry(op, key, device)
+    return None if entry is None else entry.get("choice")
+
+
+def cached_entry(op: str, key: Any, device: torch.device) -> Optional[dict]:
+    """The whole cached entry for ``(op, key)`` on ``device``'s model (memory, then the file), or None.
+
+    With :func:`store_entry`, other measurements made once per device (the pruning latency
+    tables, ``lopfast.prune.latency``) share this cache, its keys and its atomic file."""
     dev = _device_name(device)
     with _lock:
         entry = _memory.get((dev, op, key))
@@ -217,7 +226,17 @@ def lookup(op: str, key: Any, device: torch.device) -> Optional[str]:
             entry = _disk.get(_disk_key(op, key, dev))
             if entry is not None:
                 _memory[(dev, op, key)] = entry
-    return None if entry is None else entry.get("choice")
+    return entry
+
+
+def store_entry(op: str, key: Any, device: torch.device, entry: dict) -> None:
+    """Cache ``entry`` (a JSON-serialisable dict) for ``(op, key)`` on ``device``'s model, in memory
+    and (unless ``LOPFAST_DISPATCH_CACHE=0``) in the cache file."""
+    dev = _device_name(device)
+    with _lock:
+        _memory[(dev, op, key)] = entry
+        if _disk_enabled():
+            _save_disk(_disk_key(op, key, dev), entry)
 
 
 def clear(disk: bool = False) -> None:
@@ -387,10 +406,19 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
 def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
                 budget_s: Optional[float] = None, graphed: bool = False) -> float:
     """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
-    ``warmup`` untimed ones: CUDA events on CUDA (the queue is drained first, so a call measures
-    its own work), ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that
-    much time was spent (after at least two rounds). The dispatch and the benchmarks both time
-    with it, so their numbers compare.
+    ``warmup`` untimed ones (the loop of :func:`timed_rounds`). The dispatch and the
+    benchmarks both time with it, so their numbers compare."""
+    return statistics.median(timed_rounds(fn, device, rounds=rounds, warmup=warmup, budget_s=budget_s,
+                                          graphed=graphed))
+
+
+def timed_rounds(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
+                 budget_s: Optional[float] = None, graphed: bool = False) -> List[float]:
+    """Seconds of each of ``rounds`` timed ``fn()`` calls on ``device``, after ``warmup`` untimed
+    ones: CUDA events on CUDA (the queue is drained first, so a call measures its own work),
+    ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that much time was
+    spent (after at least two rounds). The project's one timing loop: :func:`median_time` and
+    the latency reports (their median and spread) read it.
 
     ``graphed=True``: after the warm-up calls, ``fn`` is captured once as a CUDA graph (on a side
     stream, ``lopfast.graphs.Graph``; off CUDA its CPU stand-in) and the graph's replays are
@@ -413,7 +441,7 @@ def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int =
             for _ in range(warmup):
                 fn()
         graph.capture(lambda: _discard(fn()), outputs=False)
-        return median_time(graph.replay, device, rounds=rounds, warmup=1, budget_s=budget_s)
+        return timed_rounds(graph.replay, device, rounds=rounds, warmup=1, budget_s=budget_s)
     for _ in range(warmup):
         fn()
     if cuda:
@@ -436,7 +464,7 @@ def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int =
         spent += dt
         if budget_s is not None and spent > budget_s and len(times) >= 2:
             break
-    return statistics.median(times)
+    return times
 
 
 def _discard(_) -> None:

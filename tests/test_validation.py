@@ -314,6 +314,12 @@ def test_a_setting_without_a_declared_check_is_still_type_checked():
     ("methods", ["ft", "ft"], "methods must be a list of distinct names"),
     ("sp_layers", [], "sp_layers must be a non-empty list"),
     ("linear_rate", 2.0, "linear_rate must be unset unless linear is on"),
+    ("round_to", 0, "round_to must be a positive int (pruned widths a multiple of it), 'auto' or None, got 0"),
+    ("round_to", "8", "round_to must be a positive int"),
+    ("target_speedup", 1.0, "target_speedup must be a number > 1"),
+    ("target_speedup", float("nan"), "target_speedup must be a number > 1"),
+    ("measure", "yes", "measure must be True or False"),
+    ("measure_compile", 1, "measure_compile must be True or False"),
 ])
 def test_run_config_names_the_bad_setting(setting, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -459,6 +465,10 @@ def test_resume_needs_a_run_to_resume(tmp_path, capsys):
     (["--sp-layers", "conv1,conv1"], "--sp-layers must be a list of distinct names"),
     (["--linear-rate", "2"], "--linear-rate must be unset unless linear is on"),
     (["--model", "tv:nosuch"], "--model tv:nosuch cannot be built"),
+    (["--target-speedup", "2", "--allocation", "uniform"], "--allocation must be unset with target_speedup"),
+    (["--target-speedup", "2", "--global-pruning"], "--global-pruning must be unset with target_speedup"),
+    (["--allocation", "netadapt"], "--allocation must be netadapt only with target_speedup"),
+    (["--target-speedup", "2", "--method-options", '{"lut_points": 1}'], "lut_points"),
 ])
 def test_every_option_is_checked_before_the_first_stage(tmp_path, capsys, extra, message):
     # no --teacher: a stage that ran before the check would pretrain (and hit no_training)

@@ -32,7 +32,7 @@ def _param(entry: ZooModel):
         marks.append(pytest.mark.heavy)
         if not RUN_HEAVY:
             marks.append(pytest.mark.skip(reason=f"heavy ({entry.heavy}); LOPFAST_ZOO=all runs it"))
-    return pytest.param(entry, id=entry.name, marks=marks)
+    return pytest.param(entry, id=entry.key, marks=marks)
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +52,32 @@ def test_zoo_flow(entry, tmp_path):
     assert 0.35 < r["removed"] < 0.75, r
     assert r["load_identical"]
     assert r["sp_pairs"] > 0
+    assert r["training_forward"]  # auxiliary heads included (tv:googlenet+aux)
+
+
+def test_zoo_measures_latency(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = check_model(ZooModel("timm:regnetx_002"), workdir=str(tmp_path),
+                        measure={"train_batch": 4, "rounds": 3, "warmup": 1, "budget_s": 0.01})
+    lat = r["latency"]
+    assert set(lat["models"]) == {"original", "pruned", "final"} and lat["batches"] == [1, 4]
+    assert lat["speedup"]["final"]["4"]["eager"] > 0 and lat["macs_reduction"]["final"] > 1
+    from lopfast.pipeline.zoocheck import markdown_table
+
+    assert "speed-up b4" in markdown_table([r]) and "final (contracted)" in markdown_table([r])
 
 
 # ---------------------------------------------------------------------------- the failures of issue 12
-def test_shufflenet_refused_with_reason():
-    """Was a bare ZeroDivisionError from torch-pruning's reshape rule."""
+def test_shufflenet_is_pruned_not_refused():
+    """Was a bare ZeroDivisionError from torch-pruning's reshape rule, then (issue 12) a refusal; now
+    pruned through the shuffle (lopfast.prune.shuffle; the zoo flow covers save/load)."""
     model = tv.models.shufflenet_v2_x0_5().eval()
-    with pytest.raises(ValueError, match="channel-shuffle"):
-        lopfast.prune(model, torch.randn(1, 3, 32, 32), ratio=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned, rep = lopfast.prune(model, torch.randn(2, 3, 32, 32), target_removed=0.5)
+    assert abs(rep.removed_fraction - 0.5) <= 0.005
+    assert pruned.stage4[0].branch1[2].out_channels == pruned.stage4[0].branch2[5].out_channels < 96
 
 
 def test_vit_heads_pruned_and_recovered(tmp_path):
@@ -168,8 +186,9 @@ def test_googlenet_aux_heads_distilled_unpruned():
 def test_cli_zoo_prints_the_table(capsys):
     from lopfast.cli import main
 
-    assert main(["zoo", "timm:regnetx_002", "tv:shufflenet_v2_x0_5"]) == 0
+    assert main(["zoo", "timm:regnetx_002", "tv:swin_t", "--no-measure"]) == 0
     out = capsys.readouterr().out
     assert "| `timm:regnetx_002` |" in out and "identical" in out
-    assert "| `tv:shufflenet_v2_x0_5` |" in out and "skipped: torch-pruning" in out
+    assert "| `tv:swin_t` |" in out and "skipped: torch-pruning" in out
     assert main(["zoo", "tv:resnet19"]) == 2
+    assert main(["zoo", "timm:regnetx_002", "--measure-batch", "0"]) == 2

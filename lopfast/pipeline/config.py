@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -101,6 +101,14 @@ class RunConfig:
     threads: Optional[int] = None  # CPU intra-op threads; None: 1 for digits, torch's default otherwise
     seed: int = 0
     export: List[str] = field(default_factory=list)
+    # pruning for speed (lopfast.prune): pruned widths a multiple of round_to ("auto": 8 on CUDA, none
+    # on CPU; None: exact); target_speedup: a latency budget instead of target (NetAdapt allocation)
+    round_to: Union[int, str, None] = "auto"
+    target_speedup: Optional[float] = None
+    # latency of the original, pruned and final models in results.json (lopfast.prune.latency);
+    # measure_compile: also torch.compile'd (None: on CUDA only)
+    measure: bool = True
+    measure_compile: Optional[bool] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -267,7 +275,23 @@ SETTING_CHECKS: Dict[str, Callable[[Any, str], Any]] = {
     "val_size": _opt(_pos_int),
     "val_seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
     "eval_split": lambda v, n: check_choice(v, n, ("test", "val")),
+    "round_to": lambda v, n: _round_to(v, n),
+    "target_speedup": _opt(lambda v, n: check_number(
+        v, n, min=1, min_open=True, accepted="a number > 1 (e.g. 2.0 for twice as fast)")),
+    "measure": check_bool,
+    "measure_compile": lambda v, n: None if v is None else check_bool(v, n),
 }
+
+
+def _round_to(v, n):
+    if v is None or v == "auto":
+        return v
+    accepted = "a positive int (pruned widths a multiple of it), 'auto' or None"
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidArgumentType(n, v, accepted)
+    if v < 1:
+        raise InvalidArgument(n, v, accepted)
+    return v
 
 
 def _dict(v, n, what):
@@ -337,6 +361,16 @@ def _check_prune_options(cfg: "RunConfig") -> None:
     for (part, value), table in zip(parts.items(), (CRITERIA, ALLOCATIONS, PROCEDURES)):
         if value is not None:
             check_choice(value, part, tuple(table))
+    if cfg.target_speedup is not None:  # a latency budget: lopfast.prune's netadapt allocation meets it
+        if parts["allocation"] not in (None, "netadapt") or cfg.global_pruning:
+            what = "global_pruning" if cfg.global_pruning else "allocation"
+            raise InvalidArgument(what, True if cfg.global_pruning else parts["allocation"],
+                                  "unset with target_speedup",
+                                  "a latency budget is met by the netadapt allocation (per-layer latencies)")
+        parts["allocation"] = "netadapt"
+    elif parts["allocation"] == "netadapt":
+        raise InvalidArgument("allocation", "netadapt", "netadapt only with target_speedup",
+                              "netadapt meets a latency budget: pass --target-speedup")
     try:
         _, c, a, p = resolve(cfg.prune_method, parts["criterion"], parts["allocation"], parts["procedure"],
                              cfg.global_pruning)
@@ -363,7 +397,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 # settings that do not change what earlier stages computed: a run directory may be reused with others
-_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "capture", "targets", "download"}
+_REUSABLE_KEYS = {"methods", "export", "device", "threads", "workers", "compile", "capture", "targets", "download",
+                  "measure", "measure_compile"}
 
 
 def check_out_path(out) -> str:
@@ -401,10 +436,9 @@ def check_out_dir(cfg: RunConfig, out: str) -> None:
     with open(path) as f:
         old = json.load(f)
     new = cfg.to_dict()
-    # a key the saved config lacks (written before the setting existed) had its default value
-    old = {**RunConfig().to_dict(), **old}
+    defaults = RunConfig().to_dict()  # a setting newer than the saved run had its default there
     diff = sorted(k for k in set(old) | set(new)
-                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+                  if k not in _REUSABLE_KEYS and json.dumps(old.get(k, defaults.get(k))) != json.dumps(new.get(k)))
     if diff:
         raise ValueError(f"--out {out} holds a run with different settings ({', '.join(diff)}); its finished stages "
                          "would not match: choose a new --out, or rerun with the settings of its config.json")

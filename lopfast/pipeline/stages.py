@@ -243,8 +243,11 @@ def pretrain_stage(cfg: RunConfig, data, out: str, device, log, resume: bool = F
 
 
 def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log, target: Optional[float] = None,
-                tag: str = "prune"):
-    """Prune ``teacher`` with ``lopfast.prune`` to remove ``target`` of its parameters; returns (model, report)."""
+                tag: str = "prune", measure: bool = False):
+    """Prune ``teacher`` with ``lopfast.prune`` to remove ``target`` of its parameters (or, with
+    ``cfg.target_speedup``, until it is that much faster); returns (model, report). ``measure``:
+    the report gets the latency of the original and the pruned model (``lopfast prune --measure``;
+    ``run`` measures them with the final models at its end instead)."""
     target = cfg.target if target is None else target
     d = os.path.join(out, tag)
     final, rep_path = os.path.join(d, "model.pt"), os.path.join(d, "report.json")
@@ -254,7 +257,8 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
             return load_model_file(final).to(device), json.load(f)
     prune = require("prune", f"pruning (--prune-method {cfg.prune_method})")
     limit = zoo.max_removable_fraction(teacher)
-    if target >= limit:
+    speedup = cfg.target_speedup if tag == "prune" else None  # a sweep prunes to its targets
+    if speedup is None and target >= limit:
         raise ValueError(f"target={target} is above what {cfg.model} can lose by channel pruning "
                          f"(at most {limit:.4f}); choose a smaller --target")
     os.makedirs(d, exist_ok=True)
@@ -269,8 +273,15 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
         opts["data"] = _calibration_batches(data, 50 if proc in ("admm", "slimming") else 8)
     t0 = time.time()
     src = copy.deepcopy(teacher).eval()
-    pruned, report = prune(src, example, method=cfg.prune_method, target_removed=target,
-                           global_pruning=cfg.global_pruning, **opts)
+    kw = dict(method=cfg.prune_method, global_pruning=cfg.global_pruning, round_to=cfg.round_to)
+    if speedup is not None:
+        kw.update(budget="latency", target_speedup=speedup)
+        opts.setdefault("batch", cfg.batch_size)  # the speed-up of the training batch's forward
+    else:
+        kw["target_removed"] = target
+    if measure and dist_info()[0] == 0:
+        kw["measure"] = {"train_batch": cfg.batch_size, "compile": cfg.measure_compile}
+    pruned, report = prune(src, example, **kw, **opts)
     bad = nonfinite(list(pruned.named_parameters()) + list(pruned.named_buffers()))
     if bad:  # the pruning procedures that train (admm, slimming) can diverge
         raise TrainingDiverged(f"[{tag}] the pruned model holds NaN or infinite values (in {', '.join(bad[:5])}): "
@@ -284,6 +295,10 @@ def prune_stage(cfg: RunConfig, teacher: nn.Module, data, out: str, device, log,
         _write_json(rep_path, report)
     log(f"[{tag}] {cfg.prune_method}: {report.get('params_before')} -> {report.get('params_after')} params "
         f"({100 * _removed(report):.1f}% removed)")
+    extra = report.get("extra") or {}
+    if "achieved_speedup" in extra:
+        log(f"[{tag}] latency budget: {extra['achieved_speedup']:.2f}x faster measured (asked "
+            f"{extra['target_speedup']:g}x) at batch {extra['netadapt']['batch']} on {extra['netadapt']['device']}")
     return pruned.to(device), report
 
 
@@ -558,6 +573,8 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
             results["methods"][method] = {"method": method, "error": str(exc)}
             continue
         results["methods"][method] = {k: v for k, v in r.items() if k != "history"}
+    if cfg.measure and rank == 0:
+        results["latency"] = _latency(cfg, teacher, pruned, results, out, data, device, log)
     results["seconds"] = time.time() - t0
     _write_json(os.path.join(out, "results.json"), results)
     if rank == 0:
@@ -566,6 +583,28 @@ def run_pipeline(cfg: RunConfig, out: str, *, resume: bool = False, quiet: bool 
         except Exception as exc:  # a missing/broken matplotlib must not lose the results
             log(f"[plot] skipped: {exc}")
     return results
+
+
+def _latency(cfg: RunConfig, teacher: nn.Module, pruned: nn.Module, results: dict, out: str, data, device, log):
+    """Latency/throughput of the original, the pruned and every contracted final model on ``device``
+    (batch 1 and the training batch; lopfast.prune.latency). A failure is logged, never fatal."""
+    try:
+        from lopfast.prune.latency import format_latency, measure_latency
+
+        models = {"original": teacher, "pruned": pruned}
+        macs = {"original": results["teacher"].get("macs"), "pruned": results["pruned"].get("macs")}
+        for method, r in results["methods"].items():
+            path = os.path.join(out, method, "model.pt")
+            if method in EXPANDED_METHODS and "error" not in r and os.path.exists(path):
+                models[f"final ({method})"] = load_model_file(path).to(device)
+                macs[f"final ({method})"] = r.get("macs")
+        lat = measure_latency(models, data.example_inputs(1, device), train_batch=cfg.batch_size,
+                              compile=cfg.measure_compile, macs=macs)
+        log(format_latency(lat))
+        return lat
+    except Exception as exc:  # timing is a report: it must not lose the trained results
+        log(f"[latency] not measured: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def seed_list(seed: int, seeds: int) -> List[int]:

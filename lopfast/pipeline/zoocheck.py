@@ -30,6 +30,12 @@ class ZooModel:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     heavy: str = ""  # why it does not fit CI's time box (run with LOPFAST_ZOO=all)
     skip: str = ""  # why the flow cannot run (only what torch-pruning itself cannot trace)
+    tag: str = ""  # tells two entries of one model apart (e.g. "aux": built with its auxiliary heads)
+
+    @property
+    def key(self) -> str:
+        """The entry's name in the table and on the command line (``tv:googlenet+aux``)."""
+        return self.name + (f"+{self.tag}" if self.tag else "")
 
 
 _VIT_32 = {"img_size": 32}
@@ -41,12 +47,15 @@ ZOO: List[ZooModel] = [
     ZooModel("tv:vgg11_bn", heavy="129M params, 4096-wide linears expanded: ~8 min"),
     ZooModel("tv:densenet121"),
     ZooModel("tv:googlenet"),
+    # torchvision's default build (no weights): auxiliary heads on, pruned through the training forward
+    ZooModel("tv:googlenet", kwargs={"aux_logits": True}, tag="aux"),
     ZooModel("tv:inception_v3", size=80),  # needs 75+ px
+    ZooModel("tv:inception_v3", size=299, kwargs={"aux_logits": True}, tag="aux",
+             heavy="its auxiliary head needs 299 px inputs: ~30 s"),
     ZooModel("tv:mobilenet_v2"),
     ZooModel("tv:mobilenet_v3_small"),
     ZooModel("tv:mnasnet0_5"),
-    ZooModel("tv:shufflenet_v2_x0_5", skip="torch-pruning 1.6 cannot trace channels through ShuffleNetV2's channel "
-                                            "shuffle (view/transpose/view, then chunk/cat); lopfast.prune refuses it"),
+    ZooModel("tv:shufflenet_v2_x0_5"),  # pruned through its channel shuffle: lopfast.prune.shuffle
     ZooModel("tv:squeezenet1_1"),
     ZooModel("tv:efficientnet_b0"),
     ZooModel("tv:efficientnet_v2_s", heavy="21M params, 171 expanded layers: ~75 s"),
@@ -113,12 +122,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch: int = 2, seed: int = 0,
-                num_classes: int = 10, workdir: Optional[str] = None, lr: float = 1e-2) -> Dict[str, Any]:
+                num_classes: int = 10, workdir: Optional[str] = None, lr: float = 1e-2,
+                measure: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run prune -> expand -> one SP step -> contract -> save -> load on ``entry``; check each step.
 
     Returns a dict (name, params before/after, removed fraction, relative errors of expansion and
     contraction, whether the reloaded model's outputs are bitwise identical, the distillation
-    pairs and those left out, seconds). Raises AssertionError when a check fails.
+    pairs and those left out, seconds). Raises AssertionError when a check fails. ``measure``
+    (options of :func:`lopfast.prune.latency.measure_latency`, e.g. ``{"train_batch": 32}``):
+    also the latency of the original, pruned and final model (``latency`` in the result; its
+    seconds are not in ``seconds``).
     """
     from lopfast.distill import SPDistiller
     from lopfast.io import load, save
@@ -180,8 +193,16 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
     assert identical, f"{entry.name}: the reloaded model's outputs differ (max {float((loaded_out - final_out).abs().max()):.1e})"
     assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in final.state_dict().items()}, f"{entry.name}: reloaded shapes differ"
+    seconds = time.perf_counter() - t0
+    latency = None
+    if measure is not None:
+        from lopfast.prune import count_macs
+        from lopfast.prune.latency import measure_latency
+
+        models = {"original": teacher, "pruned": pruned, "final": final}
+        latency = measure_latency(models, x, macs={k: count_macs(m, x[:1]) for k, m in models.items()}, **measure)
     return {
-        "name": entry.name,
+        "name": entry.key,
         "params_before": count_params(teacher),
         "params_after": count_params(final),
         "removed": report.removed_fraction,
@@ -190,19 +211,52 @@ def check_model(entry: ZooModel, *, ratio: float = 0.3, rate: float = 2.0, batch
         "load_identical": identical,
         "sp_pairs": pairs,
         "sp_dropped": dropped,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
+        "training_forward": _runs_in_training(final, x),
+        "latency": latency,
     }
 
 
+def _runs_in_training(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model``'s training-mode forward runs (auxiliary heads included; BN statistics kept)."""
+    from lopfast.prune.tracing import training_forward
+
+    with torch.no_grad(), training_forward(model):
+        model(x)
+    return True
+
+
 def markdown_table(results: List[Dict[str, Any]], skipped: Optional[Dict[str, str]] = None) -> str:
-    """The covered-models table (README) from :func:`check_model` results and skip reasons."""
-    lines = ["| model | params | after prune | removed | expand err | contract err | reload | SP pairs | s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    """The covered-models table (README) from :func:`check_model` results and skip reasons; with
+    measured latency, the final model's speed-up at batch 1 and the training batch (eager) beside
+    its MACs reduction, and the device under the table."""
+    lat = [r.get("latency") for r in results if r.get("latency")]
+    head = "| model | params | after prune | removed | expand err | contract err | reload | SP pairs | s |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"
+    if lat:
+        b = lat[0]["batches"]
+        head += f" speed-up b{b[0]} | speed-up b{b[-1]} | MACs ÷ |"
+        rule += " ---: | ---: | ---: |"
+    lines = [head, rule]
     for r in results:
         pairs = f"{r['sp_pairs']}" + (f" ({len(r['sp_dropped'])} left out)" if r["sp_dropped"] else "")
-        lines.append(f"| `{r['name']}` | {r['params_before'] / 1e6:.2f}M | {r['params_after'] / 1e6:.2f}M | "
-                     f"{100 * r['removed']:.0f}% | {r['expand_rel_err']:.0e} | {r['contract_rel_err']:.0e} | "
-                     f"{'identical' if r['load_identical'] else 'DIFFERS'} | {pairs} | {r['seconds']:.1f} |")
+        row = (f"| `{r['name']}` | {r['params_before'] / 1e6:.2f}M | {r['params_after'] / 1e6:.2f}M | "
+               f"{100 * r['removed']:.0f}% | {r['expand_rel_err']:.0e} | {r['contract_rel_err']:.0e} | "
+               f"{'identical' if r['load_identical'] else 'DIFFERS'} | {pairs} | {r['seconds']:.1f} |")
+        if lat:
+            L = r.get("latency")
+            if L:
+                sp = L["speedup"]["final"]
+                cells = [f"{sp[str(b)]['eager']:.2f}x" if sp.get(str(b), {}).get("eager") else ""
+                         for b in (L["batches"][0], L["batches"][-1])]
+                red = (L.get("macs_reduction") or {}).get("final")
+                row += f" {cells[0]} | {cells[1]} | {f'{red:.2f}' if red else ''} |"
+            else:
+                row += " | | |"
+        lines.append(row)
     for name, why in (skipped or {}).items():
-        lines.append(f"| `{name}` | | | | | | skipped: {why} | | |")
+        lines.append(f"| `{name}` | | | | | | skipped: {why} | | |" + (" | | |" if lat else ""))
+    if lat:
+        lines.append(f"\nspeed-up: the final (contracted) model over the original, median of timed forwards, eager, on "
+                     f"{lat[0]['device']} (amp {lat[0]['amp']})")
     return "\n".join(lines)

@@ -5,13 +5,19 @@ physically smaller copy and a :class:`PruneReport`. A strategy is a criterion (w
 channels), an allocation (how many per layer) and a procedure (training around the cut);
 ``method=`` names a paper's preset (:data:`METHODS`: l1, l2, bn, slimming, taylor, hrank,
 thinet, eagleeye, admm, amc, lamp, fpgm, obd, random) and ``criterion=`` / ``allocation=`` /
-``procedure=`` combine parts (:mod:`lopfast.prune.compose`). Needs torch-pruning
-(``pip install 'lopfast[prune]'``).
+``procedure=`` combine parts (:mod:`lopfast.prune.compose`). Speed (issue 19): ``measure=``
+reports the measured latency of the original and the pruned model
+(:mod:`lopfast.prune.latency`), ``round_to=`` keeps widths hardware-friendly, and
+``budget="latency", target_speedup=`` prunes until the model is that much faster on its device
+(:mod:`lopfast.prune.methods.netadapt`). Models with auxiliary heads are traced through their
+training forward (:mod:`lopfast.prune.tracing`); ShuffleNetV2 is pruned through its channel
+shuffle (:mod:`lopfast.prune.shuffle`). Needs torch-pruning (``pip install 'lopfast[prune]'``).
 """
 from lopfast.prune.api import DATA_METHODS, METHODS, PruneReport, prune
 from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PRESETS, PROCEDURES
 from lopfast.prune.criteria import activation_sites, hrank_post_activation_scores, sampled_contributions
 from lopfast.prune.engine import TOLERANCE, count_macs, count_params
+from lopfast.prune.latency import format_latency, measure_latency
 from lopfast.prune.importance import (
     HRankImportance,
     PrecomputedImportance,
@@ -33,6 +39,8 @@ __all__ = [
     "PruneReport",
     "count_macs",
     "count_params",
+    "format_latency",
+    "measure_latency",
     "feature_map_ranks",
     "activation_sites",
     "hrank_post_activation_scores",

@@ -13,8 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
-from lopfast.prune.attention import channel_shuffle_blocks
-from lopfast.prune.engine import Engine, _eval_forward, count_macs, count_params, output_layers
+from lopfast.prune.shuffle import shuffle_blocks
+from lopfast.prune.shuffle import supported as shuffle_supported
+from lopfast.prune.tracing import Tracing
+from lopfast.prune.engine import Engine, RoundingMissed, _eval_forward, count_macs, count_params, output_layers
 from lopfast.prune.compose import (
     ALLOCATIONS,
     CRITERIA,
@@ -32,6 +34,8 @@ from lopfast.prune.importance import require_tp
 
 #: the presets, named after their papers (see :data:`lopfast.prune.compose.PRESETS`)
 METHODS = tuple(PRESETS)
+#: what ``target_removed`` (or ``target_speedup``) counts
+BUDGETS = ("params", "flops", "latency")
 #: presets that need ``data``
 DATA_METHODS = tuple(m for m, (c, a, p, _) in PRESETS.items() if needs_data(c, a, p))
 
@@ -46,7 +50,9 @@ class PruneReport:
     ``target_removed`` was given; ``None`` for per-layer methods, see ``extra``).
     ``criterion`` / ``allocation`` / ``procedure`` are the parts the strategy was made of;
     ``target_unit`` says what ``target_removed`` counted ("params", or "macs" for a FLOPs
-    budget, then compare it with ``macs_removed_fraction``).
+    budget, then compare it with ``macs_removed_fraction``). ``latency`` holds the measured
+    latency/throughput of the original and the pruned model with their speed-up beside the
+    MACs reduction (``measure=``); :meth:`format_latency` prints it.
     """
 
     method: str
@@ -67,14 +73,29 @@ class PruneReport:
     criterion: str = "l1"
     allocation: str = "uniform"
     procedure: str = "none"
-    #: what ``target_removed`` counts: "params" or "macs" (``budget="flops"``)
+    #: what ``target_removed`` counts: "params" or "macs" (``budget="flops"``); "latency" with
+    #: ``budget="latency"`` (then ``target_speedup`` is the asked speed-up)
     target_unit: str = "params"
+    #: every pruned width is a multiple of it (None: exact counts); exceptions in extra["round_to_unmet"]
+    round_to: Optional[int] = None
+    #: measured speed of the original and the pruned model (``measure=``): see lopfast.prune.latency
+    latency: Optional[Dict[str, Any]] = None
+    #: the speed-up asked for with ``budget="latency"`` (the achieved one: ``extra["achieved_speedup"]``)
+    target_speedup: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(asdict(self))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    def format_latency(self) -> str:
+        """The latency table (markdown), or a line saying it was not measured."""
+        if not self.latency:
+            return "latency: not measured (prune(..., measure=True) / --measure)"
+        from lopfast.prune.latency import format_latency
+
+        return format_latency(self.latency)
 
 
 def _jsonable(obj):
@@ -131,6 +152,10 @@ def _allocate(engine: Engine, crit, allocation: str, ratio, target, data, a_opts
             return model, rec, ratio, {}
         hi = engine.max_layer_ratio if engine.global_pruning else 1.0
         return engine.search(prune_at, target, hi=hi, unit=unit) + ({},)
+    if allocation == "netadapt":
+        from lopfast.prune.methods.netadapt import netadapt
+
+        return netadapt(engine, crit, ratio, target, data, a_opts, a_opts["_target_speedup"])
     if allocation == "eagleeye":
         from lopfast.prune.methods.eagleeye import eagleeye
 
@@ -155,6 +180,10 @@ def prune(
     allocation: Optional[str] = None,
     procedure: Optional[str] = None,
     method_options: Optional[Dict[str, Any]] = None,
+    round_to: Union[None, int, str] = "auto",
+    budget: Optional[str] = None,
+    target_speedup: Optional[float] = None,
+    measure: Union[bool, Dict[str, Any]] = False,
     **options,
 ) -> Tuple[nn.Module, PruneReport]:
     """Structured channel pruning: returns a smaller dense copy of ``model`` and a report.
@@ -186,6 +215,25 @@ def prune(
         global_pruning: same as ``allocation="global"``.
         criterion, allocation, procedure: override the preset's parts.
         method_options: the parts' options as a dict (merged with ``**options``).
+        round_to: every pruned width a multiple of this (tensor cores take channels in
+            multiples of 8 in bf16/fp16). ``"auto"`` (default): :data:`ROUND_TO_DEFAULT` for
+            the model's device (8 on CUDA, none on CPU), as a preference: when the rounded
+            steps cannot meet ``target_removed`` within 0.5 points, the cut is redone with
+            exact counts (``extra["round_to_auto_dropped"]`` says so); an explicit N keeps the
+            rounding and takes the closest count, with a warning. ``None`` or 1: exact
+            counts. Kept counts are rounded to the nearest multiple (never to 0); layers
+            narrower than it keep their own count and are listed in ``extra["round_to_unmet"]``.
+        budget: what ``target_removed`` counts: ``"params"`` (default), ``"flops"`` (the
+            conv/linear MACs), or ``"latency"``: give ``target_speedup`` instead; the
+            allocation is then ``"netadapt"`` (per-layer latencies measured on this device,
+            :mod:`lopfast.prune.methods.netadapt`), with any criterion.
+        target_speedup: with ``budget="latency"``: the speed-up to reach (> 1), measured on
+            the model's device; the report gives the achieved one beside it.
+        measure: time the original and the pruned model on the model's device (batch 1 and
+            the training batch, eager and ``torch.compile``d; median and spread; speed-up
+            beside the MACs reduction) into ``report.latency``. ``True`` or a dict of
+            :func:`lopfast.prune.latency.measure_latency` options (``train_batch``,
+            ``compile``, ``amp``, ``rounds``, ...). Needs a tensor ``example_inputs``.
         **options: options of the selected parts; an option of a part not selected raises
             TypeError naming the part it belongs to.
     """
@@ -195,7 +243,24 @@ def prune(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(global_pruning, bool):
         raise TypeError(f"global_pruning must be a bool, got {type(global_pruning).__name__}")
+    if budget is not None and budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if budget == "latency":
+        if allocation not in (None, "netadapt") or global_pruning:
+            raise ValueError(f"budget='latency' is met by the netadapt allocation; it cannot be combined with "
+                             f"{'global_pruning=True' if global_pruning else 'allocation=' + repr(allocation)}")
+        allocation = "netadapt"
+        if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) \
+                or not math.isfinite(target_speedup) or target_speedup <= 1.0:
+            raise ValueError(f"target_speedup must be a number > 1 with budget='latency' (e.g. 2.0 for twice as "
+                             f"fast), got {target_speedup!r}")
+        if ratio is not None or target_removed is not None:
+            raise ValueError("budget='latency' takes target_speedup, not ratio or target_removed")
+    elif target_speedup is not None:
+        raise ValueError("target_speedup needs budget='latency'")
     name, crit_name, alloc, proc = resolve(method, criterion, allocation, procedure, global_pruning)
+    if alloc == "netadapt" and budget != "latency":
+        raise ValueError("allocation='netadapt' meets a latency budget: pass budget='latency' and target_speedup")
     if method_options is not None and not isinstance(method_options, dict):
         raise TypeError(f"method_options must be a dict, got {type(method_options).__name__}")
     all_options = dict(method_options or {})
@@ -203,11 +268,17 @@ def prune(
     if dup:
         raise TypeError(f"options {dup} given both in method_options and as keywords")
     all_options.update(options)
+    if budget in ("params", "flops") and alloc in ("eagleeye", "amc"):
+        if all_options.get("budget", budget) != budget:
+            raise ValueError(f"budget={budget!r} and the option budget={all_options['budget']!r} disagree")
+        all_options["budget"] = budget  # these allocations take it as their own option
     c_opts, a_opts, p_opts = split_options(all_options, crit_name, alloc, proc)
+    rounding = _resolve_round_to(round_to, model)
+    measure_opts = _measure_options(measure, example_inputs)
     if any(isinstance(m, (ExpandedConv2d, ExpandedLinear)) for m in model.modules()):
         raise ValueError("model contains expanded layers (ExpandedConv2d/ExpandedLinear): prune the plain model "
                          "first, then expand it (or contract() it before pruning)")
-    if (ratio is None) == (target_removed is None):
+    if budget != "latency" and (ratio is None) == (target_removed is None):
         raise ValueError("give exactly one of ratio (channels removed per layer) and target_removed "
                          "(fraction of parameters removed)")
     for arg, v in (("ratio", ratio), ("target_removed", target_removed)):
@@ -218,7 +289,9 @@ def prune(
         if not 0.0 < v < 1.0:
             hint = " (a fraction: 0.6837 for 68.37 %)" if v >= 1.0 else ""
             raise ValueError(f"{arg} must be in the open interval (0, 1){hint}, got {v!r}")
-    unit = "macs" if a_opts.get("budget") == "flops" else "params"
+    unit = "macs" if (a_opts.get("budget") == "flops" or budget == "flops") else "params"
+    if budget == "latency":
+        unit = "latency"
     if unit == "macs" and target_removed is None:
         raise ValueError("budget='flops' needs target_removed (the fraction of MACs to remove), not ratio")
     if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
@@ -238,50 +311,90 @@ def prune(
     if data is not None:
         _check_data(model, example_inputs, data)
 
-    shuffles = channel_shuffle_blocks(model)
-    if shuffles:
-        raise ValueError(f"model: cannot prune channel-shuffle blocks ({shuffles[0]!r} and {len(shuffles) - 1} more, "
-                         "ShuffleNetV2): torch-pruning cannot trace channels through a shuffle (see "
-                         "lopfast.prune.attention.channel_shuffle_blocks); expand/contract still work unpruned")
     base = copy.deepcopy(model)
+    tracing = Tracing(base, example_inputs)
+    tracing.check()
+    if tracing.shuffle and not shuffle_supported(base):
+        blocks = shuffle_blocks(base)
+        raise ValueError(f"model: has channel-shuffle blocks ({blocks[0]!r} and {len(blocks) - 1} more) outside a "
+                         "torchvision ShuffleNetV2, the layout lopfast.prune.shuffle prunes through the shuffle")
+    if tracing.shuffle and (unit == "macs" or budget == "latency" or alloc == "amc"):
+        raise ValueError(f"model: ShuffleNetV2's shuffle lanes are not in the analytic cost model that "
+                         f"{'budget=' + repr(budget) if budget in ('flops', 'latency') else 'allocation=' + repr(alloc)} "
+                         "needs; prune it with a ratio or target_removed (parameters)")
     ignored_names = _ignored_names(model, ignored)
-    auto = output_layers(base, example_inputs)
+    auto = output_layers(base, example_inputs, tracing)
     all_ignored = sorted(set(ignored_names) | set(auto))
     engine = Engine(base, example_inputs, all_ignored, global_pruning=alloc == "global",
-                    max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
+                    max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), round_to=rounding,
+                    round_to_auto=round_to == "auto", tracing=tracing)
     if not engine.prunable:
         raise ValueError("model has no prunable conv/linear layer (all are ignored or produce the output)")
     params_before = engine.params_before
     macs_before = count_macs(base, example_inputs)
+    latency_before = None
+    if measure_opts is not None:
+        # the original is timed before anything else loads the machine (same settings as the pruned one)
+        latency_before = _measure({"original": base}, example_inputs, measure_opts)
 
-    extra: Dict[str, Any] = {}
-    if proc == "admm":
-        from lopfast.prune.methods.admm import admm
+    def run(engine: Engine):
+        extra: Dict[str, Any] = {}
+        if proc == "admm":
+            from lopfast.prune.methods.admm import admm
 
-        pruned, record, used_ratio, extra = admm(engine, ratio, target_removed, data, p_opts)
-    elif proc == "iterative":
-        pruned, record, used_ratio, extra = _iterative(engine, crit_name, ratio, target_removed, data, c_opts,
-                                                       p_opts, alloc, unit)
-    else:
-        if proc == "slimming":
-            from lopfast.prune.methods.slimming import sparsity_train
+            pruned, record, used_ratio, extra = admm(engine, ratio, target_removed, data, p_opts)
+        elif proc == "iterative":
+            pruned, record, used_ratio, extra = _iterative(engine, crit_name, ratio, target_removed, data, c_opts,
+                                                           p_opts, alloc, unit)
+        else:
+            if proc == "slimming":
+                from lopfast.prune.methods.slimming import sparsity_train
 
-            trained, extra = sparsity_train(base, data, p_opts)
-            engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
-                            max_layer_ratio=a_opts.get("max_layer_ratio", 0.95))
-        crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
-        pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts, unit)
-        extra.update(crit.extra)
-        extra.update(more)
-        if isinstance(crit, ThiNetCriterion):
-            extra["thinet_peak_sample_bytes"] = crit.peak_sample_bytes
+                trained, extra = sparsity_train(base, data, p_opts)
+                engine = Engine(trained, example_inputs, all_ignored, global_pruning=alloc == "global",
+                                max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), round_to=engine.round_to,
+                                round_to_auto=engine.round_to_auto, tracing=tracing)
+            crit = build_criterion(crit_name, engine.base, data, c_opts, alloc)
+            if alloc == "netadapt":
+                a_opts["_target_speedup"] = float(target_speedup)
+            pruned, record, used_ratio, more = _allocate(engine, crit, alloc, ratio, target_removed, data, a_opts,
+                                                         unit)
+            extra.update(crit.extra)
+            extra.update(more)
+            if isinstance(crit, ThiNetCriterion):
+                extra["thinet_peak_sample_bytes"] = crit.peak_sample_bytes
+        return engine, pruned, record, used_ratio, extra
 
-    _check_consistent(pruned, example_inputs, name)
+    try:
+        engine, pruned, record, used_ratio, extra = run(engine)
+    except RoundingMissed as missed:
+        # round_to="auto" is a preference: the asked target comes first (a paper's 68.37 %), so the
+        # cut is redone with exact counts and the report says why
+        rounding = None
+        engine = Engine(base, example_inputs, all_ignored, global_pruning=alloc == "global",
+                        max_layer_ratio=a_opts.get("max_layer_ratio", 0.95), tracing=tracing)
+        engine, pruned, record, used_ratio, extra = run(engine)
+        extra["round_to_auto_dropped"] = str(missed)
+
+    _check_consistent(pruned, example_inputs, name, tracing)
     params_after = count_params(pruned)
     macs_after = count_macs(pruned, example_inputs)
     before = {n: _width(m) for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     after = {n: _width(m) for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     extra.setdefault("prune_evaluations", engine.evaluations)
+    if tracing.train_only:
+        extra["training_only_layers"] = tracing.train_only  # pruned consistently: the training forward was traced
+    if engine.lane_info:
+        extra["shuffle_lanes"] = engine.lane_info
+    if rounding:
+        # pruned widths that are not a multiple of round_to (a layer narrower than round_to, or a
+        # shuffle stage whose step cannot reach one): listed, never silently
+        extra["round_to_unmet"] = sorted(n for n in before if after.get(n, 0) != before[n]
+                                         and after.get(n, 0) % rounding != 0)
+    latency = None
+    if measure_opts is not None:
+        latency = _measure({"pruned": pruned}, example_inputs, measure_opts, reference=latency_before,
+                           macs={"original": macs_before, "pruned": macs_after})
     if isinstance(used_ratio, dict):
         extra.setdefault("layer_ratios", used_ratio)
         used_ratio = None
@@ -305,8 +418,67 @@ def prune(
         allocation=alloc,
         procedure=proc,
         target_unit=unit,
+        round_to=rounding,
+        latency=latency,
+        target_speedup=target_speedup,
     )
     return pruned, report
+
+
+def _measure(models, example_inputs, opts: Dict[str, Any], reference=None, macs=None) -> Dict[str, Any]:
+    """:func:`lopfast.prune.latency.measure_latency` with ``opts``; a ``reference`` result (the
+    original, timed earlier with the same settings) is merged in first."""
+    from lopfast.prune.latency import measure_latency, merge_latency
+
+    lat = measure_latency(models, example_inputs, **opts)
+    if reference is not None:
+        lat = merge_latency(reference, lat, macs=macs)
+    return lat
+
+
+MEASURE_OPTIONS = ("batches", "train_batch", "compile", "amp", "rounds", "warmup", "budget_s", "compile_mode")
+
+#: the default ``round_to`` per device type. CUDA: 8, the channel multiple bf16/fp16 tensor cores
+#: take whole (the GPU suite's ``bench/bench_prune_latency.py`` measures it; unconfirmed on a GPU
+#: until it has run). CPU: none, measured in BENCHMARKS.md ("round_to"): on the CI box oneDNN ran
+#: odd widths as fast as their rounded neighbours, so rounding only cost parameters.
+ROUND_TO_DEFAULT = {"cuda": 8, "cpu": None}
+
+
+def _resolve_round_to(round_to, model: nn.Module) -> Optional[int]:
+    if isinstance(round_to, str):
+        if round_to != "auto":
+            raise ValueError(f"round_to must be a positive int, None or 'auto', got {round_to!r}")
+        first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+        dev = first.device.type if first is not None else "cpu"
+        return ROUND_TO_DEFAULT.get(dev)
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, None or 'auto', got {round_to!r}")
+    return round_to if round_to > 1 else None
+
+
+def _measure_options(measure, example_inputs) -> Optional[Dict[str, Any]]:
+    if measure is False or measure is None:
+        return None
+    if measure is True:
+        opts: Dict[str, Any] = {}
+    elif isinstance(measure, dict):
+        unknown = sorted(set(measure) - set(MEASURE_OPTIONS))
+        if unknown:
+            raise ValueError(f"measure: unknown keys {unknown}; it accepts {list(MEASURE_OPTIONS)}")
+        opts = dict(measure)
+    else:
+        raise TypeError(f"measure must be True, False or a dict of {list(MEASURE_OPTIONS)}, got "
+                        f"{type(measure).__name__}")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ValueError("measure: latency is measured on a single input tensor; example_inputs is a "
+                         f"{type(example_inputs).__name__}")
+    tb = opts.get("train_batch")
+    if tb is not None and (isinstance(tb, bool) or not isinstance(tb, int) or tb < 1):
+        raise ValueError(f"measure: train_batch must be a positive int, got {tb!r}")
+    return opts
 
 
 def _iterative(engine: Engine, crit_name, ratio, target, data, c_opts, p_opts, alloc, unit):
@@ -327,10 +499,11 @@ def _iterative(engine: Engine, crit_name, ratio, target, data, c_opts, p_opts, a
         rel = {}
         for n in caps:
             r = min(max(per.get(n, 0.0), 0.0), caps[n]) * s / steps
-            keep = max(1, int(width0[n] * (1.0 - r)))
+            # the last step lands on the one-shot counts (rounded to round_to)
+            keep = engine._keep(n, width0[n], r) if s == steps else max(1, int(width0[n] * (1.0 - r)))
             keep = min(keep, widths[n])
             rel[n] = 1.0 - (keep + 0.5) / widths[n]
-        step_engine = Engine(current, engine.example_inputs, engine.ignored)
+        step_engine = Engine(current, engine.example_inputs, engine.ignored, tracing=engine.tracing)
         crit = build_criterion(crit_name, current, data, c_opts, alloc)
         current, rec = crit.prune(step_engine, rel)
         record = rec
@@ -395,10 +568,13 @@ def _check_data(model: nn.Module, example_inputs, data) -> None:
                                  f"model has {out.shape[1]} outputs: is it the data set the model was trained on?")
 
 
-def _check_consistent(pruned: nn.Module, example_inputs, method: str) -> None:
-    """Run the pruned model once: a dependency torch-pruning could not trace shows up here."""
+def _check_consistent(pruned: nn.Module, example_inputs, method: str, tracing=None) -> None:
+    """Run the pruned model once, in eval mode and (when it has training-only layers) in training
+    mode: a dependency torch-pruning could not trace shows up here, not at the user's first step."""
     try:
         _eval_forward(pruned, example_inputs)
+        if tracing is not None and tracing.train:
+            tracing.forward(pruned, example_inputs)
     except RuntimeError as e:
         raise ValueError(
             f"method={method!r}: the pruned model no longer runs ({str(e).splitlines()[0]}); torch-pruning "

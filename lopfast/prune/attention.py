@@ -1,4 +1,4 @@
-"""Attention blocks and channel shuffles for torch-pruning: what its dependency graph cannot infer.
+"""Attention blocks for torch-pruning: what its dependency graph cannot infer.
 
 * Multi-head attention with a fused ``qkv`` projection (timm's ``Attention``, torchvision's
   Swin ``ShiftedWindowAttention``): the projection's outputs are ``3 x num_heads x head_dim``
@@ -8,9 +8,8 @@
   is invalid"). :func:`attention_kwargs` tells it; whole heads are removed
   (``prune_num_heads``), head dims are kept (the softmax scale stays right), and
   :func:`sync_attention` writes the new head count back into the blocks.
-* Channel shuffles (ShuffleNetV2): a ``view -> transpose -> view`` permutes channels across the
-  two branches; torch-pruning cannot trace it (see :func:`channel_shuffle_blocks`), so such
-  models are refused with that reason instead of torch-pruning's bare ``ZeroDivisionError``.
+
+(Channel shuffles, ShuffleNetV2: :mod:`lopfast.prune.shuffle`.)
 """
 from __future__ import annotations
 
@@ -84,19 +83,3 @@ def _blocks_of(model: nn.Module, counts) -> Iterator[Tuple[str, nn.Module]]:
         qkv = getattr(m, "qkv", None)
         if isinstance(qkv, nn.Linear) and qkv in counts and hasattr(m, "num_heads"):
             yield name, m
-
-
-def channel_shuffle_blocks(model: nn.Module) -> List[str]:
-    """Names of the blocks of ``model`` that shuffle channels across branches (torchvision ShuffleNetV2).
-
-    torch-pruning 1.6 cannot trace them: the shuffle (``view -> transpose -> view``) makes its
-    reshape rule divide by an inferred channel count of 0 (a bare ZeroDivisionError), and with the
-    shuffle written as an equivalent channel gather its channel inference through the following
-    ``chunk`` / ``cat`` still goes wrong (split sizes of None, then an IndexError). :func:`lopfast.prune`
-    refuses such models up front with this reason.
-    """
-    try:
-        from torchvision.models.shufflenetv2 import InvertedResidual
-    except Exception:  # torchvision missing or broken: no such blocks
-        return []
-    return [name for name, m in model.named_modules() if isinstance(m, InvertedResidual)]

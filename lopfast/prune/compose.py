@@ -3,7 +3,7 @@
 * **criterion**: which channels of a layer go (``l1``, ``l2``, ``bn``, ``taylor``, ``hrank``,
   ``thinet``, ``lamp``, ``fpgm``, ``hessian``, ``random``; ``admm`` = ADMM's Z support);
 * **allocation**: how many channels each layer loses (``uniform`` ratio, ``global``
-  threshold across layers, ``eagleeye`` search, ``amc`` agent);
+  threshold across layers, ``eagleeye`` search, ``amc`` agent, ``netadapt`` latency budget);
 * **procedure**: training around the cut (``none``, ``admm``, ``slimming`` sparsity
   training, ``iterative`` steps).
 
@@ -35,6 +35,9 @@ amc           l1 / amc / none                          see methods.amc
 admm          admm / uniform / admm (1 epoch, 4 b.)    17.3 / 70.9       814 / 2864
 slimming      bn / global / slimming (1 epoch, 4 b.)   14.0 / 58.7       911 / 2912
 ============  =======================================  ================  ===============
+
+netadapt (l2 / netadapt / none, ``budget="latency"``) is measured in
+:mod:`lopfast.prune.methods.netadapt` (its cost is the device's timings, not the model's size).
 
 Taylor, ADMM and slimming hold one training step's activations (backward through a batch
 of 128); ADMM and slimming cost what training costs, per epoch of ``data``. EagleEye costs
@@ -107,6 +110,12 @@ ALLOCATIONS: Dict[str, Dict[str, Tuple[Any, _Check]]] = {
             "positions": (10, POS_INT), "hidden": (300, POS_INT), "lr_actor": (1e-4, POS),
             "lr_critic": (1e-3, POS), "tau": (0.01, POS), "batch_size": (64, POS_INT), "buffer": (2000, POS_INT),
             "sigma": (0.5, POS), "sigma_decay": (0.95, POS), "seed": (0, NONNEG_INT)},
+    "netadapt": {"batch": (None, OPT_POS_INT), "step": (0.025, OPEN_UNIT), "decay": (0.96, OPEN_UNIT),
+                 "min_step": (0.005, UNIT), "max_iters": (500, POS_INT), "search_margin": (1.25, GROWTH), "recalibrate": (3, NONNEG_INT),
+                 "lut_points": (5, _Check("an integer >= 2 or 'all'", lambda v: v == "all" or (
+                     isinstance(v, int) and not isinstance(v, bool) and v >= 2))),
+                 "compiled": (False, BOOL), "rounds": (20, POS_INT), "budget_s": (0.3, POS),
+                 "repeats": (3, POS_INT)},
 }
 DATA_ALLOCATIONS = ("eagleeye", "amc")
 
@@ -142,6 +151,9 @@ PRESETS: Dict[str, Tuple[str, str, str, str]] = {
     "fpgm": ("fpgm", "uniform", "none", "FPGM (He et al., CVPR 2019): filters nearest the geometric median"),
     "obd": ("hessian", "uniform", "none", "Optimal Brain Damage (LeCun et al. 1989), group version: w^2 * Fisher"),
     "random": ("random", "uniform", "none", "random channels (a baseline)"),
+    "netadapt": ("l2", "netadapt", "none",
+                 "NetAdapt (Yang et al., ECCV 2018): a latency budget (budget='latency', target_speedup) met by "
+                 "per-layer proposals on a latency table measured on the device, L2 filters"),
 }
 
 
@@ -170,6 +182,9 @@ def resolve(method, criterion, allocation, procedure, global_pruning: bool) -> T
     if p == "admm" and c != "admm":
         raise ValueError(f"procedure='admm' cuts the channels ADMM drove to zero (criterion='admm'); "
                          f"criterion={c!r} cannot be combined with it")
+    if a == "netadapt" and p != "none":
+        raise ValueError(f"allocation='netadapt' chooses its channel counts by latency; procedure={p!r} cannot be "
+                         "combined with it")
     if p in ("admm", "iterative") and a != "uniform":
         raise ValueError(f"procedure={p!r} needs allocation='uniform', got allocation={a!r}")
     if c == "thinet" and a == "global":

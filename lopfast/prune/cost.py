@@ -1,7 +1,8 @@
 """Exact parameter (and approximate MAC) counts of a pruned model, without pruning it."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +12,22 @@ from lopfast.prune.importance import require_tp
 
 def _under(name: str, ignored) -> bool:
     return any(name == i or name.startswith(i + ".") for i in ignored)
+
+
+def round_keep(keep: int, channels: int, unit: int) -> int:
+    """``keep`` of ``channels`` rounded to the nearest multiple of ``unit`` (ties up) between
+    ``unit`` and ``channels``; unchanged when ``unit`` is 1, when nothing is removed, or when no
+    multiple fits (``channels < unit``: such a layer keeps its own count, reported as unrounded).
+
+    Rounding to the nearest (torch-pruning's own ``round_to`` rounds the kept count down, to 0
+    below ``round_to``) keeps the search's parameter count close to its target."""
+    if unit <= 1 or keep >= channels:
+        return keep
+    lo = keep // unit * unit
+    cands = [c for c in (lo, lo + unit) if unit <= c <= channels]
+    if not cands:
+        return keep
+    return min(cands, key=lambda c: (abs(c - keep), -c))
 
 
 class CostModel:
@@ -23,24 +40,35 @@ class CostModel:
     episode is still running. Parameters of other layers are counted as unprunable.
     """
 
-    def __init__(self, base: nn.Module, example_inputs, ignored: List[str], forward) -> None:
+    def __init__(self, base: nn.Module, example_inputs, ignored: List[str], forward, tracing=None,
+                 round_to: Optional[int] = None) -> None:
         tp = require_tp()
         names = {m: n for n, m in base.named_modules()}
         ignored_modules = [m for n, m in base.named_modules()
                            if _under(n, ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
         was_training = base.training
         base.eval()
+        # MACs of the inference forward: layers that run only in training (auxiliary heads) count none
         hw: Dict[str, int] = {}
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: hw.__setitem__(n, o.shape[-1] * o.shape[-2]))
                  for n, m in base.named_modules() if isinstance(m, nn.Conv2d)]
+        ran = set()
+        hooks += [m.register_forward_hook(lambda mod, i, o, n=n: ran.add(n))
+                  for n, m in base.named_modules() if isinstance(m, nn.Linear)]
         try:
             with torch.no_grad():
                 forward(base, example_inputs)
         finally:
             for h in hooks:
                 h.remove()
-        dg = tp.DependencyGraph().build_dependency(base, example_inputs=example_inputs)
+        if tracing is not None:
+            dg = tracing.graph(base, example_inputs)
+        else:
+            dg = tp.DependencyGraph().build_dependency(base, example_inputs=example_inputs)
         base.train(was_training)
+        self.round_to = int(round_to) if round_to and round_to > 1 else None
+        #: per group root: the largest ``groups`` of a (non-depthwise) grouped conv the group touches
+        self.conv_groups: Dict[str, int] = {}
         self.groups: List[dict] = []
         cover: Dict[Tuple[str, str], Dict[int, int]] = {}
         position = {m: i for i, m in enumerate(base.modules())}
@@ -51,9 +79,13 @@ class CostModel:
             root = group[0].dep.layer
             gi = len(self.groups)
             members = []
+            g = 1
             for item in group:
                 layer, fn = item.dep.layer, item.dep.pruning_fn
                 name = names.get(layer)
+                if isinstance(layer, nn.Conv2d) and layer.groups > 1 and not (
+                        layer.groups == layer.in_channels == layer.out_channels):
+                    g = max(g, layer.groups)
                 if name is None or not isinstance(layer, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
                     continue
                 side = "out" if dg.is_out_channel_pruning_fn(fn) else "in"
@@ -63,16 +95,17 @@ class CostModel:
                 if side == "out" and isinstance(layer, (nn.Conv2d, nn.Linear)):
                     members.append(name)
             self.groups.append({"root": names[root], "channels": len(group[0].idxs), "members": members})
+            self.conv_groups[names[root]] = g
         self.layers = []
         for n, m in base.named_modules():
             if isinstance(m, nn.Conv2d):
                 dw = m.groups == m.in_channels == m.out_channels and m.groups > 1
                 per_out = (1 if dw else m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
                 self.layers.append(dict(name=n, out=m.out_channels, inn=m.in_channels, dw=dw, per=per_out,
-                                        bias=m.bias is not None, hw=hw.get(n, 1), bn=False, groups=m.groups))
+                                        bias=m.bias is not None, hw=hw.get(n, 0), bn=False, groups=m.groups))
             elif isinstance(m, nn.Linear):
                 self.layers.append(dict(name=n, out=m.out_features, inn=m.in_features, dw=False, per=m.in_features,
-                                        bias=m.bias is not None, hw=1, bn=False, groups=1))
+                                        bias=m.bias is not None, hw=1 if n in ran else 0, bn=False, groups=1))
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self.layers.append(dict(name=n, out=m.num_features, inn=0, dw=False, per=0,
                                         bias=False, hw=0, bn=m.affine, groups=1))
@@ -83,8 +116,15 @@ class CostModel:
         self.params0 = modelled + self._fixed
 
     def keep(self, ratios: List[float]) -> List[int]:
-        # exactly torch-pruning's rounding: it keeps int(C * (1 - r)) channels
-        return [max(1, int(g["channels"] * (1.0 - r))) for g, r in zip(self.groups, ratios)]
+        # exactly torch-pruning's rounding: it keeps int(C * (1 - r)) channels (then round_to's)
+        out = []
+        for g, r in zip(self.groups, ratios):
+            keep = max(1, int(g["channels"] * (1.0 - r)))
+            if self.round_to:
+                u = self.round_to * self.conv_groups[g["root"]] // math.gcd(self.round_to, self.conv_groups[g["root"]])
+                keep = round_keep(keep, g["channels"], u)
+            out.append(keep)
+        return out
 
     def _dim(self, name: str, side: str, full: int, keep: List[int]) -> float:
         cov = self.cover.get((name, side), {})

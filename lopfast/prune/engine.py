@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -9,11 +11,17 @@ import torch.nn as nn
 
 from lopfast.prune.attention import attention_kwargs, sync_attention, sync_widths
 from lopfast.prune.importance import PrecomputedImportance, require_tp
+from lopfast.prune.tracing import _call as _forward  # model(x), model(*x) or model(**x)
 
 #: the removed-parameter fraction must land within this of ``target_removed`` (0.5 points)
 TOLERANCE = 0.005
 
 RatioSpec = Union[float, Dict[str, float]]
+
+
+class RoundingMissed(ValueError):
+    """``round_to="auto"``: the rounded widths cannot meet the target within TOLERANCE (the caller
+    redoes the cut with exact counts)."""
 
 
 def count_params(model: nn.Module) -> int:
@@ -44,16 +52,31 @@ def prunable_layers(model: nn.Module, ignored: Iterable[str]) -> List[str]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not _under(n, ignored)]
 
 
+def _width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
 def _under(name: str, ignored: Iterable[str]) -> bool:
     return any(name == i or name.startswith(i + ".") for i in ignored)
 
 
-def output_layers(model: nn.Module, example_inputs) -> List[str]:
+def output_layers(model: nn.Module, example_inputs, tracing=None) -> List[str]:
     """The conv/linear layers whose output *is* the model's output (the classifier).
 
     Found by identity of the output tensor during a forward pass; if the output is
-    post-processed, the last conv/linear executed is taken instead.
+    post-processed, the last conv/linear executed is taken instead. With a ``tracing`` that
+    traces the training forward (:class:`lopfast.prune.tracing.Tracing`), the auxiliary
+    classifiers of that forward are outputs too.
     """
+    found = _eval_output_layers(model, example_inputs)
+    if tracing is not None and tracing.train:
+        from lopfast.prune.tracing import training_outputs
+
+        found += [n for n in training_outputs(model, example_inputs) if n not in found]
+    return found
+
+
+def _eval_output_layers(model: nn.Module, example_inputs) -> List[str]:
     outputs: Dict[str, torch.Tensor] = {}
     order: List[str] = []
 
@@ -81,14 +104,6 @@ def output_layers(model: nn.Module, example_inputs) -> List[str]:
     return found
 
 
-def _forward(model: nn.Module, example_inputs):
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
-
-
 def _eval_forward(model: nn.Module, example_inputs):
     """One no-grad forward of ``model`` in eval mode (BN statistics untouched; its mode restored)."""
     was_training = model.training
@@ -109,18 +124,69 @@ class Engine:
     """
 
     def __init__(self, base: nn.Module, example_inputs, ignored: List[str], global_pruning: bool = False,
-                 max_layer_ratio: float = 0.95) -> None:
+                 max_layer_ratio: float = 0.95, round_to: Optional[int] = None, round_to_auto: bool = False,
+                 tracing=None) -> None:
+        from lopfast.prune.tracing import Tracing
+
         self.tp = require_tp()
         self.base = base
         self.example_inputs = example_inputs
         self.ignored = list(ignored)
         self.global_pruning = global_pruning
         self.max_layer_ratio = max_layer_ratio
+        self.round_to = int(round_to) if round_to and round_to > 1 else None
+        # round_to came from "auto": a missed target raises RoundingMissed instead of taking the closest
+        self.round_to_auto = bool(round_to_auto)
+        self.tracing = tracing if tracing is not None else Tracing(base, example_inputs)
+        self.tracing.check()
         self.params_before = count_params(base)
-        self.prunable = prunable_layers(base, self.ignored)
+        # layers torch-pruning must not root a group at (the user's, the classifier, and for
+        # ShuffleNetV2 the channels that cross a shuffle, pruned by lopfast.prune.shuffle)
+        self.tp_ignored = list(self.ignored)
+        lanes: List[str] = []
+        if self.tracing.shuffle:
+            from lopfast.prune import shuffle
+
+            if not shuffle.supported(base):
+                raise ValueError("model: has ShuffleNetV2 blocks but is not a torchvision ShuffleNetV2 (stage2..4, "
+                                 "conv5): lopfast.prune.shuffle prunes through the channel shuffle of that layout only")
+            lanes = shuffle.lane_roots(base)
+            stage_roots = {shuffle.stage_lane_root(s) for s in ("stage2", "stage3", "stage4")}
+            self.tp_ignored += lanes
+            lanes = [n for n in lanes if n not in stage_roots]
+        # a stage's lane pruning is decided by its first block's branch2.5; the other lane layers follow it
+        self.prunable = [n for n in prunable_layers(base, self.ignored) if n not in lanes]
+        self.lane_info: Dict[str, dict] = {}
         self.evaluations = 0
         # whether the cost model has matched a real pruning ("exact"), failed to ("wrong"), or is untested
-        self._model_state = "untested"
+        self._model_state = "wrong" if self.tracing.shuffle else "untested"
+
+    def unit(self, name: str) -> int:
+        """The channel multiple the group rooted at ``name`` is rounded to: ``round_to``, or a
+        multiple of it that grouped convs in the group also divide (torch-pruning removes the same
+        channels from every group of a grouped conv)."""
+        if not self.round_to:
+            return 1
+        cm = self._cost_model_obj()
+        g = 1
+        if cm is not None:
+            g = cm.conv_groups.get(name, 1)
+        return self.round_to * g // math.gcd(self.round_to, g)
+
+    def _keep(self, name: str, channels: int, ratio: float) -> int:
+        """Channels a group of ``channels`` keeps at ``ratio``: torch-pruning's ``int(C (1 - r))``
+        (at least 1), rounded to :meth:`unit` when ``round_to`` is set."""
+        from lopfast.prune.cost import round_keep
+
+        keep = max(1, int(channels * (1.0 - ratio)))
+        return round_keep(keep, channels, self.unit(name))
+
+    def _tp_ratio(self, name: str, channels: int, ratio: float) -> float:
+        """The ratio that makes torch-pruning keep exactly :meth:`_keep` channels."""
+        if not self.round_to:
+            return ratio
+        keep = self._keep(name, channels, ratio)
+        return 1.0 - (keep + 0.5) / channels if keep < channels else 0.0
 
     def caps(self, model: nn.Module) -> Dict[str, float]:
         """Largest ratio per layer that still keeps one channel.
@@ -140,6 +206,45 @@ class Engine:
               prepare: Optional[Callable[[nn.Module], None]] = None
               ) -> Tuple[nn.Module, Dict[Tuple[str, str], List[int]]]:
         """Prune a deep copy of ``source`` (default ``base``); returns it and the removal record."""
+        if self.global_pruning and self.round_to:
+            if isinstance(ratio, dict):
+                raise ValueError("global_pruning ranks all layers together and cannot take per-layer ratios")
+            # the global ranking decides each layer's count; round those counts, then cut each layer
+            # at its rounded count with the same scores (the lowest-ranked channels of a layer are the
+            # same channels either way)
+            first, _ = self._prune_tp(importance, ratio, source, prepare, global_=True)
+            widths = {n: _width(m) for n, m in first.named_modules() if n in self.prunable}
+            src = dict((self.base if source is None else source).named_modules())
+            per = {n: 1.0 - (w + 0.5) / _width(src[n]) for n, w in widths.items() if w < _width(src[n])}
+            if self.tracing.shuffle:
+                per.update(self._lane_ratios(ratio))
+            model, record = self._prune_tp(importance, per, source, prepare, global_=False)
+        else:
+            model, record = self._prune_tp(importance, ratio, source, prepare, global_=self.global_pruning)
+        if self.tracing.shuffle:
+            self._prune_lanes(model, ratio, record)
+        self.evaluations += 1
+        return model, record
+
+    def _lane_ratios(self, ratio: RatioSpec) -> Dict[str, float]:
+        from lopfast.prune.shuffle import stage_lane_root
+
+        roots = [stage_lane_root(s) for s in ("stage2", "stage3", "stage4")]
+        if isinstance(ratio, dict):
+            return {r: float(ratio[r]) for r in roots if r in ratio}
+        return {r: float(ratio) for r in roots}
+
+    def _prune_lanes(self, model: nn.Module, ratio: RatioSpec, record) -> None:
+        from lopfast.prune.shuffle import prune_lanes
+
+        caps = self.caps(self.base)
+        lane = {n: min(max(r, 0.0), caps.get(n, 0.0)) for n, r in self._lane_ratios(ratio).items()}
+        rec, self.lane_info = prune_lanes(model, lane, self.round_to)
+        for key, idxs in rec.items():
+            record.setdefault(key, []).extend(idxs)
+
+    def _prune_tp(self, importance, ratio: RatioSpec, source, prepare, global_: bool):
+        """One torch-pruning pass over a deep copy (no lanes, no evaluation count)."""
         tp = self.tp
         model = copy.deepcopy(self.base if source is None else source)
         if prepare is not None:
@@ -149,9 +254,9 @@ class Engine:
         if isinstance(importance, PrecomputedImportance):
             importance.names = names
         ignored_modules = [m for n, m in model.named_modules()
-                           if _under(n, self.ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
+                           if _under(n, self.tp_ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
         kwargs = dict(importance=importance, ignored_layers=ignored_modules)
-        if self.global_pruning:
+        if global_:
             if isinstance(ratio, dict):
                 raise ValueError("global_pruning ranks all layers together and cannot take per-layer ratios")
             kwargs.update(global_pruning=True, pruning_ratio=float(ratio), max_pruning_ratio=self.max_layer_ratio)
@@ -159,28 +264,31 @@ class Engine:
             caps = self.caps(model)
             per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in self.prunable}
             kwargs.update(pruning_ratio=0.0, pruning_ratio_dict={
-                by_name[n]: min(max(float(r), 0.0), caps[n]) for n, r in per.items() if n in caps})
+                by_name[n]: self._tp_ratio(n, _width(by_name[n]), min(max(float(r), 0.0), caps[n]))
+                for n, r in per.items() if n in caps and n not in self.tp_ignored})
         # attention blocks: whole heads at the channel ratio (lopfast.prune.attention)
         head_ratio = float(ratio) if not isinstance(ratio, dict) else sum(ratio.values()) / max(len(ratio), 1)
         kwargs.update(attention_kwargs(model, head_ratio))
+        if self.tracing.forward_fn is not None:
+            kwargs["forward_fn"] = self.tracing.forward_fn
         pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
         was_training = model.training
         model.eval()
-        pruner = pruner_cls(model, self.example_inputs, **kwargs)
         record: Dict[Tuple[str, str], List[int]] = {}
-        for group in pruner.step(interactive=True):
-            for item in group:
-                dep, idxs = item.dep, item.idxs
-                name = names.get(dep.layer)
-                if name is None or not isinstance(dep.layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                    continue
-                side = "out" if pruner.DG.is_out_channel_pruning_fn(dep.pruning_fn) else "in"
-                record.setdefault((name, side), []).extend(int(i) for i in idxs)
-            group.prune()
+        with self.tracing.patched(model):
+            pruner = pruner_cls(model, self.example_inputs, **kwargs)
+            for group in pruner.step(interactive=True):
+                for item in group:
+                    dep, idxs = item.dep, item.idxs
+                    name = names.get(dep.layer)
+                    if name is None or not isinstance(dep.layer, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                        continue
+                    side = "out" if pruner.DG.is_out_channel_pruning_fn(dep.pruning_fn) else "in"
+                    record.setdefault((name, side), []).extend(int(i) for i in idxs)
+                group.prune()
         sync_attention(model, pruner)
         sync_widths(model)
         model.train(was_training)
-        self.evaluations += 1
         return model, record
 
     def prune_sequential(self, criterion, ratio: RatioSpec, source: Optional[nn.Module] = None
@@ -198,12 +306,12 @@ class Engine:
         model = copy.deepcopy(self.base if source is None else source)
         names = {m: n for n, m in model.named_modules()}
         ignored_modules = [m for n, m in model.named_modules()
-                           if _under(n, self.ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
+                           if _under(n, self.tp_ignored) and isinstance(m, (nn.Conv2d, nn.Linear))]
         caps = self.caps(model)
         per = ratio if isinstance(ratio, dict) else {n: float(ratio) for n in self.prunable}
         was_training = model.training
         model.eval()
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_inputs)
+        dg = self.tracing.graph(model, self.example_inputs)
         position = {m: i for i, m in enumerate(model.modules())}
         roots = sorted(((g[0].dep.layer, g[0].dep.pruning_fn) for g in
                         dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=[nn.Conv2d, nn.Linear])),
@@ -215,7 +323,7 @@ class Engine:
                 continue
             n = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
             r = min(max(float(per.get(name, 0.0)), 0.0), caps[name])
-            keep = max(1, int(n * (1.0 - r)))
+            keep = self._keep(name, n, r)
             if keep >= n:
                 continue
             group = dg.get_pruning_group(layer, fn, list(range(n)))
@@ -231,6 +339,8 @@ class Engine:
             cut.prune()
             criterion.after_prune(model, drop)
         model.train(was_training)
+        if self.tracing.shuffle:
+            self._prune_lanes(model, ratio, record)
         self.evaluations += 1
         return model, record
 
@@ -242,14 +352,29 @@ class Engine:
         """The analytic :class:`~lopfast.prune.cost.CostModel` of ``base`` (built once).
 
         ``None`` if it cannot be built (unless ``required``): callers then prune to count.
+        ShuffleNetV2's lanes (:mod:`lopfast.prune.shuffle`) are not in it: ``None`` for such models
+        (``required``: a ValueError saying so).
         """
-        if not hasattr(self, "_cost_model"):
+        if self.tracing.shuffle:
+            if required:
+                raise ValueError("model: ShuffleNetV2's shuffle lanes are not in the analytic cost model, which "
+                                 "MAC and latency budgets and AMC need; use the parameter budget (target_removed) "
+                                 "or a ratio")
+            return None
+        cm = self._cost_model_obj()
+        if cm is None and required:
+            self._cost_model_obj(raise_error=True)
+        return cm
+
+    def _cost_model_obj(self, raise_error: bool = False):
+        if not hasattr(self, "_cost_model") or (raise_error and self._cost_model is None):
             from lopfast.prune.cost import CostModel
 
             try:
-                self._cost_model = CostModel(self.base, self.example_inputs, self.ignored, _forward)
+                self._cost_model = CostModel(self.base, self.example_inputs, self.tp_ignored, _forward,
+                                             tracing=self.tracing, round_to=self.round_to)
             except Exception:
-                if required:
+                if raise_error:
                     raise
                 self._cost_model = None
         return self._cost_model
@@ -293,7 +418,8 @@ class Engine:
         the cost model (it does not depend on which channels go) and only the result is
         pruned and checked; if the check disagrees, or for global pruning, every trial is
         pruned. ``prune_at(ratios)`` returns (model, record). Raises ValueError if even
-        ``hi`` removes too little, or if no trial lands in the band.
+        ``hi`` removes too little, or if no trial lands in the band (with ``round_to``, whose
+        steps can be too coarse for the band, the closest trial is taken with a warning).
         With ``unit="macs"`` the target is a fraction of the multiply-accumulates, counted by
         the cost model (conv/linear MACs; local pruning only).
         Returns (model, record, ratios used).
@@ -318,8 +444,14 @@ class Engine:
                 model, rec = prune_at(ratios)
                 exact = abs(self.removed_fraction(model) - self.predicted_fraction(ratios)) < 1e-12
                 self._model_state = "exact" if exact else "wrong"
-                if abs(self.removed_fraction(model) - target) <= TOLERANCE:
+                # with round_to the closest count the rounded widths allow (it warned) is the answer
+                if abs(self.removed_fraction(model) - target) <= TOLERANCE or (
+                        exact and self.round_to and not self.round_to_auto):
                     return model, rec, ratios
+                if exact and self.round_to:
+                    raise RoundingMissed(f"round_to={self.round_to} (auto) cannot remove {target:.4f} of the "
+                                         f"parameters within {TOLERANCE} (closest "
+                                         f"{self.removed_fraction(model):.4f}); exact counts used")
         cache: Dict[int, Tuple[nn.Module, dict]] = {}
 
         def measure(ratios):
@@ -359,12 +491,18 @@ class Engine:
                 f"layer cut as far as allowed only {top:.4f} of the {counted} go (the input channels, "
                 f"the classifier outputs and the ignored layers {self.ignored} are kept)"
             )
-        lo, best = 0.0, 0.0
+        lo, best, best_ratios = 0.0, 0.0, None
+
+        def closer(got, ratios):
+            nonlocal best, best_ratios
+            if best_ratios is None or abs(got - target) < abs(best - target):
+                best, best_ratios = got, ratios
+
         for _ in range(40):
             mid = 0.5 * (lo + hi)
             ratios = spec(mid)
             got = measure(ratios)
-            best = got if abs(got - target) < abs(best - target) else best
+            closer(got, ratios)
             if abs(got - target) <= TOLERANCE:
                 return ratios
             if got < target:
@@ -382,7 +520,7 @@ class Engine:
                 ratios = dict(below)
                 ratios.update({n: above[n] for n in names[:k]})
                 got = measure(ratios)
-                best = got if abs(got - target) < abs(best - target) else best
+                closer(got, ratios)
                 if abs(got - target) <= TOLERANCE:
                     return ratios
                 if got < target:
@@ -399,7 +537,7 @@ class Engine:
                     ratios = dict(base_ratios)
                     ratios[layer] = 0.5 * (r_lo + r_hi)
                     got = measure(ratios)
-                    best = got if abs(got - target) < abs(best - target) else best
+                    closer(got, ratios)
                     if abs(got - target) <= TOLERANCE:
                         return ratios
                     if got < target:
@@ -408,6 +546,13 @@ class Engine:
                         r_hi = ratios[layer]
                     if r_hi - r_lo < 1e-4:
                         break
+        if self.round_to and best_ratios is not None:
+            if self.round_to_auto:
+                raise RoundingMissed(f"round_to={self.round_to} (auto) cannot remove {target:.4f} of the {counted} "
+                                     f"within {TOLERANCE} (closest {best:.4f}); exact counts used")
+            warnings.warn(f"round_to={self.round_to}: the closest the rounded widths get to removing {target:.4f} of "
+                          f"the {counted} is {best:.4f} (outside {TOLERANCE}); pruned to that")
+            return best_ratios
         raise ValueError(
             f"no {what} removes {target:.4f} of the {counted} within {TOLERANCE}: removing a single "
             f"channel more jumps from below to above it (closest: {best:.4f}); the network is too small "

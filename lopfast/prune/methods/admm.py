@@ -14,7 +14,8 @@ from lopfast.prune.engine import _under
 from lopfast.prune.importance import _is_out_fn, magnitude_importance, require_tp
 
 
-def _channel_groups(model: nn.Module, example_inputs, ignored: List[str], ratio_of) -> List[Tuple[list, int, int]]:
+def _channel_groups(model: nn.Module, example_inputs, ignored: List[str], ratio_of, tracing=None
+                    ) -> List[Tuple[list, int, int]]:
     """For each prunable channel group: ([(param, dim0 index map)], n_channels, n_keep)."""
     tp = require_tp()
     ignored_modules = [m for n, m in model.named_modules()
@@ -22,7 +23,10 @@ def _channel_groups(model: nn.Module, example_inputs, ignored: List[str], ratio_
     names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    if tracing is not None:  # auxiliary heads / ShuffleNetV2 (lopfast.prune.tracing)
+        dg = tracing.graph(model, example_inputs)
+    else:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     model.train(was_training)
     out = []
     for group in dg.get_all_groups(ignored_layers=ignored_modules, root_module_types=[nn.Conv2d, nn.Linear]):
@@ -100,7 +104,7 @@ def admm(engine, ratio, target, data, o):
 
     model = copy.deepcopy(engine.base)
     names = {m: n for n, m in model.named_modules()}
-    groups = _channel_groups(model, engine.example_inputs, engine.ignored, ratio_of)
+    groups = _channel_groups(model, engine.example_inputs, engine.tp_ignored, ratio_of, engine.tracing)
     params = {id(p): p for slices, _, _ in groups for p, _, _ in slices}
     Z = {k: p.detach().clone() for k, p in params.items()}
     U = {k: torch.zeros_like(p) for k, p in params.items()}
