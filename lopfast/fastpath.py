@@ -50,6 +50,7 @@ routing and the Triton plan done once); each forward only checks the layers' sig
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -186,6 +187,10 @@ class CollapsedForward:
         self._emulate = False  # tests: the graph plumbing without CUDA graphs
         self.layers: List[ExpandedConv2d] = []
         self.refresh()
+        if not self.layers:
+            warnings.warn(f"CollapsedForward: the {type(model).__name__} has no ExpandedConv2d, so there is nothing "
+                          "to collapse (expand it first: lopfast.expand(model)); its forward runs as it is",
+                          stacklevel=2)
         self._pre = model.register_forward_pre_hook(self._before)
         self._post = model.register_forward_hook(self._after)
 

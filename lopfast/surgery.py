@@ -135,10 +135,16 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Collapse every ExpandedConv2d / ExpandedLinear of ``model`` into its plain layer.
 
     The result contains only standard PyTorch layers: its ``state_dict()`` loads with
-    ``strict=True`` into the original, never-expanded architecture.
+    ``strict=True`` into the original, never-expanded architecture. Factors holding NaN or inf
+    raise :class:`lopfast.checks.NonFiniteValues` naming them, before anything is changed.
     """
     check_module(model, "model")
     check_bool(inplace, "inplace")
+    # checked before any layer is replaced: a factor gone NaN (a diverged fine-tuning) would
+    # otherwise become a plain model that loads and runs and predicts garbage
+    check_finite_tensors([(f"{name}.{p}".lstrip("."), t) for name, m in expanded_modules(model)
+                          for p, t in m.named_parameters(recurse=False)],
+                         "model", "an expanded layer with NaN or inf factors cannot be contracted into a usable layer")
     if not inplace:
         model = copy.deepcopy(model)
     for name, m in expanded_modules(model):

@@ -112,6 +112,22 @@ def test_expand_of_a_model_without_convs_warns():
         lopfast.set_mode("resnet20", "chain")
 
 
+def test_contract_refuses_nonfinite_factors_before_changing_anything():
+    m = lopfast.expand(digitsnet())
+    name, layer = lopfast.expanded_modules(m)[1]
+    with torch.no_grad():
+        layer.weight2[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteValues, match=re.escape(f"model holds NaN or infinite values (in {name}.weight2)")):
+        lopfast.contract(m, inplace=True)
+    assert len(lopfast.expanded_modules(m)) == len(lopfast.expanded_modules(lopfast.expand(digitsnet())))
+
+
+def test_collapsed_forward_on_a_model_without_expanded_layers_warns():
+    with pytest.warns(UserWarning, match="has no ExpandedConv2d, so there is nothing to collapse"):
+        fast = lopfast.CollapsedForward(digitsnet())
+    fast.remove()
+
+
 # ============================================================================ prune
 @pytest.fixture(scope="module")
 def tp():
