@@ -16,8 +16,9 @@ achieved (measured) speed-up beside the asked one.
 Sizes: on CUDA the training batch is 256 (ImageNet shapes 128) and compile is on; on CPU
 (``small``) the ImageNet models run at batch 32, compile only with ``LOPFAST_BENCH_COMPILE=1``
 (inductor costs tens of seconds per model and batch on a CPU); ``tiny`` (CI smoke) prunes a
-small net once. On a GPU the benchmark runs only with ``LOPFAST_BENCH_PRUNE=1`` (it is not part
-of ``bench/gpu_suite.sh``'s time budget) and needs torch-pruning (``wheels/``, see the suite).
+small net once. On a GPU the benchmark runs only with ``LOPFAST_BENCH_PRUNE=1``; ``bench/gpu_suite.sh``
+sets it and runs the ResNet-56 rows last, inside its deadline (``-k resnet56``); the ImageNet nets
+stay outside its time budget. It needs torch-pruning (``wheels/``, see the suite).
 Results: ``<results>/prune_latency-<gpu|cpu>.json`` (rewritten after every model) and a markdown
 table on stdout (``-s``), the form of BENCHMARKS.md's table.
 """

@@ -23,7 +23,8 @@
 #
 # Output: $OUT when set, else ./gpu-results: suite.log (everything printed), suite.json (phases,
 # what was skipped and why, machine, the dispatch's measured choices) and the result files of
-# the phases (selfcheck.json, table-*.json, sp_loss-*.json, collapse-*.json, expanded_conv-*.json).
+# the phases (selfcheck.json, table-*.json, sp_loss-*.json, collapse-*.json, expanded_conv-*.json,
+# prune_latency-gpu.json).
 # Exit status: non-zero when a phase failed or ran out of time. Skips never fail the suite; the
 # summary lists every one with its reason.
 set -uo pipefail
@@ -56,6 +57,7 @@ BENCHES=(
     "sp_loss|60|bench/bench_sp_loss.py -k resnet56 or host_work"
     "collapse|60|bench/bench_collapse.py"
     "expanded_conv|50|bench/bench_expanded_conv.py"
+    "prune_latency|90|bench/bench_prune_latency.py -k resnet56"
 )
 if [ "$SMOKE" = 1 ]; then
     BENCHES=("all|150|bench")
@@ -98,6 +100,9 @@ else
     # 3 rounds: the medians of these GPU benchmarks move by a few percent between rounds; the
     # ratios the issues track are many-fold (override with LOPFAST_BENCH_ROUNDS)
     export LOPFAST_BENCH_SIZE=full LOPFAST_BENCH_ROUNDS=${LOPFAST_BENCH_ROUNDS:-3}
+    # issue 19's pruned-model latency (the CIFAR ResNet-56 rows: BENCHMARKS.md's GPU column); the
+    # ImageNet nets take ~6 min: LOPFAST_BENCH_PRUNE=1 pytest bench/bench_prune_latency.py --benchmark-only
+    export LOPFAST_BENCH_PRUNE=1
     export TORCH_CUDA_ARCH_LIST
     TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
