@@ -286,9 +286,17 @@ for sp in sorted(out.glob("sp_loss-*.json")):
               + ", ".join(f"{k} {v:.1f}x" for k, v in d["issue17_sp_over_one_read"].items()))
     for h in d.get("host_work", []):
         print(f"  host work {h['variant']}: {h['host_us']:.0f} us, {h['launches']} launches per call")
+other = collections.Counter()
 for name, e in doc["dispatch"].items():
-    rej = "; ".join(f"{k}: {v}" for k, v in e["rejected"].items())
-    print(f"dispatch {name.split(' | ')[2]} -> {e['choice']} {e['times_ms']}" + (f" rejected: {rej}" if rej else ""))
+    parts = name.split(" | ")
+    if "choice" not in e or len(parts) < 3:
+        # entries of other kinds share the cache (pruning's per-layer latency tables): counted, not listed
+        other[parts[2] if len(parts) > 2 else name] += 1
+        continue
+    rej = "; ".join(f"{k}: {v}" for k, v in (e.get("rejected") or {}).items())
+    print(f"dispatch {parts[2]} -> {e['choice']} {e.get('times_ms', '')}" + (f" rejected: {rej}" if rej else ""))
+for what, n in other.items():
+    print(f"dispatch cache: {n} {what} entries")
 print("skipped (suite):")
 for s in skipped:
     print(f"  {s['what']}: {s['why']}")
