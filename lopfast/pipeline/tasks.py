@@ -17,7 +17,6 @@ deadline) lets a task's exception propagate, traceback and all.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import time
 import traceback
@@ -151,7 +150,10 @@ def _in_process(tasks, run: TaskRun, progress: _Progress, on_done) -> None:
         progress.done(t, run.seconds[t.key], True, i + 1, left, {}, note or "")
 
 
-def _worker_main(inbox, outbox, threads: Optional[int]) -> None:
+def _worker_main(inbox, results, threads: Optional[int]) -> None:
+    """A worker: run the tasks ``inbox`` hands it, one at a time, and send each outcome on its own
+    pipe ``results``. The send is synchronous: a result is fully written before the next task
+    starts, so a task that ends its process cannot take an earlier result with it."""
     if threads:
         import torch
 
@@ -163,26 +165,36 @@ def _worker_main(inbox, outbox, threads: Optional[int]) -> None:
         key, fn, args = item
         t0 = time.time()
         try:
-            outbox.put((key, True, fn(*args), time.time() - t0))
+            out = (key, True, fn(*args), time.time() - t0)
         except BaseException:  # noqa: BLE001  (reported to the scheduler, which carries on)
-            outbox.put((key, False, traceback.format_exc(), time.time() - t0))
+            out = (key, False, traceback.format_exc(), time.time() - t0)
+        try:
+            results.send(out)
+        except Exception:  # noqa: BLE001  (a result that cannot be pickled is the task's failure)
+            results.send((key, False, traceback.format_exc(), time.time() - t0))
 
 
 def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, workers: int, deadline, report,
                 heartbeat_s: float, threads) -> None:
     import multiprocessing as mp
+    from multiprocessing.connection import wait as wait_ready
 
     ctx = mp.get_context("spawn")
-    outbox = ctx.Queue()
+    # One result pipe per worker, not one shared queue: a shared queue's writers share a lock, and
+    # a worker that dies while its feeder thread holds it (killed, os._exit, OOM) silenced every
+    # other worker for good (the scheduler then waited forever). A dead worker's own pipe reads EOF.
     procs: List = [None] * workers
     inboxes: List = [None] * workers
+    results: List = [None] * workers
     busy: Dict[int, str] = {}  # worker -> task key
     started: Dict[str, float] = {}
 
     def start_worker(i: int) -> None:
         inboxes[i] = ctx.Queue()
-        procs[i] = ctx.Process(target=_worker_main, args=(inboxes[i], outbox, threads), daemon=True)
+        results[i], child_end = ctx.Pipe(duplex=False)
+        procs[i] = ctx.Process(target=_worker_main, args=(inboxes[i], child_end, threads), daemon=True)
         procs[i].start()
+        child_end.close()  # the worker holds the only writer: its death reads as EOF here
 
     order = [t.key for t in tasks]
     pending = list(order)
@@ -219,7 +231,7 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
                 run.timed_out = True
                 break
             for i in range(len(procs)):  # hand ready tasks to idle workers, in the preferred order
-                if i in busy:
+                if i in busy or procs[i] is None:
                     continue
                 ready = next((k for k in pending if all(d in run.results for d in by_key[k].deps)), None)
                 if ready is None:
@@ -231,24 +243,26 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
             if not busy and pending:  # nothing can start: what is left waits on failures
                 break
             wait = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.time()))
-            try:
-                key, ok, payload, seconds = outbox.get(timeout=wait)
-            except queue.Empty:
-                for i, key in list(busy.items()):  # a worker that died mid-task (killed, crashed)
-                    if not procs[i].is_alive():
-                        del busy[i]
-                        finish(key, False, f"its worker process died (exit code {procs[i].exitcode})",
-                               time.time() - started[key])
-                        start_worker(i)
-                if time.time() - last_beat >= heartbeat_s and started:
-                    last_beat = time.time()
-                    for key, t0 in started.items():
-                        line, spent = _last_line(by_key[key].log), time.time() - t0
-                        report(f"[{progress.name}]   running {by_key[key].label or key} "
-                               f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")
-                continue
-            busy = {i: k for i, k in busy.items() if k != key}
-            finish(key, ok, payload, seconds)
+            by_conn = {results[i]: i for i in busy}
+            ready_conns = wait_ready(list(by_conn), timeout=wait)
+            for conn in ready_conns:
+                i = by_conn[conn]
+                key = busy.pop(i)
+                try:
+                    _, ok, payload, seconds = conn.recv()
+                except (EOFError, OSError):  # the worker died mid-task (killed, crashed, exited)
+                    procs[i].join(timeout=5)
+                    ok, payload = False, f"its worker process died (exit code {procs[i].exitcode})"
+                    seconds = time.time() - started[key]
+                    conn.close()
+                    start_worker(i)
+                finish(key, ok, payload, seconds)
+            if not ready_conns and started and time.time() - last_beat >= heartbeat_s:
+                last_beat = time.time()
+                for key, t0 in started.items():
+                    line, spent = _last_line(by_key[key].log), time.time() - t0
+                    report(f"[{progress.name}]   running {by_key[key].label or key} "
+                           f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")
     finally:
         stop = run.timed_out or bool(busy)
         for i, p in enumerate(procs):
@@ -258,10 +272,11 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
                 p.terminate()
             elif p.is_alive():
                 inboxes[i].put(None)
-        for p in procs:
+        for i, p in enumerate(procs):
             if p is not None:
                 p.join(timeout=10)
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=5)
+                results[i].close()
     run.unfinished = [k for k in order if k not in run.results and k not in run.failed]
