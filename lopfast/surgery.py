@@ -100,6 +100,7 @@ def expand(
     """
     check_module(model, "model")
     rate = check_rate(rate)
+    linear_given = linear_rate
     linear_rate = rate if linear_rate is None else check_rate(linear_rate, "linear_rate")
     linear_depth = _check_depth(linear_depth)
     check_bool(linear, "linear")
@@ -121,12 +122,22 @@ def expand(
                       + " to expand (or all are skipped); it is returned unchanged", stacklevel=2)
     if not inplace:
         model = copy.deepcopy(model)
-    targets = [(name, model.get_submodule(name)) for name in targets]
-    for name, m in targets:
+    # every expanded layer is built before any is put in: a layer that cannot be (a rate too large
+    # for memory) must not leave an inplace model half expanded
+    built = []
+    for name in targets:
+        m = model.get_submodule(name)
         if isinstance(m, nn.Conv2d):
-            new: nn.Module = ExpandedConv2d.from_conv(m, rate, init=init, generator=generator)
+            built.append((name, ExpandedConv2d.from_conv(m, rate, init=init, generator=generator)))
         else:
-            new = ExpandedLinear.from_linear(m, linear_rate, depth=linear_depth, init=init, generator=generator)
+            try:
+                new = ExpandedLinear.from_linear(m, linear_rate, depth=linear_depth, init=init, generator=generator)
+            except InvalidArgument as exc:  # expand's own name for the linears' rate
+                if exc.name != "rate" or linear_given is None:
+                    raise
+                raise InvalidArgument("linear_rate", exc.value, exc.accepted, exc.hint) from None
+            built.append((name, new))
+    for name, new in built:
         model = _replace(model, name, new)
     return model
 

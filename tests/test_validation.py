@@ -103,6 +103,26 @@ def test_expand_refuses_nan_naming_the_layer_before_changing_anything():
     assert not lopfast.expanded_modules(m)  # not half expanded
 
 
+def test_a_rate_too_large_for_memory_is_named_before_allocating(monkeypatch):
+    with pytest.raises(InvalidArgument, match=r"rate must be small enough for the expanded factors to fit in "
+                                              r"memory, got 100000.0; a 64->64 3x3 conv would get 368,640,819,200,000"):
+        lopfast.ExpandedConv2d(64, 64, 3, rate=1e5)
+    with pytest.raises(InvalidArgument, match=r"linear_rate must be .* a 512->512 linear"):
+        lopfast.expand(nn.Sequential(nn.Flatten(), nn.Linear(512, 512)), linear=True, rate=2, linear_rate=1e6)
+    # a 64 MiB machine: at rate 20 digitsnet's first convs fit, layer2.conv2 (64->64) does not, and
+    # nothing of the inplace model may be left expanded
+    import importlib
+
+    decompose = importlib.import_module("lopfast.layers.decompose")  # the module, not the function it exports
+    monkeypatch.setattr(decompose, "_device_bytes", lambda device: 64 * 2**20)
+    lopfast.expand(nn.Sequential(nn.Conv2d(1, 32, 3)), rate=20.0)
+    m = digitsnet()
+    with pytest.raises(InvalidArgument, match="rate must be small enough for the expanded factors to fit in memory, "
+                                              "got 20.0; a 64->64 3x3 conv"):
+        lopfast.expand(m, rate=20.0, inplace=True)
+    assert not lopfast.expanded_modules(m)
+
+
 def test_expand_of_a_model_without_convs_warns():
     with pytest.warns(UserWarning, match="no nn.Conv2d to expand"):
         lopfast.expand(nn.Sequential(nn.Linear(3, 3)))

@@ -9,7 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lopfast.checks import InvalidArgument, InvalidArgumentType, check_int, check_finite_tensors
-from lopfast.layers.decompose import check_generator, check_init, check_rate, decompose, expanded_width
+from lopfast.layers.decompose import (
+    check_factor_size,
+    check_generator,
+    check_init,
+    check_rate,
+    decompose,
+    expanded_width,
+)
 from lopfast.ops._precision import autocast_dtype
 from lopfast.ops.collapse import collapse as collapse_op
 
@@ -122,6 +129,8 @@ class ExpandedConv2d(nn.Conv2d):
         p_g, q_g = expanded_width(rate, m_g), expanded_width(rate, n_g)
         kh, kw = self.kernel_size
         factory = {"device": device, "dtype": dtype}
+        check_factor_size(G * p_g * m_g + G * q_g * p_g * kh * kw + out_channels * q_g, rate, device, dtype,
+                          f"a {in_channels}->{out_channels} {kh}x{kw} conv")
         self.weight1 = nn.Parameter(torch.empty(G * p_g, m_g, 1, 1, **factory))
         self.weight2 = nn.Parameter(torch.empty(G * q_g, p_g, kh, kw, **factory))
         self.weight3 = nn.Parameter(torch.empty(out_channels, q_g, 1, 1, **factory))
@@ -189,6 +198,10 @@ class ExpandedConv2d(nn.Conv2d):
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
             rate=rate, init=init, device="meta",
         )
+        # decompose works in float64 on the CPU before the factors move to the conv's device
+        check_factor_size(new.weight1.numel() + new.weight2.numel() + new.weight3.numel(), rate, "cpu",
+                          torch.float64, f"a {conv.in_channels}->{conv.out_channels} {new.kernel_size[0]}x"
+                          f"{new.kernel_size[1]} conv")
         w1, w2, w3 = decompose(weight, conv.groups, rate, init=init, generator=generator)
         factory = {"device": weight.device, "dtype": weight.dtype}
         new.weight1 = nn.Parameter(w1.to(**factory))

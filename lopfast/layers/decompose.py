@@ -15,6 +15,7 @@ Shapes (per group ``g`` of a grouped conv, ``G`` groups in all)::
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +41,33 @@ def check_rate(rate: object, argname: str = "rate") -> float:
             "(p = ceil(rate*m) >= m and q = ceil(rate*n) >= n, paper Sec. 2.1)"
         )
     return rate
+
+
+def _device_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of ``device`` in bytes (None where unknown: meta, or no way to ask)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system
+            return None
+    return None
+
+
+def check_factor_size(numel: int, rate: float, device, dtype: Optional[torch.dtype], what: str,
+                      argname: str = "rate") -> None:
+    """Refuse a rate whose expanded factors (``numel`` elements of ``dtype`` on ``device``) are
+    larger than the device's whole memory: named here, before an allocation fails with torch's
+    own out-of-memory message (which names no argument)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    total = _device_bytes(device)
+    itemsize = (dtype or torch.get_default_dtype()).itemsize
+    if total is not None and numel * itemsize > total:
+        raise InvalidArgument(argname, rate, "small enough for the expanded factors to fit in memory",
+                              f"{what} would get {numel:,} factor parameters ({numel * itemsize / 2**30:,.1f} GiB "
+                              f"in {str(dtype or torch.get_default_dtype()).replace('torch.', '')}), more than the "
+                              f"{total / 2**30:,.1f} GiB of {device}; the paper uses rates 2 to 5")
 
 
 def check_generator(generator: object) -> Optional[torch.Generator]:

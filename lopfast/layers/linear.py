@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lopfast.layers.conv import _check_finite, _check_mode
 from lopfast.checks import InvalidArgumentType
 from lopfast.layers.decompose import (
+    check_factor_size,
     check_generator,
     check_init,
     check_rate,
@@ -67,6 +68,8 @@ class ExpandedLinear(nn.Linear):
         self._mode = "collapsed"
         widths = linear_widths(in_features, out_features, rate, depth)
         factory = {"device": device, "dtype": dtype}
+        check_factor_size(sum(a * b for a, b in zip(widths, widths[1:])), rate, device, dtype,
+                          f"a {in_features}->{out_features} linear")
         for i in range(depth):
             self.register_parameter(f"weight{i + 1}", nn.Parameter(torch.empty(widths[i + 1], widths[i], **factory)))
         if bias:
@@ -119,6 +122,9 @@ class ExpandedLinear(nn.Linear):
             rate=rate, depth=depth, init=init, device="meta",
         )
         widths = linear_widths(linear.in_features, linear.out_features, rate, depth)
+        # decompose_linear works in float64 on the CPU before the factors move to the layer's device
+        check_factor_size(sum(a * b for a, b in zip(widths, widths[1:])), rate, "cpu", torch.float64,
+                          f"a {linear.in_features}->{linear.out_features} linear")
         factors = decompose_linear(linear.weight, widths, init=init, generator=generator)
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         for i, f in enumerate(factors):
