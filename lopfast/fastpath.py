@@ -56,6 +56,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from lopfast.backend import check_backend
 from lopfast.graphs import Graph, capturing, copy_into
 from lopfast.layers.conv import ExpandedConv2d
 from lopfast.ops._precision import autocast_dtype
@@ -176,6 +177,8 @@ class CollapsedForward:
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if precision not in ("step", "params"):
             raise ValueError(f"precision must be 'step' or 'params', got {precision!r}")
+        if backend is not None:  # named now, not at the first forward
+            check_backend(backend, "backend", op="collapse")
         self.model = model
         self.backend = backend
         self.cuda_graph = cuda_graph

@@ -146,6 +146,8 @@ def test_collapsed_forward_on_a_model_without_expanded_layers_warns():
     with pytest.warns(UserWarning, match="has no ExpandedConv2d, so there is nothing to collapse"):
         fast = lopfast.CollapsedForward(digitsnet())
     fast.remove()
+    with pytest.raises(ValueError, match="backend must be one of .*'matmul'\\), got 'nosuch'"):
+        lopfast.CollapsedForward(lopfast.expand(digitsnet()), backend="nosuch")
 
 
 # ============================================================================ prune
