@@ -499,6 +499,14 @@ def _check_pipeline_args(args) -> argparse.Namespace:
     targets = settings.pop("targets", None)
     seeds = check_int(settings.pop("seeds", 1), "seeds", min=1)
     cfg = RunConfig.from_dict(settings).validate()
+    if cfg.target_speedup is not None:  # a latency budget replaces the parameter target
+        if args.command == "sweep":
+            raise InvalidArgument("target_speedup", cfg.target_speedup, "unset for `lopfast sweep`",
+                                  "a sweep prunes to its --targets (fractions of parameters); use `lopfast run "
+                                  "--target-speedup X` for one latency budget")
+        if "target" in vars(args):  # both flags given (a --config file or a default always holds a target)
+            raise InvalidArgument("target", cfg.target, "unset with --target-speedup",
+                                  "the latency budget decides how much to remove; give one of the two")
     if args.command == "sweep":
         targets = stages.check_targets([0.5, 0.7, 0.9] if targets is None else targets)
     elif targets is not None:  # e.g. `lopfast run --config <a sweep's config.json>`

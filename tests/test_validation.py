@@ -506,6 +506,7 @@ def test_resume_needs_a_run_to_resume(tmp_path, capsys):
     (["--target-speedup", "2", "--allocation", "uniform"], "--allocation must be unset with target_speedup"),
     (["--target-speedup", "2", "--global-pruning"], "--global-pruning must be unset with target_speedup"),
     (["--allocation", "netadapt"], "--allocation must be netadapt only with target_speedup"),
+    (["--target-speedup", "2", "--target", "0.5"], "--target must be unset with --target-speedup"),
     (["--target-speedup", "2", "--method-options", '{"lut_points": 1}'], "lut_points"),
 ])
 def test_every_option_is_checked_before_the_first_stage(tmp_path, capsys, extra, message):
@@ -537,6 +538,12 @@ def test_out_must_be_a_directory(tmp_path, capsys):
     assert rc == 2 and "is a file, not a directory" in err
     rc, err = run_cli(["reproduce", "table1", "--budget", "smoke", "--out", str(f)], capsys)
     assert rc == 2 and "--out must be a directory" in err  # was a NotADirectoryError
+
+
+@pytest.mark.usefixtures("no_training")
+def test_sweep_refuses_a_latency_budget(tmp_path, capsys):
+    rc, err = run_cli(["sweep", *BASE, "--target-speedup", "2", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--target-speedup must be unset for `lopfast sweep`" in err, err
 
 
 @pytest.mark.usefixtures("no_training")
