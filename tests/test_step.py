@@ -67,6 +67,26 @@ def test_captured_training_equals_eager_bitwise(emulate, distill):
         assert torch.equal(u, v)
 
 
+def test_capture_compile_trains_as_eager_does():
+    """capture="compile" (torch.compile of the model, mode="reduce-overhead") through the whole
+    train(): same losses and weights as the eager step up to the compiled kernels' rounding. On
+    CPU this checks the wiring (compiled distillation hooks, the engine around a compiled model);
+    the CUDA graphs inductor adds on a GPU are the GPU benchmark's business."""
+    out = {}
+    for capture in ("off", "compile"):
+        student, teacher = _lop()
+        logs = []
+        res = train(student, _data(), TrainConfig(2, 0.05, (1,), seed=5, gamma=10.0, capture=capture),
+                    teacher=teacher, log=logs.append)
+        out[capture] = ([h["train_loss"] for h in res["history"]], [h["sp_loss"] for h in res["history"]],
+                        _state(student), logs[0])
+    (la, sa, wa, say_a), (lb, sb, wb, say_b) = out["off"], out["compile"]
+    assert "capture='compile'" in say_b
+    assert la == pytest.approx(lb, rel=1e-5) and sa == pytest.approx(sb, rel=1e-4)
+    for u, v in zip(wa, wb):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
 def _engine(model, cfg, data, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
