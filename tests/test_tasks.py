@@ -38,6 +38,21 @@ def test_workers_failures_and_deaths_stay_local():
     assert any("FAILED" in s and "bad" in s for s in lines)
 
 
+def test_a_worker_that_dies_while_idle_is_replaced_before_its_next_task():
+    import signal
+
+    def kill_worker(task, pid):  # runs in the scheduler's process, between the two tasks
+        if task.key == "pid":
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+        return ""
+
+    tasks = [Task("pid", "k", os.getpid), Task("next", "k", operator.add, (1, 1), deps=("pid",))]
+    # two workers: one would run the tasks in this process (and the kill would end the test run)
+    run = run_tasks(tasks, workers=2, report=lambda s: None, on_done=kill_worker)
+    assert run.results["next"] == 2 and not run.failed
+
+
 def test_the_deadline_stops_running_workers():
     t0 = time.time()
     run = run_tasks([Task("slow", "k", time.sleep, (300,)), Task("next", "k", operator.add, (1, 1), deps=("slow",))],

@@ -236,6 +236,9 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
                 ready = next((k for k in pending if all(d in run.results for d in by_key[k].deps)), None)
                 if ready is None:
                     break
+                if not procs[i].is_alive():  # died while idle: a fresh one, not a task lost to a dead one
+                    results[i].close()
+                    start_worker(i)
                 pending.remove(ready)
                 busy[i], started[ready] = ready, time.time()
                 t = by_key[ready]
