@@ -35,6 +35,17 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not insta
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """The checks must refuse before any stage trains: reaching the training loop fails the test."""
+    from lopfast.pipeline import stages
+
+    def boom(*a, **k):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(stages, "train", boom)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

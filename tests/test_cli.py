@@ -10,13 +10,8 @@ from lopfast.pipeline import stages
 BASE = ["--model", "digitsnet", "--dataset", "digits", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _no_training(monkeypatch):
-    """Argument errors must surface before training: make any training call fail loudly."""
-    def boom(*a, **k):
-        raise AssertionError("training started before the arguments were checked")
-
-    monkeypatch.setattr(stages, "train", boom)
+# argument errors must surface before training: any training call fails the test (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_training")
 
 
 def run(args, capsys):

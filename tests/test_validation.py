@@ -41,15 +41,6 @@ def save_teacher(path, arch="digitsnet", nan=False, **kw):
     return str(path)
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """The checks must refuse before any stage trains: reaching the training loop fails the test."""
-    def boom(*a, **k):
-        raise AssertionError("training started before the arguments were checked")
-
-    monkeypatch.setattr(stages, "train", boom)
-
-
 def run_cli(args, capsys):
     rc = cli.main(args)
     err = capsys.readouterr().err
