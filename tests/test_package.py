@@ -57,7 +57,7 @@ def test_works_without_triton_and_says_so_only_when_asked():
 # -> backend/dispatch/graphs -> kernels. A module may import its own layer or lower ones (function-level lazy
 # imports included); the root package (the public facade) and the commands sit on top.
 _LAYERS = [
-    ("lopfast.kernels", "lopfast._build_flags", "lopfast.ops._precision", "lopfast.checks"),
+    ("lopfast.kernels", "lopfast._build_flags", "lopfast.ops._precision", "lopfast.checks", "lopfast.files"),
     ("lopfast.backend", "lopfast.dispatch", "lopfast.graphs"),
     ("lopfast.ops",),
     ("lopfast.layers",),
