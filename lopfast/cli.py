@@ -783,13 +783,11 @@ def _zoo(args) -> int:
 
 def _load_any(path: str):
     """Load a model saved by lopfast.save or by a pipeline stage; returns (model, metadata)."""
+    from lopfast.io import read
     from lopfast.pipeline import stages
-    from lopfast.pipeline.train import load_checkpoint
 
     model = stages.load_model_file(path)
-    ck = load_checkpoint(path)
-    meta = dict(ck.get("metadata", {})) if isinstance(ck, dict) else {}
-    return model, meta
+    return model, dict(read(path, map_location="cpu")["metadata"])
 
 
 if __name__ == "__main__":  # python -m lopfast.cli (torchrun entry)

@@ -16,13 +16,16 @@ the freshly built original the caller passes or one made by a registered builder
 3. gives every parameter and buffer whose stored shape differs (raw ``nn.Parameter`` s such as
    ConvNeXt's ``layer_scale`` / ``gamma``, a ViT's ``cls_token``) an empty tensor of that shape;
 4. loads the state_dict strictly, with its metadata, taking the stored tensors themselves.
+
+The same container holds every file lopfast writes (teachers, stage outputs, training
+checkpoints: :func:`save_checkpoint`): one dict with a format marker, a version and the SHA-256
+digest of its content, written atomically and checked at every load (docs/files.md).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
-import secrets
-import stat
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Union
@@ -31,11 +34,14 @@ import torch
 import torch.nn as nn
 
 from lopfast.checks import InvalidArgument, InvalidArgumentType, check_bool, nonfinite
+from lopfast.files import write_atomic
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 
 FORMAT = "lopfast-model"
-# 2: adds the per-module plain attributes and the state_dict metadata (version 1 files still load)
-VERSION = 2
+CHECKPOINT_FORMAT = "lopfast-checkpoint"
+# 2: adds the per-module plain attributes and the state_dict metadata (version 1 files still load);
+# 3: every file carries the digest of its content, checkpoints are lopfast files too
+VERSION = 3
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -317,13 +323,209 @@ def _check_plain(value, where: str) -> None:
                     "lists, dicts with str keys) can be saved without pickling")
 
 
+# ---------------------------------------------------------------------------- the file container
+# One container for every file lopfast writes (models, teachers, stage outputs, training
+# checkpoints): torch's zip archive holding one dict of tensors and plain data, with a "format"
+# marker, a "version" and, from version 3, a "digest" of everything else in it. Written through
+# the one atomic writer; read with weights_only=True and the digest checked at every load.
+
+
+def _feed(h, obj) -> None:
+    # a canonical, typed encoding: the digest of a payload is the same before torch.save and
+    # after torch.load (lists and tuples alike, dict order ignored, floats exact)
+    if obj is None:
+        h.update(b"N")
+    elif isinstance(obj, bool):
+        h.update(b"B1" if obj else b"B0")
+    elif isinstance(obj, int):
+        h.update(b"I%s;" % int.__repr__(obj).encode())
+    elif isinstance(obj, float):
+        h.update(b"F%s;" % float.__repr__(obj).encode())
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(b"S%d:" % len(data))
+        h.update(data)
+    elif isinstance(obj, torch.Tensor):
+        _feed_tensor(h, obj)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d[" % len(obj))
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            kh = hashlib.sha256()
+            _feed(kh, k)
+            items.append((kh.digest(), v))
+        items.sort(key=lambda kv: kv[0])
+        h.update(b"D%d{" % len(items))
+        for k, v in items:
+            h.update(k)
+            _feed(h, v)
+        h.update(b"}")
+        extra = getattr(obj, "__dict__", None)  # a state_dict's _metadata (module versions) travels with it
+        if extra:
+            h.update(b"A")
+            _feed(h, dict(extra))
+    elif isinstance(obj, (torch.dtype, torch.device)):
+        h.update(b"O%s;" % str(obj).encode())
+    else:
+        raise TypeError(f"a {type(obj).__name__} cannot be stored in a lopfast file (tensors and plain data only)")
+
+
+def _feed_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    if t.layout != torch.strided or t.is_quantized:
+        raise TypeError(f"a {t.layout} / quantized tensor cannot be stored in a lopfast file (dense tensors only)")
+    t = t.cpu().resolve_conj().resolve_neg().contiguous()
+    h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def content_digest(payload: Any) -> str:
+    """``"sha256:<hex>"`` of ``payload``: every tensor's dtype, shape and bytes and every plain value, with
+    the names that hold them. Independent of dict order and of the device the tensors are on."""
+    h = hashlib.sha256()
+    _feed(h, payload)
+    return "sha256:" + h.hexdigest()
+
+
+def write_payload(path: PathLike, payload: Dict[str, Any], *, what: str = "model file",
+                  make_dirs: bool = False) -> None:
+    """Write ``payload`` (a dict of tensors and plain data) as a lopfast file: its digest recorded
+    under ``"digest"`` (any digest already there is replaced), written atomically with
+    :func:`lopfast.files.write_atomic` (a failed write leaves the old file). ``what`` names the kind
+    of file in errors."""
+    if not isinstance(payload, dict):
+        raise TypeError(f"payload must be a dict, got {type(payload).__name__}")
+    body = {k: v for k, v in payload.items() if k != "digest"}
+    body["digest"] = content_digest(body)  # computed before the key exists: it covers everything else
+    write_atomic(path, lambda f: torch.save(body, f), what=what, make_dirs=make_dirs)
+
+
+def read_payload(path: PathLike, map_location=None, *, what: str = "model file") -> Dict[str, Any]:
+    """Read any file lopfast writes and check its content; returns the payload dict.
+
+    Refused with :class:`ModelFileError` naming ``path``: not a zip archive (empty, truncated,
+    another kind of file), pickled objects other than tensors and plain data (``weights_only``),
+    content that does not match its recorded digest, a current-version file without one, and, for
+    files written before lopfast recorded digests, a record whose zip CRC-32 fails.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such {what}: {path!r}")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a directory, not a {what}")
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise ModelFileError(f"{path}: not a regular file")
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except (RuntimeError, TypeError):
+            raise InvalidArgument("map_location", map_location, "a torch device ('cpu', 'cuda:0', ...), "
+                                  "a torch.device, a dict or a callable, as for torch.load") from None
+    if not zipfile.is_zipfile(path):
+        # lopfast always writes torch's zip format: anything else is not one of its files
+        # (and torch.load would misreport random bytes as "pickled objects")
+        raise ModelFileError(f"{path}: not a lopfast {what} (not the zip archive lopfast and torch.save write: "
+                             "empty, truncated, or another kind of file)")
+    payload = _torch_load(path, map_location, what)
+    if not isinstance(payload, dict):
+        raise ModelFileError(f"{path}: not a lopfast {what} (it holds a {type(payload).__name__}, not a dict)")
+    _verify(path, payload, what)
+    return payload
+
+
+def _torch_load(path: str, map_location, what: str):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(f"{path}: refused to load: the file contains pickled objects other than tensors "
+                             f"and plain data (weights_only=True): {_first_line(e)}") from None
+    except RuntimeError as e:
+        if "map_location" in str(e):  # saved on a device this machine lacks
+            raise ModelFileError(f"{path}: the tensors were saved on a device that is not available here; "
+                                 f"pass map_location='cpu': {_first_line(e)}") from None
+        raise ModelFileError(f"{path}: not a readable lopfast {what} (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+    except Exception as e:  # truncated/corrupt archives also surface as EOFError, OSError, zip errors...
+        raise ModelFileError(f"{path}: not a readable lopfast {what} (truncated or corrupt?): "
+                             f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _verify(path: str, payload: Dict[str, Any], what: str) -> None:
+    recorded = payload.get("digest")
+    if recorded is None:
+        version = payload.get("version")
+        if payload.get("format") in (FORMAT, CHECKPOINT_FORMAT) and isinstance(version, int) and version >= 3:
+            raise ModelFileError(f"{path}: a version-{version} lopfast {what} without its digest (removed or "
+                                 "damaged): its content cannot be checked")
+        _check_zip_crcs(path, what)  # an older file: the check it can have
+        return
+    try:
+        actual = content_digest({k: v for k, v in payload.items() if k != "digest"})
+    except TypeError:
+        actual = None
+    if actual != recorded:
+        raise ModelFileError(f"{path}: damaged: its content does not match the digest recorded when it was written "
+                             "(bytes changed on disk or in a copy, or the file was edited); copy it again, or delete "
+                             "it and rerun what wrote it")
+
+
+def _check_zip_crcs(path: str, what: str) -> None:
+    # torch's reader skips the CRC-32 every zip record carries; Python's zipfile checks it
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ModelFileError(f"{path}: damaged {what}: {type(e).__name__}: {_first_line(e)}") from None
+    if bad is not None:
+        raise ModelFileError(f"{path}: damaged {what}: record {bad!r} fails its CRC check (bytes changed on disk or "
+                             "in a copy); copy it again, or delete it and rerun what wrote it")
+
+
+def _is_old_checkpoint(payload: Dict[str, Any]) -> bool:
+    # checkpoints of lopfast versions before they carried a format marker
+    return "format" not in payload and {"epoch", "model", "optimizer"} <= set(payload)
+
+
+def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
+    """Write a training checkpoint: ``state`` (tensors and plain data) in lopfast's file format, its
+    digest recorded, missing folders created, atomically (the previous checkpoint stays whole
+    until the new one is complete)."""
+    write_payload(path, {**state, "format": CHECKPOINT_FORMAT, "version": VERSION}, what="checkpoint",
+                  make_dirs=True)
+
+
+def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Read a training checkpoint (:func:`save_checkpoint`, or one an older lopfast wrote), its content
+    checked as :func:`read_payload` does; a model file or another file is refused naming ``path``."""
+    ck = read_payload(path, map_location, what="checkpoint")
+    path = os.fspath(path)
+    if ck.get("format") == FORMAT:
+        raise ModelFileError(f"{path}: a model file, not a training checkpoint (ckpt.pt beside it holds the "
+                             "training state)")
+    if ck.get("format") != CHECKPOINT_FORMAT and not _is_old_checkpoint(ck):
+        raise ModelFileError(f"{path}: not a lopfast training checkpoint (no format marker {CHECKPOINT_FORMAT!r})")
+    version = ck.get("version", 2)
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        raise ModelFileError(f"{path}: unsupported checkpoint version {version!r} (this lopfast reads up to "
+                             f"{VERSION})")
+    return ck
+
+
 # ---------------------------------------------------------------------------- save / load
 def save(model: nn.Module, path: PathLike, **metadata) -> None:
     """Save ``model`` to ``path`` without pickled classes (loadable with weights_only=True).
 
     ``metadata`` must be plain data; ``arch`` (str) and ``arch_kwargs`` (dict) name a
     builder registered with :func:`register_architecture` so that ``load(path)`` can rebuild
-    the model by itself. The file is written atomically (temporary file, then rename), as
+    the model by itself. The file records the digest of its content, checked by every load
+    (docs/files.md). It is written atomically (temporary file, then rename), as
     ``torch.save`` users expect: an existing file keeps its permission bits, a new one gets
     the umask's (0644 under the usual 022), and a symlink is written through (its target is
     replaced, the link stays). Errors name ``path``, never the temporary file; a failed save
@@ -353,78 +555,24 @@ def save(model: nn.Module, path: PathLike, **metadata) -> None:
         "state_dict_metadata": {k: dict(v) for k, v in sd_meta.items() if _is_plain(dict(v))},
         "metadata": dict(metadata),
     }
-    path = os.fspath(path)
-    _write_atomic(payload, path)
-
-
-def _write_atomic(payload, path: str) -> None:
-    """torch.save to a temporary file beside the target, then os.replace it into place."""
-    # write through symlinks (torch.save does): the link stays, its target gets the new file
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    if os.path.isdir(target):
-        raise InvalidArgument("path", path, "a file path, not a directory")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(2, f"no such directory {folder!r} to save the model in", path)
     try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = None  # a new file: os.open's 0o666 minus the umask, as open() gives
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise type(e)(e.errno, f"cannot write model file: {e.strerror}", path) from None
-        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
-            raise OSError(f"cannot write model file {path!r}: {_first_line(e)}") from e
-        raise
+        write_payload(path, payload, what="model file")
+    except IsADirectoryError:
+        raise InvalidArgument("path", os.fspath(path), "a file path, not a directory") from None
 
 
 def read(path: PathLike, map_location=None) -> Dict[str, Any]:
-    """Read and validate a lopfast model file; returns its payload dict. Never unpickles objects."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    """Read and validate a lopfast model file; returns its payload dict. Never unpickles objects.
+
+    The content is checked first (:func:`read_payload`: the digest, or the zip CRCs of a file
+    written before files carried one), then the layout of a model file.
+    """
+    payload = read_payload(path, map_location, what="model file")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such model file: {path!r}")
-    if os.path.isdir(path):
-        raise ModelFileError(f"{path}: is a directory, not a model file")
-    if not os.path.isfile(path):  # a FIFO or a device would block or never end
-        raise ModelFileError(f"{path}: not a regular file")
-    if isinstance(map_location, str):
-        try:
-            torch.device(map_location)
-        except (RuntimeError, TypeError):
-            raise InvalidArgument("map_location", map_location, "a torch device ('cpu', 'cuda:0', ...), "
-                                  "a torch.device, a dict or a callable, as for torch.load") from None
-    if not zipfile.is_zipfile(path):
-        # lopfast.save always writes torch's zip format: anything else is not one of its files
-        # (and torch.load would misreport random bytes as "pickled objects")
-        raise ModelFileError(f"{path}: not a lopfast model file (not the zip archive lopfast.save and torch.save "
-                             "write: empty, truncated, or another kind of file)")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ModelFileError(f"{path}: refused to load: the file contains pickled objects other than tensors "
-                             f"and plain data (weights_only=True): {_first_line(e)}") from None
-    except RuntimeError as e:
-        if "map_location" in str(e):  # saved on a device this machine lacks
-            raise ModelFileError(f"{path}: the tensors were saved on a device that is not available here; "
-                                 f"pass map_location='cpu': {_first_line(e)}") from None
-        raise ModelFileError(f"{path}: not a readable lopfast model file (truncated or corrupt?): "
-                             f"{type(e).__name__}: {_first_line(e)}") from None
-    except Exception as e:  # truncated/corrupt archives also surface as EOFError, OSError, zip errors...
-        raise ModelFileError(f"{path}: not a readable lopfast model file (truncated or corrupt?): "
-                             f"{type(e).__name__}: {_first_line(e)}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if payload.get("format") == CHECKPOINT_FORMAT or _is_old_checkpoint(payload):
+        raise ModelFileError(f"{path}: a training checkpoint (weights, optimizer, epoch), not a model file; load the "
+                             "model.pt its stage writes when it ends, or resume the run")
+    if payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a lopfast model file (no format marker {FORMAT!r}); "
                              "was it written by lopfast.save?")
     version = payload.get("version")
@@ -471,8 +619,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location=None, *
             or a damaged file; pass True to inspect one).
 
     Raises ModelFileError (a ValueError naming the path) for corrupt, truncated or
-    pickle-carrying files, for stored weights with NaN / inf (unless ``allow_nonfinite``)
-    and for files that do not fit ``model``. The saved metadata is
+    pickle-carrying files, for content that does not match the file's digest, for stored
+    weights with NaN / inf (unless ``allow_nonfinite``) and for files that do not fit
+    ``model``. The saved metadata is
     ``lopfast.io.read(path)["metadata"]``.
     """
     check_bool(allow_nonfinite, "allow_nonfinite")

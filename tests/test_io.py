@@ -169,7 +169,8 @@ def test_tampered_files_refused(tmp_path):
     payload = torch.load(tmp_path / "p.pt", weights_only=True)
 
     def write(name, p):
-        torch.save(p, tmp_path / name)
+        # a consistent file (its digest recomputed) whose content is wrong in one way
+        lio.write_payload(tmp_path / name, p)
         return tmp_path / name
 
     bad = dict(payload, structure=dict(payload["structure"]))
@@ -194,6 +195,14 @@ def test_tampered_files_refused(tmp_path):
         lopfast.load(write("other.pt", {"weights": torch.zeros(2)}), model=TinyResNet())
     with pytest.raises(ModelFileError, match="version"):
         lopfast.load(write("future.pt", dict(payload, version=99)), model=TinyResNet())
+    # edited and written back by torch.save, the digest left as it was
+    torch.save(dict(payload, metadata={"note": "edited"}), tmp_path / "edited.pt")
+    with pytest.raises(ModelFileError, match="edited.pt: damaged: .*digest"):
+        lopfast.load(tmp_path / "edited.pt", model=TinyResNet())
+    # the digest removed from a current-version file
+    torch.save({k: v for k, v in payload.items() if k != "digest"}, tmp_path / "stripped.pt")
+    with pytest.raises(ModelFileError, match="stripped.pt: a version-3 .* without its digest"):
+        lopfast.load(tmp_path / "stripped.pt", model=TinyResNet())
 
     # a zip member rewritten after the fact (not a valid record any more)
     src = tmp_path / "p.pt"
@@ -348,7 +357,7 @@ def test_state_dict_version_kept(tmp_path):
     lopfast.save(net, tmp_path / "v.pt")
     lopfast.load(tmp_path / "v.pt", model=nn.Sequential(nn.Conv2d(3, 4, 1), _Versioned(4)))
     payload = torch.load(tmp_path / "v.pt", weights_only=True)
-    del payload["state_dict_metadata"]
+    del payload["state_dict_metadata"], payload["digest"]
     torch.save(dict(payload, version=1), tmp_path / "v1.pt")  # a version-1 file has no metadata
     with pytest.raises(ModelFileError, match="version should be set"):
         lopfast.load(tmp_path / "v1.pt", model=nn.Sequential(nn.Conv2d(3, 4, 1), _Versioned(4)))
@@ -358,7 +367,7 @@ def test_version1_file_still_loads(tmp_path):
     pruned = _pruned(TinyResNet)
     lopfast.save(pruned, tmp_path / "p.pt")
     payload = torch.load(tmp_path / "p.pt", weights_only=True)
-    old = {k: v for k, v in payload.items() if k not in ("attributes", "state_dict_metadata")}
+    old = {k: v for k, v in payload.items() if k not in ("attributes", "state_dict_metadata", "digest")}
     torch.save(dict(old, version=1), tmp_path / "old.pt")
     assert _same(lopfast.load(tmp_path / "old.pt", model=TinyResNet()).eval(), pruned)
 
@@ -371,3 +380,135 @@ def test_mnasnet_round_trip_without_model(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+# ---------------------------------------------------------------------------- one file format, checked
+from damage import invert_bytes, truncate  # noqa: E402
+
+OLD = os.path.join(os.path.dirname(__file__), "fixtures", "old_format")
+
+
+def _sd_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bytes_inverted_inside_a_tensor_record_refused_naming_the_file(tmp_path):
+    """Was: 64 inverted bytes in a weight loaded silently (torch's reader ignores the zip CRC)."""
+    torch.manual_seed(0)
+    net = TinyResNet().eval()
+    path = tmp_path / "net.pt"
+    lopfast.save(net, path)
+    assert torch.load(path, weights_only=True)["digest"].startswith("sha256:")
+    invert_bytes(path)
+    assert not _sd_equal(torch.load(path, weights_only=True)["state_dict"], net.state_dict())  # torch reads it
+    with pytest.raises(ModelFileError, match=r"net\.pt: damaged: .*digest"):
+        lopfast.load(path, model=TinyResNet())
+    with pytest.raises(ModelFileError, match=r"net\.pt: damaged"):
+        lio.read(path)
+
+
+def test_old_format_files_load_bit_equal_and_are_crc_checked(tmp_path):
+    """Files written before files carried a digest load, exactly; damage in them is caught by the zip CRC."""
+    import shutil
+
+    path = os.path.join(OLD, "model_v2.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["version"] == 2 and "digest" not in raw
+    model = lopfast.load(path, model=lopfast.build_model("digitsnet", in_channels=1, num_classes=10, width=4))
+    assert _sd_equal(model.state_dict(), raw["state_dict"])
+    ck = lio.load_checkpoint(os.path.join(OLD, "ckpt_v2.pt"))
+    raw = torch.load(os.path.join(OLD, "ckpt_v2.pt"), weights_only=True)
+    assert ck["epoch"] == 0 and _sd_equal(ck["model"], raw["model"]) and ck["rng"]["python"] == raw["rng"]["python"]
+    for name in ("model_v2.pt", "ckpt_v2.pt"):
+        bad = tmp_path / name
+        shutil.copy(os.path.join(OLD, name), bad)
+        record = invert_bytes(bad)
+        reader = lio.load_checkpoint if name.startswith("ckpt") else lio.read
+        with pytest.raises(ModelFileError, match=rf"{name}: damaged .*{record}.* CRC"):
+            reader(bad)
+
+
+def _checkpoint_state():
+    torch.manual_seed(0)
+    net = TinyResNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(X).sum().backward()
+    opt.step()
+    import random
+
+    return {"epoch": 3, "step": 12, "amp": None, "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "history": [{"epoch": 1, "test_acc": 12.5, "sp_loss": None}], "config": {"lr": 0.1, "milestones": [2]}}
+
+
+def test_checkpoint_round_trip_digest_checked_and_refused_when_damaged(tmp_path):
+    state = _checkpoint_state()
+    path = tmp_path / "sub" / "ckpt.pt"
+    lio.save_checkpoint(state, path)  # makes the folder
+    ck = lio.load_checkpoint(path)
+    assert ck["format"] == lio.CHECKPOINT_FORMAT and ck["epoch"] == 3 and _sd_equal(ck["model"], state["model"])
+    assert ck["model"]._metadata == state["model"]._metadata and ck["rng"]["python"] == state["rng"]["python"]
+    assert lio.content_digest({k: v for k, v in ck.items() if k != "digest"}) == ck["digest"]
+    good = path.read_bytes()
+    invert_bytes(path)
+    with pytest.raises(ModelFileError, match=r"ckpt\.pt: damaged: .*digest"):
+        lio.load_checkpoint(path)
+    path.write_bytes(good)
+    truncate(path, 0.7)
+    with pytest.raises(ModelFileError, match=r"ckpt\.pt: not a lopfast checkpoint .*truncated"):
+        lio.load_checkpoint(path)
+    # a model file is not a checkpoint, and the other way round
+    lopfast.save(TinyResNet(), tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match=r"model\.pt: a model file, not a training checkpoint"):
+        lio.load_checkpoint(tmp_path / "model.pt")
+    path.write_bytes(good)
+    with pytest.raises(ModelFileError, match=r"ckpt\.pt: a training checkpoint .*not a model file"):
+        lopfast.load(path, model=TinyResNet())
+
+
+def test_truncated_files_of_every_kind_refused(tmp_path):
+    lopfast.save(TinyResNet(), tmp_path / "m.pt")
+    lio.save_checkpoint(_checkpoint_state(), tmp_path / "c.pt")
+    for name, reader in (("m.pt", lio.read), ("c.pt", lio.load_checkpoint)):
+        for keep in (0.99, 0.5, 0.0):
+            truncate(tmp_path / name, keep)
+            with pytest.raises(ModelFileError, match=rf"{name}: not a lopfast"):
+                reader(tmp_path / name)
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["model", "checkpoint"])
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch, kind):
+    path = tmp_path / "f.pt"
+    write = ((lambda: lopfast.save(TinyResNet(), path)) if kind == "model"
+             else (lambda: lio.save_checkpoint(_checkpoint_state(), path)))
+    write()
+    old = path.read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(f.tell() // 2)
+        raise _Interrupt  # a kill or Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(_Interrupt):
+        write()
+    monkeypatch.undo()
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["f.pt"]
+    (lio.read if kind == "model" else lio.load_checkpoint)(path)
+
+
+def test_content_digest_is_canonical():
+    d = lio.content_digest
+    assert d({"a": 1, "b": [1, 2]}) == d({"b": (1, 2), "a": 1})  # order and list/tuple alike
+    assert d({"a": 1}) != d({"a": 1.0}) != d({"a": True})
+    assert d({0: "x"}) != d({"0": "x"})
+    t = torch.arange(6.0).reshape(2, 3)
+    assert d({"w": t}) == d({"w": t.t().contiguous().t()}) != d({"w": t.reshape(3, 2)})
+    assert d({"w": t}) != d({"w": t.double()})
+    with pytest.raises(TypeError, match="object"):
+        d({"x": object()})

@@ -142,6 +142,42 @@ def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
 
 
+def test_a_damaged_or_truncated_checkpoint_is_refused_on_resume_naming_it(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from damage import invert_bytes, truncate
+
+    none, ck = _tiny_train(tmp_path, interrupt_after=0, tag="cut")
+    good = open(ck, "rb").read()
+    invert_bytes(ck)
+    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt: damaged: .*digest"):
+        _tiny_train(tmp_path, resume=True, tag="cut")
+    open(ck, "wb").write(good)
+    truncate(ck, 0.6)
+    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt: not a lopfast checkpoint"):
+        _tiny_train(tmp_path, resume=True, tag="cut")
+
+
+def test_a_damaged_stage_model_is_refused_naming_it(pruned_run, tmp_path):
+    import shutil
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from damage import invert_bytes, truncate
+
+    cfg, data, device, out, teacher, pruned, report = pruned_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ft", "lop*", "scratch", "expandnets", "distill"))
+    path = os.path.join(copy, "prune", "model.pt")
+    invert_bytes(path)
+    with pytest.raises(lopfast.ModelFileError, match=r"prune/model\.pt: damaged: .*digest"):
+        stages.prune_stage(cfg, teacher, data, copy, device, stages.RunLog(copy, quiet=True))
+    truncate(os.path.join(copy, "pretrain", "model.pt"), 0.5)
+    with pytest.raises(lopfast.ModelFileError, match=r"pretrain/model\.pt: not a lopfast model file"):
+        stages.pretrain_stage(cfg, data, copy, device, stages.RunLog(copy, quiet=True))
+
+
 @pytest.mark.parametrize("distill", [False, pytest.param(True, marks=needs_distiller)])
 def test_resume_matches_uninterrupted(tmp_path, distill):
     teacher = build_model("digitsnet", width=8).eval() if distill else None

@@ -23,6 +23,7 @@ from lopfast.pipeline import step as st
 from lopfast.pipeline.data import TensorLoader, load_data
 from lopfast.pipeline.models import build_model
 from lopfast.pipeline.schedule import lr_factors
+from lopfast.io import save_checkpoint
 from lopfast.pipeline.train import TrainConfig, load_checkpoint, train
 
 
@@ -298,9 +299,9 @@ def test_amp_choice_is_kept_on_resume(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         train(model, data, TrainConfig(2, 0.05, ()), checkpoint=ck, on_epoch_end=stop)
-    saved = torch.load(ck, weights_only=True)
+    saved = load_checkpoint(ck)
     saved["amp"] = "bf16"  # as a GPU run that chose bf16 would have stored it
-    torch.save(saved, ck)
+    save_checkpoint(saved, ck)
     monkeypatch.setattr(st.TrainStep, "choose_amp", lambda *a: pytest.fail("a resumed run must not re-measure"))
     logs = []
     res = train(build_model("digitsnet", width=8), data, TrainConfig(2, 0.05, ()), checkpoint=ck, resume=True,

@@ -51,7 +51,7 @@ from lopfast.checks import (
     check_finite_module,
     nonfinite,
 )
-from lopfast.io import ModelFileError, load, save
+from lopfast.io import ModelFileError, load, read_payload, save
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline._api import MissingAPIError, require
@@ -68,7 +68,7 @@ from lopfast.pipeline.config import (  # noqa: F401  (re-exported: lopfast.pipel
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.export import export_model  # noqa: F401  (the export code lives in pipeline/export.py)
 from lopfast.pipeline.report import format_table, plot_curves, plot_sweep, summarize  # noqa: F401
-from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, load_checkpoint, preset, train
+from lopfast.pipeline.train import TrainConfig, dist_info, evaluate, preset, train
 from lopfast.surgery import contract, expand
 
 __all__ = ["METHODS", "RunConfig", "count_macs", "run_pipeline", "run_seeds", "run_sweep", "recover",
@@ -121,7 +121,7 @@ def load_model_file(path: str) -> nn.Module:
 
 def _is_old_stage_file(path: str) -> bool:
     try:
-        ck = load_checkpoint(path)
+        ck = read_payload(path)
     except Exception:
         return False
     return isinstance(ck, dict) and "format" not in ck and "arch" in ck and "state_dict" in ck

@@ -10,12 +10,14 @@ accuracy is measured and recorded), so a run from the carried file reproduces a 
 machine that trained it. A tensor that float16 cannot hold (a value beyond its range) stays
 float32.
 
-The file's metadata records what it is (architecture, data set, evaluation split, accuracy, the
-training settings) and a SHA-256 digest of every stored tensor (name, dtype, shape, bytes).
-:func:`load_teacher` recomputes the digest and refuses a file whose tensors changed, or whose
-architecture or data set is not the one asked for, with an error naming the file; it returns the
-model in float32. It loads any :func:`lopfast.save` file (e.g. a pipeline stage's model.pt):
-those carry no digest and are checked for architecture only.
+The file is a :func:`lopfast.save` file like any other (docs/files.md): its digest is checked at
+every load. Its metadata records what it is (architecture, data set, evaluation split, accuracy,
+the training settings). :func:`load_teacher` refuses a damaged file, or one whose architecture or
+data set is not the one asked for, with an error naming the file; it returns the model in
+float32. It loads any :func:`lopfast.save` file (e.g. a pipeline stage's model.pt): those record
+no data set and are checked for architecture only. Teacher files of older lopfast versions
+(``lopfast-teacher-1``) carry a SHA-256 of their tensors instead of the file's digest
+(:func:`tensor_digest`): it is checked in its place.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from lopfast.io import ModelFileError, load, read, save
 
 __all__ = ["TEACHER_FORMAT", "load_teacher", "round_to_half", "save_teacher", "tensor_digest"]
 
-TEACHER_FORMAT = "lopfast-teacher-1"
+# 2: the file's own digest replaces the tensor digest of version 1
+TEACHER_FORMAT = "lopfast-teacher-2"
 _HALF_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -52,7 +55,8 @@ def round_to_half(model: nn.Module) -> nn.Module:
 
 
 def tensor_digest(state_dict) -> str:
-    """SHA-256 over every tensor of ``state_dict`` in name order: name, dtype, shape and bytes."""
+    """SHA-256 over every tensor of ``state_dict`` in name order: name, dtype, shape and bytes (the
+    digest ``lopfast-teacher-1`` files record)."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
@@ -64,7 +68,7 @@ def tensor_digest(state_dict) -> str:
 @torch.no_grad()
 def save_teacher(model: nn.Module, path: str, *, arch: str, arch_kwargs: dict, dataset: str,
                  acc: Optional[float] = None, **info) -> int:
-    """Write ``model`` as a portable teacher file (float16 weights, digest, metadata); returns its size in bytes.
+    """Write ``model`` as a portable teacher file (float16 weights, metadata); returns its size in bytes.
 
     ``acc``: its accuracy (%) with exactly these weights (measure it on :func:`round_to_half`'s
     copy); ``info``: plain data recorded beside it (the evaluation split, training settings...).
@@ -77,7 +81,7 @@ def save_teacher(model: nn.Module, path: str, *, arch: str, arch_kwargs: dict, d
         elif t.is_floating_point() and t.dtype != torch.float16:
             kept.append(name)
     teacher = {"format": TEACHER_FORMAT, "dataset": dataset, "acc": acc, "stored_dtype": "float16",
-               "float32_tensors": kept, "digest": tensor_digest(small.state_dict()), **info}
+               "float32_tensors": kept, **info}
     save(small, path, arch=arch, arch_kwargs=arch_kwargs, teacher=teacher)
     return os.path.getsize(path)
 
@@ -93,19 +97,17 @@ def load_teacher(path: str, *, arch: Optional[str] = None, dataset: Optional[str
                  num_classes: Optional[int] = None) -> Tuple[nn.Module, dict]:
     """Load a teacher file on the CPU, in float32, after checking it; returns ``(model, info)``.
 
-    Checks, each a :class:`lopfast.ModelFileError` naming ``path``: the stored tensors match the
-    recorded digest (portable teacher files), the architecture is ``arch``, the data set is
+    Checks, each a :class:`lopfast.ModelFileError` naming ``path``: the file's content (its
+    digest, :func:`lopfast.io.read_payload`), the architecture is ``arch``, the data set is
     ``dataset`` and the classifier has ``num_classes`` outputs (each when given and recorded).
     ``info`` is the recorded metadata (``{}`` for a plain :func:`lopfast.save` file).
     """
     payload = read(path, map_location="cpu")
     meta = payload["metadata"]
     info = dict(meta["teacher"]) if isinstance(meta.get("teacher"), dict) else {}
-    if info:
-        digest = tensor_digest(payload["state_dict"])
-        if digest != info.get("digest"):
-            raise ModelFileError(f"{path}: the stored weights do not match the teacher file's digest (damaged or "
-                                 "edited after it was written); train the teacher again or copy the file anew")
+    if "digest" in info and tensor_digest(payload["state_dict"]) != info["digest"]:
+        raise ModelFileError(f"{path}: the stored weights do not match the teacher file's digest (damaged or "
+                             "edited after it was written); train the teacher again or copy the file anew")
     if arch is not None and isinstance(meta.get("arch"), str) and meta["arch"] != arch:
         raise ModelFileError(f"{path}: this teacher is a {meta['arch']}, but the run's model is {arch}; pass a "
                              f"teacher of {arch} or change the model")

@@ -15,8 +15,8 @@ evaluation, checkpoints and the divergence check. Choices and why:
 * Losses are accumulated on the device and read once per epoch, with the finiteness of every
   weight: a NaN or infinite loss or weight stops the stage with an error naming it and the
   epoch, before that epoch's checkpoint is written, so the last good checkpoint survives.
-* Checkpoint after every epoch, written to a temp file then ``os.replace``d so a crash never
-  leaves a torn file. It holds model, optimizer (momentum buffers), the step counter, the amp
+* Checkpoint after every epoch (``lopfast.io.save_checkpoint``: written atomically, so a crash
+  never leaves a torn file, and its digest checked when it is resumed). It holds model, optimizer (momentum buffers), the step counter, the amp
   choice, epoch, history and the RNG states; the data order of an epoch is seeded by (seed,
   epoch) in the loaders, so a resumed run replays exactly the batches an uninterrupted one
   would, and gives a bit-identical result.
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from lopfast.checks import TrainingDiverged
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
+from lopfast.io import load_checkpoint, save_checkpoint
 from lopfast.layers import ExpandedConv2d
 from lopfast.pipeline import step as _step
 from lopfast.pipeline.schedule import check_schedule, lr_factors
@@ -231,19 +232,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def save_atomic(obj, path: str) -> None:
-    """``torch.save`` to ``path + '.tmp'`` then ``os.replace``: readers never see a torn file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`train` (tensors and plain containers only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @torch.no_grad()
@@ -432,7 +420,7 @@ def train(
                 log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f}{sp_txt} "
                     f"test acc {ev['acc']:.2f}% ({rec['seconds']:.1f}s)")
                 if checkpoint:
-                    save_atomic(
+                    save_checkpoint(
                         {
                             "epoch": epoch,
                             "step": engine.steps,
