@@ -27,6 +27,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -34,7 +35,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "load_data", "split_validation"]
+__all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "check_image_folders", "check_labels",
+           "check_model_matches_data", "load_data", "split_validation"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 
@@ -236,6 +238,45 @@ class DataBundle:
         return x.to(device) if device is not None else x
 
 
+def _first_conv(model: torch.nn.Module):
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(getattr(m, "in_channels", None), int) and isinstance(w, torch.Tensor) and w.dim() >= 3:
+            return name, m
+    return None, None
+
+
+def check_model_matches_data(model: torch.nn.Module, data: DataBundle, what: str = "the model") -> None:
+    """Refuse (ValueError naming both counts) a model whose input channels or number of outputs are
+    not the data's: found by one forward pass of one test image, in eval mode and without
+    gradients, on the model's device; the model's train/eval mode and the RNG states are kept, so
+    a run is the same with or without the check. Call it before compiling the model."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    x = data.example_inputs(1, device)
+    if p is not None and p.is_floating_point():
+        x = x.to(p.dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            model.eval()
+            out = model(x)
+    except RuntimeError as e:
+        name, conv = _first_conv(model)  # the usual cause, named; the forward is what decides
+        if conv is not None and conv.in_channels != data.in_channels:
+            raise ValueError(f"{what} takes {conv.in_channels} input channels (its first layer {name!r}), but the "
+                             f"data set {data.name} has {data.in_channels}: build it with "
+                             f"in_channels={data.in_channels}") from None
+        raise ValueError(f"{what} does not run on an image of {data.name} (shape {tuple(x.shape)}): "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[-1] != data.num_classes:
+        raise ValueError(f"{what} gives {out.shape[-1]} outputs per image, but the data set {data.name} has "
+                         f"{data.num_classes} classes: build it with num_classes={data.num_classes}")
+
+
 # --------------------------------------------------------------------------- loaders
 def _digits(subset: Optional[int], seed: int):
     try:
@@ -298,19 +339,84 @@ def _decode(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load_image_folder(split_dir: Path, classes: Optional[List[str]] = None):
-    key = (str(split_dir.resolve()), tuple(classes) if classes is not None else None)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _class_folders(split_dir: Path) -> List[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
+
+def _has_image(folder: Path, suffixes: Sequence[str], recursive: bool) -> bool:
+    for _, _, names in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(n)[1].lower() in suffixes for n in names):
+            return True
+        if not recursive:
+            break
+    return False
+
+
+def check_image_folders(train_dir, test_dir, suffixes: Sequence[str] = _IMAGE_SUFFIXES, *,
+                        recursive: bool = False) -> List[str]:
+    """Check that two image-folder splits (``<split>/<class>/<image>``) hold the same classes; returns them.
+
+    Refused (ValueError naming the folders): a class folder of ``test_dir`` that ``train_dir``
+    lacks (its images would be dropped or mislabelled), a class folder of ``train_dir`` with no
+    image (a class the model has an output for but never trains on), no class folder at all.
+    Warned: a class of ``train_dir`` that ``test_dir`` lacks or holds no image of (the test
+    accuracy does not measure it). ``suffixes``: the image file endings (lower case);
+    ``recursive``: images may sit in subfolders of a class folder (torchvision's ImageFolder).
+    """
+    train_dir, test_dir = Path(train_dir), Path(test_dir)
+    classes, tested = _class_folders(train_dir), _class_folders(test_dir)
+    if not classes:
+        raise FileNotFoundError(f"no class folders under {train_dir} (expected {train_dir}/<class>/<image>)")
+    extra = sorted(set(tested) - set(classes))
+    if extra:
+        raise ValueError(f"{test_dir} has class folders that {train_dir} lacks: {_names(extra)}; a class the model "
+                         f"never trains on cannot be tested: add it to {train_dir.name}/ or remove it from "
+                         f"{test_dir.name}/")
+    empty = [c for c in classes if not _has_image(train_dir / c, suffixes, recursive)]
+    if empty:
+        raise ValueError(f"{train_dir}: class folders with no image ({', '.join(suffixes)}): {_names(empty)}; the "
+                         "model would have an output it never trains on: add images or remove the folders")
+    untested = [c for c in classes if c not in tested or not _has_image(test_dir / c, suffixes, recursive)]
+    if untested:
+        warnings.warn(f"{test_dir}: no test image of the classes {_names(untested)} (no folder, or no image in it): "
+                      "the test accuracy does not measure them", stacklevel=3)
+    return classes
+
+
+def _names(items: Sequence, limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_labels(labels, num_classes: int, where: str, split: str = "training") -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` and warn about classes with no ``split`` image,
+    naming ``where`` (the data set's folder or name)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
+        raise ValueError(f"{where}: {split} labels {_names(bad)} are outside 0..{num_classes - 1} (the data set "
+                         f"has {num_classes} classes)")
+    if split == "training":
+        missing = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0).tolist()
+        if missing:
+            warnings.warn(f"{where}: no training image of the classes {_names(missing)} of {num_classes}: the model "
+                          "has an output for each but never learns them", stacklevel=3)
+
+
+def _load_image_folder(split_dir: Path, classes: List[str]):
+    key = (str(split_dir.resolve()), tuple(classes))
     if key in _FOLDER_CACHE:
         return _FOLDER_CACHE[key]
-    if classes is None:
-        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     files, ys = [], []
     for ci, cname in enumerate(classes):
         cdir = split_dir / cname
         if not cdir.is_dir():
             continue
         for f in sorted(cdir.iterdir()):
-            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+            if f.suffix.lower() in _IMAGE_SUFFIXES:
                 files.append(f)
                 ys.append(ci)
     if not files:
@@ -337,7 +443,8 @@ def _cifar(name: str, data_dir: Optional[str], download: bool):
         if (c / meta["train"][0]).is_file() and (c / meta["test"][0]).is_file():
             return _cifar_pickle(c, meta)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        x_tr, y_tr, classes = _load_image_folder(root / "train")
+        classes = check_image_folders(root / "train", root / "test")
+        x_tr, y_tr, _ = _load_image_folder(root / "train", classes)
         x_te, y_te, _ = _load_image_folder(root / "test", classes)
         return x_tr, y_tr, x_te, y_te, max(meta["classes"], len(classes)), meta["mean"], meta["std"]
     if download:
@@ -462,6 +569,9 @@ def load_data(
     else:
         x_tr, y_tr, x_te, y_te, ncls, mean, std = _cifar(name, data_dir, download)
         crop_pad, flip, size = 4, True, x_tr.shape[-1]
+    where = name if name == "digits" else f"{name} in {data_dir or os.path.join(os.environ.get('LOPFAST_DATA', 'data'), name)}"
+    check_labels(y_tr, ncls, where)
+    check_labels(y_te, ncls, where, "test")
     extra = {"mean": mean, "std": std}
     keep, val_index = np.arange(len(y_tr)), None
     if val_size is not None:
@@ -480,6 +590,17 @@ def load_data(
     return DataBundle(name, train, test, int(x_tr.shape[1]), int(ncls), int(size), extra, val=val)
 
 
+def _same_class_numbers(split, reference) -> None:
+    # ImageFolder numbers each split's class folders on its own: a class missing from val/ would
+    # shift every label after it
+    if split.classes == reference.classes:
+        return
+    idx = [reference.class_to_idx[c] for c in split.classes]
+    split.samples = [(path, idx[t]) for path, t in split.samples]
+    split.imgs, split.targets = split.samples, [t for _, t in split.samples]
+    split.classes, split.class_to_idx = list(reference.classes), dict(reference.class_to_idx)
+
+
 def _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_size, channels_last) -> DataBundle:
     root = Path(data_dir or Path(os.environ.get("LOPFAST_DATA", "data")) / "imagenet")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
@@ -492,9 +613,12 @@ def _imagenet(data_dir, batch_size, eval_bs, device, seed, workers, rank, world_
         import torchvision.transforms as T
     except Exception as exc:
         raise ImportError(f"the imagenet loader needs torchvision, which could not be imported ({exc})") from exc
+    check_image_folders(root / "train", root / "val", tuple(tvd.folder.IMG_EXTENSIONS), recursive=True)
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_ds = tvd.ImageFolder(str(root / "train"), T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
-    val_ds = tvd.ImageFolder(str(root / "val"), T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
+    val_ds = tvd.ImageFolder(str(root / "val"), T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]),
+                             allow_empty=True)
+    _same_class_numbers(val_ds, train_ds)
     kw = dict(workers=workers, seed=seed, rank=rank, world_size=world_size, device=device, channels_last=channels_last)
     return DataBundle(
         "imagenet", FolderLoader(train_ds, batch_size, train=True, **kw), FolderLoader(val_ds, eval_bs, train=False, **kw),
