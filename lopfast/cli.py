@@ -668,6 +668,48 @@ def _load_any(path: str):
     return model, meta
 
 
+_PAGE_INTRO = """# Configuration: every setting
+
+Generated from the declarations (`lopfast/pipeline/settings.py`); `tests/test_settings.py` fails when
+this page and the code disagree, and rewrites it with `LOPFAST_WRITE_DOCS=1`.
+
+Each setting is declared once: its default, its check, its flag and its help. The same name is the
+key of a run's `config.json` (and of a `--config FILE`), the keyword of `RunConfig(...)`, and, for
+the settings marked †, a field of `TrainConfig`, what `lopfast.pipeline.train()` takes: those are
+declared on `TrainSettings` and shared by every training stage. The same check runs at every entry:
+the command line (errors name the flag), a `--config` file (the key and the file), `RunConfig(...)` /
+`TrainConfig(...)` / `train(...)` (the argument). Settings are layered: built-in defaults < the
+command's defaults (`lopfast demo`'s, below) < `--budget` < `--config FILE` < explicit flags.
+A flag belongs to the commands of its group: run, model and data, training (every pipeline
+command), pruning (`demo`, `prune`, `run`, `sweep`), recovery (`demo`, `run`, `sweep`).
+"""
+
+
+def settings_page() -> str:
+    """``docs/configuration.md``: every setting of every config class, derived from the declarations."""
+    from lopfast.pipeline.config import RunConfig
+    from lopfast.pipeline.runner import Plan
+    from lopfast.pipeline.settings import declared, markdown_table
+    from lopfast.pipeline.train import TrainConfig, TrainSettings
+
+    shared = [f.name for f, _ in declared(TrainSettings)]
+    out = [_PAGE_INTRO]
+    for group in ("run", "model and data", "training", "pruning", "recovery"):
+        rows = [(f, s) for f, s in declared(RunConfig) if s.group == group]
+        out += [f"## {group.capitalize()} (`RunConfig`)", "", markdown_table(rows, shared), ""]
+    out += ["## How a command runs them (`lopfast.pipeline.runner.Plan`)", "",
+            "Keys of a `--config` file and flags, not fields of `RunConfig`: `run_seeds(..., teachers=)` and "
+            "`run_sweep(..., targets=)` take them in Python.", "", markdown_table(declared(Plan)), ""]
+    stage = [(f, s) for f, s in declared(TrainConfig) if f.name not in shared]
+    out += ["## One training stage only (`TrainConfig`)", "",
+            "A stage of a run gets these from the paper presets (`stage_config`); in Python, "
+            "`TrainConfig(epochs, lr, milestones, ...)` takes them with the † settings above.", "",
+            markdown_table(stage), ""]
+    out += ["## Command defaults", "", "`lopfast demo`: " + ", ".join(f"`{k}={v}`" for k, v in DEMO_DEFAULTS.items())
+            + ".  ", "`lopfast prune`: " + ", ".join(f"`{k}={v}`" for k, v in PRUNE_DEFAULTS.items()) + "."]
+    return "\n".join(out) + "\n"
+
+
 #: the subcommands that are not pipeline commands (those share _check_pipeline_args and the runner)
 COMMANDS = {"selfcheck": _selfcheck, "export": _export, "reproduce": _reproduce, "zoo": _zoo}
 

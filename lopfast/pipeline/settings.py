@@ -9,7 +9,7 @@ becomes a value. Everything else is derived from that one declaration:
 * the checks, the same at every entry: the config's constructor, ``from_dict`` (a ``--config``
   file), ``train(...)``, the command line: :func:`check_fields`;
 * the command-line flags of each command, their help with the default: :func:`add_flags`;
-* the table of ``docs/configuration.md`` (a test compares it with the declarations): :func:`markdown`.
+* the table of ``docs/configuration.md`` (a test compares it with the declarations): :func:`markdown_table`.
 
 A setting every training stage shares is declared once on
 :class:`~lopfast.pipeline.train.TrainSettings`, which ``RunConfig`` and ``TrainConfig`` both
@@ -37,7 +37,7 @@ from lopfast.checks import (
 )
 
 __all__ = ["GROUP_COMMANDS", "Check", "Setting", "Settings", "add_flags", "boolean", "check_fields", "choice", "csv_list", "custom",
-           "declared", "flags", "from_dict", "integer", "json_object", "like", "markdown", "names", "number", "optional",
+           "declared", "flags", "from_dict", "integer", "json_object", "like", "markdown_table", "names", "number", "optional",
            "setting", "text"]
 
 #: which commands show the flags of each group (a setting's ``commands`` narrows it)
@@ -54,10 +54,12 @@ GROUP_COMMANDS: Dict[str, Tuple[str, ...]] = {
 @dataclass(frozen=True)
 class Check:
     """A setting's check: ``check(value, name)`` returns the value (normalised) or raises
-    :class:`~lopfast.checks.InvalidArgument` naming ``name``; ``accepted`` says in words what passes."""
+    :class:`~lopfast.checks.InvalidArgument` naming ``name``; ``accepted`` says in words what passes;
+    ``options``: the values a choice accepts (its flag shows them)."""
 
     fn: Callable[[Any, str], Any]
     accepted: str
+    options: Tuple[Any, ...] = ()
 
     def __call__(self, value: Any, name: str) -> Any:
         return self.fn(value, name)
@@ -83,7 +85,7 @@ def boolean() -> Check:
 
 def choice(*options: Any) -> Check:
     """One of ``options``."""
-    return Check(lambda v, n: check_choice(v, n, options), "one of " + ", ".join(repr(o) for o in options))
+    return Check(lambda v, n: check_choice(v, n, options), "one of " + ", ".join(repr(o) for o in options), options)
 
 
 def text(*, empty: bool = False) -> Check:
@@ -230,9 +232,10 @@ def default_words(f: dataclasses.Field, s: Setting) -> str:
     """How a setting's default reads in help and docs."""
     if s.default_text is not None:
         return s.default_text
-    value = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
-                                                        else None)
-    if isinstance(value, list):
+    if f.default is MISSING and f.default_factory is MISSING:
+        return "required"
+    value = f.default if f.default is not MISSING else f.default_factory()
+    if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) if value else "none"
     if isinstance(value, dict):
         return json.dumps(value) if value else "{}"
@@ -297,8 +300,8 @@ def add_flags(groups: Dict[str, Any], classes: Iterable[type], command: str) -> 
                 if parse is None:
                     raise TypeError(f"setting {f.name}: say how its flag's text becomes a {ann} (parse=...)")
                 kw.update(type=parse, help=f"{s.help} (default: {default})")
-                if s.metavar:
-                    kw["metavar"] = s.metavar
+                if s.metavar or s.check.options:
+                    kw["metavar"] = s.metavar or "{" + ",".join(map(str, s.check.options)) + "}"
             groups[s.group].add_argument(s.flag_for(f.name), **kw)
 
 
@@ -308,21 +311,17 @@ def flags(classes: Iterable[type]) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- docs
-def markdown(sections: Sequence[Tuple[str, type, str]]) -> str:
-    """The settings reference: one table per (title, class, intro), a row per setting: name (the
-    ``config.json`` key / Python argument), flag, default, what is accepted, help."""
-    out = []
-    for title, cls, intro in sections:
-        out += [f"## {title}", "", intro, "", "| setting | flag | default | accepted | what it does |",
-                "|---|---|---|---|---|"]
-        for f, s in declared(cls):
-            flag = s.flag_for(f.name)
-            where = f"`{flag}`" if flag else "(Python only)"
-            if flag and s.commands:
-                where += " (" + ", ".join(s.commands) + ")"
-            out.append(f"| `{f.name}` | {where} | {_cell(default_words(f, s))} | {_cell(s.check.accepted)} "
-                       f"| {_cell(s.help)} |")
-        out.append("")
+def markdown_table(rows: Iterable[Tuple[dataclasses.Field, Setting]], shared: Sequence[str] = ()) -> str:
+    """A markdown table of settings: name (the ``config.json`` key and Python argument), flag,
+    default, what is accepted, what it does; names in ``shared`` are marked with a dagger."""
+    out = ["| setting | flag | default | accepted | what it does |", "|---|---|---|---|---|"]
+    for f, s in rows:
+        flag = s.flag_for(f.name)
+        where = f"`{flag}`" if flag else "(no flag)"
+        if flag and s.commands:
+            where += " (" + ", ".join(s.commands) + ")"
+        name = f"`{f.name}`" + (" †" if f.name in shared else "")
+        out.append(f"| {name} | {where} | {_cell(default_words(f, s))} | {_cell(s.check.accepted)} | {_cell(s.help)} |")
     return "\n".join(out)
 
 
