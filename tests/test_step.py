@@ -120,6 +120,28 @@ def test_graph_plumbing_warm_up_capture_replays_and_short_batch(emulate):
         assert torch.equal(u, v)
 
 
+def test_after_update_runs_inside_every_step_captured_or_eager(emulate):
+    """The step's after-update functions run once per step, after the update, in the warm-up, the
+    captured replays and the short batch alike (device work: a replay runs it without Python)."""
+    data = _data(200, 64)  # 64, 64, 64, 8
+    torch.manual_seed(0)
+    model = build_model("digitsnet", width=8)
+    counts, seen = torch.zeros(1), torch.zeros(1)
+    weight = next(model.parameters())
+
+    def after():
+        counts.add_(1)
+        seen.copy_(weight.detach().flatten()[:1])  # the updated weight, not the one before the step
+
+    eng, _ = _engine(model, TrainConfig(2, 0.05, (), seed=5), data, after_update=[after])
+    for epoch in range(2):
+        eng.begin_epoch()
+        for x, y, gbs in data.train.epoch(epoch):
+            eng(x, y, gbs)
+        eng.end_epoch()
+    assert eng.replays > 0 and int(counts) == 8 and float(seen) == float(weight.detach().flatten()[0])
+
+
 def test_sgd_with_device_lr_matches_torch_sgd_and_multistep(emulate):
     """The engine's SGD (lr from the device table) equals torch.optim.SGD + MultiStepLR stepped per
     epoch, with weight decay, Nesterov and label smoothing, captured or not."""
