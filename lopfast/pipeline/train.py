@@ -108,11 +108,22 @@ class TrainSettings(Settings):
                                                    default_text="the weight decay")
     factor_lr_scale: float = setting(1.0, check=number(min=0, min_open=True), group="recovery",
                                      help="LR multiplier of the expanded factors")
+    ema: Optional[float] = setting(None, check=optional(number(min=0, max=1, min_open=True, max_open=True)),
+                                   group="training", metavar="DECAY", default_text="off",
+                                   help="keep an exponential moving average of the weights (and BatchNorm statistics), "
+                                        "updated inside every step on the device: avg = DECAY x avg + (1 - DECAY) x "
+                                        "weights; evaluated every epoch (ema_acc in the history)")
+    ema_final: bool = setting(False, check=boolean(), group="training",
+                              help="the weight average becomes each stage's final model: evaluated, contracted and "
+                                   "saved (needs --ema)")
 
     def _check_together(self) -> None:
         if self.nesterov and not self.momentum > 0:
             raise InvalidArgument("nesterov", self.nesterov, f"False while momentum is {self.momentum!r}",
                                   "nesterov needs momentum > 0")
+        if self.ema_final and self.ema is None:
+            raise InvalidArgument("ema_final", self.ema_final, "False without ema",
+                                  "it makes the weight average the final model: set ema (--ema DECAY)")
 
 
 def _milestones(v: Any, name: str) -> Tuple[int, ...]:
@@ -263,6 +274,50 @@ def _check_diverged(what: Optional[str], desc: str, epoch: int, cfg: TrainConfig
         stage=desc, epoch=epoch + 1, checkpoint=good)
 
 
+# --------------------------------------------------------------------------- the weight average
+class WeightAverage:
+    """An exponential moving average of a model's weights (``ema``): after every step
+    ``avg = decay * avg + (1 - decay) * w`` for every floating parameter and buffer (BatchNorm
+    statistics too; counters keep the model's), one foreach lerp on the device, run inside the
+    step (``TrainStep(after_update=...)``: captured with it, no host sync)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        named = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()]
+        self.names = [n for n, _ in named]
+        self.live = [t.detach() for _, t in named]  # the model's own tensors: the step updates them in place
+        self.avg = [t.clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.avg, self.live, 1.0 - self.decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.avg))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, checkpoint: str) -> None:
+        if not isinstance(state, dict) or set(state) != set(self.names):
+            raise CheckpointError(f"checkpoint {checkpoint}: its weight average does not fit this model")
+        torch._foreach_copy_(self.avg, [state[n] for n in self.names])
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        torch._foreach_copy_(self.live, self.avg)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The model holds the average inside the block (to evaluate it), its own weights after."""
+        with torch.no_grad():
+            keep = [t.clone() for t in self.live]
+            self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, keep)
+
+
 # --------------------------------------------------------------------------- what train() is given
 def _check_train_args(model, cfg, teacher, sp_layers, checkpoint, resume) -> None:
     """The arguments of :func:`train`, before any work: each error names its argument."""
@@ -378,13 +433,7 @@ def train(
             run.epoch(engine, epoch, checkpoint)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, run.history[-1])
-    final = run.history[-1] if run.history else evaluate(model, data.test, run.device, engine.amp)
-    return {
-        "history": run.history,
-        "final": {"acc": final.get("test_acc", final.get("acc")), "loss": final.get("test_loss", final.get("loss"))},
-        "epochs": cfg.epochs,
-        "seconds": time.time() - t0,
-    }
+    return {"history": run.history, "final": run.final(engine), "epochs": cfg.epochs, "seconds": time.time() - t0}
 
 
 class _Trainer:
@@ -406,12 +455,20 @@ class _Trainer:
         self.history: List[dict] = []
         self.start = self.step0 = 0
         self.amp: Optional[str] = None
+        self.ema: Optional[WeightAverage] = None
 
     def begin(self, checkpoint: Optional[str]) -> None:
-        """Continue from ``checkpoint`` (model, optimizer, RNG, history, step, amp), or start afresh."""
-        if checkpoint is None:
+        """Continue from ``checkpoint`` (model, optimizer, RNG, history, step, amp, weight average),
+        or start afresh."""
+        ck = self._resume(checkpoint) if checkpoint is not None else None
+        if ck is None:
             torch.manual_seed(self.cfg.seed)
-            return
+        if self.cfg.ema is not None:  # from the weights the stage starts from, unless the checkpoint holds one
+            self.ema = WeightAverage(self.model, self.cfg.ema)
+            if ck is not None and "ema" in ck:
+                self.ema.load_state_dict(ck["ema"], checkpoint)
+
+    def _resume(self, checkpoint: str) -> dict:
         ck = load_checkpoint(checkpoint, map_location=self.device)
         missing = [k for k in ("model", "optimizer", "rng", "epoch") if not (isinstance(ck, dict) and k in ck)]
         if missing:
@@ -431,6 +488,7 @@ class _Trainer:
         self.step0 = int(ck.get("step", self.start * len(self.data.train)))
         self.amp = ck.get("amp")  # the precision the run chose at its start: a resumed run keeps it
         self.log(f"[{self.desc}] resumed from {checkpoint} at epoch {self.start}/{self.cfg.epochs}")
+        return ck
 
     def _check_settings(self, saved, checkpoint: str) -> None:
         changed = _settings_changed(saved, self.cfg)
@@ -469,7 +527,8 @@ class _Trainer:
                 model.compile(**({"mode": "reduce-overhead"} if cfg.capture == "compile" else {}))
             engine = TrainStep(model, self.opt, cfg, device, steps_per_epoch=len(self.data.train), forward=forward,
                                distiller=distiller, world=self.world, start_step=self.step0,
-                               log=self.log if self.rank == 0 else None, desc=self.desc)
+                               log=self.log if self.rank == 0 else None, desc=self.desc,
+                               after_update=[self.ema.update] if self.ema is not None else ())
             if self.amp is not None:
                 engine.amp = self.amp
             if device.type == "cpu":
@@ -497,18 +556,37 @@ class _Trainer:
             _check_diverged("the test loss", desc, epoch, cfg, checkpoint)
         rec = {"epoch": epoch + 1, "train_loss": sums["loss"], "sp_loss": sums["sp"] if engine.distiller else None,
                "test_acc": ev["acc"], "test_loss": ev["loss"], "lr": engine.lr(), "seconds": time.time() - te}
+        if self.ema is not None:
+            with self.ema.swapped():
+                avg = evaluate(self.model, self.data.test, self.device, engine.amp)
+            rec.update(ema_acc=avg["acc"], ema_loss=avg["loss"])
         self.history.append(rec)
         if self.rank == 0:
             sp_txt = f" sp {rec['sp_loss']:.4f}" if rec["sp_loss"] is not None else ""
+            ema_txt = f", weight average {rec['ema_acc']:.2f}%" if self.ema is not None else ""
             self.log(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {rec['train_loss']:.4f}{sp_txt} "
-                     f"test acc {ev['acc']:.2f}% ({rec['seconds']:.1f}s)")
+                     f"test acc {ev['acc']:.2f}%{ema_txt} ({rec['seconds']:.1f}s)")
             if checkpoint:
-                save_checkpoint({"epoch": epoch, "step": engine.steps, "amp": engine.amp,
-                                 "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                                 "rng": _rng_state(self.device), "history": self.history,
-                                 "config": jsonable(asdict(cfg))}, checkpoint)
+                state = {"epoch": epoch, "step": engine.steps, "amp": engine.amp, "model": self.model.state_dict(),
+                         "optimizer": self.opt.state_dict(), "rng": _rng_state(self.device), "history": self.history,
+                         "config": jsonable(asdict(cfg))}
+                if self.ema is not None:
+                    state["ema"] = self.ema.state_dict()
+                save_checkpoint(state, checkpoint)
         if self.world > 1:
             dist.barrier()
+
+
+    def final(self, engine: TrainStep) -> Dict[str, float]:
+        """The accuracy and loss of the model the stage hands on: its last epoch's, or, with
+        ``ema_final``, the weight average's, which the model then holds."""
+        if self.cfg.ema_final:
+            self.ema.copy_to_model()
+            self.log(f"[{self.desc}] the weight average (decay {self.cfg.ema:g}) is the final model")
+        if not self.history:
+            return evaluate(self.model, self.data.test, self.device, engine.amp)
+        last, key = self.history[-1], "ema" if self.cfg.ema_final else "test"
+        return {"acc": last[f"{key}_acc"], "loss": last[f"{key}_loss"]}
 
 
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
