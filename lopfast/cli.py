@@ -212,7 +212,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None, help="CIFAR-10 / ImageNet folder")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda ...")
     p.add_argument("--teacher", default=None, help="pretrained model.pt used as the teacher of every seed")
-    p.add_argument("--targets", type=csv_list(float), default=None, help="only these fractions removed (e.g. 0.948,0.9866)")
+    p.add_argument("--targets", type=csv_list(float), default=None,
+                   help="only these fractions removed (e.g. 0.948,0.9866)")
     p.add_argument("--methods", type=csv_list(str), default=None, help="only these methods (e.g. ft,lop)")
     p.add_argument("--parallel", type=int, default=1,
                    help="(seed, target) units run at once in separate processes (one GPU is shared; default 1)")

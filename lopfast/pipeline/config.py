@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 
@@ -45,13 +45,13 @@ from lopfast.pipeline.settings import (
 )
 from lopfast.pipeline.train import PRESETS, TrainConfig, TrainSettings
 
-__all__ = ["METHODS", "RunConfig", "resolve_device"]
+__all__ = ["METHODS", "RunConfig", "check_fraction", "resolve_device"]
 
 _FT, _SCRATCH = PRESETS["finetune"], PRESETS["scratch"]
 
 
 # ---------------------------------------------------------------------------- the checks that need words
-def _fraction(v, n: str) -> float:
+def check_fraction(v, n: str) -> float:
     return check_number(v, n, min=0, max=1, min_open=True, max_open=True,
                         accepted="a fraction of parameters to remove, strictly between 0 and 1 (e.g. 0.9 for 90%)")
 
@@ -201,8 +201,8 @@ class RunConfig(TrainSettings):
                                      help="pretrained model.pt to start from (skips pretraining)",
                                      default_text="none: pretrain one")
     pretrain_epochs: Optional[int] = setting(None, check=optional(integer(min=0)), group="training",
-                                             help="pretraining epochs (milestones rescale; 0: the model as built is the "
-                                                  "teacher, e.g. torchvision weights)",
+                                             help="pretraining epochs (milestones rescale; 0: the model as built "
+                                                  "is the teacher, e.g. torchvision weights)",
                                              default_text=f"{_SCRATCH['epochs']}, the scratch preset")
     pretrain_lr: Optional[float] = setting(None, check=optional(_POSITIVE), help="pretraining LR", group="training",
                                            default_text=f"{_SCRATCH['lr']:g}, the scratch preset")
@@ -215,7 +215,7 @@ class RunConfig(TrainSettings):
     # ---- pruning
     prune_method: str = setting("l1", check=custom(_prune_method, "a lopfast.prune method (lopfast.prune.METHODS)"),
                                 help="lopfast.prune method", group="pruning")
-    target: float = setting(0.9, check=custom(_fraction, "a fraction strictly between 0 and 1"), group="pruning",
+    target: float = setting(0.9, check=custom(check_fraction, "a fraction strictly between 0 and 1"), group="pruning",
                             help="fraction of parameters to remove")
     global_pruning: bool = setting(False, check=boolean(), group="pruning",
                                    help="rank channels across layers instead of per layer")

@@ -610,7 +610,7 @@ class _Reproduction:
     def checked(cls, name: str, *, budget, seeds, seed, out, data_dir, device, teacher, targets, methods, parallel,
                 dataset, teachers, time_limit, quiet) -> "_Reproduction":
         """Every argument and every cell's settings checked, before any work."""
-        from lopfast.pipeline.config import RunConfig, _fraction
+        from lopfast.pipeline.config import RunConfig, check_fraction
         from lopfast.pipeline.runner import check_out_path, seed_list
 
         exp = resolve_experiment(name, budget, dataset)
@@ -624,9 +624,9 @@ class _Reproduction:
         if teachers not in ("shared", "per-seed"):
             raise ValueError(f"teachers must be 'shared' or 'per-seed', got {teachers!r}")
         if exp.needs_data_dir and budget not in ("smoke", "fast-smoke") and not data_dir:
-            raise ValueError(f"experiment {name} needs --data-dir pointing at an ImageNet folder (train/<class>/*.JPEG, "
-                             f"val/<class>/*.JPEG); lopfast does not download ImageNet")
-        targets = tuple(exp.targets) if not targets else tuple(_fraction(t, "targets") for t in targets)
+            raise ValueError(f"experiment {name} needs --data-dir pointing at an ImageNet folder "
+                             f"(train/<class>/*.JPEG, val/<class>/*.JPEG); lopfast does not download ImageNet")
+        targets = tuple(exp.targets) if not targets else tuple(check_fraction(t, "targets") for t in targets)
         methods = tuple(exp.methods) if not methods else tuple(methods)
         bad = [m for m in methods if m not in exp.methods]
         if bad:
@@ -656,8 +656,10 @@ class _Reproduction:
         from lopfast.pipeline.tasks import Task
 
         quiet = self.quiet or self.parallel > 1
-        todo = [(s, cell) for s in self.seeds for cell in self.cells  # seed-major: a run stopped early has whole seeds
-                if not os.path.exists(os.path.join(_unit_dir(self.exp_dir, s, cell[0]), _cell_tag(cell), "result.json"))]
+        # seed-major: a run stopped early still has whole, paired seeds
+        todo = [(s, cell) for s in self.seeds for cell in self.cells
+                if not os.path.exists(os.path.join(_unit_dir(self.exp_dir, s, cell[0]), _cell_tag(cell),
+                                                   "result.json"))]
         need_teachers = [] if self.teacher else list(dict.fromkeys(self.teacher_seed(s) for s, _ in todo))
         tasks: List = []
         for ts in need_teachers:

@@ -46,7 +46,7 @@ from lopfast.io import ModelFileError, load, save
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline import stages
 from lopfast.pipeline.checkpoint import load_checkpoint
-from lopfast.pipeline.config import RunConfig, _fraction, resolve_device
+from lopfast.pipeline.config import RunConfig, check_fraction, resolve_device
 from lopfast.pipeline.data import load_data
 from lopfast.pipeline.export import export_model
 from lopfast.pipeline.methods import RECOVERY
@@ -171,7 +171,7 @@ def check_targets(targets, name: str = "targets") -> List[float]:
         targets = [targets]
     if not isinstance(targets, (list, tuple)):
         raise InvalidArgumentType(name, targets, "a list of fractions, e.g. [0.5, 0.7, 0.9]")
-    targets = [_fraction(t, name) for t in targets]
+    targets = [check_fraction(t, name) for t in targets]
     if not targets:
         raise InvalidArgument(name, targets, "a non-empty list of fractions, e.g. 0.5,0.7,0.9")
     if len(set(targets)) != len(targets):
@@ -296,6 +296,8 @@ def _probe_model(cfg: RunConfig, data) -> nn.Module:
         if not cfg.model_kwargs:  # e.g. tv:<a name torchvision does not have>
             raise ValueError(f"--model {cfg.model} cannot be built: {why}") from None
         raise InvalidArgument("model_kwargs", cfg.model_kwargs, f"arguments {cfg.model} accepts", why) from None
+
+
 def _warn_short_subsets(cfg: RunConfig, data) -> None:
     """Settings that cannot do what they say, said (they are not errors: the run is still sound)."""
     for name, asked, loader in (("train_subset", cfg.train_subset, data.train),

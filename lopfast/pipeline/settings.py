@@ -36,9 +36,9 @@ from lopfast.checks import (
     range_words,
 )
 
-__all__ = ["GROUP_COMMANDS", "Check", "Setting", "Settings", "add_flags", "boolean", "check_fields", "choice", "csv_list", "custom",
-           "declared", "flags", "from_dict", "integer", "json_object", "like", "markdown_table", "names", "number", "optional",
-           "setting", "text"]
+__all__ = ["GROUP_COMMANDS", "Check", "Setting", "Settings", "add_flags", "boolean", "check_fields", "choice",
+           "csv_list", "custom", "declared", "flags", "from_dict", "integer", "json_object", "like", "markdown_table",
+           "names", "number", "optional", "setting", "text"]
 
 #: which commands show the flags of each group (a setting's ``commands`` narrows it)
 GROUP_COMMANDS: Dict[str, Tuple[str, ...]] = {

@@ -57,7 +57,7 @@ from lopfast.layers import ExpandedConv2d
 from lopfast.pipeline import step as _step
 from lopfast.pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lopfast.pipeline.onednn import onednn_conv_guard
-from lopfast.pipeline.schedule import SCHEDULES, check_schedule, lr_factors
+from lopfast.pipeline.schedule import SCHEDULES, check_schedule
 from lopfast.pipeline.settings import Settings, boolean, choice, custom, integer, number, optional, setting
 from lopfast.pipeline.step import CAPTURE, TrainStep, autocast
 
