@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteValues",
     "TrainingDiverged",
     "check_bool",
+    "check_latency_budget",
     "check_choice",
     "check_finite_module",
     "check_finite_tensors",
@@ -39,6 +40,7 @@ __all__ = [
     "check_str_list",
     "closest",
     "nonfinite",
+    "range_words",
 ]
 
 
@@ -122,7 +124,7 @@ def check_int(value: Any, name: str, *, min: Optional[int] = None, max: Optional
     """An ``int`` (not a bool) in ``[min, max]``; ``None`` passes when ``none``."""
     if value is None and none:
         return None
-    accepted = _range_words("int", min, max) + (" or None" if none else "")
+    accepted = range_words("int", min, max) + (" or None" if none else "")
     if not _is_int(value):
         raise InvalidArgumentType(name, value, accepted)
     if (min is not None and value < min) or (max is not None and value > max):
@@ -136,7 +138,7 @@ def check_number(value: Any, name: str, *, min: Optional[float] = None, max: Opt
     """A finite real number (int or float, not a bool) in the given interval; returned as given."""
     if value is None and none:
         return None
-    words = accepted or _range_words("number", min, max, min_open, max_open) + (" or None" if none else "")
+    words = accepted or range_words("number", min, max, min_open, max_open) + (" or None" if none else "")
     if not _is_number(value):
         raise InvalidArgumentType(name, value, words, hint)
     v = float(value)
@@ -149,8 +151,8 @@ def check_number(value: Any, name: str, *, min: Optional[float] = None, max: Opt
     return value
 
 
-def _range_words(noun: str, lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
-    """ "a positive int", "a finite number >= 0", "a number in [0, 1)" ... (``noun``: int or number)."""
+def range_words(noun: str, lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
+    """What an int or number check accepts, in words: "a positive int", "a finite number >= 0", "a number in [0, 1)" ... (``noun``: int or number)."""
     a = "an int" if noun == "int" else "a finite number"
     if hi is None and ((noun == "int" and lo == 1) or (noun != "int" and lo == 0 and lo_open)):
         return f"a positive {noun}"
@@ -211,6 +213,30 @@ def check_str_list(value: Any, name: str, *, none: bool = False, empty: bool = F
         if dup:
             raise InvalidArgument(name, value, "a list of distinct names", f"{dup} appear more than once")
     return value
+
+
+def check_latency_budget(latency: bool, allocation: Optional[str], global_pruning: bool, *,
+                         target: Any = None, target_name: str = "target",
+                         budget_name: str = "target_speedup") -> Optional[str]:
+    """The one rule of a latency budget (``lopfast.prune(budget="latency")``, ``--target-speedup``):
+    the netadapt allocation meets it from per-layer latencies, so it takes no other allocation, no
+    global pruning and no parameter target (``target``, when given explicitly); and netadapt serves
+    a latency budget only. Returns the allocation to use. ``budget_name`` / ``target_name`` are how
+    the caller spells the budget and the target in its messages."""
+    why = "a latency budget is met by the netadapt allocation (per-layer latencies)"
+    if not latency:
+        if allocation == "netadapt":
+            raise InvalidArgument("allocation", allocation, f"netadapt only with {budget_name}",
+                                  f"netadapt meets a latency budget: pass {budget_name}")
+        return allocation
+    if allocation not in (None, "netadapt"):
+        raise InvalidArgument("allocation", allocation, f"unset with {budget_name}", why)
+    if global_pruning:
+        raise InvalidArgument("global_pruning", True, f"unset with {budget_name}", why)
+    if target is not None:
+        raise InvalidArgument(target_name, target, f"unset with {budget_name}",
+                              "the latency budget decides how much to remove; give one of the two")
+    return "netadapt"
 
 
 def check_module(value: Any, name: str) -> nn.Module:

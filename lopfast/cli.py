@@ -41,9 +41,10 @@ __all__ = ["main", "DEMO_DEFAULTS"]
 # same budget over 3 seeds, so the table shows a spread and says whether the difference exceeds
 # it. 95 % removed, batch 256 (6 steps an epoch, 180 fine-tuning steps): there fine-tuning falls
 # ~5 points short of the teacher (issue 13: 92.78 vs ~98), where the paper's claim can show. It
-# is the cell of the gamma sweep (``lopfast reproduce gamma``) at the default gamma. The seeds
-# share one teacher (and so one pruned model) and vary the recovery only (data order,
-# augmentation, expansion init): that keeps the demo near a minute on a 2-core CPU.
+# is the cell of the gamma sweep (``lopfast reproduce gamma``) at the default gamma. Each seed
+# pretrains and prunes its own teacher, so the spread covers what moves between machines (the
+# teacher and the pruned net as well as the recovery); ``--teachers shared`` gives the seeds one
+# teacher and varies the recovery only (quicker: one pretraining).
 DEMO_DEFAULTS = {
     "model": "digitsnet",
     "dataset": "digits",
@@ -60,118 +61,38 @@ DEMO_DEFAULTS = {
 PRUNE_DEFAULTS = {"measure": False}
 
 
-def _csv(kind):
-    def parse(s: str):
-        items = [x.strip() for x in s.split(",") if x.strip()]
-        try:
-            return [kind(x) for x in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {s!r}")
-    return parse
+_GROUPS = ("run", "model and data", "training", "pruning", "recovery")
 
 
-def _json_object(s: str) -> dict:
-    try:
-        v = json.loads(s)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r} ({exc})")
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
-    return v
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of a pipeline command: one per declared setting it shows (RunConfig and Plan,
+    ``lopfast.pipeline.settings``), plus the command's own arguments (--out, --config, ...)."""
+    from lopfast.pipeline.config import RunConfig
+    from lopfast.pipeline.runner import Plan
+    from lopfast.pipeline.settings import GROUP_COMMANDS, add_flags
 
-
-def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: bool = True) -> None:
     S = argparse.SUPPRESS  # unset flags stay absent so config files / command defaults show through
-    g = p.add_argument_group("run")
+    groups = {name: p.add_argument_group(name) for name in _GROUPS if command in GROUP_COMMANDS[name]}
+    g = groups["run"]
     g.add_argument("--out", default=S, help="output directory (default: runs/<command>-<timestamp>)")
     g.add_argument("--config", default=S, help="JSON file of settings (keys as in config.json); flags override it")
     g.add_argument("--resume", action="store_true", default=S,
                    help="continue an interrupted run in --out: finished stages are loaded, the running one resumes "
                         "(an --out that holds no run is refused, not started afresh)")
-    g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:1 ...")
-    g.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    g.add_argument("--threads", type=int, default=S, help="CPU threads (default: 1 for digits, torch's default otherwise)")
     g.add_argument("--quiet", action="store_true", default=S, help="less console output")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=S, help="zoo model: digitsnet, resnet20/32/56/110, vgg16, mobilenet_v2, "
-                                              "resnet50 (torchvision), tv:<torchvision name> or timm:<timm name> "
-                                              "(random weights; default resnet20)")
-    g.add_argument("--model-kwargs", dest="model_kwargs", type=_json_object, default=S,
-                   help='extra builder arguments as JSON, e.g. \'{"width": 16}\'')
-    g.add_argument("--dataset", default=S, help="digits, cifar10 (default), cifar100, imagenet")
-    g.add_argument("--data-dir", dest="data_dir", default=S, help="data directory (cifar: pickle or image-folder layout)")
-    g.add_argument("--download", action="store_true", default=S, help="download CIFAR if missing (MD5 checked)")
-    g.add_argument("--train-subset", dest="train_subset", type=int, default=S, help="use only N training images")
-    g.add_argument("--test-subset", dest="test_subset", type=int, default=S, help="use only N test images")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="global batch size (default 256)")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for imagenet (default 8)")
-    g = p.add_argument_group("training")
-    g.add_argument("--teacher", default=S, help="pretrained model.pt to start from (skips pretraining)")
-    g.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=int, default=S,
-                   help="pretraining epochs (default 280, scratch preset; milestones rescale; 0: use the model as built, e.g. torchvision weights)")
-    g.add_argument("--pretrain-lr", dest="pretrain_lr", type=float, default=S, help="pretraining LR (default 0.1)")
-    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 5e-4")
-    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max grad norm (default off)")
-    g.add_argument("--amp", choices=["auto", "bf16", "off"], default=S,
-                   help="auto: on CUDA bf16 autocast or fp32, whichever the step measures faster (cached); off elsewhere")
-    g.add_argument("--budget", choices=["paper", "short", "fast"], default=S,
-                   help="paper (default: the paper's schedules), short (8/15/15 epochs) or fast (one H200: batch 512, "
-                        "linear warm-up/decay, label smoothing, Nesterov; lopfast reproduce --list shows it); "
-                        "--config and flags override its settings")
-    g.add_argument("--schedule", default=S, help="LR schedule of every stage: multistep (default), linear, onecycle")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
-                   help="linear LR warm-up of every stage, in epochs (default 0)")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S,
-                   help="label smoothing of the task loss, in [0, 1) (default 0)")
-    g.add_argument("--nesterov", action="store_true", default=S, help="Nesterov momentum")
-    g.add_argument("--val-size", dest="val_size", type=int, default=S,
-                   help="hold N training images out as a validation split (stratified, fixed by --val-seed)")
-    g.add_argument("--val-seed", dest="val_seed", type=int, default=S, help="seed of the validation split (default 0)")
-    g.add_argument("--eval-split", dest="eval_split", default=S,
-                   help="test (default) or val: report every accuracy on the validation split (choose settings there)")
-    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the trained model")
-    g.add_argument("--capture", choices=["auto", "compile", "off"], default=S,
-                   help="the training step as one CUDA graph: auto (captured by hand where it can be, else eager, "
-                        "saying why), compile (torch.compile's CUDA graphs), off (eager)")
-    if prune:
-        g = p.add_argument_group("pruning")
-        g.add_argument("--prune-method", dest="prune_method", default=S, help="lopfast.prune method (default l1)")
-        g.add_argument("--target", type=float, default=S, help="fraction of parameters to remove (default 0.9)")
-        g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=S,
-                       help="rank channels across layers instead of per layer")
-        _add_prune_parts(g, S)
-        _add_speed_flags(g, S)
-    if recovery:
-        g = p.add_argument_group("recovery")
-        g.add_argument("--methods", type=_csv(str), default=S,
-                       help="comma list of lop, ft, scratch, expandnets, distill, lop-nokd (default ft,lop)")
-        g.add_argument("--epochs", type=int, default=S,
-                       help="epochs of ft/lop/lop-nokd (default 150, fine-tune preset; milestones rescale)")
-        g.add_argument("--lr", type=float, default=S, help="fine-tune LR (default 0.01)")
-        g.add_argument("--scratch-epochs", dest="scratch_epochs", type=int, default=S,
-                       help="epochs of scratch/expandnets/distill (default 280)")
-        g.add_argument("--scratch-lr", dest="scratch_lr", type=float, default=S, help="from-scratch LR (default 0.1)")
-        g.add_argument("--rate", type=float, default=S, help="expansion rate r >= 1 (default 3)")
-        g.add_argument("--linear", action="store_true", default=S, help="also expand the linear classifier")
-        g.add_argument("--linear-rate", dest="linear_rate", type=float, default=S, help="rate of linear expansion")
-        g.add_argument("--linear-depth", dest="linear_depth", type=int, default=S, help="2 or 3 layers per linear")
-        g.add_argument("--gamma", type=float, default=S,
-                       help="SP distillation weight per distilled layer pair (default: lopfast.distill.DEFAULT_GAMMA "
-                            "= 3000; the SP loss is averaged over pairs)")
-        g.add_argument("--factor-weight-decay", dest="factor_weight_decay", type=float, default=S,
-                       help="weight decay of the expanded factors (default: --weight-decay)")
-        g.add_argument("--factor-lr-scale", dest="factor_lr_scale", type=float, default=S,
-                       help="LR multiplier of the expanded factors (default 1)")
-        g.add_argument("--seeds", type=int, default=S,
-                       help="run N seeds (--seed, --seed+1, ...); tables show mean ± std and n (default 1)")
-        g.add_argument("--sp-layers", dest="sp_layers", type=_csv(str), default=S,
-                       help="comma list of module names paired for SP distillation (default: every expanded layer)")
-        g.add_argument("--export", type=_csv(str), default=S, help="also export: pt2 (torch.export), onnx, torchscript")
+    groups["training"].add_argument(
+        "--budget", choices=["paper", "short", "fast"], default=S,
+        help="paper (default: the paper's schedules), short (8/15/15 epochs) or fast (one H200: batch 512, "
+             "linear warm-up/decay, label smoothing, Nesterov; lopfast reproduce --list shows it); "
+             "--config and flags override its settings")
+    if "pruning" in groups:
+        _add_prune_parts(groups["pruning"], S)
+    add_flags(groups, (RunConfig, Plan), command)
 
 
 def _add_prune_parts(g, S) -> None:
     """--criterion / --allocation / --procedure / --method-options: they land in prune_options."""
+    from lopfast.pipeline.settings import json_object
     from lopfast.prune.compose import ALLOCATIONS, CRITERIA, PROCEDURES  # the names lopfast.prune accepts
 
     g.add_argument("--criterion", dest="_prune_criterion", metavar="NAME", default=S,
@@ -180,47 +101,8 @@ def _add_prune_parts(g, S) -> None:
                    help=f"replace the preset's allocation: {', '.join(ALLOCATIONS)}")
     g.add_argument("--procedure", dest="_prune_procedure", metavar="NAME", default=S,
                    help=f"replace the preset's procedure: {', '.join(PROCEDURES)}")
-    g.add_argument("--method-options", dest="_prune_method_options", metavar="JSON", type=_json_object, default=S,
+    g.add_argument("--method-options", dest="_prune_method_options", metavar="JSON", type=json_object, default=S,
                    help='options of the pruning parts as JSON, e.g. \'{"episodes": 100, "budget": "flops"}\'')
-
-
-def _round_to(s: str):
-    if s.strip().lower() == "auto":
-        return "auto"
-    if s.strip().lower() in ("none", "off", "0", "1"):
-        return None
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, auto or none, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, auto or none, got {s!r}")
-    return v
-
-
-def _speedup(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 1 (e.g. 2.0), got {s!r}")
-    if not v > 1 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 1 (e.g. 2.0), got {s!r}")
-    return v
-
-
-def _add_speed_flags(g, S) -> None:
-    """--round-to / --target-speedup / --measure / --measure-compile (lopfast.prune, issue 19)."""
-    g.add_argument("--round-to", dest="round_to", type=_round_to, metavar="N|auto|none", default=S,
-                   help="every pruned width a multiple of N (tensor cores: 8); auto (default): 8 on CUDA, none on CPU")
-    g.add_argument("--target-speedup", dest="target_speedup", type=_speedup, metavar="X", default=S,
-                   help="prune until the model runs X times faster on this device (a latency budget, NetAdapt "
-                        "allocation with any --criterion), measured at the training batch (--batch-size; "
-                        "--method-options '{\"batch\": 1}' for batch-1 latency); replaces --target")
-    g.add_argument("--measure", dest="measure", action=argparse.BooleanOptionalAction, default=S,
-                   help="report latency and throughput of the original, pruned and final models on the run's device "
-                        "(batch 1 and --batch-size; default on for run/demo, off for prune)")
-    g.add_argument("--measure-compile", dest="measure_compile", action=argparse.BooleanOptionalAction, default=S,
-                   help="also time the torch.compile'd models (default: on CUDA only; tens of seconds per model on CPU)")
 
 
 def _merge_prune_parts(settings: dict) -> None:
@@ -237,6 +119,8 @@ def _merge_prune_parts(settings: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lopfast.pipeline.settings import csv_list
+
     parser = argparse.ArgumentParser(
         prog="lopfast",
         description="Prune a network, recover it with linear over-parameterization + SP distillation, contract it back.",
@@ -245,29 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("demo", help="digits end to end: pretrain, prune 95%%, ft vs lop over 3 seeds, mean ± std",
-                       description="Pretrain a small ResNet on the 8x8 digits, prune 95% of its weights (l1), "
-                                   "recover with ft and lop on the same budget for 3 seeds, contract, verify, print "
-                                   "mean ± std per method and whether lop − ft exceeds its spread.",
+                       description="For each of 3 seeds: pretrain a small ResNet on the 8x8 digits, prune 95% of its "
+                                   "weights (l1), recover with ft and lop on the same budget, contract, verify; print "
+                                   "mean ± std per method, whether lop − ft exceeds its spread, and what the spread "
+                                   "covers (--teachers shared: one teacher for every seed, quicker).",
                        epilog="demo defaults (any flag overrides them): "
                               + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()))
-    _add_common(p)
+    _add_common(p, "demo")
     p = sub.add_parser("pretrain", help="train the unpruned model (the teacher)")
-    _add_common(p, recovery=False, prune=False)
+    _add_common(p, "pretrain")
     p = sub.add_parser("prune", help="prune a pretrained model (--teacher) and report params/MACs")
-    _add_common(p, recovery=False)
+    _add_common(p, "prune")
     p = sub.add_parser("run", help="the whole pipeline: pretrain (or --teacher), prune, recover with --methods")
-    _add_common(p)
+    _add_common(p, "run")
     p = sub.add_parser("sweep", help="methods x pruning targets -> sweep.csv + sweep.png")
-    _add_common(p)
-    p.add_argument("--targets", type=_csv(float), default=argparse.SUPPRESS,
-                   help="comma list of fractions to remove (default 0.5,0.7,0.9)")
+    _add_common(p, "sweep")
     _add_reproduce(sub)
     p = sub.add_parser("export", help="export a saved model with torch.export (.pt2), ONNX and/or TorchScript")
     p.add_argument("model_path", help="model.pt written by a run or by lopfast.save")
-    p.add_argument("--format", type=_csv(str), default=["pt2"],
+    p.add_argument("--format", type=csv_list(str), default=["pt2"],
                    help="pt2 (torch.export, default), onnx, torchscript (deprecated by PyTorch); each is loaded back "
                         "and compared with the model (ONNX through onnxruntime when installed)")
-    p.add_argument("--input-shape", dest="input_shape", type=_csv(int), default=None,
+    p.add_argument("--input-shape", dest="input_shape", type=csv_list(int), default=None,
                    help="C,H,W of one input (default from the model's dataset: digits 1,8,8; cifar 3,32,32; imagenet 3,224,224)")
     p.add_argument("--out", default=None, help="output directory (default: next to the model)")
     p = sub.add_parser("zoo", help="prune -> expand -> SP step -> contract -> save -> load on torchvision/timm "
@@ -302,6 +185,8 @@ def _selfcheck(args) -> int:
 
 
 def _add_reproduce(sub) -> None:
+    from lopfast.pipeline.settings import csv_list
+
     p = sub.add_parser("reproduce", help="the paper's tables and figures: lopfast reproduce table1 --budget short",
                        description="Run one of the paper's experiments (a registry: lopfast reproduce --list) for "
                                    "--seeds seeds; writes results.csv (a row per cell and seed), results.md (mean ± "
@@ -327,8 +212,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--data-dir", dest="data_dir", default=None, help="CIFAR-10 / ImageNet folder")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda ...")
     p.add_argument("--teacher", default=None, help="pretrained model.pt used as the teacher of every seed")
-    p.add_argument("--targets", type=_csv(float), default=None, help="only these fractions removed (e.g. 0.948,0.9866)")
-    p.add_argument("--methods", type=_csv(str), default=None, help="only these methods (e.g. ft,lop)")
+    p.add_argument("--targets", type=csv_list(float), default=None,
+                   help="only these fractions removed (e.g. 0.948,0.9866)")
+    p.add_argument("--methods", type=csv_list(str), default=None, help="only these methods (e.g. ft,lop)")
     p.add_argument("--parallel", type=int, default=1,
                    help="(seed, target) units run at once in separate processes (one GPU is shared; default 1)")
     p.add_argument("--quiet", action="store_true", help="less console output")
@@ -353,21 +239,27 @@ def _reproduce(args) -> int:
     return 3 if res["unfinished"] else 0
 
 
+def _config_file(args: argparse.Namespace) -> dict:
+    """The settings of ``--config FILE`` ({} without one); a missing or malformed file is named."""
+    path = getattr(args, "config", None)
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"--config file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config file {path!r} is not valid JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config file {path!r} must hold a JSON object of settings")
+    return loaded
+
+
 def _settings(args: argparse.Namespace, command_defaults: dict) -> dict:
     """Layer command defaults < --budget < --config file < explicit flags."""
     budget = getattr(args, "budget", None)
-    loaded = {}
-    cfg_path = getattr(args, "config", None)
-    if cfg_path:
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"--config file {cfg_path!r} does not exist")
-        try:
-            with open(cfg_path) as f:
-                loaded = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--config file {cfg_path!r} is not valid JSON: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config file {cfg_path!r} must hold a JSON object of settings")
+    loaded = _config_file(args)
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "out", "resume", "quiet", "budget")}
     settings = {**command_defaults, **loaded, **flags}
     if budget is not None:
@@ -449,9 +341,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             warnings.showwarning = show
             return _dispatch(args)
     except InvalidArgument as exc:
-        # name the flag that set the value (a --config file's key is the flag's setting)
+        # name the flag that set the value, and the file when a --config file's key set it
         flag = _flag_names(parser, args.command).get(exc.name, exc.name)
-        print(f"lopfast {args.command}: error: {exc.message(flag)}", file=sys.stderr)
+        print(f"lopfast {args.command}: error: {exc.message(flag)}{_from_config_file(args, exc.name)}",
+              file=sys.stderr)
         return 2
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         # bad input: a one-line message saying what to change, no traceback
@@ -463,52 +356,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:  # a full disk, a folder without write permission: no traceback either
         print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        from lopfast.pipeline._api import MissingAPIError
-
-        if not isinstance(exc, MissingAPIError):
-            raise
-        print(f"lopfast {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"lopfast {args.command}: interrupted; continue with --resume --out <same dir>", file=sys.stderr)
         return 130
 
 
+def _from_config_file(args: argparse.Namespace, name: str) -> str:
+    """" (key 'x' of --config FILE)" when the bad value came from the --config file, not a flag."""
+    path = getattr(args, "config", None)
+    if not path or name in vars(args) or name.startswith("_"):
+        return ""
+    try:
+        keys = _config_file(args)
+    except ValueError:
+        return ""
+    return f" (key {name!r} of --config {path})" if name in keys else ""
+
+
 # --------------------------------------------------------------------------- argument checks
 # Every subcommand's arguments are checked by one function before any of its work starts (data
 # read, model built, stage run). The pipeline commands share _check_pipeline_args: the settings go
-# through RunConfig.validate() (one declarative check per setting, lopfast.pipeline.config.
-# SETTING_CHECKS), the run folder and --resume are checked here, and stages.prepare() checks
-# what needs the data (the teacher file against --model and the data set, --sp-layers against
-# the model). A new flag plugs in as a RunConfig field + its SETTING_CHECKS entry (pipeline
-# commands), or as a line in its command's _check_<command>_args below (the others). Errors are
-# lopfast.checks.InvalidArgument: main() prints them naming the flag.
+# through RunConfig and Plan, whose declarations check every one (lopfast.pipeline.settings; the
+# flags are derived from the same declarations), the run folder and --resume are checked here,
+# and the runner's prepare() checks what needs the data (the teacher file against --model and the
+# data set, --sp-layers against the model). A new setting is one declared field (RunConfig,
+# TrainSettings or Plan); an argument of another command is a line in its _check_<command>_args
+# below. Errors are lopfast.checks.InvalidArgument: main() prints them naming the flag.
 PIPELINE_COMMANDS = ("demo", "pretrain", "prune", "run", "sweep")
 
 
 def _check_pipeline_args(args) -> argparse.Namespace:
     """Everything a pipeline command is given, checked; returns the plan (cfg, out, resume, ...)."""
-    from lopfast.checks import InvalidArgument, check_int
-    from lopfast.pipeline import stages
-    from lopfast.pipeline.config import check_out_dir, check_out_path, has_run
-    from lopfast.pipeline.stages import RunConfig
+    from lopfast.checks import InvalidArgument, check_latency_budget
+    from lopfast.pipeline.config import RunConfig
+    from lopfast.pipeline.runner import Plan, check_out_dir, check_out_path, has_run
+    from lopfast.pipeline.settings import from_dict
 
     defaults = DEMO_DEFAULTS if args.command == "demo" else PRUNE_DEFAULTS if args.command == "prune" else {}
     settings = _settings(args, defaults)
-    targets = settings.pop("targets", None)
-    seeds = check_int(settings.pop("seeds", 1), "seeds", min=1)
+    plan = from_dict(Plan, {k: settings.pop(k) for k in Plan.__dataclass_fields__ if k in settings})
     cfg = RunConfig.from_dict(settings).validate()
     if cfg.target_speedup is not None:  # a latency budget replaces the parameter target
         if args.command == "sweep":
             raise InvalidArgument("target_speedup", cfg.target_speedup, "unset for `lopfast sweep`",
                                   "a sweep prunes to its --targets (fractions of parameters); use `lopfast run "
                                   "--target-speedup X` for one latency budget")
-        if "target" in vars(args):  # both flags given (a --config file or a default always holds a target)
-            raise InvalidArgument("target", cfg.target, "unset with --target-speedup",
-                                  "the latency budget decides how much to remove; give one of the two")
+        # both flags given (a --config file or a default always holds a target)
+        check_latency_budget(True, None, False, target=cfg.target if "target" in vars(args) else None,
+                             budget_name="--target-speedup")
+    targets = plan.targets
     if args.command == "sweep":
-        targets = stages.check_targets([0.5, 0.7, 0.9] if targets is None else targets)
+        from lopfast.pipeline.runner import check_targets
+
+        targets = check_targets([0.5, 0.7, 0.9] if targets is None else targets)
     elif targets is not None:  # e.g. `lopfast run --config <a sweep's config.json>`
         raise ValueError(f"targets {targets} (from --config) is a setting of `lopfast sweep`; `lopfast "
                          f"{args.command}` prunes to --target: use `lopfast sweep`, or drop targets from the file")
@@ -528,7 +428,7 @@ def _check_pipeline_args(args) -> argparse.Namespace:
         check_out_dir(cfg, out)
     _check_can_create(out)
     return argparse.Namespace(cfg=cfg, out=out, resume=resume, quiet=bool(getattr(args, "quiet", False)),
-                              targets=targets, seeds=seeds)
+                              targets=targets, seeds=plan.seeds, teachers=plan.teachers)
 
 
 def _check_can_create(out: str) -> None:
@@ -554,7 +454,7 @@ def _check_can_create(out: str) -> None:
 
 def _check_export_args(args) -> None:
     from lopfast.checks import InvalidArgument
-    from lopfast.pipeline.config import check_out_path
+    from lopfast.pipeline.runner import check_out_path
     from lopfast.pipeline.export import check_formats
 
     if not os.path.isfile(args.model_path):
@@ -570,7 +470,7 @@ def _check_export_args(args) -> None:
 
 def _check_reproduce_args(args) -> None:
     from lopfast.checks import check_choice, check_int, check_number
-    from lopfast.pipeline.config import check_out_path
+    from lopfast.pipeline.runner import check_out_path
 
     if args.list:
         return
@@ -623,68 +523,41 @@ def _flag_names(parser: argparse.ArgumentParser, command: str) -> dict:
 def _dispatch(args) -> int:
     if args.command in ARG_CHECKS:
         ARG_CHECKS[args.command](args)
-    if args.command == "selfcheck":
-        return _selfcheck(args)
-    from lopfast.pipeline import stages
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
+    from lopfast.pipeline import runner
 
-    if args.command == "export":
-        return _export(args)
-    if args.command == "reproduce":
-        return _reproduce(args)
-    if args.command == "zoo":
-        return _zoo(args)
     plan = _check_pipeline_args(args)
-    cfg, out, resume, quiet, targets, seeds = plan.cfg, plan.out, plan.resume, plan.quiet, plan.targets, plan.seeds
-    if args.command == "sweep":
-        dev = _init_distributed()
-        rows = stages.run_sweep(cfg, targets, out, resume=resume, quiet=quiet, seeds=seeds)
+    cfg, out, resume, quiet = plan.cfg, plan.out, plan.resume, plan.quiet
+    dev = _init_distributed()
+    t0 = time.time()
+    if args.command == "pretrain":
+        runner.run_pretrain(cfg, out, resume=resume, quiet=quiet, device=dev)
+    elif args.command == "prune":
+        runner.run_prune(cfg, out, resume=resume, quiet=quiet, device=dev)
+    elif args.command == "sweep":
+        rows = runner.run_sweep(cfg, plan.targets, out, resume=resume, quiet=quiet, seeds=plan.seeds,
+                                teachers=plan.teachers)
         if _rank0():
             print(_sweep_table(rows))
             print(f"\nwrote {os.path.join(out, 'sweep.csv')} and sweep.png")
-        return 0
-    dev = _init_distributed()
-    from lopfast.pipeline.train import dist_info
-
-    rank, world = dist_info()
-    data, device = stages.prepare(cfg, dev, rank, world)
-    os.makedirs(out, exist_ok=True)
-    log = stages.RunLog(out, quiet)
-    stages._write_json(os.path.join(out, "config.json"), cfg.to_dict())
-    if args.command == "pretrain":
-        model, acc = stages.pretrain_stage(cfg, data, out, device, log, resume)
-        log(f"pretrained {cfg.model}: {acc:.2f}% -> {os.path.join(out, 'pretrain', 'model.pt')}")
-        stages._write_json(os.path.join(out, "results.json"), {"teacher": {"acc": acc}})
-        return 0
-    if args.command == "prune":
-        teacher, acc = stages.pretrain_stage(cfg, data, out, device, log, resume)
-        pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log, measure=cfg.measure)
-        from lopfast.pipeline.train import evaluate
-
-        pacc = evaluate(pruned, data.test, device, cfg.amp)["acc"]
-        stages._write_json(os.path.join(out, "results.json"),
-                           {"teacher": {"acc": acc}, "pruned": {"acc": pacc, "report": report}})
-        log(f"pruned: accuracy {acc:.2f}% -> {pacc:.2f}% before recovery; {os.path.join(out, 'prune', 'model.pt')}")
-        if (report.get("latency") or {}).get("models"):
-            from lopfast.prune.latency import format_latency
-
-            log(format_latency(report["latency"]))
-        return 0
-    t0 = time.time()
-    if seeds > 1:
-        res = stages.run_seeds(cfg, out, seeds, resume=resume, quiet=quiet, share_teacher=args.command == "demo")
+    elif plan.seeds > 1:
+        res = runner.run_seeds(cfg, out, plan.seeds, teachers=plan.teachers, resume=resume, quiet=quiet)
         if _rank0():
             print()
-            print(_seeds_report(res, cfg, shared=args.command == "demo"))
+            print(_seeds_report(res, cfg))
             print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'seeds.csv')} and seed*/results.json")
-        return 0
-    results = stages.run_pipeline(cfg, out, resume=resume, quiet=quiet, data=data, device=device)
-    if _rank0():
-        print()
-        print(stages.format_table(results))
-        for name, r in results["methods"].items():
-            if "error" in r:
-                print(f"{name}: {r['error']}")
-        print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'results.json')} and accuracy.png")
+    else:
+        results = runner.run_pipeline(cfg, out, resume=resume, quiet=quiet, device=dev)
+        if _rank0():
+            from lopfast.pipeline.report import format_table
+
+            print()
+            print(format_table(results))
+            for name, r in results["methods"].items():
+                if "error" in r:
+                    print(f"{name}: {r['error']}")
+            print(f"\n{time.time() - t0:.0f}s; wrote {os.path.join(out, 'results.json')} and accuracy.png")
     return 0
 
 
@@ -701,24 +574,30 @@ def _sweep_table(rows: List[dict]) -> str:
     return format_summary(rows, cell=("target",))
 
 
-def _seeds_report(res: dict, cfg, shared: bool) -> str:
-    """The multi-seed table: teacher, each method (mean ± std, n), lop − ft and whether it exceeds the spread."""
+def _seeds_report(res: dict, cfg) -> str:
+    """The multi-seed table: teacher, each method (mean ± std, n), lop − ft and whether it exceeds
+    the spread, and what that spread covers."""
     from lopfast.pipeline.report import format_summary, mean_std, paired_difference
 
-    rows = res["rows"]
+    rows, shared = res["rows"], res["teachers"] == "shared"
     t_m, t_sd, t_n = mean_std(r["teacher"]["acc"] for r in res["runs"])
     p_m, p_sd, p_n = mean_std(r["pruned"]["acc"] for r in res["runs"])
+    given = cfg.teacher is not None
     lines = [f"unpruned teacher: {t_m:.2f} ± {t_sd:.2f} % (n={t_n}"
-             + (", one teacher shared by every seed)" if shared else ")"),
+             + (", one teacher shared by every seed)" if shared or given else ", one teacher per seed)"),
              f"pruned, no recovery: {p_m:.2f} ± {p_sd:.2f} % (n={p_n})", "",
              format_summary(rows, cell=("target",))]
     for d in paired_difference(rows, "lop", "ft"):
         verdict = "exceeds" if d["exceeds_spread"] else "does not exceed"
         lines.append(f"\nlop − ft = {d['mean']:+.2f} ± {d['std']:.2f} points (n={d['n']} seeds {res['seeds']}): "
                      f"the difference {verdict} its spread (std of the per-seed differences)")
-    if shared:
-        lines.append("seeds vary the recovery only (data order, augmentation, expansion init); "
-                     f"gamma {cfg.gamma:g} per layer pair")
+    if shared or given:
+        lines.append("the spread covers the recovery only (data order, augmentation, expansion init): every seed "
+                     f"prunes the same teacher; gamma {cfg.gamma:g} per layer pair")
+    else:
+        lines.append("the spread covers pretraining, pruning and recovery: each seed trains and prunes its own "
+                     f"teacher (--teachers shared: one teacher, the recovery's spread only); gamma {cfg.gamma:g} per "
+                     "layer pair")
     return "\n".join(lines)
 
 
@@ -728,10 +607,8 @@ _SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
 def _export(args) -> int:
     import torch
 
-    from lopfast.pipeline import stages
-    from lopfast.pipeline.export import check_formats
-
     from lopfast.checks import InvalidArgument
+    from lopfast.pipeline.export import check_formats, export_model
 
     formats = check_formats(args.format, "--format")
     model, meta = _load_any(args.model_path)
@@ -750,7 +627,7 @@ def _export(args) -> int:
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, os.path.splitext(os.path.basename(args.model_path))[0])
     for f in formats:
-        stages.export_model(model, stem, f, example)
+        export_model(model, stem, f, example)
     return 0
 
 
@@ -784,10 +661,56 @@ def _zoo(args) -> int:
 def _load_any(path: str):
     """Load a model saved by lopfast.save or by a pipeline stage; returns (model, metadata)."""
     from lopfast.io import read
-    from lopfast.pipeline import stages
+    from lopfast.pipeline.runner import load_model_file
 
-    model = stages.load_model_file(path)
+    model = load_model_file(path)
     return model, dict(read(path, map_location="cpu")["metadata"])
+
+
+_PAGE_INTRO = """# Configuration: every setting
+
+Generated from the declarations (`lopfast/pipeline/settings.py`); `tests/test_settings.py` fails when
+this page and the code disagree, and rewrites it with `LOPFAST_WRITE_DOCS=1`.
+
+Each setting is declared once: its default, its check, its flag and its help. The same name is the
+key of a run's `config.json` (and of a `--config FILE`), the keyword of `RunConfig(...)`, and, for
+the settings marked †, a field of `TrainConfig`, what `lopfast.pipeline.train()` takes: those are
+declared on `TrainSettings` and shared by every training stage. The same check runs at every entry:
+the command line (errors name the flag), a `--config` file (the key and the file), `RunConfig(...)` /
+`TrainConfig(...)` / `train(...)` (the argument). Settings are layered: built-in defaults < the
+command's defaults (`lopfast demo`'s, below) < `--budget` < `--config FILE` < explicit flags.
+A flag belongs to the commands of its group: run, model and data, training (every pipeline
+command), pruning (`demo`, `prune`, `run`, `sweep`), recovery (`demo`, `run`, `sweep`).
+"""
+
+
+def settings_page() -> str:
+    """``docs/configuration.md``: every setting of every config class, derived from the declarations."""
+    from lopfast.pipeline.config import RunConfig
+    from lopfast.pipeline.runner import Plan
+    from lopfast.pipeline.settings import declared, markdown_table
+    from lopfast.pipeline.train import TrainConfig, TrainSettings
+
+    shared = [f.name for f, _ in declared(TrainSettings)]
+    out = [_PAGE_INTRO]
+    for group in ("run", "model and data", "training", "pruning", "recovery"):
+        rows = [(f, s) for f, s in declared(RunConfig) if s.group == group]
+        out += [f"## {group.capitalize()} (`RunConfig`)", "", markdown_table(rows, shared), ""]
+    out += ["## How a command runs them (`lopfast.pipeline.runner.Plan`)", "",
+            "Keys of a `--config` file and flags, not fields of `RunConfig`: `run_seeds(..., teachers=)` and "
+            "`run_sweep(..., targets=)` take them in Python.", "", markdown_table(declared(Plan)), ""]
+    stage = [(f, s) for f, s in declared(TrainConfig) if f.name not in shared]
+    out += ["## One training stage only (`TrainConfig`)", "",
+            "A stage of a run gets these from the paper presets (`stage_config`); in Python, "
+            "`TrainConfig(epochs, lr, milestones, ...)` takes them with the † settings above.", "",
+            markdown_table(stage), ""]
+    out += ["## Command defaults", "", "`lopfast demo`: " + ", ".join(f"`{k}={v}`" for k, v in DEMO_DEFAULTS.items())
+            + ".  ", "`lopfast prune`: " + ", ".join(f"`{k}={v}`" for k, v in PRUNE_DEFAULTS.items()) + "."]
+    return "\n".join(out) + "\n"
+
+
+#: the subcommands that are not pipeline commands (those share _check_pipeline_args and the runner)
+COMMANDS = {"selfcheck": _selfcheck, "export": _export, "reproduce": _reproduce, "zoo": _zoo}
 
 
 if __name__ == "__main__":  # python -m lopfast.cli (torchrun entry)

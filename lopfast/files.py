@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import stat
+import sys
 from typing import Any, BinaryIO, Callable, Iterator, TextIO, Union
 
-__all__ = ["write_atomic", "write_bytes", "write_json", "write_text", "file_lock"]
+__all__ = ["jsonable", "write_atomic", "write_bytes", "write_json", "write_text", "file_lock"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -79,6 +81,26 @@ def write_bytes(path: PathLike, data: bytes, **kw) -> None:
 def write_text(path: PathLike, data: str, **kw) -> None:
     """:func:`write_atomic` of the string ``data`` (UTF-8)."""
     write_atomic(path, lambda f: f.write(data), text=True, **kw)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: dict keys as strings, tuples as lists, a non-finite float as its
+    text ("nan", "inf"), a one-element torch tensor as its number, a callable as its name, anything
+    else as its ``repr``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    torch = sys.modules.get("torch")  # not imported here: this module sits below everything
+    if torch is not None and isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if callable(obj):
+        return getattr(obj, "__qualname__", None) or type(obj).__name__
+    return repr(obj)
 
 
 def write_json(path: PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False, default=float, **kw) -> None:

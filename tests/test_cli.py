@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lopfast import cli
-from lopfast.pipeline import stages
+from lopfast.pipeline import runner, stages
 
 BASE = ["--model", "digitsnet", "--dataset", "digits", "--device", "cpu"]
 
@@ -89,7 +89,7 @@ def test_export_command(tmp_path, capsys):
 
     model = build_model("digitsnet", width=8).eval()
     path = tmp_path / "model.pt"
-    stages._save_stage_model(model, str(path), "digitsnet", {"width": 8})
+    runner.save_model_file(model, str(path), "digitsnet", {"width": 8})
     rc = cli.main(["export", str(path), "--input-shape", "1,8,8", "--out", str(tmp_path / "exp")])
     assert rc == 0
     exported = torch.export.load(str(tmp_path / "exp" / "model.pt2")).module()  # pt2 is the default

@@ -94,10 +94,10 @@ def digits():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"num_classes": 5}, r"the model gives 5 outputs per image, but the data set digits has 10 classes: build it "
-                         r"with num_classes=10"),
-    ({"in_channels": 3}, r"the model takes 3 input channels \(its first layer 'conv1'\), but the data set digits "
-                         r"has 1: build it with in_channels=1"),
+    ({"num_classes": 5}, r"model must be a model with 10 outputs, one per class of digits.*it gives 5: the labels "
+                         r"above 4 would be out of range; build it with num_classes=10"),
+    ({"in_channels": 3}, r"it takes 3 input channels \(its first layer 'conv1'\), but digits has 1: build it with "
+                         r"in_channels=1"),
 ])
 def test_a_model_that_does_not_fit_the_data_is_refused(digits, kw, message):
     model = build_model("digitsnet", **{"in_channels": 1, "num_classes": 10, "width": 4, **kw})

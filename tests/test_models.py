@@ -55,11 +55,11 @@ def test_bad_names_and_args():
 
 def _stage_roundtrip(tmp_path, model, arch, arch_kwargs):
     """Through the pipeline's stage hand-off (lopfast.save / lopfast.load, no model=)."""
-    from lopfast.pipeline import stages
+    from lopfast.pipeline import runner
 
     path = str(tmp_path / "model.pt")
-    stages._save_stage_model(model, path, arch, arch_kwargs)
-    return stages.load_model_file(path)
+    runner.save_model_file(model, path, arch, arch_kwargs)
+    return runner.load_model_file(path)
 
 
 def test_stage_file_rebuilds_pruned_model(tmp_path):

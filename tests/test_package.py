@@ -68,10 +68,7 @@ _LAYERS = [
     ("lopfast.selfcheck", "lopfast.cli", "lopfast"),
 ]
 # (importer, imported, why) exceptions
-_ALLOWED_UP = {
-    # looks optional APIs up on the package at call time (lopfast.pipeline._api.require)
-    ("lopfast.pipeline._api", "lopfast"),
-}
+_ALLOWED_UP = set()
 
 
 def _modules():

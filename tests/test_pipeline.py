@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import lopfast
-from lopfast.pipeline import stages
+from lopfast.pipeline import runner, stages
 from lopfast.pipeline.data import TensorLoader, _random_crop, load_data
+from lopfast.pipeline.export import export_model
 from lopfast.pipeline.models import build_model
+from lopfast.pipeline.report import format_table
 from lopfast.pipeline.stages import METHODS, RunConfig
 from lopfast.pipeline.train import TrainConfig, load_checkpoint, preset, train
 
@@ -18,9 +20,7 @@ TINY = dict(model="digitsnet", model_kwargs={"width": 16}, dataset="digits", tra
 
 
 def _has_distiller():
-    from lopfast.pipeline._api import has
-
-    return has("SPDistiller")
+    return hasattr(lopfast, "SPDistiller")
 
 
 needs_distiller = pytest.mark.skipif(not _has_distiller(), reason="lopfast.SPDistiller is not available")
@@ -31,20 +31,20 @@ def pruned_run(tmp_path_factory):
     """One tiny pretrain + prune shared by the per-method tests."""
     out = str(tmp_path_factory.mktemp("run"))
     cfg = RunConfig(**TINY)
-    data, device = stages.prepare(cfg)
-    log = stages.RunLog(out, quiet=True)
-    teacher, acc = stages.pretrain_stage(cfg, data, out, device, log)
-    pruned, report = stages.prune_stage(cfg, teacher, data, out, device, log)
-    return cfg, data, device, out, teacher, pruned, report
+    data, device = runner.prepare(cfg)
+    run = runner.Runner(cfg, runner.RunFolder(out, quiet=True), data, device)
+    teacher, acc = run.teacher()
+    pruned, report = run.pruned(teacher)
+    return cfg, data, device, out, teacher, pruned, report, run
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_one_epoch(pruned_run, method):
-    cfg, data, device, out, teacher, pruned, report = pruned_run
+    cfg, data, device, out, teacher, pruned, report, run = pruned_run
     if method in ("lop", "distill") and not _has_distiller():
         pytest.skip("lopfast.SPDistiller is not available")
     n0 = sum(p.numel() for p in teacher.parameters())
-    r = stages.recover(method, cfg, teacher, pruned, data, out, device, stages.RunLog(out, True), params_before=n0)
+    r = run.recovered(method, teacher, pruned, params_before=n0)
     assert r["epochs"] == 1
     # the deliverable is always the compact architecture
     assert r["params"] == sum(p.numel() for p in pruned.parameters())
@@ -64,9 +64,9 @@ def test_each_method_one_epoch(pruned_run, method):
 
 
 def test_prune_report_and_rebuild(pruned_run):
-    cfg, data, device, out, teacher, pruned, report = pruned_run
+    cfg, data, device, out, teacher, pruned, report, run = pruned_run
     assert abs(stages._removed(report) - cfg.target) < 0.05
-    rebuilt = stages.load_model_file(os.path.join(out, "prune", "model.pt"))
+    rebuilt = runner.load_model_file(os.path.join(out, "prune", "model.pt"))
     x = data.example_inputs(4)
     rebuilt.eval(), pruned.eval()
     with torch.no_grad():
@@ -79,10 +79,11 @@ def test_demo_reduced(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--pretrain-epochs", "3", "--epochs", "2", "--train-subset", "512",
-               "--seeds", "2", "--quiet"])
+               "--seeds", "2", "--teachers", "shared", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "(n=2" in printed and "lop − ft = " in printed and "its spread" in printed
+    assert "one teacher shared by every seed" in printed and "the spread covers the recovery only" in printed
     runs = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
     # the seeds share one teacher (trained by the first) and vary the recovery only
     assert runs[0]["teacher"]["acc"] == runs[1]["teacher"]["acc"]
@@ -97,8 +98,24 @@ def test_demo_reduced(tmp_path, capsys):
     assert (out / "seeds.csv").exists()
     cfg = json.loads((out / "seed1" / "config.json").read_text())
     assert cfg["model"] == "digitsnet" and cfg["epochs"] == 2 and cfg["seed"] == 1
-    table = stages.format_table(runs[0])
+    table = format_table(runs[0])
     assert "lop" in table and "pruned, no recovery" in table
+
+
+def test_demo_gives_each_seed_its_own_teacher_by_default(tmp_path, capsys):
+    from lopfast.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--pretrain-epochs", "1", "--epochs", "1", "--train-subset", "256",
+                 "--test-subset", "96", "--seeds", "2", "--no-measure", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "one teacher per seed" in printed and "the spread covers pretraining, pruning and recovery" in printed
+    teachers = []
+    for s in (0, 1):  # each seed pretrained and pruned its own
+        assert (out / f"seed{s}" / "prune" / "model.pt").exists()
+        assert json.loads((out / f"seed{s}" / "config.json").read_text())["teacher"] is None
+        teachers.append(lopfast.load(str(out / f"seed{s}" / "pretrain" / "model.pt")).state_dict())
+    assert not torch.equal(teachers[0]["conv1.weight"], teachers[1]["conv1.weight"])
 
 
 def _tiny_train(tmp_path, teacher=None, interrupt_after=None, resume=False, tag="a"):
@@ -108,7 +125,7 @@ def _tiny_train(tmp_path, teacher=None, interrupt_after=None, resume=False, tag=
     if teacher is not None:
         model = lopfast.expand(model, 2.0, generator=torch.Generator().manual_seed(1))
     n, lr, ms = preset("finetune", 3)
-    cfg = TrainConfig(n, 0.05, ms, seed=5, gamma=10.0)
+    cfg = TrainConfig(n, 0.05, ms, seed=5, gamma=10.0 if teacher is not None else 0.0)  # SP needs a teacher
     ck = str(tmp_path / f"{tag}.pt")
 
     def stop(epoch, rec):
@@ -151,11 +168,11 @@ def test_a_damaged_or_truncated_checkpoint_is_refused_on_resume_naming_it(tmp_pa
     none, ck = _tiny_train(tmp_path, interrupt_after=0, tag="cut")
     good = open(ck, "rb").read()
     invert_bytes(ck)
-    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt: damaged: .*digest"):
+    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt cannot be read \(damaged: .*digest"):
         _tiny_train(tmp_path, resume=True, tag="cut")
     open(ck, "wb").write(good)
     truncate(ck, 0.6)
-    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt: not a lopfast checkpoint"):
+    with pytest.raises(lopfast.ModelFileError, match=r"cut\.pt cannot be read \(not a lopfast checkpoint"):
         _tiny_train(tmp_path, resume=True, tag="cut")
 
 
@@ -166,16 +183,16 @@ def test_a_damaged_stage_model_is_refused_naming_it(pruned_run, tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from damage import invert_bytes, truncate
 
-    cfg, data, device, out, teacher, pruned, report = pruned_run
+    cfg, data, device, out, teacher, pruned, report, run = pruned_run
     copy = str(tmp_path / "run")
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("ft", "lop*", "scratch", "expandnets", "distill"))
     path = os.path.join(copy, "prune", "model.pt")
     invert_bytes(path)
     with pytest.raises(lopfast.ModelFileError, match=r"prune/model\.pt: damaged: .*digest"):
-        stages.prune_stage(cfg, teacher, data, copy, device, stages.RunLog(copy, quiet=True))
+        runner.Runner(cfg, runner.RunFolder(copy, quiet=True), data, device, resume=True).pruned(teacher)
     truncate(os.path.join(copy, "pretrain", "model.pt"), 0.5)
     with pytest.raises(lopfast.ModelFileError, match=r"pretrain/model\.pt: not a lopfast model file"):
-        stages.pretrain_stage(cfg, data, copy, device, stages.RunLog(copy, quiet=True))
+        runner.Runner(cfg, runner.RunFolder(copy, quiet=True), data, device, resume=True).teacher()
 
 
 @pytest.mark.parametrize("distill", [False, pytest.param(True, marks=needs_distiller)])
@@ -197,14 +214,14 @@ def test_resume_matches_uninterrupted(tmp_path, distill):
 def test_finished_stages_are_not_recomputed(tmp_path, monkeypatch):
     cfg = RunConfig(**{**TINY, "methods": ["ft", "lop-nokd"]})
     out = str(tmp_path / "run")
-    first = stages.run_pipeline(cfg, out, quiet=True)
+    first = runner.run_pipeline(cfg, out, quiet=True)
 
     def boom(*a, **k):
         raise AssertionError("a finished stage was retrained")
 
     monkeypatch.setattr(stages, "train", boom)
-    monkeypatch.setattr(stages, "require", lambda *a, **k: boom)  # pruning must not run again either
-    again = stages.run_pipeline(cfg, out, resume=True, quiet=True)
+    monkeypatch.setattr(stages, "prune_channels", boom)  # pruning must not run again either
+    again = runner.run_pipeline(cfg, out, resume=True, quiet=True)
     assert again["methods"]["ft"]["acc"] == first["methods"]["ft"]["acc"]
     assert again["teacher"]["acc"] == first["teacher"]["acc"]
 
@@ -270,7 +287,7 @@ def test_missing_data_dir_message(tmp_path):
 
 def test_export_torchscript(tmp_path):
     model = build_model("digitsnet", width=8).eval()
-    path = stages.export_model(model, str(tmp_path / "m"), "torchscript", torch.randn(1, 1, 8, 8), log=lambda s: None)
+    path = export_model(model, str(tmp_path / "m"), "torchscript", torch.randn(1, 1, 8, 8), log=lambda s: None)
     ts = torch.jit.load(path)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -278,19 +295,19 @@ def test_export_torchscript(tmp_path):
 
 
 def test_missing_building_block_fails_that_method_only(tmp_path, monkeypatch):
-    from lopfast.pipeline._api import MissingAPIError, require
+    import dataclasses
 
-    def fake_require(name, needed_for):
-        if name == "SPDistiller":
-            raise MissingAPIError(f"{needed_for} needs lopfast.SPDistiller")
-        return require(name, needed_for)
+    from lopfast.pipeline.methods import RECOVERY
 
-    monkeypatch.setattr(stages, "require", fake_require)
+    def missing(pruned, cfg):
+        raise ImportError("method 'lop' needs somelib, which is not installed")
+
+    monkeypatch.setitem(RECOVERY, "lop", dataclasses.replace(RECOVERY["lop"], student=missing))
     cfg = RunConfig(**{**TINY, "methods": ["lop", "ft"]})
-    res = stages.run_pipeline(cfg, str(tmp_path / "run"), quiet=True)
-    assert "needs lopfast.SPDistiller" in res["methods"]["lop"]["error"]
+    res = runner.run_pipeline(cfg, str(tmp_path / "run"), quiet=True)
+    assert "needs somelib" in res["methods"]["lop"]["error"]
     assert res["methods"]["ft"]["acc"] >= 0
-    assert "not run" in stages.format_table(res)
+    assert "not run" in format_table(res)
 
 
 def test_sweep_writes_csv_and_plot(tmp_path):

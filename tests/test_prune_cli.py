@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("torch_pruning")
 
 from lopfast import cli  # noqa: E402
-from lopfast.pipeline import stages  # noqa: E402
+from lopfast.pipeline import runner, stages  # noqa: E402
 
 
 def test_flags_land_in_prune_options(tmp_path):
@@ -32,7 +32,7 @@ def _digits_teacher(tmp_path):
     torch.manual_seed(0)
     teacher = build_model("digitsnet", width=8).eval()
     path = tmp_path / "teacher.pt"
-    stages._save_stage_model(teacher, str(path), "digitsnet", {"width": 8})
+    runner.save_model_file(teacher, str(path), "digitsnet", {"width": 8})
     return path
 
 

@@ -66,7 +66,7 @@ def test_finished_cells_are_never_recomputed(table1_smoke, monkeypatch, capsys):
                     if (r["seed"], r["target"], r["method"]) != ("1", "0.948", "lop")]
     # everything finished: nothing trains, nothing is pruned
     calls.clear()
-    monkeypatch.setattr(stages, "require", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pruned again")))
+    monkeypatch.setattr(stages, "prune_channels", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pruned again")))
     assert cli.main(["reproduce", "table1", "--budget", "smoke", "--seeds", "2", "--out", table1_smoke,
                      "--quiet"]) == 0
     assert calls == []

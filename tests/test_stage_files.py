@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lopfast
-from lopfast.pipeline import stages
-from lopfast.pipeline.stages import RunConfig
+from lopfast.pipeline import runner
+from lopfast.pipeline.config import RunConfig
 
 pytest.importorskip("timm")
 pytest.importorskip("torch_pruning")
@@ -29,7 +29,7 @@ VIT = dict(model="timm:vit_tiny_patch16_224",
 def test_timm_vit_run_resumes_from_stage_files(tmp_path):
     out = str(tmp_path / "run")
     cfg = RunConfig(**VIT)
-    first = stages.run_pipeline(cfg, out, quiet=True)
+    first = runner.run_pipeline(cfg, out, quiet=True)
     lop = first["methods"]["lop"]
     assert lop["contract_max_rel_diff"] < 1e-4
     assert lop["params"] == first["pruned"]["params"] < first["teacher"]["params"]
@@ -39,7 +39,7 @@ def test_timm_vit_run_resumes_from_stage_files(tmp_path):
         history = [{k: v for k, v in e.items() if k != "seconds"} for e in json.load(f)["history"]]
     shutil.rmtree(os.path.join(out, "lop"))
     stamp = {s: os.path.getmtime(os.path.join(out, s, "model.pt")) for s in ("pretrain", "prune")}
-    second = stages.run_pipeline(cfg, out, quiet=True)
+    second = runner.run_pipeline(cfg, out, quiet=True)
     assert {s: os.path.getmtime(os.path.join(out, s, "model.pt")) for s in stamp} == stamp
     for key in ("acc", "loss", "params"):
         assert second["methods"]["lop"][key] == lop[key], key
@@ -53,7 +53,7 @@ def test_timm_vit_run_resumes_from_stage_files(tmp_path):
     assert payload["metadata"]["arch"] == cfg.model
     heads = {k: v["num_heads"] for k, v in payload["attributes"].items() if "num_heads" in v and k.endswith("attn")}
     assert heads and all(h < 3 for h in heads.values())  # the prune stage did remove heads
-    pruned = stages.load_model_file(path).eval()
+    pruned = runner.load_model_file(path).eval()
     assert sum(p.numel() for p in pruned.parameters()) == first["pruned"]["params"]
     assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
@@ -70,8 +70,8 @@ def test_old_stage_files_give_a_clear_error(tmp_path):
     os.makedirs(os.path.dirname(path))
     torch.save({"arch": "digitsnet", "arch_kwargs": {"width": 8}, "state_dict": model.state_dict()}, path)
     with pytest.raises(lopfast.ModelFileError, match="older lopfast.*delete .*prune"):
-        stages.load_model_file(path)
+        runner.load_model_file(path)
     with open(tmp_path / "junk.pt", "w") as f:
         json.dump({"not": "a model"}, f)
     with pytest.raises(lopfast.ModelFileError, match="junk.pt"):
-        stages.load_model_file(str(tmp_path / "junk.pt"))
+        runner.load_model_file(str(tmp_path / "junk.pt"))

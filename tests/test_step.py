@@ -7,6 +7,7 @@ batch are exercised exactly as on a GPU; only the CUDA graph itself is not. The 
 the end run the real capture.
 """
 import copy
+import json
 import math
 
 import pytest
@@ -119,6 +120,28 @@ def test_graph_plumbing_warm_up_capture_replays_and_short_batch(emulate):
     assert eng.static_x.shape[0] == 64
     for u, v in zip(_state(model), _state(ref)):
         assert torch.equal(u, v)
+
+
+def test_after_update_runs_inside_every_step_captured_or_eager(emulate):
+    """The step's after-update functions run once per step, after the update, in the warm-up, the
+    captured replays and the short batch alike (device work: a replay runs it without Python)."""
+    data = _data(200, 64)  # 64, 64, 64, 8
+    torch.manual_seed(0)
+    model = build_model("digitsnet", width=8)
+    counts, seen = torch.zeros(1), torch.zeros(1)
+    weight = next(model.parameters())
+
+    def after():
+        counts.add_(1)
+        seen.copy_(weight.detach().flatten()[:1])  # the updated weight, not the one before the step
+
+    eng, _ = _engine(model, TrainConfig(2, 0.05, (), seed=5), data, after_update=[after])
+    for epoch in range(2):
+        eng.begin_epoch()
+        for x, y, gbs in data.train.epoch(epoch):
+            eng(x, y, gbs)
+        eng.end_epoch()
+    assert eng.replays > 0 and int(counts) == 8 and float(seen) == float(weight.detach().flatten()[0])
 
 
 def test_sgd_with_device_lr_matches_torch_sgd_and_multistep(emulate):
@@ -397,3 +420,97 @@ def test_gpu_capture_failure_falls_back_to_eager_once():
     assert eng.graph is None and eng.eager_steps == 5 and "capture failed" in eng.why_eager
     assert sum("eager from now on" in s for s in logs) == 1
     assert eng.end_epoch()["finite"]
+
+
+# ---------------------------------------------------------------------------- the weight average (ema)
+def test_weight_average_is_updated_in_every_step(emulate):
+    """avg = d * avg + (1 - d) * w after each step, for every weight and BatchNorm statistic,
+    through the captured step (warm-up, replays, the short batch)."""
+    from lopfast.pipeline.train import WeightAverage
+
+    data = _data(200, 64)
+    torch.manual_seed(0)
+    model = build_model("digitsnet", width=8)
+    avg = WeightAverage(model, 0.8)
+    ref = {n: t.detach().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+    eng, _ = _engine(model, TrainConfig(2, 0.05, (), seed=5), data, after_update=[avg.update])
+    for epoch in range(2):
+        eng.begin_epoch()
+        for x, y, gbs in data.train.epoch(epoch):
+            eng(x, y, gbs)
+            for n, w in model.state_dict().items():
+                if n in ref:
+                    ref[n] = 0.8 * ref[n] + 0.2 * w.detach()
+        eng.end_epoch()
+    assert eng.replays > 0 and "bn1.running_var" in ref
+    for n, a in avg.state_dict().items():
+        torch.testing.assert_close(a, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_ema_final_makes_the_average_the_stages_model_and_resumes_bit_identically(emulate, tmp_path):
+    data = _data(200, 64)
+
+    def run(ck, capture="auto", stop=None, resume=False):
+        torch.manual_seed(0)
+        model = build_model("digitsnet", width=8)
+
+        def interrupt(epoch, rec):
+            if epoch == stop:
+                raise KeyboardInterrupt
+
+        cfg = TrainConfig(3, 0.05, (2,), seed=5, ema=0.9, ema_final=True, capture=capture)
+        try:
+            res = train(model, data, cfg, checkpoint=str(tmp_path / ck), resume=resume, on_epoch_end=interrupt)
+        except KeyboardInterrupt:
+            return None, None
+        return model, res
+
+    model, res = run("a.pt")
+    hist = res["history"]
+    assert all("ema_acc" in h for h in hist) and res["final"]["acc"] == hist[-1]["ema_acc"]
+    saved = load_checkpoint(str(tmp_path / "a.pt"))
+    for n, t in model.state_dict().items():  # the model holds the average, not its last weights
+        if n in saved["ema"]:
+            assert torch.equal(t, saved["ema"][n]), n
+    assert not torch.equal(saved["ema"]["conv1.weight"], saved["model"]["conv1.weight"])
+    eager, _ = run("b.pt", capture="off")  # captured == eager, the average too
+    run("c.pt", stop=0)
+    resumed, res_c = run("c.pt", resume=True)
+    for other in (eager, resumed):
+        for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), n
+    assert [h["ema_acc"] for h in res_c["history"]] == [h["ema_acc"] for h in hist]
+
+
+def test_ema_settings_are_checked_and_reach_every_stage(tmp_path):
+    from lopfast import cli
+    from lopfast.checks import InvalidArgument
+    from lopfast.pipeline.config import RunConfig
+    from lopfast.pipeline.train import stage_config
+
+    for kw, msg in (({"ema": 1.0}, r"ema must be a number in \(0, 1\), got 1.0"),
+                    ({"ema": 0}, r"ema must be a number in \(0, 1\)"),
+                    ({"ema_final": True}, r"ema_final must be False without ema")):
+        with pytest.raises(InvalidArgument, match=msg):
+            TrainConfig(1, 0.1, **kw)
+        with pytest.raises(InvalidArgument, match=msg):
+            RunConfig(**kw)
+    args = cli.build_parser().parse_args(["run", "--ema", "0.999", "--ema-final", "--out", str(tmp_path)])
+    cfg = cli._check_pipeline_args(args).cfg
+    tc = stage_config(cfg, "finetune")
+    assert (cfg.ema, cfg.ema_final, tc.ema, tc.ema_final) == (0.999, True, 0.999, True)
+
+
+def test_a_run_with_ema_final_contracts_and_saves_the_average(tmp_path):
+    from lopfast.pipeline import runner
+    from lopfast.pipeline.config import RunConfig
+
+    cfg = RunConfig(model="digitsnet", model_kwargs={"width": 16}, dataset="digits", train_subset=256,
+                    test_subset=128, batch_size=64, pretrain_epochs=1, epochs=2, target=0.7, methods=["lop"],
+                    device="cpu", measure=False, ema=0.8, ema_final=True)
+    res = runner.run_pipeline(cfg, str(tmp_path / "run"), quiet=True)
+    lop = json.load(open(tmp_path / "run" / "lop" / "result.json"))
+    assert res["methods"]["lop"]["contract_max_rel_diff"] < 1e-4  # the contracted average equals the average
+    assert abs(lop["acc"] - lop["history"][-1]["ema_acc"]) <= 100 / 128 + 1e-9  # one image at most, from rounding
+    final = lopfast.load(str(tmp_path / "run" / "lop" / "model.pt"))
+    assert sum(p.numel() for p in final.parameters()) == res["pruned"]["params"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lopfast.io import ModelFileError, save
-from lopfast.pipeline import stages
+from lopfast.pipeline import runner
 from lopfast.pipeline.config import RunConfig
 from lopfast.pipeline.models import build_model
 from lopfast.pipeline.teachers import (TEACHER_FORMAT, load_teacher, round_to_half, save_teacher, teacher_info,
@@ -93,12 +93,12 @@ def test_a_run_takes_a_portable_teacher_in_float32(tmp_path):
     save_teacher(round_to_half(_model()), path, arch="digitsnet", arch_kwargs=KW, dataset="digits")
     cfg = RunConfig(model="digitsnet", model_kwargs={"width": 16}, dataset="digits", device="cpu", teacher=path,
                     test_subset=64)
-    data, device = stages.prepare(cfg)
-    teacher, acc = stages.pretrain_stage(cfg, data, str(tmp_path), device, lambda s: None)
+    data, device = runner.prepare(cfg)
+    teacher, acc = runner.Runner(cfg, runner.RunFolder(str(tmp_path)), data, device).teacher()
     assert next(teacher.parameters()).dtype == torch.float32 and 0 <= acc <= 100
     with pytest.raises(ModelFileError, match="resnet20"):
-        stages.pretrain_stage(RunConfig(**{**cfg.to_dict(), "model": "resnet20", "model_kwargs": {}}), data,
-                              str(tmp_path), device, lambda s: None)
+        runner.Runner(RunConfig(**{**cfg.to_dict(), "model": "resnet20", "model_kwargs": {}}),
+                      runner.RunFolder(str(tmp_path)), data, device).teacher()
 
 
 def test_a_damaged_or_truncated_teacher_is_refused_naming_it(tmp_path):

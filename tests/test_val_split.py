@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lopfast.pipeline import stages
+from lopfast.pipeline import runner
 from lopfast.pipeline.config import RunConfig
 from lopfast.pipeline.data import load_data, split_validation
 
@@ -62,7 +62,7 @@ def test_run_config_checks_the_split_settings():
 def test_eval_split_val_reports_on_the_held_out_images(tmp_path):
     cfg = RunConfig(model="digitsnet", model_kwargs={"width": 8}, dataset="digits", device="cpu", batch_size=64,
                     val_size=150, eval_split="val", test_subset=64)
-    data, _ = stages.prepare(cfg)
+    data, _ = runner.prepare(cfg)
     assert data.test is data.val and data.test.num_samples == 150 and data.extra["eval_split"] == "val"
     assert data.train.num_samples == 1437 - 150
 
@@ -70,7 +70,7 @@ def test_eval_split_val_reports_on_the_held_out_images(tmp_path):
 def test_a_run_folder_from_before_the_new_settings_is_still_reusable(tmp_path):
     import json
 
-    from lopfast.pipeline.config import check_out_dir
+    from lopfast.pipeline.runner import check_out_dir
 
     cfg = RunConfig(model="digitsnet", dataset="digits", device="cpu")
     old = {k: v for k, v in cfg.to_dict().items()

@@ -20,8 +20,9 @@ import lopfast
 from lopfast import cli
 from lopfast.checks import InvalidArgument, NonFiniteValues, TrainingDiverged, nonfinite
 from lopfast.pipeline import RunConfig, TrainConfig, build_model, load_data, train
-from lopfast.pipeline import stages
-from lopfast.pipeline.config import SETTING_CHECKS, _check_from_annotation
+from lopfast.pipeline import runner, stages
+from lopfast.pipeline.runner import Plan
+from lopfast.pipeline.settings import check_fields, declared, setting
 
 BASE = ["--model", "digitsnet", "--dataset", "digits", "--device", "cpu", "--quiet"]
 KW = {"in_channels": 1, "num_classes": 10}
@@ -306,26 +307,26 @@ def test_sp_loss_of_an_empty_batch_is_refused():
 
 # ============================================================================ settings (RunConfig)
 def test_every_setting_has_a_declared_check():
-    # a new RunConfig field (a new CLI flag) declares its check in SETTING_CHECKS
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert fields - set(SETTING_CHECKS) == set(), "add a check for each new setting to SETTING_CHECKS"
-    assert set(SETTING_CHECKS) - fields == set()
+    # every field of a config class is declared with its check (and help, flag): a new setting too
+    for cls in (RunConfig, TrainConfig, Plan):
+        undeclared = {f.name for f in dataclasses.fields(cls)} - {f.name for f, _ in declared(cls)}
+        assert undeclared == set(), f"declare {undeclared} of {cls.__name__} with lopfast.pipeline.settings.setting()"
+        for f, s in declared(cls):
+            assert s.help and s.check.accepted, f.name
 
 
-def test_a_setting_without_a_declared_check_is_still_type_checked():
+def test_a_field_without_a_declaration_is_refused():
+    from lopfast.pipeline.settings import integer
+
     @dataclasses.dataclass
     class C:
-        a: int = 1
-        b: "Optional[float]" = None
-        c: "List[str]" = dataclasses.field(default_factory=list)
+        a: int = setting(1, check=integer(min=0), help="a")
+        b: int = 2  # no declaration: no check would run
 
-    fa, fb, fc = dataclasses.fields(C)
-    with pytest.raises(TypeError, match="a must be an int, got '1'"):
-        _check_from_annotation(fa)("1", "a")
-    assert _check_from_annotation(fb)(None, "b") is None
-    with pytest.raises(ValueError, match="b must be a finite number, got nan"):
-        _check_from_annotation(fb)(float("nan"), "b")
-    assert _check_from_annotation(fc)("x,y", "c") == ["x", "y"]
+    with pytest.raises(TypeError, match=r"C.b is not declared with lopfast.pipeline.settings.setting"):
+        check_fields(C())
+    with pytest.raises(TypeError, match="a must be an int >= 0, got '1'"):  # a declared one names itself
+        check_fields(C(a="1"))
 
 
 @pytest.mark.parametrize("setting, value, message", [
@@ -430,19 +431,16 @@ def test_cli_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeyp
 
 
 def test_a_diverged_pruning_procedure_is_caught_at_the_stage_boundary(tmp_path, monkeypatch):
-    from lopfast.pipeline import _api
-
     def nan_prune(model, *a, **k):
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
         return model, {"params_before": 1, "params_after": 1}
 
-    monkeypatch.setattr(_api, "require", lambda name, why: nan_prune)
-    monkeypatch.setattr(stages, "require", lambda name, why: nan_prune)
+    monkeypatch.setattr(stages, "prune_channels", nan_prune)
     cfg = RunConfig(model="digitsnet", dataset="digits", device="cpu", target=0.5, test_subset=32).validate()
     data = load_data("digits", batch_size=32, test_subset=32)
     with pytest.raises(TrainingDiverged, match=r"\[prune\] the pruned model holds NaN"):
-        stages.prune_stage(cfg, digitsnet(), data, str(tmp_path), "cpu", lambda s: None)
+        runner.Runner(cfg, runner.RunFolder(str(tmp_path)), data, "cpu").pruned(digitsnet())
     assert not (tmp_path / "prune" / "model.pt").exists()
 
 
@@ -573,10 +571,10 @@ def test_default_out_folders_never_collide(tmp_path, monkeypatch):
 
 
 def test_every_run_flag_is_a_setting_or_a_known_cli_argument():
-    # how a new flag plugs in: its dest is a RunConfig field (checked by SETTING_CHECKS) or one
+    # how a new flag plugs in: its dest is a declared setting (RunConfig or Plan) or one
     # of these command-line-only arguments, which _check_pipeline_args checks
-    cli_only = {"out", "config", "resume", "quiet", "seeds", "targets", "help", "budget"}  # budget: argparse choices
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cli_only = {"out", "config", "resume", "quiet", "help", "budget"}  # budget: argparse choices
+    fields = {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(Plan)}
     for command in cli.PIPELINE_COMMANDS:
         flags = cli._flag_names(cli.build_parser(), command)
         assert flags, command
@@ -602,3 +600,137 @@ def test_non_finite_values_error_is_picklable():
     assert str(e) == "model holds NaN or infinite values (in a.weight); hint"
     d = pickle.loads(pickle.dumps(TrainingDiverged("x", stage="lop", epoch=3, checkpoint="c")))
     assert (d.stage, d.epoch, d.checkpoint) == ("lop", 3, "c")
+
+
+# ============================================================================ train() and its settings
+def _digits_data():
+    return load_data("digits", batch_size=64, train_subset=128, test_subset=64, seed=3)
+
+
+def _ckpt(tmp_path, width=8, epochs=1, lr=0.05):
+    """A finished checkpoint of a digitsnet of ``width``: (its path, the data)."""
+    data = _digits_data()
+    ck = str(tmp_path / f"ck{width}.pt")
+    train(digitsnet(width=width), data, TrainConfig(epochs, lr, ()), checkpoint=ck)
+    return ck, data
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"milestones": [-1]}, r"milestones must be a list of epochs \(ints >= 1\).*got \[-1\]; a milestone of -1 would "
+                           r"decay the lr from the first step"),  # was: the lr divided by 10 from step 0
+    ({"milestones": ["a"]}, r"milestones must be a list of epochs .*got \['a'\]; 'a' is not an int"),  # was int()'s
+    ({"milestones": "60,100"}, r"milestones must be a list of epochs"),
+    ({"lr": True}, r"lr must be a positive number, got True"),  # was: trained at lr 1.0
+    ({"compile": "no"}, r"compile must be True or False, got 'no'"),  # was: compiled
+    ({"epochs": 0}, r"epochs must be a positive int, got 0"),
+    ({"seed": -1}, r"seed must be an int in \[0, 4294967295\], got -1"),
+    ({"channels_last": "yes"}, r"channels_last must be True or False, got 'yes'"),
+    ({"capture": "eager"}, r"capture must be one of 'auto', 'compile', 'off', got 'eager'"),
+])
+def test_train_config_names_the_bad_setting(kwargs, message):
+    with pytest.raises(InvalidArgument, match=message):
+        TrainConfig(**{"epochs": 2, "lr": 0.1, **kwargs})
+
+
+def test_a_milestone_after_the_last_epoch_is_said():
+    with pytest.warns(UserWarning, match=r"milestones \[3\] are not before the last of the 3 epochs"):
+        TrainConfig(3, 0.1, (1, 3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # was: the SP loss silently dropped
+    (dict(cfg=TrainConfig(1, 0.05, gamma=3000.0)), r"gamma must be 0 without a teacher, got 3000.0; the SP loss"),
+    (dict(sp_layers=["conv1"]), r"sp_layers must be None without a teacher, got \['conv1'\]"),
+    # was: a fresh start (the CLI refuses it)
+    (dict(resume=True), r"checkpoint must be a file path with resume=True, got None"),
+    (dict(resume="yes", checkpoint="x.pt"), r"resume must be True or False, got 'yes'"),
+    (dict(cfg={"epochs": 1, "lr": 0.1}), r"cfg must be a TrainConfig"),
+    (dict(teacher="resnet20"), r"teacher must be an nn.Module"),
+])
+def test_train_names_the_bad_argument_before_any_work(no_training, kwargs, message):
+    kw = {"cfg": TrainConfig(1, 0.05), **kwargs}
+    with pytest.raises(InvalidArgument, match=message):
+        train(digitsnet(width=8), _digits_data(), kw.pop("cfg"), **kw)
+
+
+@pytest.mark.parametrize("model, message", [
+    # was: IndexError: Target 7 is out of bounds, inside the first step's loss
+    (lambda: digitsnet(num_classes=5), r"model must be a model with 10 outputs, one per class of digits, got a "
+                                       r"DigitsNet; it gives 5: the labels above 4 would be out of range; build it with num_classes=10"),
+    (lambda: build_model("digitsnet", in_channels=3, num_classes=10),
+     r"model must be a model that runs on inputs of shape \(1, 8, 8\).*but digits has 1: build it with in_channels=1"),
+])
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(model, message):
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(InvalidArgument, match=message):
+        train(m, _digits_data(), TrainConfig(1, 0.05))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # nothing trained
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_model_with_more_outputs_than_classes_is_warned_about():
+    with pytest.warns(UserWarning, match="the model gives 12 outputs but digits has 10 classes"):
+        train(digitsnet(width=8, num_classes=12), _digits_data(), TrainConfig(1, 0.05))
+
+
+def test_resuming_a_finished_checkpoint_with_other_settings_is_refused(tmp_path):
+    ck, data = _ckpt(tmp_path)
+    # was: the old history returned without a word, nothing trained at lr 0.02
+    with pytest.raises(InvalidArgument, match=r"checkpoint must be a checkpoint of these settings.*finished all 1 "
+                                              r"epochs with other settings \(lr 0.05 -> 0.02\)"):
+        train(digitsnet(width=8), data, TrainConfig(1, 0.02, ()), checkpoint=ck, resume=True)
+    # the same settings: the finished result, as before; more epochs: training continues
+    assert len(train(digitsnet(width=8), data, TrainConfig(1, 0.05, ()), checkpoint=ck, resume=True)["history"]) == 1
+    logs = []
+    res = train(digitsnet(width=8), data, TrainConfig(2, 0.05, ()), checkpoint=ck, resume=True, log=logs.append)
+    assert len(res["history"]) == 2 and any("differ from the checkpoint's: epochs 1 -> 2" in s for s in logs)
+
+
+def test_a_truncated_or_foreign_checkpoint_is_named(tmp_path):
+    from lopfast.pipeline.checkpoint import CheckpointError
+
+    ck, data = _ckpt(tmp_path)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(open(ck, "rb").read()[:2000])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(str(cut))} cannot be read .*truncated"):
+        train(digitsnet(width=8), data, TrainConfig(1, 0.05), checkpoint=str(cut), resume=True)
+    # another model's checkpoint (was torch's raw size-mismatch error, no file named)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {re.escape(ck)} holds another model than the one given"):
+        train(digitsnet(width=16), data, TrainConfig(1, 0.05), checkpoint=ck, resume=True)
+    model_file = save_teacher(tmp_path / "model.pt")  # a model file, not a training checkpoint
+    with pytest.raises(CheckpointError, match=r"model.pt cannot be read \(a model file, not a training checkpoint"):
+        train(digitsnet(), data, TrainConfig(1, 0.05), checkpoint=model_file, resume=True)
+
+
+@pytest.mark.parametrize("entry", ["RunConfig", "TrainConfig", "from_dict", "train", "flag", "config file"])
+def test_a_shared_setting_has_one_check_at_every_entry(entry, tmp_path, capsys, no_training):
+    """momentum is declared once (TrainSettings): the same check, named the way each entry spells it."""
+    want = "momentum must be a number in [0, 1), got 1.5"
+    if entry == "RunConfig":
+        call = lambda: RunConfig(momentum=1.5)  # noqa: E731
+    elif entry == "TrainConfig":
+        call = lambda: TrainConfig(1, 0.1, momentum=1.5)  # noqa: E731
+    elif entry == "from_dict":
+        call = lambda: RunConfig.from_dict({"momentum": 1.5}, source="my.json")  # noqa: E731
+        want += "; key 'momentum' of my.json"
+    elif entry == "train":
+        cfg = TrainConfig(1, 0.1)
+        cfg.momentum = 1.5  # set after the config was made: train() checks again
+        call = lambda: train(digitsnet(), _digits_data(), cfg)  # noqa: E731
+    if entry in ("flag", "config file"):
+        argv = ["run", *BASE, "--out", str(tmp_path / "o")]
+        if entry == "flag":
+            argv += ["--momentum", "1.5"]
+        else:
+            (tmp_path / "c.json").write_text(json.dumps({"momentum": 1.5}))
+            argv += ["--config", str(tmp_path / "c.json")]
+        rc, err = run_cli(argv, capsys)
+        assert rc == 2 and "--" + want in err, err
+        if entry == "config file":
+            assert f"(key 'momentum' of --config {tmp_path / 'c.json'})" in err
+        return
+    with pytest.raises(InvalidArgument) as e:
+        call()
+    assert str(e.value) == want

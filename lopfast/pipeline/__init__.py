@@ -8,7 +8,9 @@ from lopfast.pipeline.models import available_models, build_model, count_params,
 from lopfast.pipeline.config import METHODS, RunConfig
 from lopfast.pipeline.experiments import EXPERIMENTS, reproduce
 from lopfast.pipeline.report import format_summary, format_table, summarize
-from lopfast.pipeline.stages import count_macs, recover, run_pipeline, run_seeds, run_sweep
+from lopfast.pipeline.methods import RECOVERY
+from lopfast.pipeline.runner import run_pipeline, run_seeds, run_sweep
+from lopfast.pipeline.stages import count_macs, recover
 from lopfast.pipeline.train import PRESETS, TrainConfig, evaluate, train
 
 register_zoo()  # lets lopfast.load(path) rebuild zoo models (no-op until lopfast.io exists)
@@ -18,6 +20,7 @@ __all__ = [
     "EXPERIMENTS",
     "METHODS",
     "PRESETS",
+    "RECOVERY",
     "RunConfig",
     "TrainConfig",
     "available_models",

@@ -35,6 +35,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from lopfast.checks import InvalidArgument
+
 __all__ = ["DATASETS", "DataBundle", "TensorLoader", "check_dataset_name", "check_image_folders", "check_labels",
            "check_model_matches_data", "load_data", "split_validation"]
 
@@ -246,35 +248,50 @@ def _first_conv(model: torch.nn.Module):
     return None, None
 
 
-def check_model_matches_data(model: torch.nn.Module, data: DataBundle, what: str = "the model") -> None:
-    """Refuse (ValueError naming both counts) a model whose input channels or number of outputs are
-    not the data's: found by one forward pass of one test image, in eval mode and without
-    gradients, on the model's device; the model's train/eval mode and the RNG states are kept, so
-    a run is the same with or without the check. Call it before compiling the model."""
+def check_model_matches_data(model: torch.nn.Module, data, name: str = "model") -> None:
+    """Refuse a model whose input channels or class count do not match ``data`` (a DataBundle).
+
+    Found by one forward pass of two test images in eval mode without gradients, on the model's
+    device; the model's train/eval modes and the RNG states are kept, so a run is the same with or
+    without the check (call it before compiling the model). Fewer outputs than classes is an
+    :class:`~lopfast.checks.InvalidArgument` naming ``name`` (the labels above would be out of
+    range); more outputs is a warning (the extra outputs learn never to be chosen). A data object
+    without ``num_classes`` / ``example_inputs`` is not checked.
+    """
+    classes, example = getattr(data, "num_classes", None), getattr(data, "example_inputs", None)
+    if not isinstance(classes, int) or example is None:
+        return
+    dname = getattr(data, "name", "the data")
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
-    x = data.example_inputs(1, device)
+    x = example(2, device)
     if p is not None and p.is_floating_point():
         x = x.to(p.dtype)
     modes = [(m, m.training) for m in model.modules()]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            model.eval()
-            out = model(x)
-    except RuntimeError as e:
-        name, conv = _first_conv(model)  # the usual cause, named; the forward is what decides
-        if conv is not None and conv.in_channels != data.in_channels:
-            raise ValueError(f"{what} takes {conv.in_channels} input channels (its first layer {name!r}), but the "
-                             f"data set {data.name} has {data.in_channels}: build it with "
-                             f"in_channels={data.in_channels}") from None
-        raise ValueError(f"{what} does not run on an image of {data.name} (shape {tuple(x.shape)}): "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            out = model.eval()(x)
+    except Exception as exc:
+        shape = tuple(x.shape[1:])
+        layer, conv = _first_conv(model)  # the usual cause, named; the forward is what decides
+        why = (f"it takes {conv.in_channels} input channels (its first layer {layer!r}), but {dname} has "
+               f"{shape[0]}: build it with in_channels={shape[0]}"
+               if conv is not None and conv.in_channels != shape[0] else
+               f"{dname} has {shape[0]} input channels; it failed: "
+               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        raise InvalidArgument(name, model, f"a model that runs on inputs of shape {shape}", why) from None
     finally:
         for m, mode in modes:
             m.training = mode
-    if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[-1] != data.num_classes:
-        raise ValueError(f"{what} gives {out.shape[-1]} outputs per image, but the data set {data.name} has "
-                         f"{data.num_classes} classes: build it with num_classes={data.num_classes}")
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+        return
+    if out.shape[1] < classes:
+        raise InvalidArgument(name, model, f"a model with {classes} outputs, one per class of {dname}",
+                              f"it gives {out.shape[1]}: the labels above {out.shape[1] - 1} would be out of "
+                              f"range; build it with num_classes={classes}")
+    if out.shape[1] > classes:
+        warnings.warn(f"the {name} gives {out.shape[1]} outputs but {dname} has {classes} classes: the extra outputs "
+                      "are trained towards never being chosen", stacklevel=3)
 
 
 # --------------------------------------------------------------------------- loaders

@@ -41,7 +41,6 @@ experiment that shares them (or given with ``--teacher``).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -51,6 +50,8 @@ import platform
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from lopfast.files import write_atomic, write_text
 
 __all__ = ["BUDGETS", "EXPERIMENTS", "FAST", "Experiment", "Scale", "budget_settings", "format_registry",
            "reproduce"]
@@ -420,83 +421,65 @@ def _prune_tag(base: dict, over: dict) -> str:
     return f"prune_{over.get('prune_method', base['prune_method'])}"
 
 
-def _run_log(path: str, quiet: bool):
-    from lopfast.pipeline.stages import RunLog
+def _runner(cfg, out: str, log_dir: str, quiet: bool):
+    """A Runner of the task's stages in ``out`` (the teacher's folder, or a (seed, target) unit),
+    its log in ``log_dir``; finished stages are loaded, interrupted ones resume."""
+    from lopfast.pipeline.runner import Runner, RunFolder, prepare
 
-    os.makedirs(path, exist_ok=True)
-    return RunLog(path, quiet)
+    data, device = prepare(cfg)
+    return Runner(cfg, RunFolder(out, quiet, log_dir=log_dir), data, device, resume=True)
 
 
 # --------------------------------------------------------------------------- the tasks
 # Module-level functions of one dict argument: run in this process or pickled to a worker.
 def _task_teacher(spec: dict) -> dict:
     """Train (or resume) the teacher of ``spec``; write its portable, checked file; return its record."""
+    from lopfast.files import file_lock
     from lopfast.pipeline.teachers import teacher_info
 
     tdir = spec["tdir"]
     path = os.path.join(tdir, TEACHER_FILE)
-    os.makedirs(tdir, exist_ok=True)
-    with _exclusive(os.path.join(tdir, ".lock")):  # two experiments at once may share this teacher
+    with file_lock(os.path.join(tdir, ".lock")):  # two experiments at once may share this teacher
         if os.path.exists(path):
             info = teacher_info(path)
             return {"path": path, "acc": info.get("acc"), "bytes": os.path.getsize(path), "cached": True}
         return _train_teacher(spec, tdir, path)
 
 
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """An exclusive lock on ``path`` for the duration (advisory, POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: concurrent runs must not share an output folder
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _train_teacher(spec: dict, tdir: str, path: str) -> dict:
-    from lopfast.pipeline import stages
+    from lopfast.pipeline.stages import arch_kwargs
     from lopfast.pipeline.teachers import round_to_half, save_teacher
     from lopfast.pipeline.train import evaluate
 
     cfg = _cell_config(spec["base"], spec["seed"], spec["target"], {}, None)
     cfg.teacher = None
-    data, device = stages.prepare(cfg)
-    log = _run_log(tdir, spec["quiet"])
+    run = _runner(cfg, tdir, tdir, spec["quiet"])
     t0 = time.time()
-    model, acc32 = stages.pretrain_stage(cfg, data, tdir, device, log, resume=True)
+    model, acc32 = run.teacher()
     # the experiments train against exactly the weights the portable file holds
     rounded = round_to_half(model)
-    acc = evaluate(rounded.to(device), data.test, device, cfg.amp)["acc"]
-    hist_path = os.path.join(tdir, "pretrain", "history.json")
+    acc = evaluate(rounded.to(run.device), run.data.test, run.device, cfg.amp)["acc"]
     train_s = None
-    if os.path.exists(hist_path):
-        with open(hist_path) as f:
-            train_s = sum(h.get("seconds", 0.0) for h in json.load(f))
-    arch_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, **cfg.model_kwargs}
+    if run.folder.exists("pretrain/history.json"):
+        train_s = sum(h.get("seconds", 0.0) for h in run.folder.read_json("pretrain/history.json"))
     recipe = {k: getattr(cfg, k) for k in ("pretrain_epochs", "pretrain_lr", "batch_size", "schedule", "warmup_epochs",
                                            "label_smoothing", "nesterov", "momentum", "weight_decay", "amp")}
-    size = save_teacher(rounded, path, arch=cfg.model, arch_kwargs=arch_kwargs, dataset=cfg.dataset, acc=acc,
-                        acc_float32=acc32, eval_split=cfg.eval_split, val_size=cfg.val_size, val_seed=cfg.val_seed,
-                        train_subset=cfg.train_subset, test_subset=cfg.test_subset, seed=cfg.seed,
-                        budget=spec["budget"], recipe=recipe, train_seconds=train_s)
-    log(f"[teacher] {cfg.model}: {acc:.2f}% with float16 weights ({acc32:.2f}% float32), {size / 1e6:.2f} MB "
-        f"-> {path} ({time.time() - t0:.0f}s)")
+    size = save_teacher(rounded, path, arch=cfg.model, arch_kwargs=arch_kwargs(cfg, run.data), dataset=cfg.dataset,
+                        acc=acc, acc_float32=acc32, eval_split=cfg.eval_split, val_size=cfg.val_size,
+                        val_seed=cfg.val_seed, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                        seed=cfg.seed, budget=spec["budget"], recipe=recipe, train_seconds=train_s)
+    run.log(f"[teacher] {cfg.model}: {acc:.2f}% with float16 weights ({acc32:.2f}% float32), {size / 1e6:.2f} MB "
+            f"-> {path} ({time.time() - t0:.0f}s)")
     return {"path": path, "acc": acc, "bytes": size, "seconds": train_s, "cached": False}
 
 
-def _checked_teacher(cfg, data, device):
-    """Load ``cfg.teacher`` (checked by :func:`lopfast.pipeline.teachers.load_teacher`) and compare the
-    accuracy it records with the one measured here, on the same split."""
-    from lopfast.pipeline import stages
+def _checked_teacher(run):
+    """The run's teacher file (checked by :func:`lopfast.pipeline.teachers.load_teacher`), its accuracy
+    measured here and compared with the one it records on the same split."""
     from lopfast.pipeline.teachers import teacher_info
 
-    teacher, acc = stages.pretrain_stage(cfg, data, None, device, lambda s: None)
+    cfg = run.cfg
+    teacher, acc = run.teacher()
     info = teacher_info(cfg.teacher)
     same = all(info.get(k) == getattr(cfg, k) for k in ("eval_split", "val_size", "val_seed", "test_subset"))
     if info.get("acc") is not None and same and abs(acc - info["acc"]) > 1.0:
@@ -508,24 +491,23 @@ def _checked_teacher(cfg, data, device):
 
 def _task_prune(spec: dict) -> dict:
     """Prune the teacher for one (seed, target, strategy); record the accuracies before recovery."""
-    from lopfast.pipeline import stages
+    from lopfast.pipeline.models import count_params
     from lopfast.pipeline.train import evaluate
 
     cfg = _cell_config(spec["base"], spec["seed"], spec["target"], spec["over"], spec["teacher"])
-    data, device = stages.prepare(cfg)
     udir, tag = spec["udir"], spec["tag"]
-    log = _run_log(os.path.join(udir, tag), spec["quiet"])
-    teacher, tacc = _checked_teacher(cfg, data, device)
-    pruned, report = stages.prune_stage(cfg, teacher, data, udir, device, log, tag=tag)
-    pacc = evaluate(pruned, data.test, device, cfg.amp)["acc"]
-    rec = {"teacher_acc": tacc, "pruned_acc": pacc, "params_before": sum(p.numel() for p in teacher.parameters())}
-    stages._write_json(os.path.join(udir, tag, "accuracy.json"), rec)
+    run = _runner(cfg, udir, os.path.join(udir, tag), spec["quiet"])
+    teacher, tacc = _checked_teacher(run)
+    pruned, _ = run.pruned(teacher, tag=tag)
+    pacc = evaluate(pruned, run.data.test, run.device, cfg.amp)["acc"]
+    rec = {"teacher_acc": tacc, "pruned_acc": pacc, "params_before": count_params(teacher)}
+    run.folder.write_json(f"{tag}/accuracy.json", rec)
     return rec
 
 
 def _task_cell(spec: dict) -> dict:
     """Recover one cell (method x variant) from its pruned model; write result.json and cell.json."""
-    from lopfast.pipeline import stages
+    from lopfast.pipeline.models import count_params
 
     cfg = _cell_config(spec["base"], spec["seed"], spec["target"], spec["over"], spec["teacher"])
     udir, tag = spec["udir"], spec["tag"]
@@ -533,21 +515,16 @@ def _task_cell(spec: dict) -> dict:
     if os.path.exists(done):
         with open(done) as f:
             return {"acc": json.load(f)["acc"]}
-    data, device = stages.prepare(cfg)
-    log = _run_log(os.path.join(udir, tag), spec["quiet"])
-    teacher, tacc = _checked_teacher(cfg, data, device)
-    prune_dir = os.path.join(udir, spec["prune_tag"])
-    pruned = stages.load_model_file(os.path.join(prune_dir, "model.pt")).to(device)
-    with open(os.path.join(prune_dir, "accuracy.json")) as f:
-        pacc = json.load(f)["pruned_acc"]
-    n0 = sum(p.numel() for p in teacher.parameters())
-    r = stages.recover(spec["method"], cfg, teacher, pruned, data, udir, device, log, resume=True, tag=tag,
-                       params_before=n0)
+    run = _runner(cfg, udir, os.path.join(udir, tag), spec["quiet"])
+    teacher, tacc = _checked_teacher(run)
+    pruned = run.folder.load_model(f"{spec['prune_tag']}/model.pt").to(run.device)
+    pacc = run.folder.read_json(f"{spec['prune_tag']}/accuracy.json")["pruned_acc"]
+    r = run.recovered(spec["method"], teacher, pruned, tag=tag, params_before=count_params(teacher))
     extra = {"teacher_acc": tacc, "pruned_acc": pacc, "teacher_seed": spec["teacher_seed"],
              "eval_split": cfg.eval_split,
-             "train_images_per_s": (r["epochs"] * data.train.num_samples / r["train_seconds"])
+             "train_images_per_s": (r["epochs"] * run.data.train.num_samples / r["train_seconds"])
              if r.get("train_seconds") else None}
-    stages._write_json(os.path.join(udir, tag, "cell.json"), extra)
+    run.folder.write_json(f"{tag}/cell.json", extra)
     return {"acc": r["acc"], "train_seconds": r.get("train_seconds")}
 
 
@@ -570,102 +547,20 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
     The returned dict: ``csv``, ``md``, ``png`` (paths), ``rows``, ``table`` (the markdown),
     ``seconds``, ``failed`` (task -> error) and ``unfinished`` (tasks not run in time).
     """
-    from lopfast.pipeline.config import RunConfig, _check_fraction
-    from lopfast.pipeline.stages import seed_list
-    from lopfast.pipeline.tasks import Task, run_tasks
+    from lopfast.pipeline.tasks import run_tasks
 
-    exp = resolve_experiment(name, budget, dataset)
-    seeds_run = seed_list(seed, seeds)  # checks seeds
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"parallel must be a positive int, got {parallel!r}")
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
-                                   or not time_limit > 0 or not math.isfinite(time_limit)):
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-    if teachers is None:
-        teachers = "shared" if budget in SHARED_TEACHER_BUDGETS else "per-seed"
-    if teachers not in ("shared", "per-seed"):
-        raise ValueError(f"teachers must be 'shared' or 'per-seed', got {teachers!r}")
-    if exp.needs_data_dir and budget not in ("smoke", "fast-smoke") and not data_dir:
-        raise ValueError(f"experiment {name} needs --data-dir pointing at an ImageNet folder (train/<class>/*.JPEG, "
-                         f"val/<class>/*.JPEG); lopfast does not download ImageNet")
-    targets = tuple(exp.targets) if not targets else tuple(_check_fraction(t, "targets") for t in targets)
-    methods = tuple(exp.methods) if not methods else tuple(methods)
-    bad = [m for m in methods if m not in exp.methods]
-    if bad:
-        raise ValueError(f"methods {bad} are not part of {name} in the {budget} budget; it has {', '.join(exp.methods)}")
-    if teacher is not None and not os.path.isfile(teacher):
-        raise ValueError(f"--teacher file {teacher!r} does not exist")
-    base = _base_config(exp, budget, data_dir=data_dir, device=device, teacher=None)
-    # every bad setting before any work (a cell's own settings too: a variant's LR or epochs)
-    probe = {**base, "target": max(targets), **({"teacher": teacher} if teacher else {})}
-    for _, over in exp.variants:
-        RunConfig.from_dict({**probe, **_resolved(base, over)}).validate()
-    tag_dataset = "" if exp.dataset == EXPERIMENTS[name].dataset else f"-{exp.dataset}"
-    exp_dir = os.path.join(out, f"{name}{tag_dataset}-{budget}")
-    os.makedirs(exp_dir, exist_ok=True)
-    cells = _cells(exp, targets, methods)
+    r = _Reproduction.checked(name, budget=budget, seeds=seeds, seed=seed, out=out, data_dir=data_dir, device=device,
+                              teacher=teacher, targets=targets, methods=methods, parallel=parallel, dataset=dataset,
+                              teachers=teachers, time_limit=time_limit, quiet=quiet)
+    os.makedirs(r.exp_dir, exist_ok=True)
     t0 = time.time()
-
-    # ---- the task graph: teachers -> prunings -> cells, only what is not finished yet
-    teacher_seed = {s: (seeds_run[0] if teachers == "shared" else s) for s in seeds_run}
-    tasks: List = []
-    teacher_path: Dict[int, str] = {}
-    for s in dict.fromkeys(teacher_seed.values()):
-        teacher_path[s] = teacher or os.path.join(_teacher_dir(out, base, budget, s), TEACHER_FILE)
-    todo_cells = []
-    for s in seeds_run:  # seed-major: a run stopped early still has whole, paired seeds
-        for cell in cells:
-            t, label, over, method = cell
-            if not os.path.exists(os.path.join(_unit_dir(exp_dir, s, t), _cell_tag(cell), "result.json")):
-                todo_cells.append((s, cell))
-    need_teachers = [] if teacher else list(dict.fromkeys(teacher_seed[s] for s, _ in todo_cells))
-    for ts in need_teachers:
-        tdir = _teacher_dir(out, base, budget, ts)
-        tasks.append(Task(f"teacher/seed{ts}", "teacher", _task_teacher,
-                          ({"tdir": tdir, "base": base, "seed": ts, "target": max(targets), "budget": budget,
-                            "quiet": quiet or parallel > 1},),
-                          log=os.path.join(tdir, "log.txt"), label=f"teacher seed {ts}"))
-    prunes = {}
-    for s, cell in todo_cells:
-        t, label, over, method = cell
-        ptag = _prune_tag(base, over)
-        udir = _unit_dir(exp_dir, s, t)
-        key = f"prune/seed{s}/t{t:g}/{ptag}"
-        if key in prunes:
-            continue
-        prunes[key] = None
-        deps = () if teacher else (f"teacher/seed{teacher_seed[s]}",)
-        if os.path.exists(os.path.join(udir, ptag, "accuracy.json")) and os.path.exists(
-                os.path.join(udir, ptag, "model.pt")):
-            continue  # pruned already
-        tasks.append(Task(key, "prune", _task_prune,
-                          ({"base": base, "seed": s, "target": t, "over": over, "teacher": teacher_path[teacher_seed[s]],
-                            "udir": udir, "tag": ptag, "quiet": quiet or parallel > 1},),
-                          deps=deps, log=os.path.join(udir, ptag, "log.txt"),
-                          label=f"prune seed {s} {100 * t:.2f}% {ptag[6:]}"))
-    keys = {tk.key for tk in tasks}
-    for s, cell in todo_cells:
-        t, label, over, method = cell
-        ptag = _prune_tag(base, over)
-        udir = _unit_dir(exp_dir, s, t)
-        tag = _cell_tag(cell)
-        pkey = f"prune/seed{s}/t{t:g}/{ptag}"
-        tkey = f"teacher/seed{teacher_seed[s]}"
-        deps = tuple(k for k in (pkey, tkey) if k in keys)
-        tasks.append(Task(f"cell/seed{s}/t{t:g}/{tag}", "cell:" + method, _task_cell,
-                          ({"base": base, "seed": s, "target": t, "over": over, "method": method, "udir": udir,
-                            "tag": tag, "prune_tag": ptag, "teacher": teacher_path[teacher_seed[s]],
-                            "teacher_seed": teacher_seed[s], "quiet": quiet or parallel > 1},),
-                          deps=deps, log=os.path.join(udir, tag, "log.txt"),
-                          label=f"seed {s} {100 * t:.2f}% {_label(method, label, exp)}"))
-
+    tasks, counts = r.tasks()
     status = {"failed": {}, "unfinished": []}
-    run_name = f"{name}{tag_dataset}-{budget}"
 
     def write_outputs(plot: bool) -> dict:
         # after every finished cell: a run cut short (a GPU lease ending) still leaves its table
-        return _write_outputs(exp, name, budget, base, seeds_run, cells, exp_dir, teachers, teacher_path, status,
-                              time.time() - t0, plot, quiet, parallel)
+        return _write_outputs(r.exp, name, budget, r.base, r.seeds, r.cells, r.exp_dir, r.teachers, r.teacher_path,
+                              status, time.time() - t0, plot, quiet, parallel)
 
     def on_done(task, res) -> str:
         if task.kind == "teacher":
@@ -677,17 +572,139 @@ def reproduce(name: str, *, budget: str = "short", seeds: int = 1, seed: int = 0
 
     report = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     if tasks and not quiet:
-        report(f"[{run_name}] {len(tasks)} tasks ({len(need_teachers)} teachers, "
-               f"{sum(tk.kind == 'prune' for tk in tasks)} prunings, {len(todo_cells)} cells) on "
-               f"{min(parallel, len(tasks))} process(es)" + (f", time limit {time_limit:.0f}s" if time_limit else ""))
+        report(f"[{r.run_name}] {len(tasks)} tasks ({counts['teacher']} teachers, {counts['prune']} prunings, "
+               f"{counts['cell']} cells) on {min(parallel, len(tasks))} process(es)"
+               + (f", time limit {time_limit:.0f}s" if time_limit else ""))
     run = run_tasks(tasks, workers=parallel, deadline=(t0 + time_limit) if time_limit else None, on_done=on_done,
-                    report=report, name=run_name, threads=_worker_threads(parallel))
+                    report=report, name=r.run_name, threads=_worker_threads(parallel))
     status["failed"], status["unfinished"] = run.failed, run.unfinished
     res = write_outputs(True)
     if run.unfinished and not quiet:
-        report(f"[{run_name}] time limit reached: {len(run.unfinished)} tasks not finished; rerun the same command "
+        report(f"[{r.run_name}] time limit reached: {len(run.unfinished)} tasks not finished; rerun the same command "
                "to resume (finished cells are kept, interrupted ones continue from their last epoch)")
     return {**res, "seconds": time.time() - t0, "failed": run.failed, "unfinished": run.unfinished}
+
+
+@dataclass
+class _Reproduction:
+    """One ``reproduce`` call, its arguments checked: the experiment, its base settings, cells,
+    seeds and folders; :meth:`tasks` is its graph of what is not finished yet."""
+
+    name: str
+    exp: Experiment
+    budget: str
+    base: dict
+    seeds: List[int]
+    targets: Tuple[float, ...]
+    cells: list
+    teachers: str
+    teacher: Optional[str]
+    teacher_path: Dict[int, str]
+    out: str
+    exp_dir: str
+    run_name: str
+    quiet: bool
+    parallel: int
+
+    @classmethod
+    def checked(cls, name: str, *, budget, seeds, seed, out, data_dir, device, teacher, targets, methods, parallel,
+                dataset, teachers, time_limit, quiet) -> "_Reproduction":
+        """Every argument and every cell's settings checked, before any work."""
+        from lopfast.pipeline.config import RunConfig, check_fraction
+        from lopfast.pipeline.runner import check_out_path, seed_list
+
+        exp = resolve_experiment(name, budget, dataset)
+        seeds_run = seed_list(seed, seeds)  # checks seeds
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"parallel must be a positive int, got {parallel!r}")
+        if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                       or not time_limit > 0 or not math.isfinite(time_limit)):
+            raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+        teachers = teachers or ("shared" if budget in SHARED_TEACHER_BUDGETS else "per-seed")
+        if teachers not in ("shared", "per-seed"):
+            raise ValueError(f"teachers must be 'shared' or 'per-seed', got {teachers!r}")
+        if exp.needs_data_dir and budget not in ("smoke", "fast-smoke") and not data_dir:
+            raise ValueError(f"experiment {name} needs --data-dir pointing at an ImageNet folder "
+                             f"(train/<class>/*.JPEG, val/<class>/*.JPEG); lopfast does not download ImageNet")
+        targets = tuple(exp.targets) if not targets else tuple(check_fraction(t, "targets") for t in targets)
+        methods = tuple(exp.methods) if not methods else tuple(methods)
+        bad = [m for m in methods if m not in exp.methods]
+        if bad:
+            raise ValueError(f"methods {bad} are not part of {name} in the {budget} budget; it has "
+                             f"{', '.join(exp.methods)}")
+        if teacher is not None and not os.path.isfile(teacher):
+            raise ValueError(f"--teacher file {teacher!r} does not exist")
+        check_out_path(out)
+        base = _base_config(exp, budget, data_dir=data_dir, device=device, teacher=None)
+        # every bad setting before any work (a cell's own settings too: a variant's LR or epochs)
+        probe = {**base, "target": max(targets), **({"teacher": teacher} if teacher else {})}
+        for _, over in exp.variants:
+            RunConfig.from_dict({**probe, **_resolved(base, over)}).validate()
+        tag_dataset = "" if exp.dataset == EXPERIMENTS[name].dataset else f"-{exp.dataset}"
+        run_name = f"{name}{tag_dataset}-{budget}"
+        teacher_seed = {s: (seeds_run[0] if teachers == "shared" else s) for s in seeds_run}
+        teacher_path = {s: teacher or os.path.join(_teacher_dir(out, base, budget, s), TEACHER_FILE)
+                        for s in dict.fromkeys(teacher_seed.values())}
+        return cls(name, exp, budget, base, seeds_run, targets, _cells(exp, targets, methods), teachers, teacher,
+                   teacher_path, out, os.path.join(out, run_name), run_name, quiet, parallel)
+
+    def teacher_seed(self, s: int) -> int:
+        return self.seeds[0] if self.teachers == "shared" else s
+
+    def tasks(self):
+        """The task graph, teachers -> prunings -> cells, of what is not finished yet; and its counts."""
+        from lopfast.pipeline.tasks import Task
+
+        quiet = self.quiet or self.parallel > 1
+        # seed-major: a run stopped early still has whole, paired seeds
+        todo = [(s, cell) for s in self.seeds for cell in self.cells
+                if not os.path.exists(os.path.join(_unit_dir(self.exp_dir, s, cell[0]), _cell_tag(cell),
+                                                   "result.json"))]
+        need_teachers = [] if self.teacher else list(dict.fromkeys(self.teacher_seed(s) for s, _ in todo))
+        tasks: List = []
+        for ts in need_teachers:
+            tdir = _teacher_dir(self.out, self.base, self.budget, ts)
+            tasks.append(Task(f"teacher/seed{ts}", "teacher", _task_teacher,
+                              ({"tdir": tdir, "base": self.base, "seed": ts, "target": max(self.targets),
+                                "budget": self.budget, "quiet": quiet},),
+                              log=os.path.join(tdir, "log.txt"), label=f"teacher seed {ts}"))
+        prunes = {}
+        for s, (t, label, over, method) in todo:
+            key = f"prune/seed{s}/t{t:g}/{_prune_tag(self.base, over)}"
+            if key not in prunes:
+                prunes[key] = self._prune_task(key, s, t, over, quiet)
+        tasks += [tk for tk in prunes.values() if tk is not None]
+        keys = {tk.key for tk in tasks}
+        tasks += [self._cell_task(s, cell, keys, quiet) for s, cell in todo]
+        return tasks, {"teacher": len(need_teachers), "prune": len(keys) - len(need_teachers), "cell": len(todo)}
+
+    def _prune_task(self, key: str, s: int, t: float, over: dict, quiet: bool):
+        from lopfast.pipeline.tasks import Task
+
+        ptag, udir = _prune_tag(self.base, over), _unit_dir(self.exp_dir, s, t)
+        if os.path.exists(os.path.join(udir, ptag, "accuracy.json")) and os.path.exists(
+                os.path.join(udir, ptag, "model.pt")):
+            return None  # pruned already
+        deps = () if self.teacher else (f"teacher/seed{self.teacher_seed(s)}",)
+        return Task(key, "prune", _task_prune,
+                    ({"base": self.base, "seed": s, "target": t, "over": over,
+                      "teacher": self.teacher_path[self.teacher_seed(s)], "udir": udir, "tag": ptag, "quiet": quiet},),
+                    deps=deps, log=os.path.join(udir, ptag, "log.txt"),
+                    label=f"prune seed {s} {100 * t:.2f}% {ptag[6:]}")
+
+    def _cell_task(self, s: int, cell, keys, quiet: bool):
+        from lopfast.pipeline.tasks import Task
+
+        t, label, over, method = cell
+        ptag, udir, tag, ts = _prune_tag(self.base, over), _unit_dir(self.exp_dir, s, t), _cell_tag(cell), \
+            self.teacher_seed(s)
+        deps = tuple(k for k in (f"prune/seed{s}/t{t:g}/{ptag}", f"teacher/seed{ts}") if k in keys)
+        return Task(f"cell/seed{s}/t{t:g}/{tag}", "cell:" + method, _task_cell,
+                    ({"base": self.base, "seed": s, "target": t, "over": over, "method": method, "udir": udir,
+                      "tag": tag, "prune_tag": ptag, "teacher": self.teacher_path[ts], "teacher_seed": ts,
+                      "quiet": quiet},),
+                    deps=deps, log=os.path.join(udir, tag, "log.txt"),
+                    label=f"seed {s} {100 * t:.2f}% {_label(method, label, self.exp)}")
 
 
 def _worker_threads(parallel: int) -> Optional[int]:
@@ -744,15 +761,11 @@ def _recipe_line(base: dict) -> str:
 def _write_outputs(exp: Experiment, name: str, budget: str, base: dict, seeds_run, cells, exp_dir: str, teachers: str,
                    teacher_path: Dict[int, str], status: dict, seconds: float, plot: bool, quiet: bool,
                    parallel: int) -> dict:
-    from lopfast.pipeline.report import format_summary, mean_std, plot_sweep
+    from lopfast.pipeline.report import format_summary, plot_sweep
 
     rows = _collect(exp, budget, base, seeds_run, cells, exp_dir)
     csv_path = os.path.join(exp_dir, "results.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
+    write_atomic(csv_path, lambda f: _write_rows(f, rows), text=True)
     table_rows = [{**r, "method": _label(r["method"], r["variant"], exp)} for r in rows]
     var = bool(exp.variants[0][0])
     paper = {(_label(m, c[1], exp), c[0]): v for (m, c), v in exp.paper.items()} if var else dict(exp.paper)
@@ -766,6 +779,29 @@ def _write_outputs(exp: Experiment, name: str, budget: str, base: dict, seeds_ru
               f"pruning {prunings}. Top-1 % on {split} as mean ± std (n), paper in brackets; "
               "a − b is paired by seed ('exceeds spread': |mean| > std).")
     md = format_summary(table_rows, cell=("target",), paper=paper, compare=compare, title=header) if rows else header
+    notes = _notes(rows, table_rows, budget, base, teachers, teacher_path, status, seconds, parallel)
+    md = md + "\n\n" + "\n".join(notes)
+    md_path = os.path.join(exp_dir, "results.md")
+    write_text(md_path, md + "\n")
+    png = None
+    if plot and rows:
+        try:
+            paper_pts: Dict[str, list] = {}
+            for (m, c), v in paper.items():
+                paper_pts.setdefault(m, []).append((100 * c, v))
+            png = plot_sweep(table_rows, os.path.join(exp_dir, "results.png"), title=exp.title[:60],
+                             paper=paper_pts or None)
+        except Exception as exc:  # a missing matplotlib must not lose the results
+            if not quiet:
+                print(f"[plot] skipped: {exc}")
+    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "table": md}
+
+
+def _notes(rows: List[dict], table_rows: List[dict], budget: str, base: dict, teachers: str,
+           teacher_path: Dict[int, str], status: dict, seconds: float, parallel: int) -> List[str]:
+    """The lines under the table: recipe, teachers, split, timing, what failed, the machine."""
+    from lopfast.pipeline.report import mean_std
+
     notes = [f"- recipe: {_recipe_line(base)}"]
     t_m, t_sd, t_n = mean_std(r["teacher_acc"] for r in {(r["teacher_seed"], r["teacher_acc"]): r
                                                           for r in rows}.values())
@@ -798,23 +834,13 @@ def _write_outputs(exp: Experiment, name: str, budget: str, base: dict, seeds_ru
                      + ", ".join(status["unfinished"][:12]) + (" ..." if len(status["unfinished"]) > 12 else "")
                      + "; rerun to resume")
     notes.append(f"- machine: {_machine_line(machine())}")
-    md = md + "\n\n" + "\n".join(notes)
-    md_path = os.path.join(exp_dir, "results.md")
-    with open(md_path + ".tmp", "w") as f:
-        f.write(md + "\n")
-    os.replace(md_path + ".tmp", md_path)
-    png = None
-    if plot and rows:
-        try:
-            paper_pts: Dict[str, list] = {}
-            for (m, c), v in paper.items():
-                paper_pts.setdefault(m, []).append((100 * c, v))
-            png = plot_sweep(table_rows, os.path.join(exp_dir, "results.png"), title=exp.title[:60],
-                             paper=paper_pts or None)
-        except Exception as exc:  # a missing matplotlib must not lose the results
-            if not quiet:
-                print(f"[plot] skipped: {exc}")
-    return {"csv": csv_path, "md": md_path, "png": png, "rows": rows, "table": md}
+    return notes
+
+
+def _write_rows(f, rows: List[dict]) -> None:
+    w = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
 
 
 def _ranking(rows: List[dict]) -> List[str]:

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lopfast.prune.engine import count_params  # the package's one parameter counter
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -364,11 +366,6 @@ def register_zoo() -> bool:
 
 
 # --------------------------------------------------------------------------- helpers
-def count_params(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (expanded layers count their factors)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)

@@ -13,6 +13,7 @@ scratch, ft, distill, lop, lop-nokd; one GPU or DDP)::
     clip the gradient norm (optional)
     SGD with momentum (Nesterov optional) and weight decay, lr = base lr x schedule[step] read on
     the device: the schedule is a device table indexed by a device step counter
+    the caller's after-update functions (``after_update``: e.g. an average of the weights)
     loss, SP loss and batch count added to device accumulators (read once per epoch)
 
 Nothing in it reads a value back to the host. On CUDA the step is captured as one CUDA graph
@@ -58,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -124,12 +125,16 @@ class TrainStep:
         start_step: the optimizer step to continue from (resume).
         log: one line per notice (the capture decision, the amp choice).
         desc: the stage's name in those lines.
+        after_update: functions called inside the step right after the optimizer update (device
+            work only: they are captured with the step).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg, device, *, steps_per_epoch: int,
                  forward: Optional[Callable] = None, distiller=None, world: int = 1, start_step: int = 0,
-                 log: Optional[Callable[[str], None]] = None, desc: str = "train") -> None:
+                 log: Optional[Callable[[str], None]] = None, desc: str = "train",
+                 after_update: Sequence[Callable[[], None]] = ()) -> None:
         self.model, self.opt, self.cfg = model, optimizer, cfg
+        self.after_update = list(after_update)
         self.device = torch.device(device)
         self.forward = model if forward is None else forward
         self.distiller, self.world = distiller, world
@@ -206,6 +211,8 @@ class TrainStep:
             if self.cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
             self._sgd()
+            for fn in self.after_update:
+                fn()
             self.sums[0] += loss.detach()
             if sp is not None:
                 self.sums[1] += sp.detach()

@@ -174,32 +174,88 @@ def _worker_main(inbox, results, threads: Optional[int]) -> None:
             results.send((key, False, traceback.format_exc(), time.time() - t0))
 
 
-def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, workers: int, deadline, report,
-                heartbeat_s: float, threads) -> None:
-    import multiprocessing as mp
-    from multiprocessing.connection import wait as wait_ready
+class _Workers:
+    """``n`` spawned worker processes, each with its own inbox and its own result pipe.
 
-    ctx = mp.get_context("spawn")
-    # One result pipe per worker, not one shared queue: a shared queue's writers share a lock, and
-    # a worker that dies while its feeder thread holds it (killed, os._exit, OOM) silenced every
-    # other worker for good (the scheduler then waited forever). A dead worker's own pipe reads EOF.
-    procs: List = [None] * workers
-    inboxes: List = [None] * workers
-    results: List = [None] * workers
-    busy: Dict[int, str] = {}  # worker -> task key
-    started: Dict[str, float] = {}
+    One result pipe per worker, not one shared queue: a shared queue's writers share a lock, and a
+    worker that dies while its feeder thread holds it (killed, os._exit, OOM) silenced every other
+    worker for good (the scheduler then waited forever). A dead worker's own pipe reads EOF.
+    """
 
-    def start_worker(i: int) -> None:
-        inboxes[i] = ctx.Queue()
-        results[i], child_end = ctx.Pipe(duplex=False)
-        procs[i] = ctx.Process(target=_worker_main, args=(inboxes[i], child_end, threads), daemon=True)
-        procs[i].start()
+    def __init__(self, n: int, threads: Optional[int]) -> None:
+        import multiprocessing as mp
+
+        self.ctx, self.threads = mp.get_context("spawn"), threads
+        self.procs: List = [None] * n
+        self.inboxes: List = [None] * n
+        self.results: List = [None] * n
+        self.busy: Dict[int, str] = {}  # worker -> task key
+
+    def start(self, i: int) -> None:
+        self.inboxes[i] = self.ctx.Queue()
+        self.results[i], child_end = self.ctx.Pipe(duplex=False)
+        self.procs[i] = self.ctx.Process(target=_worker_main, args=(self.inboxes[i], child_end, self.threads),
+                                         daemon=True)
+        self.procs[i].start()
         child_end.close()  # the worker holds the only writer: its death reads as EOF here
 
+    def idle(self) -> List[int]:
+        return [i for i, p in enumerate(self.procs) if p is not None and i not in self.busy]
+
+    def give(self, i: int, task: Task) -> None:
+        if not self.procs[i].is_alive():  # died while idle: a fresh one, not a task lost to a dead one
+            self.results[i].close()
+            self.start(i)
+        self.busy[i] = task.key
+        self.inboxes[i].put((task.key, task.fn, task.args))
+
+    def collect(self, timeout: float, started: Dict[str, float]) -> List[tuple]:
+        """(key, ok, payload, seconds) of every task that ended within ``timeout``; a worker that
+        died mid-task (killed, crashed, exited) fails its task and is replaced."""
+        from multiprocessing.connection import wait as wait_ready
+
+        by_conn = {self.results[i]: i for i in self.busy}
+        out = []
+        for conn in wait_ready(list(by_conn), timeout=timeout):
+            i = by_conn[conn]
+            key = self.busy.pop(i)
+            try:
+                _, ok, payload, seconds = conn.recv()
+            except (EOFError, OSError):
+                self.procs[i].join(timeout=5)
+                ok, payload = False, f"its worker process died (exit code {self.procs[i].exitcode})"
+                seconds = time.time() - started[key]
+                conn.close()
+                self.start(i)
+            out.append((key, ok, payload, seconds))
+        return out
+
+    def close(self, stop: bool) -> None:
+        """Stop the workers: terminated when ``stop`` (a deadline, a task still running), else
+        asked to finish; then joined (killed if they do not end)."""
+        for i, p in enumerate(self.procs):
+            if p is None:
+                continue
+            if stop and p.is_alive():
+                p.terminate()
+            elif p.is_alive():
+                self.inboxes[i].put(None)
+        for i, p in enumerate(self.procs):
+            if p is not None:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+                self.results[i].close()
+
+
+def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, workers: int, deadline, report,
+                heartbeat_s: float, threads) -> None:
     order = [t.key for t in tasks]
     pending = list(order)
-    finished = 0
-    last_beat = time.time()
+    started: Dict[str, float] = {}
+    pool = _Workers(workers, threads)
+    last_beat, finished = time.time(), 0
 
     def finish(key: str, ok: bool, payload, seconds: float) -> None:
         nonlocal finished
@@ -208,78 +264,48 @@ def _in_workers(tasks, by_key, run: TaskRun, progress: _Progress, on_done, worke
         note = ""
         if ok:
             run.results[key], run.seconds[key] = payload, seconds
-            if on_done:
-                note = on_done(by_key[key], payload) or ""
+            note = (on_done(by_key[key], payload) or "") if on_done else ""
         else:
             run.failed[key] = str(payload)
             report(f"[{progress.name}] task {by_key[key].label or key} failed:\n{payload}")
-            # what depends on it, directly or not, cannot run
-            blocked = {key}
+            blocked = {key}  # what depends on it, directly or not, cannot run
             for k in order:
                 if k in pending and any(d in blocked for d in by_key[k].deps):
                     blocked.add(k)
                     pending.remove(k)
                     run.failed[k] = f"not run: depends on {key}, which failed"
-        left = pending + list(started)
-        progress.done(by_key[key], seconds, ok, finished, left, started, note)
+        progress.done(by_key[key], seconds, ok, finished, pending + list(started), started, note)
 
     try:
         for i in range(min(workers, len(tasks))):
-            start_worker(i)
-        while pending or busy:
+            pool.start(i)
+        while pending or pool.busy:
             if deadline is not None and time.time() >= deadline:
                 run.timed_out = True
                 break
-            for i in range(len(procs)):  # hand ready tasks to idle workers, in the preferred order
-                if i in busy or procs[i] is None:
-                    continue
+            for i in pool.idle():  # hand ready tasks to idle workers, in the preferred order
                 ready = next((k for k in pending if all(d in run.results for d in by_key[k].deps)), None)
                 if ready is None:
                     break
-                if not procs[i].is_alive():  # died while idle: a fresh one, not a task lost to a dead one
-                    results[i].close()
-                    start_worker(i)
                 pending.remove(ready)
-                busy[i], started[ready] = ready, time.time()
-                t = by_key[ready]
-                inboxes[i].put((t.key, t.fn, t.args))
-            if not busy and pending:  # nothing can start: what is left waits on failures
+                started[ready] = time.time()
+                pool.give(i, by_key[ready])
+            if not pool.busy and pending:  # nothing can start: what is left waits on failures
                 break
             wait = 1.0 if deadline is None else max(0.05, min(1.0, deadline - time.time()))
-            by_conn = {results[i]: i for i in busy}
-            ready_conns = wait_ready(list(by_conn), timeout=wait)
-            for conn in ready_conns:
-                i = by_conn[conn]
-                key = busy.pop(i)
-                try:
-                    _, ok, payload, seconds = conn.recv()
-                except (EOFError, OSError):  # the worker died mid-task (killed, crashed, exited)
-                    procs[i].join(timeout=5)
-                    ok, payload = False, f"its worker process died (exit code {procs[i].exitcode})"
-                    seconds = time.time() - started[key]
-                    conn.close()
-                    start_worker(i)
+            ended = pool.collect(wait, started)
+            for key, ok, payload, seconds in ended:
                 finish(key, ok, payload, seconds)
-            if not ready_conns and started and time.time() - last_beat >= heartbeat_s:
+            if not ended and started and time.time() - last_beat >= heartbeat_s:
                 last_beat = time.time()
-                for key, t0 in started.items():
-                    line, spent = _last_line(by_key[key].log), time.time() - t0
-                    report(f"[{progress.name}]   running {by_key[key].label or key} "
-                           f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")
+                _heartbeat(started, by_key, progress, report)
     finally:
-        stop = run.timed_out or bool(busy)
-        for i, p in enumerate(procs):
-            if p is None:
-                continue
-            if stop and p.is_alive():
-                p.terminate()
-            elif p.is_alive():
-                inboxes[i].put(None)
-        for i, p in enumerate(procs):
-            if p is not None:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
-                results[i].close()
+        pool.close(stop=run.timed_out or bool(pool.busy))
     run.unfinished = [k for k in order if k not in run.results and k not in run.failed]
+
+
+def _heartbeat(started: Dict[str, float], by_key, progress: _Progress, report) -> None:
+    for key, t0 in started.items():
+        line, spent = _last_line(by_key[key].log), time.time() - t0
+        report(f"[{progress.name}]   running {by_key[key].label or key} "
+               f"({spent:.0f}s{_epoch_eta(line, spent)}){': ' + line if line else ''}")

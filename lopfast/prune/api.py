@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lopfast.checks import check_latency_budget
+from lopfast.files import jsonable
 from lopfast.layers import ExpandedConv2d, ExpandedLinear
 from lopfast.prune.shuffle import shuffle_blocks
 from lopfast.prune.shuffle import supported as shuffle_supported
@@ -84,7 +86,7 @@ class PruneReport:
     target_speedup: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -96,22 +98,6 @@ class PruneReport:
         from lopfast.prune.latency import format_latency
 
         return format_latency(self.latency)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if callable(obj):
-        return getattr(obj, "__qualname__", None) or type(obj).__name__
-    return repr(obj)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -245,11 +231,9 @@ def prune(
         raise TypeError(f"global_pruning must be a bool, got {type(global_pruning).__name__}")
     if budget is not None and budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    latency = dict(budget_name="budget='latency' and target_speedup")
+    allocation = check_latency_budget(budget == "latency", allocation, global_pruning, **latency)
     if budget == "latency":
-        if allocation not in (None, "netadapt") or global_pruning:
-            raise ValueError(f"budget='latency' is met by the netadapt allocation; it cannot be combined with "
-                             f"{'global_pruning=True' if global_pruning else 'allocation=' + repr(allocation)}")
-        allocation = "netadapt"
         if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) \
                 or not math.isfinite(target_speedup) or target_speedup <= 1.0:
             raise ValueError(f"target_speedup must be a number > 1 with budget='latency' (e.g. 2.0 for twice as "
@@ -259,8 +243,7 @@ def prune(
     elif target_speedup is not None:
         raise ValueError("target_speedup needs budget='latency'")
     name, crit_name, alloc, proc = resolve(method, criterion, allocation, procedure, global_pruning)
-    if alloc == "netadapt" and budget != "latency":
-        raise ValueError("allocation='netadapt' meets a latency budget: pass budget='latency' and target_speedup")
+    check_latency_budget(budget == "latency", alloc, global_pruning, **latency)  # a preset's netadapt too
     if method_options is not None and not isinstance(method_options, dict):
         raise TypeError(f"method_options must be a dict, got {type(method_options).__name__}")
     all_options = dict(method_options or {})
@@ -400,7 +383,7 @@ def prune(
         used_ratio = None
     report = PruneReport(
         method=name,
-        options=_jsonable(all_options),
+        options=jsonable(all_options),
         ratio=None if used_ratio is None else float(used_ratio),
         target_removed=target_removed,
         global_pruning=alloc == "global",
@@ -413,7 +396,7 @@ def prune(
         layers={n: [before[n], after.get(n, 0)] for n in before},
         ignored=all_ignored,
         wall_time_s=time.perf_counter() - t0,
-        extra=_jsonable(extra),
+        extra=jsonable(extra),
         criterion=crit_name,
         allocation=alloc,
         procedure=proc,
