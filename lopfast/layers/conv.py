@@ -60,6 +60,24 @@ def _check_conv_args(in_channels, out_channels, kernel_size, stride, padding, di
             raise InvalidArgument(name, value, f"a multiple of groups={groups}")
 
 
+def effective_kernel(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int) -> torch.Tensor:
+    """The effective kernel W3.W2.W1 of an expanded conv's factors, in the step's precision
+    (see ``ExpandedConv2d.effective_weight``).
+
+    One opaque call for ``torch.fx``: its precision choice reads the factors' dtype and
+    autocast, which symbolic tracing cannot branch on, so a traced model records this call
+    (``call_function``) and makes the choice when the graph runs, as the module does.
+    """
+    dev = w1.device.type
+    dtype = autocast_dtype(dev) if w1.dtype == torch.float32 else None
+    with torch.autocast(dev, enabled=False):
+        # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
+        return collapse_op(w1, w2, w3, groups, dtype=dtype)
+
+
+torch.fx.wrap("effective_kernel")
+
+
 class ExpandedConv2d(nn.Conv2d):
     """A drop-in ``nn.Conv2d`` whose kernel is the product of a 1x1 -> kxk -> 1x1 chain.
 
@@ -236,11 +254,7 @@ class ExpandedConv2d(nn.Conv2d):
         stashed = self.__dict__.get("_lopfast_weff")
         if stashed is not None:
             return stashed
-        dev = self.weight1.device.type
-        dtype = autocast_dtype(dev) if self.weight1.dtype == torch.float32 else None
-        with torch.autocast(dev, enabled=False):
-            # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
-            return collapse_op(self.weight1, self.weight2, self.weight3, self.groups, dtype=dtype)
+        return effective_kernel(self.weight1, self.weight2, self.weight3, self.groups)
 
     def effective_bias(self) -> Optional[torch.Tensor]:
         """The effective bias (the last layer's bias: the first two carry none)."""

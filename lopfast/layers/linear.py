@@ -27,6 +27,17 @@ def _check_depth(depth: object) -> int:
     return depth
 
 
+def effective_matrix(*factors: torch.Tensor) -> torch.Tensor:
+    """The effective weight W_depth ... W_1 of an expanded linear's factors (first layer first),
+    in their dtype whatever autocast says; one opaque call for ``torch.fx`` (its autocast
+    context reads the factors' device, which symbolic tracing cannot)."""
+    with torch.autocast(factors[0].device.type, enabled=False):
+        return collapse_linear(list(factors))
+
+
+torch.fx.wrap("effective_matrix")
+
+
 class ExpandedLinear(nn.Linear):
     """A drop-in ``nn.Linear`` whose weight is the product of ``depth`` chained linears.
 
@@ -145,8 +156,7 @@ class ExpandedLinear(nn.Linear):
 
     def effective_weight(self) -> torch.Tensor:
         """The differentiable effective weight W_depth ... W_1, shape (out_features, in_features)."""
-        with torch.autocast(self.weight1.device.type, enabled=False):
-            return collapse_linear(self.factors())
+        return effective_matrix(*self.factors())
 
     def effective_bias(self) -> Optional[torch.Tensor]:
         """The effective bias (carried by the last factor)."""
