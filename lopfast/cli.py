@@ -125,6 +125,9 @@ def _add_common(p: argparse.ArgumentParser, *, recovery: bool = True, prune: boo
     g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S,
                    help="label smoothing of the task loss, in [0, 1) (default 0)")
     g.add_argument("--nesterov", action="store_true", default=S, help="Nesterov momentum")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=S,
+                   help="sgd (default: --momentum, --nesterov, --weight-decay as L2) or adamw (torch's AdamW, betas "
+                        "0.9/0.999; --weight-decay decoupled: weights x (1 - lr * wd) each step; set --lr for it)")
     g.add_argument("--val-size", dest="val_size", type=int, default=S,
                    help="hold N training images out as a validation split (stratified, fixed by --val-seed)")
     g.add_argument("--val-seed", dest="val_seed", type=int, default=S, help="seed of the validation split (default 0)")

@@ -28,6 +28,7 @@ from lopfast.distill.loss import DEFAULT_GAMMA
 from lopfast.pipeline import models as zoo
 from lopfast.pipeline.data import check_dataset_name
 from lopfast.pipeline.schedule import SCHEDULES
+from lopfast.pipeline.step import OPTIMIZERS
 
 __all__ = ["METHODS", "SETTING_CHECKS", "RunConfig", "check_out_dir", "check_out_path", "has_run", "resolve_device"]
 
@@ -91,6 +92,7 @@ class RunConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     nesterov: bool = False
+    optimizer: str = "sgd"  # "sgd" or "adamw" (lopfast.pipeline.step.build_optimizer)
     val_size: Optional[int] = None  # training images held out as a validation split
     val_seed: int = 0
     eval_split: str = "test"  # "val": every accuracy on the validation split (choosing settings)
@@ -272,6 +274,7 @@ SETTING_CHECKS: Dict[str, Callable[[Any, str], Any]] = {
     "warmup_epochs": _nonneg_number,
     "label_smoothing": lambda v, n: check_number(v, n, min=0, max=1, max_open=True),
     "nesterov": check_bool,
+    "optimizer": lambda v, n: check_choice(v, n, OPTIMIZERS),
     "val_size": _opt(_pos_int),
     "val_seed": lambda v, n: check_int(v, n, min=0, max=2**32 - 1),
     "eval_split": lambda v, n: check_choice(v, n, ("test", "val")),
@@ -344,6 +347,8 @@ def _check_schedule(cfg: "RunConfig") -> None:
                                   "the warm-up must end inside every stage that trains")
     if cfg.nesterov and not cfg.momentum > 0:
         raise InvalidArgument("nesterov", cfg.nesterov, "off unless momentum > 0", f"momentum is {cfg.momentum!r}")
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise InvalidArgument("nesterov", cfg.nesterov, "off unless optimizer is 'sgd'", f"optimizer is {cfg.optimizer!r}")
 
 
 def _check_prune_options(cfg: "RunConfig") -> None:

@@ -196,7 +196,7 @@ def _train_cfg(cfg: RunConfig, kind: str, epochs: Optional[int], lr: Optional[fl
                        amp=cfg.amp, compile=cfg.compile, capture=cfg.capture, seed=cfg.seed, gamma=gamma,
                        sp_reduction=cfg.sp_reduction, factor_weight_decay=cfg.factor_weight_decay,
                        factor_lr_scale=cfg.factor_lr_scale, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
-                       label_smoothing=cfg.label_smoothing, nesterov=cfg.nesterov)
+                       label_smoothing=cfg.label_smoothing, nesterov=cfg.nesterov, optimizer=cfg.optimizer)
 
 
 def _write_json(path: str, obj) -> None:

@@ -88,6 +88,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # of the cross-entropy (0: none)
     nesterov: bool = False  # Nesterov momentum
     capture: str = "auto"  # the step as one CUDA graph: "auto" (by hand, where it can), "compile", "off"
+    optimizer: str = "sgd"  # "sgd" or "adamw" (lopfast.pipeline.step.build_optimizer: what each setting means)
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -122,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
         if self.nesterov and not self.momentum > 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
+        if self.optimizer not in _step.OPTIMIZERS or (self.nesterov and self.optimizer != "sgd"):
+            raise ValueError(f"optimizer must be one of {_step.OPTIMIZERS} (nesterov: sgd only), got {self.optimizer!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
         lr_factors(self, 1)  # the schedule module checks its own settings (schedule kind ...) now, not mid-run
 
@@ -348,8 +351,7 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
+    opt = _step.build_optimizer(_param_groups(model, cfg), cfg, device)
     history: List[dict] = []
     start = step0 = 0
     amp = None
