@@ -44,9 +44,16 @@ def is_compiled(*objs) -> bool:
 
 
 def _same_kind(teacher_module: nn.Module, student_module: nn.Module) -> bool:
-    """An expanded conv pairs with a conv, an expanded linear with a linear (expanded or not)."""
+    """An expanded conv pairs with a conv, an expanded linear with a linear (expanded or not); a
+    teacher layer fused for quantization (``torch.ao.nn.intrinsic``, e.g. ConvReLU2d) counts as
+    the layer it starts with, so a student prepared for QAT with fused layers pairs with the
+    teacher fused the same way (both tap the fused output)."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
     from lopfast.layers import ExpandedConv2d
 
+    if isinstance(teacher_module, _FusedModule):
+        teacher_module = teacher_module[0]
     if isinstance(student_module, ExpandedConv2d):
         return isinstance(teacher_module, nn.Conv2d)
     return isinstance(teacher_module, nn.Linear)

@@ -93,11 +93,15 @@ class ExpandedConv2d(nn.Conv2d):
         product, with the same outputs and gradients as the chain.
         ``"chain"`` runs the three convs literally (the paper's and ExpandNets' way).
 
-    It subclasses ``nn.Conv2d`` so that tools which look for convs (FLOP counters,
-    ``isinstance`` checks, quantization preparation) still find one: ``weight`` is a
-    read-only property returning the differentiable effective kernel, and ``in_channels``,
-    ``kernel_size``, ``stride`` ... are those of the compact conv. ``contract()`` returns the
-    plain ``nn.Conv2d`` to deploy.
+    It subclasses ``nn.Conv2d`` so that tools which look for convs with ``isinstance`` (FLOP
+    counters, hyper-parameter readers) still find one: ``weight`` is a read-only property
+    returning the differentiable effective kernel, and ``in_channels``, ``kernel_size``,
+    ``stride`` ... are those of the compact conv. ``contract()`` returns the plain ``nn.Conv2d``
+    to deploy. Tools keyed on exact classes do not see it, quantization among them: torch's
+    ``prepare_qat`` swaps only the classes in its mapping, so quantization-aware training goes
+    through ``lopfast.layers.qat`` (its mapping for eager ``prepare_qat``, its configs for
+    ``prepare_qat_fx``), which fake-quantizes the collapsed kernel. ``torch.fx`` traces it
+    (``effective_kernel`` is recorded as one call) and ``torch.export`` exports it.
 
     The constructor builds a fresh layer for training from scratch (ExpandNets-style), its
     factors scaled so the effective kernel has the variance of a default ``nn.Conv2d``;
