@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             lat = measure_latency({"fp32 (lop, contracted)": fp32_lop, "int8 (lop, QAT)": int8_lop},
-                                  data.example_inputs(1, "cpu"), batches=[1, cfg.batch_size], compile=False)
+                                  data.example_inputs(1, "cpu"), batches=[1, cfg.batch_size], compile=False,
+                                  rounds=50, budget_s=3.0)
             result["latency"][threads] = lat
             load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # a shared machine: say how busy it was
             md.append(f"\n{threads} thread{'s' if threads > 1 else ''} (load average {load}): " + format_latency(lat))

@@ -424,6 +424,7 @@ def backend_config(base=None):
     (module or functional) and with both, and ExpandedLinear, each with its fuser method, fused
     module, QAT layer and torch's reference quantized conv / linear; the dtypes are ``base``'s
     for nn.Conv2d / nn.Linear."""
+    import torch.ao.quantization.backend_config.utils  # noqa: F401  (set_backend_pattern_config needs it loaded)
     from torch.ao.quantization.backend_config import BackendPatternConfig, get_native_backend_config
 
     cfg = get_native_backend_config() if base is None else copy.deepcopy(base)
