@@ -164,6 +164,10 @@ class QATExpandedConv2d(ExpandedConv2d):
         if type(mod) is not cls._FLOAT_MODULE:
             raise TypeError(f"{cls.__name__}.from_float takes a {cls._FLOAT_MODULE.__name__}, got {type(mod).__name__}")
         _check_qconfig(mod)
+        return cls._from_float(mod)
+
+    @classmethod
+    def _from_float(cls, mod: nn.Module) -> "QATExpandedConv2d":
         return _qat_conv_from(cls, mod, mod.qconfig)
 
     def _kernel(self) -> torch.Tensor:
@@ -203,10 +207,7 @@ class QATExpandedConvReLU2d(QATExpandedConv2d):
     _COMPACT = nniqat.ConvReLU2d
 
     @classmethod
-    def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> "QATExpandedConvReLU2d":
-        if type(mod) is not cls._FLOAT_MODULE:
-            raise TypeError(f"{cls.__name__}.from_float takes a {cls._FLOAT_MODULE.__name__}, got {type(mod).__name__}")
-        _check_qconfig(mod)
+    def _from_float(cls, mod: nn.Module) -> "QATExpandedConvReLU2d":
         return _qat_conv_from(cls, mod[0], mod.qconfig)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -224,10 +225,7 @@ class QATExpandedConvBn2d(QATExpandedConv2d):
     _COMPACT = nniqat.ConvBn2d
 
     @classmethod
-    def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> "QATExpandedConvBn2d":
-        if type(mod) is not cls._FLOAT_MODULE:
-            raise TypeError(f"{cls.__name__}.from_float takes a {cls._FLOAT_MODULE.__name__}, got {type(mod).__name__}")
-        _check_qconfig(mod)
+    def _from_float(cls, mod: nn.Module) -> "QATExpandedConvBn2d":
         new = _qat_conv_from(cls, mod[0], mod.qconfig)
         new.bn = mod[1]
         new.freeze_bn = False
