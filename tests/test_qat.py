@@ -187,3 +187,14 @@ def test_fx_qat_student_distils_from_the_teacher_fused_the_same_way():
     assert qat.conv1.freeze_bn and not qat.conv1.bn.training
     qat.apply(lq.update_bn_stats)
     assert not qat.conv1.freeze_bn
+
+
+def test_eager_prepare_qat_without_lopfast_mapping_is_not_silent():
+    """torch's own mapping skips expanded layers (exact classes): their forward says what to do."""
+    net, x = _trained_net()
+    student = lopfast.expand(net, rate=2.0)
+    student.qconfig = tq.get_default_qat_qconfig("x86")
+    tq.prepare_qat(student.train(), inplace=True)
+    assert type(student.conv1) is lopfast.ExpandedConv2d  # untouched by torch's mapping
+    with pytest.warns(UserWarning, match=r"lopfast\.qat\.qat_module_mappings\(\)"):
+        student(x)

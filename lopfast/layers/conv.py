@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -78,6 +79,15 @@ def effective_kernel(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, group
 torch.fx.wrap("effective_kernel")
 
 
+def warn_not_prepared(layer: nn.Module) -> None:
+    """Say (once per place) that an expanded layer holds a qconfig but was not swapped for its
+    quantization-aware form: torch's own mappings key on exact classes and skip it silently."""
+    warnings.warn(f"a {type(layer).__name__} has a qconfig but no fake quantization: torch's prepare_qat / prepare "
+                  "mappings do not know expanded layers; pass mapping=lopfast.qat.qat_module_mappings() to "
+                  "prepare_qat (or use prepare_qat_fx with lopfast.qat's configs), or quantize the contracted model",
+                  stacklevel=3)
+
+
 class ExpandedConv2d(nn.Conv2d):
     """A drop-in ``nn.Conv2d`` whose kernel is the product of a 1x1 -> kxk -> 1x1 chain.
 
@@ -107,6 +117,8 @@ class ExpandedConv2d(nn.Conv2d):
     factors scaled so the effective kernel has the variance of a default ``nn.Conv2d``;
     ``from_conv`` expands a trained conv exactly (paper Eq. 3).
     """
+
+    _fake_quantizes = False  # True on the quantization-aware subclasses (lopfast.layers.qat)
 
     def __init__(
         self,
@@ -271,6 +283,8 @@ class ExpandedConv2d(nn.Conv2d):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("qconfig") is not None and not self._fake_quantizes:
+            warn_not_prepared(self)
         if self._mode == "collapsed":
             return self._conv_forward(input, self.effective_weight(), self.bias)
         return self.chain_forward(input)

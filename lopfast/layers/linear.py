@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast.layers.conv import _check_finite, _check_mode
+from lopfast.layers.conv import _check_finite, _check_mode, warn_not_prepared
 from lopfast.checks import InvalidArgumentType
 from lopfast.layers.decompose import (
     check_factor_size,
@@ -49,6 +49,8 @@ class ExpandedLinear(nn.Linear):
     ``nn.Linear``. The constructor gives a fresh layer with the variance of a default
     ``nn.Linear``; ``from_linear`` expands a trained one exactly.
     """
+
+    _fake_quantizes = False  # True on the quantization-aware subclass (lopfast.layers.qat)
 
     def __init__(
         self,
@@ -168,6 +170,8 @@ class ExpandedLinear(nn.Linear):
         return self.effective_weight()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("qconfig") is not None and not self._fake_quantizes:
+            warn_not_prepared(self)
         if self._mode == "collapsed":
             return F.linear(input, self.effective_weight(), self.bias)
         factors = self.factors()

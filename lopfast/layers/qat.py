@@ -157,6 +157,7 @@ class QATExpandedConv2d(ExpandedConv2d):
 
     _FLOAT_MODULE = ExpandedConv2d
     _COMPACT = nnqat.Conv2d
+    _fake_quantizes = True
 
     @classmethod
     def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> "QATExpandedConv2d":
@@ -289,6 +290,7 @@ class QATExpandedLinear(ExpandedLinear):
     contracts to ``torch.ao.nn.qat.Linear``, ``to_float()`` gives the compact ``nn.Linear``."""
 
     _FLOAT_MODULE = ExpandedLinear
+    _fake_quantizes = True
 
     @classmethod
     def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> "QATExpandedLinear":
