@@ -130,6 +130,8 @@ def test_optimizer_setting_config_and_cli():
         RunConfig(optimizer="adamw", nesterov=True).validate()
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainConfig(1, 0.1, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="nesterov is SGD's"):
+        TrainConfig(1, 0.1, optimizer="adamw", nesterov=True)
     args = build_parser().parse_args(["run", "--optimizer", "adamw"])
     assert args.optimizer == "adamw"
     with pytest.raises(SystemExit):

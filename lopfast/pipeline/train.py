@@ -123,8 +123,10 @@ class TrainConfig:
             raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
         if self.nesterov and not self.momentum > 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum {self.momentum!r}")
-        if self.optimizer not in _step.OPTIMIZERS or (self.nesterov and self.optimizer != "sgd"):
-            raise ValueError(f"optimizer must be one of {_step.OPTIMIZERS} (nesterov: sgd only), got {self.optimizer!r}")
+        if self.optimizer not in _step.OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {_step.OPTIMIZERS}, got {self.optimizer!r}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"nesterov is SGD's momentum: not with optimizer {self.optimizer!r}")
         self.milestones = tuple(int(m) for m in self.milestones)
         lr_factors(self, 1)  # the schedule module checks its own settings (schedule kind ...) now, not mid-run
 
