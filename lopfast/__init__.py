@@ -53,3 +53,8 @@ __all__ += ["FeatureTaps", "SPDistiller", "SPLoss", "sp_gram", "sp_loss", "sp_lo
 from lopfast.selfcheck import selfcheck  # noqa: E402
 
 __all__ += ["selfcheck"]
+
+# Quantization-aware LOP: QAT layers, fusers, eager mapping and FX configs for expanded models.
+from lopfast.layers import qat  # noqa: E402
+
+__all__ += ["qat"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from lopfast.checks import InvalidArgument, check_bool, check_finite_tensors, check_module, closest
+from lopfast.layers import qat
 from lopfast.layers.conv import ExpandedConv2d
 from lopfast.layers.decompose import check_generator, check_init, check_rate
 from lopfast.layers.linear import ExpandedLinear, _check_depth
@@ -62,8 +63,20 @@ def _is_plain_linear(m: nn.Module) -> bool:
 
 
 def expanded_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every ExpandedConv2d / ExpandedLinear in ``model``, in definition order."""
+    """(name, module) of every ExpandedConv2d / ExpandedLinear in ``model`` (their quantization-aware
+    forms included), in definition order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (ExpandedConv2d, ExpandedLinear))]
+
+
+def _contract_targets(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """What ``contract`` replaces: every expanded layer, and every fused module holding one
+    (``lopfast.layers.qat.ExpandedConvBn2d`` ...) as a whole, outermost first."""
+    kinds = (ExpandedConv2d, ExpandedLinear, qat.ExpandedConvBn2d, qat.ExpandedConvBnReLU2d, qat.ExpandedConvReLU2d)
+    out: List[Tuple[str, nn.Module]] = []
+    for n, m in model.named_modules():  # a parent comes before its children
+        if isinstance(m, kinds) and not any(p == "" or n.startswith(p + ".") for p, _ in out):
+            out.append((n, m))
+    return out
 
 
 def expand(
@@ -146,7 +159,9 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Collapse every ExpandedConv2d / ExpandedLinear of ``model`` into its plain layer.
 
     The result contains only standard PyTorch layers: its ``state_dict()`` loads with
-    ``strict=True`` into the original, never-expanded architecture. Factors holding NaN or inf
+    ``strict=True`` into the original, never-expanded architecture. Layers prepared for
+    quantization-aware training (``lopfast.layers.qat``) become torch's QAT layers with the
+    collapsed weight and the same fake-quantizers and observers, ready for ``convert``. Factors holding NaN or inf
     raise :class:`lopfast.checks.NonFiniteValues` naming them, before anything is changed.
     """
     check_module(model, "model")
@@ -158,7 +173,7 @@ def contract(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                          "model", "an expanded layer with NaN or inf factors cannot be contracted into a usable layer")
     if not inplace:
         model = copy.deepcopy(model)
-    for name, m in expanded_modules(model):
+    for name, m in _contract_targets(model):
         model = _replace(model, name, m.contract())
     return model
 

@@ -19,7 +19,18 @@ Training step with the distiller (paper Eq. 12, ``gamma`` the SP weight)::
 With DistributedDataParallel pass the wrapper as ``student``: hooks go on the inner module
 (``ddp.module``) and the wrapper itself is called, so DDP's gradient hooks and buffer syncs run.
 ``student_forward=fn`` replaces the call (``fn(*args, **kwargs)`` must run the hooked modules).
+
+torch.compile, in either order: a student compiled after the distiller is traced with its hooks
+(and recompiled without them after ``close()``: dynamo guards hooks that exist when it compiles).
+Compiled code made *before* the distiller ignores hooks added later (dynamo's
+``skip_nnmodule_hook_guards``), so a distiller given a compiled student, teacher or
+``student_forward`` (an ``OptimizedModule``, ``module.compile()``, a compiled function) calls
+``torch.compiler.reset()`` when it opens: the next call recompiles with the hooks. That drops
+every compiled graph of the process, which then recompiles once. Compiled code it cannot see
+(a compiled function that calls the student, not passed as ``student_forward``) is reported
+when no tapped layer runs, with this remedy.
 """
+import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -28,7 +39,7 @@ import torch.nn as nn
 
 from lopfast.backend import check_backend
 from lopfast.checks import InvalidArgumentType
-from lopfast.distill.pairs import default_pairing, sp_pairs, unpaired_message, unwrap
+from lopfast.distill.pairs import default_pairing, is_compiled, sp_pairs, unpaired_message, unwrap
 from lopfast.distill.taps import FeatureTaps
 from lopfast.ops.sp_loss import sp_gram, sp_loss, sp_loss_from_gram
 
@@ -70,6 +81,16 @@ def _param_dtype(model: nn.Module) -> Optional[torch.dtype]:
         if p.is_floating_point():
             return p.dtype
     return None
+
+
+def _compiled_hint() -> str:
+    """The remedy for hooks that compiled code skips, when torch.compile has been used here."""
+    if "torch._dynamo" not in sys.modules:
+        return ""
+    return ("; if that network (or a function calling it) was compiled with torch.compile and run before this "
+            "SPDistiller was created, its compiled code does not call the distiller's hooks: create the SPDistiller "
+            "first, pass the compiled student or function to it (student=, student_forward=), or call "
+            "torch.compiler.reset() after creating it")
 
 
 def _cast(value, dtype: torch.dtype):
@@ -167,6 +188,9 @@ class SPDistiller:
         except Exception:  # pragma: no cover
             self._teacher_taps.close()
             raise
+        if is_compiled(teacher, student, self.student_forward):
+            # code compiled before the hooks existed would never call them (module docstring)
+            torch.compiler.reset()
 
     def _reduce(self, name: str, output: torch.Tensor) -> torch.Tensor:
         # keep the (detached) activation: all of a step's teacher activations are reduced to Grams
@@ -195,7 +219,8 @@ class SPDistiller:
             names = self._teacher_taps.ran() if self._drop_missing else None
             self._teacher_ran = self.layers if names is None else names
             if names == []:
-                raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in the teacher's forward")
+                raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in the teacher's "
+                                   f"forward{_compiled_hint()}")
             return sp_gram(self._teacher_taps.collect(names=names), backend=self.backend)
 
     def __call__(self, *args, **kwargs):
@@ -225,7 +250,8 @@ class SPDistiller:
     def _note_dropped(self, names: List[str]) -> None:
         if not names:
             raise RuntimeError(f"SPDistiller: none of the paired layers {self.layers} ran in both the teacher's "
-                               "and the student's forward; pass layers=[...]")
+                               f"and the student's forward{_compiled_hint()}; or pass layers=[...] naming "
+                               "modules that run in both")
         dropped = [n for n in self.layers if n not in names]
         if dropped != self.dropped:
             self.dropped = dropped

@@ -1,4 +1,5 @@
 """Pair teacher layers with student layers by module path (after ``lopfast.expand``)."""
+import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -7,17 +8,52 @@ import torch.nn as nn
 from lopfast.checks import InvalidArgumentType
 
 
+def _optimized_module():
+    """torch.compile's module wrapper class, or None while dynamo is not loaded (then none exists)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(frame, "OptimizedModule", None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers (``model`` otherwise)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel / DataParallel / ``torch.compile`` wrappers
+    (``model`` otherwise)."""
+    compiled = _optimized_module()
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_compiled(*objs) -> bool:
+    """Whether any of ``objs`` (modules, wrappers or callables) is or holds code made by
+    ``torch.compile``: an ``OptimizedModule`` in its wrappers, a module compiled in place
+    (``module.compile()``), or a compiled function."""
+    compiled = _optimized_module()
+    if compiled is None:
+        return False
+    for obj in objs:
+        if isinstance(obj, compiled) or hasattr(obj, "_torchdynamo_orig_callable"):
+            return True
+        if isinstance(obj, nn.Module) and any(getattr(m, "_compiled_call_impl", None) is not None
+                                              for m in obj.modules()):
+            return True
+    return False
 
 
 def _same_kind(teacher_module: nn.Module, student_module: nn.Module) -> bool:
-    """An expanded conv pairs with a conv, an expanded linear with a linear (expanded or not)."""
+    """An expanded conv pairs with a conv, an expanded linear with a linear (expanded or not); a
+    teacher layer fused for quantization (``torch.ao.nn.intrinsic``, e.g. ConvReLU2d) counts as
+    the layer it starts with, so a student prepared for QAT with fused layers pairs with the
+    teacher fused the same way (both tap the fused output)."""
+    from torch.ao.nn.intrinsic import _FusedModule
+
     from lopfast.layers import ExpandedConv2d
 
+    if isinstance(teacher_module, _FusedModule):
+        teacher_module = teacher_module[0]
     if isinstance(student_module, ExpandedConv2d):
         return isinstance(teacher_module, nn.Conv2d)
     return isinstance(teacher_module, nn.Linear)

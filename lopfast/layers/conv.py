@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -60,6 +61,33 @@ def _check_conv_args(in_channels, out_channels, kernel_size, stride, padding, di
             raise InvalidArgument(name, value, f"a multiple of groups={groups}")
 
 
+def effective_kernel(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, groups: int) -> torch.Tensor:
+    """The effective kernel W3.W2.W1 of an expanded conv's factors, in the step's precision
+    (see ``ExpandedConv2d.effective_weight``).
+
+    One opaque call for ``torch.fx``: its precision choice reads the factors' dtype and
+    autocast, which symbolic tracing cannot branch on, so a traced model records this call
+    (``call_function``) and makes the choice when the graph runs, as the module does.
+    """
+    dev = w1.device.type
+    dtype = autocast_dtype(dev) if w1.dtype == torch.float32 else None
+    with torch.autocast(dev, enabled=False):
+        # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
+        return collapse_op(w1, w2, w3, groups, dtype=dtype)
+
+
+torch.fx.wrap("effective_kernel")
+
+
+def warn_not_prepared(layer: nn.Module) -> None:
+    """Say (once per place) that an expanded layer holds a qconfig but was not swapped for its
+    quantization-aware form: torch's own mappings key on exact classes and skip it silently."""
+    warnings.warn(f"a {type(layer).__name__} has a qconfig but no fake quantization: torch's prepare_qat / prepare "
+                  "mappings do not know expanded layers; pass mapping=lopfast.qat.qat_module_mappings() to "
+                  "prepare_qat (or use prepare_qat_fx with lopfast.qat's configs), or quantize the contracted model",
+                  stacklevel=3)
+
+
 class ExpandedConv2d(nn.Conv2d):
     """A drop-in ``nn.Conv2d`` whose kernel is the product of a 1x1 -> kxk -> 1x1 chain.
 
@@ -75,16 +103,22 @@ class ExpandedConv2d(nn.Conv2d):
         product, with the same outputs and gradients as the chain.
         ``"chain"`` runs the three convs literally (the paper's and ExpandNets' way).
 
-    It subclasses ``nn.Conv2d`` so that tools which look for convs (FLOP counters,
-    ``isinstance`` checks, quantization preparation) still find one: ``weight`` is a
-    read-only property returning the differentiable effective kernel, and ``in_channels``,
-    ``kernel_size``, ``stride`` ... are those of the compact conv. ``contract()`` returns the
-    plain ``nn.Conv2d`` to deploy.
+    It subclasses ``nn.Conv2d`` so that tools which look for convs with ``isinstance`` (FLOP
+    counters, hyper-parameter readers) still find one: ``weight`` is a read-only property
+    returning the differentiable effective kernel, and ``in_channels``, ``kernel_size``,
+    ``stride`` ... are those of the compact conv. ``contract()`` returns the plain ``nn.Conv2d``
+    to deploy. Tools keyed on exact classes do not see it, quantization among them: torch's
+    ``prepare_qat`` swaps only the classes in its mapping, so quantization-aware training goes
+    through ``lopfast.layers.qat`` (its mapping for eager ``prepare_qat``, its configs for
+    ``prepare_qat_fx``), which fake-quantizes the collapsed kernel. ``torch.fx`` traces it
+    (``effective_kernel`` is recorded as one call) and ``torch.export`` exports it.
 
     The constructor builds a fresh layer for training from scratch (ExpandNets-style), its
     factors scaled so the effective kernel has the variance of a default ``nn.Conv2d``;
     ``from_conv`` expands a trained conv exactly (paper Eq. 3).
     """
+
+    _fake_quantizes = False  # True on the quantization-aware subclasses (lopfast.layers.qat)
 
     def __init__(
         self,
@@ -236,11 +270,7 @@ class ExpandedConv2d(nn.Conv2d):
         stashed = self.__dict__.get("_lopfast_weff")
         if stashed is not None:
             return stashed
-        dev = self.weight1.device.type
-        dtype = autocast_dtype(dev) if self.weight1.dtype == torch.float32 else None
-        with torch.autocast(dev, enabled=False):
-            # backend "auto": the Triton kernel on CUDA, the einsum reference on CPU
-            return collapse_op(self.weight1, self.weight2, self.weight3, self.groups, dtype=dtype)
+        return effective_kernel(self.weight1, self.weight2, self.weight3, self.groups)
 
     def effective_bias(self) -> Optional[torch.Tensor]:
         """The effective bias (the last layer's bias: the first two carry none)."""
@@ -253,6 +283,8 @@ class ExpandedConv2d(nn.Conv2d):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("qconfig") is not None and not self._fake_quantizes:
+            warn_not_prepared(self)
         if self._mode == "collapsed":
             return self._conv_forward(input, self.effective_weight(), self.bias)
         return self.chain_forward(input)

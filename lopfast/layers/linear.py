@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast.layers.conv import _check_finite, _check_mode
+from lopfast.layers.conv import _check_finite, _check_mode, warn_not_prepared
 from lopfast.checks import InvalidArgumentType
 from lopfast.layers.decompose import (
     check_factor_size,
@@ -27,6 +27,17 @@ def _check_depth(depth: object) -> int:
     return depth
 
 
+def effective_matrix(*factors: torch.Tensor) -> torch.Tensor:
+    """The effective weight W_depth ... W_1 of an expanded linear's factors (first layer first),
+    in their dtype whatever autocast says; one opaque call for ``torch.fx`` (its autocast
+    context reads the factors' device, which symbolic tracing cannot)."""
+    with torch.autocast(factors[0].device.type, enabled=False):
+        return collapse_linear(list(factors))
+
+
+torch.fx.wrap("effective_matrix")
+
+
 class ExpandedLinear(nn.Linear):
     """A drop-in ``nn.Linear`` whose weight is the product of ``depth`` chained linears.
 
@@ -38,6 +49,8 @@ class ExpandedLinear(nn.Linear):
     ``nn.Linear``. The constructor gives a fresh layer with the variance of a default
     ``nn.Linear``; ``from_linear`` expands a trained one exactly.
     """
+
+    _fake_quantizes = False  # True on the quantization-aware subclass (lopfast.layers.qat)
 
     def __init__(
         self,
@@ -145,8 +158,7 @@ class ExpandedLinear(nn.Linear):
 
     def effective_weight(self) -> torch.Tensor:
         """The differentiable effective weight W_depth ... W_1, shape (out_features, in_features)."""
-        with torch.autocast(self.weight1.device.type, enabled=False):
-            return collapse_linear(self.factors())
+        return effective_matrix(*self.factors())
 
     def effective_bias(self) -> Optional[torch.Tensor]:
         """The effective bias (carried by the last factor)."""
@@ -158,6 +170,8 @@ class ExpandedLinear(nn.Linear):
         return self.effective_weight()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("qconfig") is not None and not self._fake_quantizes:
+            warn_not_prepared(self)
         if self._mode == "collapsed":
             return F.linear(input, self.effective_weight(), self.bias)
         factors = self.factors()

@@ -12,7 +12,8 @@ scratch, ft, distill, lop, lop-nokd; one GPU or DDP)::
     backward                                              (DDP all-reduces the gradients here)
     clip the gradient norm (optional)
     SGD with momentum (Nesterov optional) and weight decay, lr = base lr x schedule[step] read on
-    the device: the schedule is a device table indexed by a device step counter
+    the device: the schedule is a device table indexed by a device step counter (or torch's
+    Adam / AdamW step, capturable on CUDA, at that lr)
     the caller's after-update functions (``after_update``: e.g. an average of the weights)
     loss, SP loss and batch count added to device accumulators (read once per epoch)
 
@@ -71,7 +72,7 @@ from lopfast.graphs import Graph
 from lopfast.ops._precision import fp32_matmul_precision
 from lopfast.pipeline.schedule import lr_factors
 
-__all__ = ["CAPTURE", "EMULATE", "WARMUP", "TrainStep", "autocast"]
+__all__ = ["CAPTURE", "EMULATE", "OPTIMIZERS", "WARMUP", "TrainStep", "autocast", "build_optimizer"]
 
 CAPTURE = ("auto", "compile", "off")
 WARMUP = 2  # eager steps before the capture
@@ -86,6 +87,67 @@ def autocast(device: torch.device, amp: str):
     if use:
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- the optimizer
+#: the optimizers a stage can be configured with (``TrainConfig.optimizer``, ``--optimizer``)
+OPTIMIZERS = ("sgd", "adamw")
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def build_optimizer(param_groups, cfg, device) -> torch.optim.Optimizer:
+    """The optimizer of a stage, from ``cfg`` (a ``TrainConfig``): ``cfg.optimizer`` is "sgd"
+    (momentum ``cfg.momentum``, Nesterov ``cfg.nesterov``; ``cfg.weight_decay`` is added to the
+    gradient, L2) or "adamw" (torch's AdamW with its default betas (0.9, 0.999) and eps 1e-8;
+    ``cfg.weight_decay`` is decoupled, each step multiplies the weights by 1 - lr * weight_decay;
+    ``momentum`` and ``nesterov`` do not apply). AdamW is built ``capturable`` on CUDA, so the
+    step can be captured as one CUDA graph. A group's own ``weight_decay`` / ``lr`` win."""
+    name = getattr(cfg, "optimizer", "sgd")
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 capturable=torch.device(device).type == "cuda")
+    raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {name!r}")
+
+
+def _optimizer_kind(optimizer) -> str:
+    """"sgd" (updated by the step itself) or "adam" (torch's Adam / AdamW step); others refused."""
+    if type(optimizer) is torch.optim.SGD:
+        return "sgd"
+    if type(optimizer) in _ADAM:
+        return "adam"
+    raise TypeError(f"TrainStep runs torch.optim.SGD, Adam or AdamW (it sets their lr from the schedule on the "
+                    f"device), got {type(optimizer).__module__}.{type(optimizer).__qualname__}; build one of those "
+                    "(lopfast.pipeline.step.build_optimizer), or use your own loop: lopfast.SPDistiller runs in any")
+
+
+def _sgd_groups(optimizer: torch.optim.SGD) -> List[dict]:
+    """The parameters and their momentum buffers, per SGD group, fixed for the whole run."""
+    groups: List[dict] = []
+    for g in optimizer.param_groups:
+        if g.get("dampening", 0) or g.get("maximize", False):
+            raise ValueError("TrainStep runs SGD without dampening or maximize")
+        params = [p for p in g["params"] if p.requires_grad]
+        bufs = []
+        if g["momentum"]:
+            for p in params:
+                st = optimizer.state[p]
+                if st.get("momentum_buffer") is None:
+                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(st["momentum_buffer"])
+        groups.append(dict(params=params, bufs=bufs, wd=float(g["weight_decay"]),
+                           momentum=float(g["momentum"]), nesterov=bool(g.get("nesterov", False))))
+    return groups
+
+
+def _adam_eager_reason(optimizer) -> Optional[str]:
+    """Why torch's Adam / AdamW step cannot be captured (None: it can)."""
+    if all(g.get("capturable") for g in optimizer.param_groups):
+        return None
+    return (f"{type(optimizer).__name__}(capturable=False): torch's Adam keeps its step count on the host "
+            "unless it is capturable (CUDA only; build_optimizer does that on CUDA)")
 
 
 def _eager_reasons(model: nn.Module, cfg, device: torch.device, world: int) -> Optional[str]:
@@ -113,7 +175,11 @@ class TrainStep:
         model: the trained network (its parameters are updated).
         optimizer: a ``torch.optim.SGD`` holding the param groups (lr, momentum, weight decay,
             nesterov) and the momentum buffers; the step updates them itself with the lr read
-            on the device, so its ``state_dict`` keeps torch's format for checkpoints.
+            on the device, so its ``state_dict`` keeps torch's format for checkpoints. Or a
+            ``torch.optim.Adam`` / ``AdamW``, stepped by torch with the scheduled lr (a device
+            tensor when it is ``capturable``, captured then; a host float otherwise, and the
+            step runs eagerly, saying why once); its base lr is kept in each group's
+            ``initial_lr`` (as torch's schedulers do). Any other optimizer is refused by name.
         cfg: the stage's ``TrainConfig`` (epochs, lr schedule, gamma, label smoothing, clip,
             capture, amp).
         device: the training device.
@@ -141,32 +207,35 @@ class TrainStep:
         self.log = log or (lambda s: None)
         self.desc = desc
         self.amp = cfg.amp if cfg.amp != "auto" or self.device.type == "cuda" else "off"
-        # the parameters and their momentum buffers, per SGD group, fixed for the whole run
-        self.groups: List[dict] = []
-        for g in optimizer.param_groups:
-            if g.get("dampening", 0) or g.get("maximize", False):
-                raise ValueError("TrainStep runs SGD without dampening or maximize")
-            params = [p for p in g["params"] if p.requires_grad]
-            bufs = []
-            if g["momentum"]:
-                for p in params:
-                    st = optimizer.state[p]
-                    if st.get("momentum_buffer") is None:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(st["momentum_buffer"])
-            self.groups.append(dict(params=params, bufs=bufs, wd=float(g["weight_decay"]),
-                                    momentum=float(g["momentum"]), nesterov=bool(g.get("nesterov", False))))
+        self.kind = _optimizer_kind(optimizer)
+        opt_eager = None
+        if self.kind == "sgd":
+            self.groups = _sgd_groups(optimizer)
+            self._update = self._sgd
+        else:
+            self.groups = [dict(params=[p for p in g["params"] if p.requires_grad]) for g in optimizer.param_groups]
+            for g in optimizer.param_groups:  # the base lr survives the step's writes to "lr" (and a resume)
+                g.setdefault("initial_lr", float(g["lr"]))
+            opt_eager = _adam_eager_reason(optimizer)
+            self._update = self._adam
         self.params = [p for g in self.groups for p in g["params"]]
         dev = self.device
         self.factors = lr_factors(cfg, steps_per_epoch)  # float64, host: logging and the bounds check
         self.lr_table = self.factors.to(dev, torch.float32)
-        self.base_lr = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float32, device=dev)
-        self.base_lr_host = [float(g["lr"]) for g in optimizer.param_groups]
+        base = [float(g["lr"] if self.kind == "sgd" else g["initial_lr"]) for g in optimizer.param_groups]
+        self.base_lr = torch.tensor(base, dtype=torch.float32, device=dev)
+        self.base_lr_host = base
+        self._lr_dev: Optional[List[torch.Tensor]] = None
+        if self.kind == "adam" and opt_eager is None:
+            # torch's capturable Adam reads a tensor lr: one per group, rewritten in place every step
+            self._lr_dev = [torch.zeros(1, dtype=torch.float32, device=dev) for _ in optimizer.param_groups]
+            for g, t in zip(optimizer.param_groups, self._lr_dev):
+                g["lr"] = t
         self.step_t = torch.full((1,), start_step, dtype=torch.int64, device=dev)
         self.steps = start_step  # the same count on the host (no read-back)
         self.sums = torch.zeros(3, dtype=torch.float64, device=dev)  # CE, SP, batches
         # capture state
-        self.why_eager = _eager_reasons(model, cfg, dev, world)
+        self.why_eager = _eager_reasons(model, cfg, dev, world) or opt_eager
         self.graph: Optional[Graph] = None
         self.signature = None  # (x shape, stride, dtype; y shape, dtype; global batch) of the graph
         self.static_x: Optional[torch.Tensor] = None
@@ -210,7 +279,7 @@ class TrainStep:
         with torch.no_grad():
             if self.cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
-            self._sgd()
+            self._update()
             for fn in self.after_update:
                 fn()
             self.sums[0] += loss.detach()
@@ -237,6 +306,20 @@ class TrainStep:
                 torch._foreach_add_(bufs, d)
                 d = torch._foreach_add(d, bufs, alpha=grp["momentum"]) if grp["nesterov"] else bufs
             torch._foreach_add_(params, torch._foreach_mul(d, -lrs[g]))
+        self.step_t += 1
+
+    def _adam(self) -> None:
+        """torch's Adam / AdamW step at the scheduled lr: written into the device tensors it reads
+        when capturable, else set as host floats from the host table (the step is eager then)."""
+        if self._lr_dev is not None:
+            lrs = self.base_lr * self.lr_table.index_select(0, self.step_t)
+            for g, t in enumerate(self._lr_dev):
+                t.copy_(lrs[g:g + 1])
+        else:
+            factor = float(self.factors[self.steps - 1])  # this step's index: __call__ counted it already
+            for g, grp in enumerate(self.opt.param_groups):
+                grp["lr"] = self.base_lr_host[g] * factor
+        self.opt.step()
         self.step_t += 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, gbs: int) -> None:

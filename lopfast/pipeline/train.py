@@ -60,7 +60,7 @@ from lopfast.pipeline.data import check_model_matches_data
 from lopfast.pipeline.onednn import onednn_conv_guard
 from lopfast.pipeline.schedule import SCHEDULES, check_schedule
 from lopfast.pipeline.settings import Settings, boolean, choice, custom, integer, number, optional, setting
-from lopfast.pipeline.step import CAPTURE, TrainStep, autocast
+from lopfast.pipeline.step import CAPTURE, OPTIMIZERS, TrainStep, autocast, build_optimizer
 
 __all__ = ["PRESETS", "TrainConfig", "TrainSettings", "evaluate", "onednn_conv_guard", "preset", "train"]
 
@@ -109,6 +109,10 @@ class TrainSettings(Settings):
                                                    default_text="the weight decay")
     factor_lr_scale: float = setting(1.0, check=number(min=0, min_open=True), group="recovery",
                                      help="LR multiplier of the expanded factors")
+    optimizer: str = setting("sgd", check=choice(*OPTIMIZERS), group="training",
+                             help="sgd (--momentum, --nesterov, --weight-decay as L2) or adamw (torch's AdamW, "
+                                  "betas 0.9/0.999; --weight-decay decoupled: weights x (1 - lr x wd) each step; "
+                                  "set --lr for it)")
     ema: Optional[float] = setting(None, check=optional(number(min=0, max=1, min_open=True, max_open=True)),
                                    group="training", metavar="DECAY", default_text="off",
                                    help="keep an exponential moving average of the weights (and BatchNorm statistics), "
@@ -119,6 +123,9 @@ class TrainSettings(Settings):
                                    "saved (needs --ema)")
 
     def _check_together(self) -> None:
+        if self.nesterov and self.optimizer != "sgd":
+            raise InvalidArgument("nesterov", self.nesterov, "off unless optimizer is 'sgd'",
+                                  f"optimizer is {self.optimizer!r}: Nesterov momentum is SGD's")
         if self.nesterov and not self.momentum > 0:
             raise InvalidArgument("nesterov", self.nesterov, f"False while momentum is {self.momentum!r}",
                                   "nesterov needs momentum > 0")
@@ -420,8 +427,7 @@ class _Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         check_model_matches_data(model, data)
-        self.opt = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.opt = build_optimizer(_param_groups(model, cfg), cfg, device)
         self.history: List[dict] = []
         self.start = self.step0 = 0
         self.amp: Optional[str] = None
