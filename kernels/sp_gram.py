@@ -382,7 +382,7 @@ def _call_plan(kind: tuple, tensors: Sequence[torch.Tensor], build, outputs: Seq
     if torch.compiler.is_compiling() or _dispatch_mode_active() or \
             any(type(t) not in _REAL for t in tensors) or any(type(t) not in _REAL for t in outputs):
         return build()
-    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = _stream_capturing()
     key = (kind, first.device, capturing, USE_TABLE, TABLE_MIN_PAIRS, NUM_SMS, _interpreting(),
            tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
            tuple((t.shape, t.stride(), t.dtype) for t in outputs))
@@ -917,13 +917,20 @@ def table_supported(qs: Sequence[torch.Tensor]) -> bool:
     # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
     if not all(type(q) in (torch.Tensor, torch.nn.Parameter) for q in qs):
         return False
+    if _stream_capturing():
+        return False
     if _interpreting():
         if not all(q.device.type == "cpu" for q in qs):
             return False
-    elif not all(q.is_cuda for q in qs) or torch.cuda.is_current_stream_capturing():
+    elif not all(q.is_cuda for q in qs):
         return False
     # element offsets between tensors of one dtype are whole numbers of elements
     return all(q.data_ptr() % q.element_size() == 0 for q in qs)
+
+
+def _stream_capturing() -> bool:
+    """Whether the current CUDA stream captures a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _dispatch_mode_active() -> bool:

@@ -65,12 +65,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast import dispatch
+from lopfast import dispatch, graphs
 from lopfast.graphs import Graph
 from lopfast.ops._precision import fp32_matmul_precision
 from lopfast.pipeline.schedule import lr_factors
 
-__all__ = ["CAPTURE", "EMULATE", "WARMUP", "TrainStep", "autocast"]
+__all__ = ["CAPTURE", "EMULATE", "WARMUP", "TrainStep", "autocast", "capture_failure"]
 
 CAPTURE = ("auto", "compile", "off")
 WARMUP = 2  # eager steps before the capture
@@ -85,6 +85,26 @@ def autocast(device: torch.device, amp: str):
     if use:
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
+
+
+def capture_failure(exc: BaseException) -> str:
+    """What made a capture fail, first cause first. CUDA reports a failed capture at its end
+    ("operation failed due to a previous error during capture"); the error that broke it (a host
+    sync such as ``.item()``, an allocation a capture forbids) is that exception's context."""
+    chain, seen = [exc], {id(exc)}
+    while True:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        chain.append(nxt)
+        seen.add(id(nxt))
+
+    def line(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+    first = chain[-1]
+    return line(first) + ("" if first is exc else f"; reported at the capture's end as {line(exc)}")
 
 
 def _eager_reasons(model: nn.Module, cfg, device: torch.device, world: int) -> Optional[str]:
@@ -241,8 +261,10 @@ class TrainStep:
             self._say()
         self.steps += 1
         # a step that is captured makes (and reuses) the dispatch's choices for work inside a graph;
-        # its eager steps (warm-up, the short batch) run the same choices
-        with dispatch.graph_timing(self.why_eager is None):
+        # its eager steps (warm-up, the short batch) run the same choices and the same kernels
+        # (graphs.planned: no eager-only launch path, so the capture compiles and loads nothing)
+        captures = self.why_eager is None
+        with dispatch.graph_timing(captures), (graphs.planned() if captures else contextlib.nullcontext()):
             if self.why_eager is None:
                 sig = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, int(gbs))
                 if self.signature is None:
@@ -268,7 +290,7 @@ class TrainStep:
             try:
                 graph.capture(lambda: self._body(self.static_x, self.static_y, gbs), outputs=False)
             except Exception as exc:  # a host sync or a data-dependent branch: eager from now on
-                self.why_eager = f"its capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                self.why_eager = f"its capture failed ({capture_failure(exc)})"
                 self.log(f"[{self.desc}] step: eager from now on: {self.why_eager}")
                 self._body(x, y, gbs)
                 self.eager_steps += 1
