@@ -513,17 +513,18 @@ def timed_rounds(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int 
     if graphed:
         graph = graphs.Graph(emulate=not cuda, pool=pool if cuda else None,
                              stream=_timing_stream(device) if cuda else None)
-        if cuda:  # warm up on the capture's stream (lazy cuBLAS / Triton state), as torch advises
-            graph.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(graph.stream):
+        with graphs.planned():  # the warm-up runs the kernels the capture records
+            if cuda:  # warm up on the capture's stream (lazy cuBLAS / Triton state), as torch advises
+                graph.stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(graph.stream):
+                    for _ in range(max(warmup, 1)):
+                        fn()
+                torch.cuda.current_stream(device).wait_stream(graph.stream)
+                torch.cuda.synchronize(device)
+            else:
                 for _ in range(warmup):
                     fn()
-            torch.cuda.current_stream(device).wait_stream(graph.stream)
-            torch.cuda.synchronize(device)
-        else:
-            for _ in range(warmup):
-                fn()
-        graph.capture(lambda: _discard(fn()), outputs=False)
+            graph.capture(lambda: _discard(fn()), outputs=False)
         return timed_rounds(graph.replay, device, rounds=rounds, warmup=1, budget_s=budget_s)
     for _ in range(warmup):
         fn()

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lopfast import dispatch
 from lopfast.checks import TrainingDiverged
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
@@ -414,7 +415,10 @@ def train(
             # checked once per epoch (no per-step host sync) and before the checkpoint is
             # written, so the last good checkpoint survives for a --resume with other settings
             _check_diverged(sums["nonfinite"], desc, epoch, cfg, checkpoint)
-            ev = evaluate(model, data.test, device, engine.amp)
+            # in the step's dispatch timing mode: the collapse reuses the training step's routing
+            # (no eager re-measurement, no second program)
+            with dispatch.graph_timing(engine.captures):
+                ev = evaluate(model, data.test, device, engine.amp)
             if not math.isfinite(ev["loss"]):  # finite weights whose logits overflow
                 _check_diverged("the test loss", desc, epoch, cfg, checkpoint)
             rec = {
