@@ -259,6 +259,42 @@ def test_evaluation_reuses_the_captured_steps_collapse_routing(emulate, fake_gpu
     assert "collapse [graph]" in ops and "collapse" not in ops and len(res["history"]) == 2
 
 
+def test_distiller_step_indexes_with_no_host_data_after_its_first_call():
+    """A paired layer that runs in the teacher only (here in eval mode only) is left out of the
+    student's loss by indexing the teacher Grams; with a Python list that index is host data
+    copied to the device at every step, which a captured step cannot do. After the first (eager)
+    call the index is a device tensor made once."""
+    from torch.overrides import TorchFunctionMode
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.c(x if self.training else self.b(x)).mean((2, 3))
+
+    class HostIndex(TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__ and isinstance(args[1], (list, tuple)):
+                HostIndex.seen.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    teacher, student = Net().eval(), lopfast.expand(Net(), 2.0).train()
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match="left out"):
+        d = lopfast.SPDistiller(teacher, student)
+        _, first = d(x)
+    with HostIndex():
+        _, again = d(x)
+    d.close()
+    assert d.dropped == ["b"] and HostIndex.seen == [] and torch.equal(first, again)
+
+
 def test_eager_reasons_are_said_once():
     data = _data(128, 64)
     torch.manual_seed(0)
