@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -93,7 +94,9 @@ def main() -> int:
         print(f"precompile: no CUDA device (or the interpreter is on): nothing to compile ({len(todo)} variants listed)")
         return 0
     t0, failed = time.time(), 0
-    with ProcessPoolExecutor(max_workers=a.jobs) as ex:
+    # spawned, not forked: this process has touched the CUDA driver (is_available), and a forked
+    # child cannot use CUDA after that
+    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         futs = {ex.submit(compile_one, m, n): n for m, n in todo}
         for f in as_completed(futs):
             try:

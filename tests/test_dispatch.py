@@ -272,6 +272,7 @@ def _measure_in_child(cache, key, log, hold_s):
     import os
 
     os.environ["XDG_CACHE_HOME"] = cache
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.pop("LOPFAST_CACHE_DIR", None)
     dispatch.tunable = lambda device: True
     dispatch._device_name = lambda device: "FakeGPU 9000"
@@ -297,12 +298,14 @@ def test_processes_sharing_the_cache_measure_one_at_a_time_and_lose_no_entry(fak
     again on the same GPU; processes measuring different keys all end up in the file."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    # forked where there is no GPU (fast); spawned beside one (a forked child of a process that has
+    # used CUDA cannot use it, and choose() asks CUDA whether it is capturing)
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     log = tmp_path / "calls.log"
     first = ctx.Process(target=_measure_in_child, args=(str(fake_gpu), 1, str(log), 0.4))
     first.start()
     deadline = time.time() + 20
-    while not (log.exists() and log.read_text()) and time.time() < deadline:
+    while not (log.exists() and log.read_text()) and time.time() < deadline and first.is_alive():
         time.sleep(0.02)  # the first process is measuring key 1 now
     others = [ctx.Process(target=_measure_in_child, args=(str(fake_gpu), k, str(log), 0.0)) for k in (1, 2, 3)]
     for p in others:
