@@ -16,6 +16,7 @@ each phase's results) and ONE markdown table (``proof.md``) from what the phases
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -100,7 +101,8 @@ def epoch(data: str, out: str, smoke: bool) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
         te = time.time()
-        evaluate(student, bundle.test, device, "auto")
+        with lopfast.CollapsedForward(student) if kind == "lop" and device.type == "cuda" else contextlib.nullcontext():
+            evaluate(student, bundle.test, device, "auto")  # as train() evaluates (its collapse hooks on)
         if device.type == "cuda":
             torch.cuda.synchronize()
         eval_s = time.time() - te

@@ -52,7 +52,7 @@ SMOKE=0; DATA=""
 for arg in "$@"; do
     case "$arg" in
         --smoke) SMOKE=1 ;;
-        -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
         -*) echo "gpu_proof.sh: unknown option $arg (use --smoke, or DATA)" >&2; exit 2 ;;
         *) DATA="$arg" ;;
     esac
@@ -192,7 +192,9 @@ if [ "$SMOKE" = 1 ]; then  # CPU: one of each kind, to keep the plumbing tested 
 else
     TEST_FILES="tests/test_collapse.py tests/test_collapse_graph.py tests/test_sp_loss.py tests/test_sp_table.py
                 tests/test_sp_dispatch.py tests/test_dispatch.py tests/test_distill.py tests/test_step.py"
-    REST=("tests|${PYTEST[*]} -n 4 -m 'gpu or not slow' $TEST_FILES"
+    PAR=""
+    "$PY" -c "import xdist" >/dev/null 2>&1 && PAR="-n 4" || note_skip "parallel tests" "no pytest-xdist: one process"
+    REST=("tests|${PYTEST[*]} $PAR -m 'gpu or not slow' $TEST_FILES"
           "bench:sp_loss|${PYTEST[*]} bench/bench_table.py --benchmark-only -k sp_loss"
           "bench:collapse|${PYTEST[*]} bench/bench_table.py --benchmark-only -k 'collapse and resnet56'"
           "bench:steps|${PYTEST[*]} bench/bench_table.py --benchmark-only -k 'train_step and not resnet50 and not pruned90'"

@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
         --parallel) PARALLEL="${2:-}"; shift ;;
         --total) TOTAL="${2:-}"; shift ;;
         --device) DEV="${2:-}"; shift ;;
-        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         -*) echo "paper_fast.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$DATA" ] || { echo "paper_fast.sh: one DATA path only, got '$DATA' and '$1'" >&2; exit 2; }
            DATA="$1" ;;
