@@ -704,7 +704,10 @@ def _sp_grad_features_kernel(
 
 
 def _grad_block_i(b: int) -> int:
-    return min(max(_next_pow2(b), 16), GRAD_MAX_BLOCK_I)
+    # two row tiles only: 32 and 64 spill a few bytes in some (dtype, tensor count, alignment)
+    # variants (AOT report), so 17 <= b <= 64 takes the 128-row tile with its rows masked (the dQ
+    # of so small a batch is a small kernel either way)
+    return 16 if b <= 16 else GRAD_MAX_BLOCK_I
 
 
 def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], *,

@@ -568,8 +568,11 @@ def _measure(op, key, device, candidates, reference, args) -> str:
             _memory[(dev, op, key)] = fresh
             return fresh["choice"]
         token = _inside.set(True)
+        # graph timing: every run of a candidate warms up its capture (the capturable launch paths)
+        planned = graphs.planned() if _timing.get() == "graph" else contextlib.nullcontext()
         try:
-            return _measure_locked(op, key, device, candidates, reference, args)
+            with planned:
+                return _measure_locked(op, key, device, candidates, reference, args)
         finally:
             _inside.reset(token)
 

@@ -379,7 +379,7 @@ def test_table_kernels_are_in_the_aot_report():
         for tag in ("fp32_ieee", "fp32_tf32", "fp16", "bf16"):
             assert {f"sp_gram_table_{tag}_align{align}_atomic", f"sp_gram_table_{tag}_align{align}_det"} <= names
         for tag in ("fp32_ieee", "fp32_tf32", "fp16_ieee", "fp16_tf32", "bf16"):
-            assert {f"sp_grad_features_table_{tag}_bi{bi}_align{align}" for bi in (16, 32, 64, 128)} <= names
+            assert {f"sp_grad_features_table_{tag}_bi{bi}_align{align}" for bi in (16, 128)} <= names
 
 
 _KERNELS = ("_gram_kernel", "_gram_table_kernel", "_sp_grad_features_kernel", "_sp_grad_features_table_kernel",
@@ -420,7 +420,7 @@ def test_every_launch_is_a_listed_aot_variant(monkeypatch):
     K.clear_table_cache()
     for dtypes in ([torch.float32], [torch.float16], [torch.bfloat16], [torch.float32, torch.bfloat16, torch.bfloat16]):
         for p in (1, 3, 9):
-            for b, f in ((1, 16), (20, 20), (40, 32), (100, 48), (300, 16)):  # every row tile, aligned or not
+            for b, f in ((1, 16), (20, 20), (40, 32), (100, 48), (300, 16)):  # both row tiles, aligned or not
                 qs = [torch.ones(b, f, dtype=dtypes[i % len(dtypes)]) for i in range(p)]
                 g = torch.zeros(p, b, b)
                 for precision in ("ieee", "tf32"):
