@@ -96,9 +96,11 @@ def check_default_path(out: dict, exact: bool) -> None:
         assert num <= UPDATE_RTOL * den, (num, den)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["resnet56", "mobilenet_v2"])
 def test_default_path_cpu(net, monkeypatch):
-    """CPU: the stand-in capture, reduced sizes, 3 full batches and a short one; equal to eager."""
+    """CPU: the stand-in capture, reduced sizes, 3 full batches and a short one; equal to eager.
+    Slow: 15-30 s each on a 2-core CPU (55 layer pairs, two runs of a teacher and a student)."""
     monkeypatch.setattr(st, "EMULATE", True)
     torch.set_num_threads(2)
     out = run_default_path(net, "cpu", batch=8, full_batches=3, short=3, full=False)
