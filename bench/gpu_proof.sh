@@ -137,7 +137,8 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >> "$LOG" 2>&1
 
 # ---------------------------------------------------------------------------- 0. setup
 setup() {
-    "$PY" -c "import lopfast" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
+    # from the repository root lopfast/ imports uninstalled; its kernels (kernels/) only installed
+    "$PY" -c "import lopfast.kernels" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
     if "$PY" -c "import torch_pruning" >/dev/null 2>&1; then
         echo "torch-pruning already installed"
     elif ls wheels/*.whl >/dev/null 2>&1; then

@@ -104,7 +104,12 @@ try:
 except ImportError:
     print("torch=0"); raise SystemExit
 cuda = torch.cuda.is_available()
-have = [int(importlib.util.find_spec(m) is not None) for m in ("lopfast", "torch_pruning")]
+def found(m):  # from the repository root lopfast/ is importable uninstalled, its kernels/ only installed
+    try:
+        return int(importlib.util.find_spec(m) is not None)
+    except Exception:
+        return 0
+have = [found(m) for m in ("lopfast.kernels", "torch_pruning")]
 print("torch=1 cuda=%d lopfast=%d tp=%d" % (cuda, *have))
 print("# torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version())
 if cuda:
