@@ -330,12 +330,15 @@ def _nt(n: int) -> int:
 def grad_config(dtype: torch.dtype, precision: str) -> Tuple[str, int]:
     """(PRECISION, num_stages) of the dQ kernels for inputs of ``dtype`` under the fp32 matmul
     policy ``precision``: what the launchers pass and what ``aot_variants`` compiles. bf16 runs
-    two bf16 MMAs whatever the policy (one variant); fp16 and fp32 multiply in fp32 as the
-    policy says; fp16 under "ieee" runs unpipelined (3 stages: 255 registers and spills, AOT)."""
+    two bf16 MMAs whatever the policy (one variant); fp32 and fp16 multiply M by Q in fp32 as the
+    policy says, except fp16 under "ieee": its IEEE fp32 dot (Q converted from fp16 in registers)
+    spills on sm_90 at every pipelining depth under triton 3.6 or 3.8 (255 registers; AOT), so it
+    runs 3xTF32 ("tf32x3": fp32-level error, ~2**-22, far below the fp16 rounding of the dQ it
+    writes; no spills, at most 216 registers)."""
     if dtype == torch.bfloat16:
         return "tf32", NUM_STAGES
     if dtype == torch.float16 and precision == "ieee":
-        return "ieee", 1
+        return "tf32x3", NUM_STAGES
     return precision, NUM_STAGES
 
 
