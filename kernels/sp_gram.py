@@ -90,7 +90,11 @@ is a multiple of 16, else 1) and the kernel re-asserts the divisibility as ``x /
 (the value is unchanged, and Triton's alignment analysis sees the multiple; ``tl.multiple_of`` on
 a kernel argument is dropped: the AOT PTX then shows scalar loads): at most two variants per
 (kernel, tensor count, dtype, precision, mode), and the aligned one keeps 16-byte ``cp.async``
-loads (tests/test_sp_table.py checks the PTX). ``aot_variants()`` lists what runtime can compile (for the AOT report).
+loads (tests/test_sp_table.py checks the PTX). The tensor count is 1 or 8 (``_nt``: a launch of
+2-7 tensors pads to 8 with featureless slots no program reaches), and a per-pair launch holds
+tensors of one dtype (``_groups``), so a model's step compiles at most two per-pair variants per
+kernel and dtype. ``aot_variants()`` derives every variant the launchers can pick from these
+same rules (for the AOT report: each must compile for sm_90 without spilling).
 
 Launches are direct (no ``torch.library.wrap_triton``): torch.compile records the op layer's
 opaque custom ops with fake implementations and never analyses these launchers, whose host-side
@@ -130,6 +134,7 @@ GRAD_MAX_BLOCK_I = 128
 GRAD_NUM_WARPS = 8  # (BLOCK_I x BLOCK_K) fp32 accumulator: 32 registers a thread at 8 warps
 ROW_BLOCK = 16
 NUM_STAGES = 3
+MAX_BATCH = 4096  # largest b of a Gram: the row kernels' padded row (BLOCK_C) goes up to this
 
 
 def _gram_stages(fp32: bool) -> int:
@@ -304,8 +309,37 @@ def _rows(qs: Sequence[torch.Tensor], argname: str) -> List[Tuple[int, int]]:
     return out
 
 
-def _groups(n: int) -> List[range]:
-    return [range(s, min(s + MAX_TENSORS, n)) for s in range(0, n, MAX_TENSORS)]
+def _groups(qs: Sequence[torch.Tensor]) -> List[range]:
+    """The per-pair launches: runs of consecutive tensors of one dtype, at most ``MAX_TENSORS``
+    each (one pointer type per launch: no mixed-dtype variant to compile; consecutive, so each
+    launch's output slots are ``slot0 + k``)."""
+    out, start = [], 0
+    for i in range(1, len(qs) + 1):
+        if i == len(qs) or i - start == MAX_TENSORS or qs[i].dtype != qs[start].dtype:
+            out.append(range(start, i))
+            start = i
+    return out
+
+
+def _nt(n: int) -> int:
+    """The kernels' tensor count for a launch of ``n`` tensors: 1, or ``MAX_TENSORS`` with the
+    unused slots padded (no feature, never reached): two compiled variants instead of eight."""
+    return 1 if n == 1 else MAX_TENSORS
+
+
+def grad_config(dtype: torch.dtype, precision: str) -> Tuple[str, int]:
+    """(PRECISION, num_stages) of the dQ kernels for inputs of ``dtype`` under the fp32 matmul
+    policy ``precision``: what the launchers pass and what ``aot_variants`` compiles. bf16 runs
+    two bf16 MMAs whatever the policy (one variant); fp32 and fp16 multiply M by Q in fp32 as the
+    policy says, except fp16 under "ieee": its IEEE fp32 dot (Q converted from fp16 in registers)
+    spills on sm_90 at every pipelining depth under triton 3.6 or 3.8 (255 registers; AOT), so it
+    runs 3xTF32 ("tf32x3": fp32-level error, ~2**-22, far below the fp16 rounding of the dQ it
+    writes; no spills, at most 216 registers)."""
+    if dtype == torch.bfloat16:
+        return "tf32", NUM_STAGES
+    if dtype == torch.float16 and precision == "ieee":
+        return "tf32x3", NUM_STAGES
+    return precision, NUM_STAGES
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,7 +416,7 @@ def _call_plan(kind: tuple, tensors: Sequence[torch.Tensor], build, outputs: Seq
     if torch.compiler.is_compiling() or _dispatch_mode_active() or \
             any(type(t) not in _REAL for t in tensors) or any(type(t) not in _REAL for t in outputs):
         return build()
-    capturing = first.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = _stream_capturing()
     key = (kind, first.device, capturing, USE_TABLE, TABLE_MIN_PAIRS, NUM_SMS, _interpreting(),
            tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors),
            tuple((t.shape, t.stride(), t.dtype) for t in outputs))
@@ -412,8 +446,9 @@ def gram(qs: Sequence[torch.Tensor], *, precision: str = "ieee", deterministic: 
 def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, table: Optional[bool]):
     rows = _rows(qs, "qs")
     b = qs[0].shape[0]
-    if b * b >= 2**31:  # the kernel's in-slot offsets are int32
-        raise ValueError(f"qs: batch size {b} too large for the Triton Gram kernel (b * b must be < 2**31)")
+    if b > MAX_BATCH:  # the (b, b) kernels hold a whole padded row: compiled (AOT) up to this
+        raise ValueError(f"qs: batch size {b} too large for the Triton SP kernels (at most {MAX_BATCH} samples "
+                         f"per Gram); use backend='torch'")
     _precision_checked(precision)
     dev, P = qs[0].device, len(qs)
     nt = triton.cdiv(b, GRAM_BLOCK_B)
@@ -455,13 +490,13 @@ def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, 
     # from per-group partial buffers without writing into views
     sms = _num_sms(dev)
     launches = []
-    for grp in _groups(P):
+    for grp in _groups(qs):
         sub = [qs[i] for i in grp]
         sub_rows = [rows[i] for i in grp]
         k_iters, _ = _plan(b, tuple(f for f, _ in sub_rows), sms)
         fs, ss, cs, total = _multi_ints(sub_rows, GRAM_BLOCK_K * k_iters)
         launches.append((grp, fs, ss, cs, total, k_iters, _dot_precision(sub, precision), _align(*fs, *ss),
-                         _gram_stages(any(q.dtype == torch.float32 for q in sub))))
+                         _gram_stages(sub[0].dtype == torch.float32)))
 
     def run_pairs(qs):
         out = None if deterministic else torch.zeros((P, b, b), device=dev, dtype=torch.float32)
@@ -475,7 +510,7 @@ def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, 
             LAUNCHES["gram_deterministic"] += int(deterministic)
             _gram_kernel[(total, nt * (nt + 1) // 2)](
                 target, b, grp.start, k_iters, *_padded(qs, grp), *fs, *ss, *cs,
-                NT=len(grp), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
+                NT=_nt(len(grp)), BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
                 PRECISION=prec, ALIGN=align, ATOMIC=not deterministic,
                 num_warps=GRAM_NUM_WARPS, num_stages=stages,
             )
@@ -495,6 +530,8 @@ def _gram_call(qs: Sequence[torch.Tensor], precision: str, deterministic: bool, 
 
 def _row_block(b: int) -> Tuple[int, int]:
     """(rows per program, padded row length): at most 4096 fp32 values a tile, no spills."""
+    if b > MAX_BATCH:
+        raise ValueError(f"batch size {b} too large for the Triton SP kernels (at most {MAX_BATCH})")
     block_c = max(_next_pow2(b), 16)
     return max(1, min(ROW_BLOCK, 4096 // block_c)), block_c
 
@@ -670,7 +707,10 @@ def _sp_grad_features_kernel(
 
 
 def _grad_block_i(b: int) -> int:
-    return min(max(_next_pow2(b), 16), GRAD_MAX_BLOCK_I)
+    # two row tiles only: 32 and 64 spill a few bytes in some (dtype, tensor count, alignment)
+    # variants (AOT report), so 17 <= b <= 64 takes the 128-row tile with its rows masked (the dQ
+    # of so small a batch is a small kernel either way)
+    return 16 if b <= 16 else GRAD_MAX_BLOCK_I
 
 
 def sp_grad_features(dg: torch.Tensor, qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], *,
@@ -700,45 +740,49 @@ def _grad_call(qs: Sequence[torch.Tensor], dqs: Sequence[torch.Tensor], precisio
     block_i = _grad_block_i(b)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if b > MAX_BATCH:
+        raise ValueError(f"qs: batch size {b} too large for the Triton SP kernels (at most {MAX_BATCH})")
     if _use_table(qs, table):
         groups = []
         for idx in _by_dtype(qs, skip_empty=True):  # featureless pairs have empty gradients
             t = _grad_table([qs[i] for i in idx], [rows[i] for i in idx], [drows[i] for i in idx], idx, b)
             if t.n_work:
-                groups.append((idx, t, _DOffsets(), qs[idx[0]].dtype == torch.bfloat16))
+                dtype = qs[idx[0]].dtype
+                groups.append((idx, t, _DOffsets(), dtype == torch.bfloat16, *grad_config(dtype, precision)))
 
         def run_table(dg, qs, dqs):
             m = dg + dg.transpose(1, 2)
-            for idx, t, doffs, split in groups:
+            for idx, t, doffs, split, prec, stages in groups:
                 dsub = [dqs[i] for i in idx]
                 d_table, d_align = doffs.tensor(dsub)
                 LAUNCHES["sp_grad_features"] += 1
                 LAUNCHES["sp_grad_features_table"] += 1
                 _sp_grad_features_table_kernel[(t.n_work, triton.cdiv(b, block_i))](
                     m, t.pairs.tensor(), t.work.tensor(), d_table, qs[idx[0]], dsub[0], b,
-                    BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=precision,
-                    ALIGN=min(t.align, d_align), SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES)
+                    BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=prec,
+                    ALIGN=min(t.align, d_align), SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=stages)
 
         return run_table
 
     launches = []
-    for grp in _groups(len(qs)):
+    for grp in _groups(qs):
         fs, ss, cs, total = _multi_ints([rows[i] for i in grp], GRAD_BLOCK_K)
         if total == 0:
             continue
         ts = [drows[i][1] for i in grp] + [0] * (MAX_TENSORS - len(grp))
-        launches.append((grp, fs, ss, ts, cs, total, _align(*fs, *ss, *ts),
-                         all(qs[i].dtype == torch.bfloat16 for i in grp)))
+        dtype = qs[grp.start].dtype
+        launches.append((grp, fs, ss, ts, cs, total, _align(*fs, *ss, *ts), dtype == torch.bfloat16,
+                         *grad_config(dtype, precision)))
 
     def run_pairs(dg, qs, dqs):
         m = dg + dg.transpose(1, 2)
-        for grp, fs, ss, ts, cs, total, align, split in launches:
+        for grp, fs, ss, ts, cs, total, align, split, prec, stages in launches:
             LAUNCHES["sp_grad_features"] += 1
             # fp32/fp16: fp32 M times Q converted to fp32, so the precision applies to both
             _sp_grad_features_kernel[(total, triton.cdiv(b, block_i))](
                 m, b, grp.start, *_padded(qs, grp), *_padded(dqs, grp), *fs, *ss, *ts, *cs,
-                NT=len(grp), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-                PRECISION=precision, ALIGN=align, SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES,
+                NT=_nt(len(grp)), BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
+                PRECISION=prec, ALIGN=align, SPLIT_BF16=split, num_warps=GRAD_NUM_WARPS, num_stages=stages,
             )
 
     return run_pairs
@@ -917,13 +961,20 @@ def table_supported(qs: Sequence[torch.Tensor]) -> bool:
     # FakeTensor / FunctionalTensor (torch.compile, opcheck) are subclasses: no real data_ptr
     if not all(type(q) in (torch.Tensor, torch.nn.Parameter) for q in qs):
         return False
+    if _stream_capturing():
+        return False
     if _interpreting():
         if not all(q.device.type == "cpu" for q in qs):
             return False
-    elif not all(q.is_cuda for q in qs) or torch.cuda.is_current_stream_capturing():
+    elif not all(q.is_cuda for q in qs):
         return False
     # element offsets between tensors of one dtype are whole numbers of elements
     return all(q.data_ptr() % q.element_size() == 0 for q in qs)
+
+
+def _stream_capturing() -> bool:
+    """Whether the current CUDA stream captures a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _dispatch_mode_active() -> bool:
@@ -1165,104 +1216,100 @@ def _sp_grad_features_table_kernel(m_ptr, pairs_ptr, work_ptr, doffs_ptr, ref_pt
 # ----------------------------------------------------------------------------- AOT variants
 
 _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-# NT = 8 (eight inlined copies of the per-tensor body) takes 10-30 s to compile each; the copies are
-# identical to NT = 1's, so registers match (checked: 191-222 vs 170-195, no spills): CI compiles
-# the 8-tensor form for the two training dtypes (fp32 default, bf16 autocast) only
-_NT8_TAGS = ("fp32_ieee", "bf16")
-# the table kernels' variants: every (dtype, precision) the launchers can pick
-TABLE_AOT_DTYPES = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"))
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# every (input dtype, fp32 matmul policy) a launcher can be called with
+_POLICIES = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "ieee"), ("fp16", "tf32"), ("bf16", "ieee"), ("bf16", "tf32"))
+
+
+def _gram_configs() -> List[Tuple[str, str, int]]:
+    """(dtype, PRECISION, num_stages) of the Gram kernels, as the launchers derive them."""
+    return sorted({(dt, _dot_precision([torch.empty(0, dtype=_TORCH_DTYPES[dt])], prec), _gram_stages(dt == "fp32"))
+                   for dt, prec in _POLICIES})
+
+
+def _grad_configs() -> List[Tuple[str, str, int]]:
+    """(dtype, PRECISION, num_stages) of the dQ kernels, as the launchers derive them."""
+    return sorted({(dt, *grad_config(_TORCH_DTYPES[dt], prec)) for dt, prec in _POLICIES})
+
+
+def _grad_block_is() -> List[int]:
+    """Every BLOCK_I ``_grad_block_i`` gives (b = 1 ... MAX_BATCH)."""
+    return sorted({_grad_block_i(1 << k) for k in range(MAX_BATCH.bit_length())})
+
+
+def _tag(dt: str, prec: str) -> str:
+    return f"{dt}_{prec}" if dt != "bf16" else dt
+
+
+def _variant(name, fn, sig, consts, ptrs, num_warps, num_stages) -> dict:
+    sig = dict(sig)
+    sig.update({k: "constexpr" for k in consts})
+    return dict(name=name, fn=fn, signature=sig, constexprs=consts, divisible_by_16=list(ptrs),
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def aot_variants() -> List[dict]:
-    """Every kernel configuration runtime can compile (tests/test_aot.py compiles them for sm_90).
+    """Every kernel configuration the launchers can pick (tests/test_aot.py compiles them for sm_90).
 
-    Axes: input dtype and, for fp32, the dot precision; ALIGN 16/1; atomic or deterministic Gram;
-    the padded row length of the (b, b) kernels for b in {16, 256, 1024}; grad row tile 16 and
-    128. The tensor count NT only adds identical per-tensor branches, so NT = 8 is compiled for
-    the aligned atomic fp32-IEEE and bf16 variants and NT = 1 for the rest. All pointers are 16-byte aligned (torch's
-    allocations; row views of sliced tensors can be less, which only drops that hint).
-    """
+    The axes are derived from the launchers' own rules: the (dtype, dot precision, stages) of
+    ``_gram_configs`` / ``_grad_configs`` (every fp32 matmul policy, fp16's and bf16's included),
+    ALIGN 16 or 1, the atomic or deterministic Gram, the tensor count ``_nt`` (1 or 8), every
+    grad row tile ``_grad_block_i`` can give, and the padded row length of the (b, b) kernels for
+    every b up to ``MAX_BATCH``. All pointers are 16-byte aligned (torch's allocations; row views
+    of sliced tensors can be less, which only drops that hint)."""
     out: List[dict] = []
-    gram_args = _gram_kernel.arg_names
-    for dt, prec in (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32")):
+    for dt, prec, stages in _gram_configs():
         tag = dt if dt != "fp32" else f"fp32_{prec}"
         for align in (16, 1):
             for atomic in (True, False):
-                nts = (1, 8) if (align == 16 and atomic and tag in _NT8_TAGS) else (1,)
-                for nt in nts:
-                    sig = {a: "i32" for a in gram_args}
+                mode = "atomic" if atomic else "det"
+                for nt in sorted({_nt(1), _nt(2)}):
+                    sig = {a: "i32" for a in _gram_kernel.arg_names}
                     sig["g_ptr"] = "*fp32"
-                    for i in range(8):
-                        sig[f"p{i}"] = _TRITON_DTYPES[dt]
-                    consts = dict(NT=nt, BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K,
-                                  PRECISION=prec, ALIGN=align, ATOMIC=atomic)
-                    for k in consts:
-                        sig[k] = "constexpr"
-                    out.append(dict(
-                        name=f"sp_gram_{tag}_nt{nt}_align{align}_{'atomic' if atomic else 'det'}",
-                        fn=_gram_kernel, signature=sig, constexprs=consts,
-                        divisible_by_16=["g_ptr"] + [f"p{i}" for i in range(8)],
-                        num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
-        for align in (16, 1):
-            for block_i in (16, GRAD_MAX_BLOCK_I):
-                nts = (1, 8) if (align == 16 and block_i == GRAD_MAX_BLOCK_I and tag in _NT8_TAGS) else (1,)
-                for nt in nts:
-                    sig = {a: "i32" for a in _sp_grad_features_kernel.arg_names}
-                    sig["m_ptr"] = "*fp32"
-                    for i in range(8):
-                        sig[f"p{i}"] = sig[f"d{i}"] = _TRITON_DTYPES[dt]
-                    consts = dict(NT=nt, BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-                                  PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
-                    for k in consts:
-                        sig[k] = "constexpr"
-                    out.append(dict(
-                        name=f"sp_grad_features_{tag}_nt{nt}_bi{block_i}_align{align}",
-                        fn=_sp_grad_features_kernel, signature=sig, constexprs=consts,
-                        divisible_by_16=["m_ptr"] + [f"{c}{i}" for c in "pd" for i in range(8)],
-                        num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
-    # the device-side table kernels (CUDA only: the interpreter cannot run them, so this compile
-    # and the GPU tests are what checks them): one pointer type per variant, same tiles as above
-    for dt, prec in TABLE_AOT_DTYPES:
-        tag = dt if dt != "fp32" else f"fp32_{prec}"
-        for align in (16, 1):
-            for atomic in (True, False):
+                    sig.update({f"p{i}": _TRITON_DTYPES[dt] for i in range(8)})
+                    consts = dict(NT=nt, BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=align,
+                                  ATOMIC=atomic)
+                    out.append(_variant(f"sp_gram_{tag}_nt{nt}_align{align}_{mode}", _gram_kernel, sig, consts,
+                                        ["g_ptr"] + [f"p{i}" for i in range(8)], GRAM_NUM_WARPS, stages))
+                # the device-side table kernel: one pointer type per variant, same tiles
                 sig = {a: "i32" for a in _gram_table_kernel.arg_names}
                 sig.update(g_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt])
-                consts = dict(BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=align,
-                              ATOMIC=atomic)
-                sig.update({k: "constexpr" for k in consts})
-                out.append(dict(
-                    name=f"sp_gram_table_{tag}_align{align}_{'atomic' if atomic else 'det'}",
-                    fn=_gram_table_kernel, signature=sig, constexprs=consts,
-                    divisible_by_16=["g_ptr", "pairs_ptr", "work_ptr", "ref_ptr"],
-                    num_warps=GRAM_NUM_WARPS, num_stages=_gram_stages(dt == "fp32")))
-            for block_i in (16, GRAD_MAX_BLOCK_I):
+                consts = dict(BLOCK_B=GRAM_BLOCK_B, BLOCK_K=GRAM_BLOCK_K, PRECISION=prec, ALIGN=align, ATOMIC=atomic)
+                out.append(_variant(f"sp_gram_table_{tag}_align{align}_{mode}", _gram_table_kernel, sig, consts,
+                                    ["g_ptr", "pairs_ptr", "work_ptr", "ref_ptr"], GRAM_NUM_WARPS, stages))
+    for dt, prec, stages in _grad_configs():
+        tag = _tag(dt, prec)
+        for align in (16, 1):
+            for block_i in _grad_block_is():
+                common = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K, PRECISION=prec,
+                              ALIGN=align, SPLIT_BF16=dt == "bf16")
+                for nt in sorted({_nt(1), _nt(2)}):
+                    sig = {a: "i32" for a in _sp_grad_features_kernel.arg_names}
+                    sig["m_ptr"] = "*fp32"
+                    sig.update({f"{c}{i}": _TRITON_DTYPES[dt] for c in "pd" for i in range(8)})
+                    out.append(_variant(f"sp_grad_features_{tag}_nt{nt}_bi{block_i}_align{align}",
+                                        _sp_grad_features_kernel, sig, dict(NT=nt, **common),
+                                        ["m_ptr"] + [f"{c}{i}" for c in "pd" for i in range(8)], GRAD_NUM_WARPS, stages))
                 sig = {a: "i32" for a in _sp_grad_features_table_kernel.arg_names}
-                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", doffs_ptr="*i64", ref_ptr=_TRITON_DTYPES[dt],
-                           dref_ptr=_TRITON_DTYPES[dt])
-                consts = dict(BLOCK_I=block_i, BLOCK_J=GRAD_BLOCK_J, BLOCK_K=GRAD_BLOCK_K,
-                              PRECISION=prec, ALIGN=align, SPLIT_BF16=dt == "bf16")
-                sig.update({k: "constexpr" for k in consts})
-                out.append(dict(
-                    name=f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
-                    fn=_sp_grad_features_table_kernel, signature=sig, constexprs=consts,
-                    divisible_by_16=["m_ptr", "pairs_ptr", "work_ptr", "doffs_ptr", "ref_ptr", "dref_ptr"],
-                    num_warps=GRAD_NUM_WARPS, num_stages=NUM_STAGES))
-    for b in (16, 256, 1024):
-        br, bc = _row_block(b)
-        consts = dict(BLOCK_R=br, BLOCK_C=bc)
+                sig.update(m_ptr="*fp32", pairs_ptr="*i64", work_ptr="*i64", doffs_ptr="*i64",
+                           ref_ptr=_TRITON_DTYPES[dt], dref_ptr=_TRITON_DTYPES[dt])
+                out.append(_variant(f"sp_grad_features_table_{tag}_bi{block_i}_align{align}",
+                                    _sp_grad_features_table_kernel, sig, dict(common),
+                                    ["m_ptr", "pairs_ptr", "work_ptr", "doffs_ptr", "ref_ptr", "dref_ptr"],
+                                    GRAD_NUM_WARPS, stages))
+    for bc in sorted({_row_block(1 << k)[1] for k in range(MAX_BATCH.bit_length())}):
+        br = _row_block(bc)[0]
         for name, fn, ptrs in (("sp_row_normalize", _row_normalize_kernel, ["g_ptr", "out_ptr"]),
                                ("sp_finish", _sp_finish_kernel, ["gs_ptr", "gt_ptr", "part_ptr"]),
                                ("sp_grad_gram", _sp_grad_gram_kernel, ["grad_ptr", "gs_ptr", "gt_ptr", "dg_ptr"])):
             sig = {a: "fp32" for a in fn.arg_names}
-            sig.update({p: "*fp32" for p in ptrs}, b="i32", BLOCK_R="constexpr", BLOCK_C="constexpr")
-            out.append(dict(name=f"{name}_c{bc}", fn=fn, signature=sig, constexprs=dict(consts),
-                            divisible_by_16=list(ptrs), num_warps=4, num_stages=NUM_STAGES))
+            sig.update({p: "*fp32" for p in ptrs}, b="i32")
+            out.append(_variant(f"{name}_c{bc}", fn, sig, dict(BLOCK_R=br, BLOCK_C=bc), ptrs, 4, NUM_STAGES))
     return out
 
 
 __all__ = [
-    "EPS", "LAUNCHES", "MAX_TENSORS", "TABLE_MIN_PAIRS", "TablePlan", "aot_variants", "build_grad_table",
-    "build_gram_table", "gram", "gram_tiles", "row_normalize", "sp_finish", "sp_grad_features", "sp_grad_gram",
-    "table_supported",
+    "EPS", "LAUNCHES", "MAX_BATCH", "MAX_TENSORS", "TABLE_MIN_PAIRS", "TablePlan", "aot_variants", "build_grad_table",
+    "build_gram_table", "grad_config", "gram", "gram_tiles", "row_normalize", "sp_finish", "sp_grad_features",
+    "sp_grad_gram", "table_supported",
 ]

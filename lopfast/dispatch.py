@@ -18,7 +18,16 @@ CUDA device, ``choose`` runs every candidate backend on that call's own inputs:
 The choice is cached per (device name, torch and triton versions, op, key): in memory, and on disk
 as JSON in ``$XDG_CACHE_HOME/lopfast/dispatch.json`` (``~/.cache/lopfast/dispatch.json``),
 written atomically; an unreadable file is ignored and replaced. The next process on the same
-machine skips the timing.
+machine skips the timing. Processes that share the file (the workers of ``lopfast reproduce
+--parallel``, a warm-up process and the workers after it) measure one at a time: a measurement
+holds an exclusive lock on ``dispatch.json.lock``, re-reads the file first (another process may
+have measured the key meanwhile: then nothing is timed) and merges its entry into the file under
+the same lock, so no process's entry is lost and no two processes' timings disturb each other.
+
+A candidate being timed never measures the ops it calls: their ``choose`` returns the cached
+choice or the static default, unmeasured and uncached. So timing the whole step in fp32 and in
+bf16 (``amp="auto"``) does not also time every collapse class and SP call in both precisions:
+those are measured once, in the precision the step then runs.
 
 Environment:
     ``LOPFAST_DISPATCH=off``        no measuring: the op's static default (Triton on CUDA)
@@ -52,7 +61,6 @@ import contextvars
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -62,10 +70,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from lopfast import graphs
+from lopfast import files, graphs
 
 __all__ = ["TOLERANCE", "cache_path", "cached_entry", "choose", "clear", "decisions", "graph_timing", "lookup",
-           "median_time", "store_entry", "timed_rounds", "timing_mode"]
+           "median_time", "store_entry", "timed_rounds", "timing_mode", "untimed"]
 
 ENV_DISPATCH = "LOPFAST_DISPATCH"
 ENV_CACHE = "LOPFAST_DISPATCH_CACHE"
@@ -84,6 +92,20 @@ BUDGET_S = 0.25
 
 _lock = threading.RLock()
 _timing: contextvars.ContextVar[str] = contextvars.ContextVar("lopfast_dispatch_timing", default="eager")
+# True while a candidate runs inside _measure: nested choices are not measured (module docstring)
+_inside: contextvars.ContextVar[bool] = contextvars.ContextVar("lopfast_dispatch_inside", default=False)
+
+
+@contextlib.contextmanager
+def untimed():
+    """Inside this block a choice not cached yet takes the static default instead of being
+    measured: for one-off work (a check forward before training) whose shapes and timing mode
+    are not the training step's, so it costs no measurement and caches nothing."""
+    token = _inside.set(True)
+    try:
+        yield
+    finally:
+        _inside.reset(token)
 
 
 def timing_mode() -> str:
@@ -177,7 +199,55 @@ def _load_disk() -> None:
         _warn_once(f"corrupt:{path}", f"lopfast.dispatch: ignoring unreadable cache {path} ({exc})")
 
 
+@contextlib.contextmanager
+def _file_lock():
+    """An exclusive lock shared by every process using the cache file (``dispatch.json.lock``
+    beside it; ``lopfast.files.file_lock``, released by the OS if the process dies). Re-entrant
+    within this process (callers hold ``_lock``); no lock with ``LOPFAST_DISPATCH_CACHE=0`` or
+    where the folder cannot be written."""
+    if _held[0]:
+        _held[0] += 1
+        try:
+            yield
+        finally:
+            _held[0] -= 1
+        return
+    with contextlib.ExitStack() as stack:
+        if _disk_enabled():
+            try:
+                stack.enter_context(files.file_lock(str(cache_path()) + ".lock"))
+            except OSError:
+                pass
+        _held[0] = 1
+        try:
+            yield
+        finally:
+            _held[0] = 0
+
+
+_held = [0]  # nesting depth of _file_lock in this process
+
+
+def _refresh_disk(skey: str) -> Optional[dict]:
+    """The entry ``skey`` as the cache file holds it now (another process may have written it
+    since this one loaded the file), or None."""
+    if not _disk_enabled():
+        return None
+    try:
+        entry = _read_entries(cache_path()).get(skey)
+    except Exception:
+        return None
+    if entry is not None:
+        _disk[skey] = entry
+    return entry
+
+
 def _save_disk(skey: str, entry: dict) -> None:
+    with _file_lock():
+        _save_disk_locked(skey, entry)
+
+
+def _save_disk_locked(skey: str, entry: dict) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,14 +257,9 @@ def _save_disk(skey: str, entry: dict) -> None:
         except Exception:  # missing or corrupt: this write replaces it
             pass
         entries[skey] = entry
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".dispatch-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": FILE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)  # atomic: readers see the old file or the new one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # atomic: readers see the old file or the new one
+        files.write_json(path, {"version": FILE_VERSION, "entries": entries}, indent=1, sort_keys=True,
+                         what="dispatch cache")
         _disk[skey] = entry
     except OSError as exc:  # a read-only home must not break training
         _warn_once(f"write:{path}", f"lopfast.dispatch: cannot write cache {path} ({exc})")
@@ -290,6 +355,8 @@ def choose(op: str, key: Any, device: torch.device, candidates: Mapping[str, Cal
     if cached in candidates:
         return cached
     if graphs.capturing():  # never time inside a capture: the static default until measured
+        return default
+    if _inside.get():  # called by a candidate being timed: measured later, in the precision that runs
         return default
     return _measure(op, key, device, candidates, reference, args)
 
@@ -404,16 +471,26 @@ def _error(out: List[torch.Tensor], ref: List[torch.Tensor]) -> Optional[str]:
 
 
 def median_time(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
-                budget_s: Optional[float] = None, graphed: bool = False) -> float:
+                budget_s: Optional[float] = None, graphed: bool = False, pool=None) -> float:
     """Median seconds of one ``fn()`` call on ``device`` over ``rounds`` timed calls, after
     ``warmup`` untimed ones (the loop of :func:`timed_rounds`). The dispatch and the
     benchmarks both time with it, so their numbers compare."""
     return statistics.median(timed_rounds(fn, device, rounds=rounds, warmup=warmup, budget_s=budget_s,
-                                          graphed=graphed))
+                                          graphed=graphed, pool=pool))
+
+
+_streams: Dict[Any, Any] = {}  # one side stream per device for every timing capture
+
+
+def _timing_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(device)
+    return _streams[index]
 
 
 def timed_rounds(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int = 2,
-                 budget_s: Optional[float] = None, graphed: bool = False) -> List[float]:
+                 budget_s: Optional[float] = None, graphed: bool = False, pool=None) -> List[float]:
     """Seconds of each of ``rounds`` timed ``fn()`` calls on ``device``, after ``warmup`` untimed
     ones: CUDA events on CUDA (the queue is drained first, so a call measures its own work),
     ``time.perf_counter`` elsewhere. With ``budget_s``, timing stops once that much time was
@@ -423,24 +500,28 @@ def timed_rounds(fn: Callable[[], Any], device, *, rounds: int = 5, warmup: int 
     ``graphed=True``: after the warm-up calls, ``fn`` is captured once as a CUDA graph (on a side
     stream, ``lopfast.graphs.Graph``; off CUDA its CPU stand-in) and the graph's replays are
     timed: the GPU time of ``fn``'s work without the host's launch cost. ``fn`` must then be
-    capturable (no host syncs; its allocations come from the graph's own pool, freed after)."""
+    capturable (no host syncs; its allocations come from the graph's own pool, freed after, or
+    from ``pool``: the dispatch shares one pool between the candidates of a key, which are
+    captured and replayed one after the other, so they reuse each other's blocks)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     device = torch.device(device)
     cuda = device.type == "cuda"
     if graphed:
-        graph = graphs.Graph(emulate=not cuda, stream=torch.cuda.Stream(device) if cuda else None)
-        if cuda:  # warm up on the capture's stream (lazy cuBLAS / Triton state), as torch advises
-            graph.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(graph.stream):
+        graph = graphs.Graph(emulate=not cuda, pool=pool if cuda else None,
+                             stream=_timing_stream(device) if cuda else None)
+        with graphs.planned():  # the warm-up runs the kernels the capture records
+            if cuda:  # warm up on the capture's stream (lazy cuBLAS / Triton state), as torch advises
+                graph.stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(graph.stream):
+                    for _ in range(max(warmup, 1)):
+                        fn()
+                torch.cuda.current_stream(device).wait_stream(graph.stream)
+                torch.cuda.synchronize(device)
+            else:
                 for _ in range(warmup):
                     fn()
-            torch.cuda.current_stream(device).wait_stream(graph.stream)
-            torch.cuda.synchronize(device)
-        else:
-            for _ in range(warmup):
-                fn()
-        graph.capture(lambda: _discard(fn()), outputs=False)
+            graph.capture(lambda: _discard(fn()), outputs=False)
         return timed_rounds(graph.replay, device, rounds=rounds, warmup=1, budget_s=budget_s)
     for _ in range(warmup):
         fn()
@@ -472,42 +553,62 @@ def _discard(_) -> None:
 
 
 def _measure(op, key, device, candidates, reference, args) -> str:
-    with _lock:  # one tuning at a time: timings of two threads on one GPU would disturb each other
+    # one tuning at a time: timings of two threads (the lock) or two processes on one GPU (the file
+    # lock) would disturb each other
+    with _lock, _file_lock():
         cached = lookup(op, key, device)
         if cached in candidates:
             return cached
-        ref_run = _Runner(candidates[reference], args, device)
-        ref_out, ref_grads = ref_run()
-        times: Dict[str, float] = {}
-        rejected: Dict[str, str] = {}
-        for name, fn in candidates.items():
-            run = ref_run if name == reference else _Runner(fn, args, device)
-            try:
-                if name != reference:
-                    out, grads = run()
-                    why = _error(out, ref_out) or _error(grads, ref_grads)
-                    del out, grads
-                    if why is not None:
-                        rejected[name] = why
-                        continue
-                times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S,
-                                          graphed=_timing.get() == "graph")
-            except Exception as exc:  # a candidate that cannot run this call is not a choice
-                if name == reference:
-                    raise
-                rejected[name] = f"{type(exc).__name__}: {exc}"[:300]
-        choice = min(times, key=times.get)
-        entry = dict(choice=choice, times_ms={k: round(v * 1e3, 5) for k, v in times.items()},
-                     rejected=rejected, backward=ref_run.backward, timing=_timing.get(),
-                     when=time.strftime("%Y-%m-%dT%H:%M:%S"))
         dev = _device_name(device)
-        _memory[(dev, op, key)] = entry
-        if _disk_enabled():
-            _save_disk(_disk_key(op, key, dev), entry)
-        for name, why in rejected.items():
-            _warn_once(f"reject:{op}:{name}:{why}",
-                       f"lopfast.dispatch: {op} backend {name!r} rejected on {dev}: {why}")
-        return choice
+        fresh = _refresh_disk(_disk_key(op, key, dev))  # measured by another process meanwhile
+        if fresh is not None and fresh.get("choice") in candidates:
+            _memory[(dev, op, key)] = fresh
+            return fresh["choice"]
+        token = _inside.set(True)
+        # graph timing: every run of a candidate warms up its capture (the capturable launch paths)
+        planned = graphs.planned() if _timing.get() == "graph" else contextlib.nullcontext()
+        try:
+            with planned:
+                return _measure_locked(op, key, device, candidates, reference, args)
+        finally:
+            _inside.reset(token)
+
+
+def _measure_locked(op, key, device, candidates, reference, args) -> str:
+    ref_run = _Runner(candidates[reference], args, device)
+    ref_out, ref_grads = ref_run()
+    graphed = _timing.get() == "graph"
+    pool = torch.cuda.graph_pool_handle() if graphed and device.type == "cuda" else None
+    times: Dict[str, float] = {}
+    rejected: Dict[str, str] = {}
+    for name, fn in candidates.items():
+        run = ref_run if name == reference else _Runner(fn, args, device)
+        try:
+            if name != reference:
+                out, grads = run()
+                why = _error(out, ref_out) or _error(grads, ref_grads)
+                del out, grads
+                if why is not None:
+                    rejected[name] = why
+                    continue
+            times[name] = median_time(run, device, rounds=ITERS, warmup=WARMUP, budget_s=BUDGET_S,
+                                      graphed=graphed, pool=pool)
+        except Exception as exc:  # a candidate that cannot run this call is not a choice
+            if name == reference:
+                raise
+            rejected[name] = f"{type(exc).__name__}: {exc}"[:300]
+    choice = min(times, key=times.get)
+    entry = dict(choice=choice, times_ms={k: round(v * 1e3, 5) for k, v in times.items()},
+                 rejected=rejected, backward=ref_run.backward, timing=_timing.get(),
+                 when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    dev = _device_name(device)
+    _memory[(dev, op, key)] = entry
+    if _disk_enabled():
+        _save_disk(_disk_key(op, key, dev), entry)
+    for name, why in rejected.items():
+        _warn_once(f"reject:{op}:{name}:{why}",
+                   f"lopfast.dispatch: {op} backend {name!r} rejected on {dev}: {why}")
+    return choice
 
 
 def shape_key(*trees: Any) -> tuple:

@@ -184,7 +184,8 @@ class CollapsedForward:
         self.cuda_graph = cuda_graph
         self.precision = precision
         self.graph: Optional[GraphedCollapse] = None
-        self.program: Optional[CollapseProgram] = None
+        self.program: Optional[CollapseProgram] = None  # the one used last
+        self._programs: dict = {}  # by context (see _program)
         self.captures = 0  # how many times the graphs were (re)captured
         self.programs = 0  # how many times the collapse program was (re)built
         self._emulate = False  # tests: the graph plumbing without CUDA graphs
@@ -239,15 +240,25 @@ class CollapsedForward:
             elif torch.compiler.is_compiling():
                 weffs = collapse_many(layers, backend=self.backend, dtype=dtype)
             else:
-                prog = self.program
-                if (prog is None or prog.signature != CollapseProgram.signature_of(layers)
-                        or prog.context != CollapseProgram.context_of(self.backend, dtype)):
-                    prog = self.program = CollapseProgram(layers, backend=self.backend, dtype=dtype)
-                    self.programs += 1
-                weffs = prog(layers)
+                weffs = self._program(layers, dtype)(layers)
         for m, w in zip(active, weffs):
             m.__dict__[_STASH] = w
         return weffs
+
+    def _program(self, layers: List[tuple], dtype: Optional[torch.dtype]) -> CollapseProgram:
+        """The prepared collapse of ``layers`` under the current settings. One program is kept per
+        context (backend, compute dtype, dispatch timing mode...): training (its step captured,
+        "graph" timing) and evaluation (eager, no grad) alternate every epoch and each keeps its
+        own, so neither is rebuilt or re-routed; new factors (another signature) drop them all."""
+        context = CollapseProgram.context_of(self.backend, dtype)
+        prog = self._programs.get(context)
+        if prog is None or prog.signature != CollapseProgram.signature_of(layers):
+            if prog is not None:
+                self._programs.clear()  # the factors changed: every context's program is stale
+            prog = self._programs[context] = CollapseProgram(layers, backend=self.backend, dtype=dtype)
+            self.programs += 1
+        self.program = prog
+        return prog
 
     def _clear(self) -> None:
         for m in self.layers:
@@ -268,6 +279,7 @@ class CollapsedForward:
         self._clear()
         self.graph = None
         self.program = None
+        self._programs.clear()
 
     def __enter__(self) -> "CollapsedForward":
         return self

@@ -20,6 +20,24 @@ tested on a machine without a GPU:
 ``capturing()`` says whether lopfast code runs inside a capture: a CUDA stream capture on the
 current stream, or the stand-in's capture or replay (both stand for Python that runs while CUDA
 records). Code that must not time, allocate host tables or synchronise during a capture checks it.
+
+Three rules every capture of the package follows (they live here, so no capture can miss them):
+
+* **Other threads stay free** (``CAPTURE_ERROR_MODE = "thread_local"``). CUDA's default capture
+  mode ("global") forbids potentially unsafe calls (``cudaMalloc``, ``cudaHostAlloc``, a
+  synchronisation) in *every* thread of the process while any stream captures: a DataLoader's
+  pin-memory thread pinning the next batch then gets a capture error, re-raises it at the next
+  batch, and the step's eager fallback cannot catch it. "thread_local" forbids them only in the
+  capturing thread, which is the one whose work is recorded.
+* **Warm-up runs what the capture records** (``planned()``): code that would launch other
+  kernels eagerly than under capture (the SP loss's device-side pair table exists only outside
+  capture) asks ``capture_planned()`` and takes the capturable path already in the eager
+  warm-up steps, so every kernel a graph records was compiled and loaded before the capture.
+  It is a process-wide count, not a thread-local one: autograd runs CUDA backward passes in its
+  own threads.
+* **A graph keeps what it reads** (``retain(obj)``): device tables baked into a capture (the
+  grouped collapse's launch tables) are held by the graph itself, so no cache eviction can
+  free memory that a later replay still reads.
 """
 from __future__ import annotations
 
@@ -29,9 +47,14 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-__all__ = ["Graph", "capturing", "copy_into"]
+__all__ = ["CAPTURE_ERROR_MODE", "Graph", "capture_planned", "capturing", "copy_into", "planned", "retain"]
+
+# cudaStreamCaptureMode of every capture (see the module docstring: other threads stay free)
+CAPTURE_ERROR_MODE = "thread_local"
 
 _state = threading.local()
+_planned_lock = threading.Lock()
+_planned = [0]  # process-wide: see planned()
 
 
 def capturing() -> bool:
@@ -40,6 +63,44 @@ def capturing() -> bool:
     if getattr(_state, "emulated", 0):
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def planned():
+    """Inside this block the work is the warm-up or the capture of a CUDA graph (or its
+    stand-in): ``capture_planned()`` is True in every thread, autograd's included."""
+    with _planned_lock:
+        _planned[0] += 1
+    try:
+        yield
+    finally:
+        with _planned_lock:
+            _planned[0] -= 1
+
+
+def capture_planned() -> bool:
+    """True inside ``planned()`` or a capture: code with an eager-only fast path (launches a
+    capture could not record) takes its capturable path, so warm-up and capture run the same
+    kernels."""
+    return _planned[0] > 0 or capturing()
+
+
+def retain(obj) -> None:
+    """Keep ``obj`` alive as long as the graph being captured in this thread (no-op outside a
+    capture): for device memory a capture reads that the caller's caches might free later."""
+    graph = getattr(_state, "graph", None)
+    if graph is not None:
+        graph.retained.append(obj)
+
+
+@contextlib.contextmanager
+def _capturing_into(graph: "Graph"):
+    prev = getattr(_state, "graph", None)
+    _state.graph = graph
+    try:
+        yield
+    finally:
+        _state.graph = prev
 
 
 @contextlib.contextmanager
@@ -69,6 +130,7 @@ class Graph:
         self.graph = None if emulate else torch.cuda.CUDAGraph()
         self.fn: Optional[Callable[[], Optional[List[torch.Tensor]]]] = None
         self.static: List[torch.Tensor] = []
+        self.retained: List[object] = []  # what the recorded work reads besides its arguments (retain())
 
     def capture(self, fn: Callable[[], Optional[List[torch.Tensor]]], outputs: bool = True) -> List[torch.Tensor]:
         """Record ``fn``; returns the tensors it returned (in graph memory on CUDA), or [].
@@ -78,12 +140,13 @@ class Graph:
         if self.emulate:
             self.fn = fn
             if outputs:
-                with _emulating():
+                with _emulating(), _capturing_into(self):
                     self.static = list(fn() or [])
         else:
             cur = torch.cuda.current_stream()
             try:
-                with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
+                with _capturing_into(self), torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream,
+                                                             capture_error_mode=CAPTURE_ERROR_MODE):
                     out = fn()
             except BaseException:
                 # a capture that ends in an error (a host sync inside fn) can leave its stream current

@@ -223,3 +223,56 @@ def test_shape_class_is_memoised_by_shapes_and_still_checks():
         for _ in range(2):
             with pytest.raises(ValueError, match=f"inconsistent chain shapes for groups={bad}"):
                 shape_class(w1, w2, w3, bad)
+
+
+def _small_expanded_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3, padding=1))
+    return lopfast.expand(net, rate=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_training_and_evaluation_keep_one_program_each(fake_gpu, monkeypatch):
+    """A captured step routes the collapse in "graph" timing, evaluate() (eager, no grad) ran in
+    eager timing: the program, whose context holds the timing mode, was rebuilt and re-routed
+    twice per epoch. One program per context now: three epochs build two, measure each class
+    once per mode."""
+    real = op._auto_candidates(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(op, "_auto_candidates",
+                        lambda device, dtype, *compute: {k: real[k] for k in ("torch", "matmul")})
+    net = _small_expanded_net()
+    fast = lopfast.CollapsedForward(net)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        with dispatch.graph_timing():
+            net(x).square().mean().backward()
+        with torch.no_grad():
+            net(x)
+    assert fast.programs == 2
+    ops = [d["op"] for d in dispatch.decisions()]
+    assert ops.count("collapse") == ops.count("collapse [graph]") == 2 == len(ops) // 2  # 2 shape classes
+    fast.remove()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_a_captured_collapse_keeps_its_plan_tables_alive(monkeypatch):
+    """The grouped collapse reads its plan's device tables at every replay of a graph that captured
+    it: however many other plans the cache sees afterwards (it used to clear itself past 256),
+    those tables live as long as the graph."""
+    import gc
+    import weakref
+
+    from lopfast import graphs
+    from lopfast.kernels.collapse import ClassSpec
+
+    monkeypatch.setattr(op, "_plan_cache", {})
+    layers = [(*ws, G) for ws, G in [(_factors(SMALL_A, torch.float32, "cpu", seed=0), SMALL_A[0])]]
+    g = graphs.Graph(emulate=True)
+    g.capture(lambda: op.collapse_many(layers, backend="triton"))
+    (plan,) = op._plan_cache.values()
+    tables = weakref.ref(plan.tables)
+    del plan
+    for i in range(300):  # other models' plans
+        op._get_plan((ClassSpec(1, 1, 1, 1, 1, 1, 1 + i, False),), torch.device("cpu"))
+    gc.collect()
+    assert tables() is not None and len(op._plan_cache) <= 256
+    g.replay()

@@ -19,7 +19,8 @@ def _lopfast_imports(module):
 def test_backend_and_dispatch_import_nothing_above_them():
     # both sit below lopfast.ops (which imports them): any import of an op module is a circle
     for module in (lopfast.backend, lopfast.dispatch):
-        allowed = ("lopfast.kernels.", "lopfast._C", "lopfast.backend.", "lopfast._build_flags", "lopfast.graphs")
+        allowed = ("lopfast.kernels.", "lopfast._C", "lopfast.backend.", "lopfast._build_flags", "lopfast.graphs",
+                   "lopfast.files")
         assert all(n.startswith(allowed) for n in _lopfast_imports(module)), module.__name__
 
 
@@ -243,6 +244,81 @@ def test_nothing_is_timed_inside_a_capture(fake_gpu):
     g.capture(lambda: got.append(dispatch.choose("mm", (4,), torch.device("cpu"), cands, args=_args())), outputs=False)
     g.replay()
     assert got == ["triton"] and calls == [] and dispatch.decisions() == []
+
+
+def test_a_candidate_being_timed_measures_nothing_it_calls(fake_gpu):
+    """Timing the whole step in two precisions (amp="auto") must not time every op inside it in
+    both: a choose() called by a candidate under measurement answers the static default, caches
+    nothing and times nothing; the inner op is measured later, once, when it runs for real."""
+    inner_calls = []
+    inner = {"torch": lambda x, w: (inner_calls.append("torch"), x @ w)[1],
+             "triton": lambda x, w: (inner_calls.append("triton"), x @ w)[1]}
+    cpu = torch.device("cpu")
+
+    def outer(x, w):
+        name = dispatch.choose("inner", ("k",), cpu, inner, args=(x, w))
+        return inner[name](x, w)
+
+    assert dispatch.choose("outer", ("k",), cpu, {"torch": outer, "triton": outer}, args=_args()) in ("torch", "triton")
+    assert [d["op"] for d in dispatch.decisions()] == ["outer"]
+    assert set(inner_calls) == {"triton"}  # the static default ran, nothing else was tried
+    inner_calls.clear()
+    dispatch.choose("inner", ("k",), cpu, inner, args=_args())  # outside a measurement: measured now
+    assert {d["op"] for d in dispatch.decisions()} == {"outer", "inner"} and set(inner_calls) == {"torch", "triton"}
+
+
+def _measure_in_child(cache, key, log, hold_s):
+    """A separate process choosing ``key`` on the fake GPU; its candidates append to ``log`` and
+    (the reference) sleep ``hold_s`` (a measurement in progress)."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = cache
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.pop("LOPFAST_CACHE_DIR", None)
+    dispatch.tunable = lambda device: True
+    dispatch._device_name = lambda device: "FakeGPU 9000"
+    dispatch.ITERS, dispatch.WARMUP = 2, 0
+    dispatch.clear()
+
+    def cand(name):
+        def fn(x, w):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {key} {name}\n")
+            if name == "torch":
+                time.sleep(hold_s)
+            return x @ w
+        return fn
+
+    dispatch.choose("mm", (key,), torch.device("cpu"), {"torch": cand("torch"), "triton": cand("triton")},
+                    args=_args())
+
+
+@pytest.mark.slow
+def test_processes_sharing_the_cache_measure_one_at_a_time_and_lose_no_entry(fake_gpu, tmp_path):
+    """Workers started together (lopfast reproduce --parallel) share dispatch.json: a process that
+    needs a key another process is measuring waits for it and reads its entry instead of timing it
+    again on the same GPU; processes measuring different keys all end up in the file. Slow: three
+    spawned processes, each importing torch (10-20 s on a 2-core CPU)."""
+    import multiprocessing as mp
+
+    # spawned: a forked child of a process that has run autograd or CUDA cannot use either
+    ctx = mp.get_context("spawn")
+    log = tmp_path / "calls.log"
+    first = ctx.Process(target=_measure_in_child, args=(str(fake_gpu), 1, str(log), 0.4))
+    first.start()
+    deadline = time.time() + 20
+    while not (log.exists() and log.read_text()) and time.time() < deadline and first.is_alive():
+        time.sleep(0.02)  # the first process is measuring key 1 now
+    others = [ctx.Process(target=_measure_in_child, args=(str(fake_gpu), k, str(log), 0.0)) for k in (1, 2)]
+    for p in others:
+        p.start()
+    for p in [first] + others:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert {pid for pid, key, _ in lines if key == "1"} == {str(first.pid)}  # key 1 timed once, by the first
+    entries = json.loads((fake_gpu / "lopfast" / "dispatch.json").read_text())["entries"]
+    assert sorted(k.split(" | ")[-1] for k in entries) == ["(1,)", "(2,)"]
 
 
 def test_shape_key_distinguishes_shape_dtype_layout():

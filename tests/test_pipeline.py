@@ -246,6 +246,53 @@ def test_ddp_slices_cover_the_global_batch():
         assert seen[0][b][0] + seen[1][b][0] == y.tolist() and seen[0][b][1] == g
 
 
+def _epoch_drawn_batch_by_batch(ld, epoch):
+    """The loader's epoch as it drew its augmentation batch by batch (the reference order of the
+    random draws: a change of loader must not change a single number)."""
+    g = torch.Generator().manual_seed(ld.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(ld.labels), generator=g)
+    for start in range(0, len(order), ld.batch_size):
+        idx = order[start:start + ld.batch_size]
+        offs = torch.randint(0, 2 * ld.crop_pad + 1, (len(idx), 2), generator=g)
+        flips = torch.rand(len(idx), generator=g) < 0.5
+        x = _random_crop(ld.images.index_select(0, idx), offs, ld.crop_pad)
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
+        yield (x.float().div_(255.0) - ld.mean) / ld.std, ld.labels.index_select(0, idx)
+
+
+def test_an_epoch_uploads_its_draws_once_not_per_batch():
+    """Three host-to-device copies per training batch (permutation slice, crop offsets, flips)
+    make the host wait for the GPU at every step. On the meta device (every copy from the host is
+    visible as an op) an epoch of 7 batches copies its draws once; the batches are the ones the
+    batch-by-batch draw gives, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Uploads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and src is not None:
+                dst = kwargs.get("device", args[1].device if len(args) > 1 and isinstance(args[1], torch.Tensor)
+                                 else src.device)
+                Uploads.n += int(src.device.type == "cpu" and torch.device(dst).type == "meta")
+            return func(*args, **kwargs)
+
+    imgs = torch.empty(100, 3, 8, 8, dtype=torch.uint8, device="meta")
+    ld = TensorLoader(imgs, torch.empty(100, dtype=torch.int64, device="meta"), (0.5,) * 3, (0.5,) * 3, 16,
+                      train=True, crop_pad=2, flip=True)
+    with Uploads():
+        batches = list(ld.epoch(0))
+    assert len(batches) == 7 and Uploads.n <= 3, Uploads.n
+    g = torch.Generator().manual_seed(0)
+    cpu = TensorLoader(torch.randint(0, 256, (100, 3, 8, 8), generator=g, dtype=torch.uint8),
+                       torch.randint(0, 10, (100,), generator=g), (0.4, 0.5, 0.6), (0.2, 0.3, 0.25), 16,
+                       train=True, crop_pad=2, flip=True, seed=7)
+    for (x, y, _), (rx, ry) in zip(cpu.epoch(3), _epoch_drawn_batch_by_batch(cpu, 3), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def _png_folder(root, n_per_class=3, size=32):
     from PIL import Image
 

@@ -183,19 +183,26 @@ def test_float64_runs_the_reference(device):
 
 
 @requires_triton
-def test_many_pairs_one_launch_per_eight(device):
-    """10 pairs of different shapes and dtypes: ceil(10/8) = 2 Gram launches per side."""
+def test_many_pairs_one_launch_per_eight(device, monkeypatch):
+    """10 pairs of different shapes: ceil(10/8) = 2 Gram launches per side (per-pair path). With
+    mixed dtypes a launch holds one dtype (a run of consecutive pairs): one pointer type per
+    compiled variant, no mixed-dtype kernels to compile."""
     K = lopfast.kernels.sp_gram
+    monkeypatch.setattr(K, "USE_TABLE", False)
     b = 3
     shapes = [((i + 1, 2, 3), (2, i + 2)) for i in range(10)]
     s, t = make(b, shapes, torch.float32, device)
-    s[3] = s[3].half()
-    t[5] = t[5].half()
     K.LAUNCHES.clear()
     assert_close_to_ref(s, t, "triton", 1e-3)
     assert K.LAUNCHES["gram"] == 4          # teacher 2 + student 2
     assert K.LAUNCHES["row_normalize"] == 1 and K.LAUNCHES["sp_finish"] == 1
     assert K.LAUNCHES["sp_grad_gram"] == 1 and K.LAUNCHES["sp_grad_features"] == 2
+    s[3] = s[3].half()
+    t[5] = t[5].half()
+    K.LAUNCHES.clear()
+    assert_close_to_ref(s, t, "triton", 1e-3)
+    assert K.LAUNCHES["gram"] == 6          # runs [0-2] [3] [4-9] and [0-4] [5] [6-9]
+    assert K.LAUNCHES["sp_grad_features"] == 3
 
 
 def test_auto_is_reference_on_cpu_and_use_backend():

@@ -375,12 +375,65 @@ def test_table_kernels_are_in_the_aot_report():
     kernels (which no CPU test can run) are listed for every dtype / precision, both alignments and
     both Gram reduction modes."""
     names = {v["name"] for v in K.aot_variants()}
-    for dt, prec in K.TABLE_AOT_DTYPES:
-        tag = dt if dt != "fp32" else f"fp32_{prec}"
-        for align in (16, 1):
-            assert {f"sp_gram_table_{tag}_align{align}_atomic", f"sp_gram_table_{tag}_align{align}_det",
-                    f"sp_grad_features_table_{tag}_bi16_align{align}",
-                    f"sp_grad_features_table_{tag}_bi128_align{align}"} <= names
+    for align in (16, 1):
+        for tag in ("fp32_ieee", "fp32_tf32", "fp16", "bf16"):
+            assert {f"sp_gram_table_{tag}_align{align}_atomic", f"sp_gram_table_{tag}_align{align}_det"} <= names
+        for tag in ("fp32_ieee", "fp32_tf32", "fp16_tf32x3", "fp16_tf32", "bf16"):  # fp16 under IEEE: 3xTF32
+            assert {f"sp_grad_features_table_{tag}_bi{bi}_align{align}" for bi in (16, 128)} <= names
+
+
+_KERNELS = ("_gram_kernel", "_gram_table_kernel", "_sp_grad_features_kernel", "_sp_grad_features_table_kernel",
+            "_row_normalize_kernel", "_sp_finish_kernel", "_sp_grad_gram_kernel")
+_PTR = {"_gram_kernel": "p0", "_gram_table_kernel": "ref_ptr", "_sp_grad_features_kernel": "p0",
+        "_sp_grad_features_table_kernel": "ref_ptr"}
+_NAMES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@requires_triton
+def test_every_launch_is_a_listed_aot_variant(monkeypatch):
+    """The launchers, over every axis they choose on (dtype and the fp32 matmul policy, mixed
+    dtypes, 1 / 2-7 / 9 pairs, batch sizes giving every row tile and padded row length, aligned and
+    not, atomic and deterministic, per-pair and table), launch only variants that aot_variants()
+    lists: the AOT report (no spills, for both tritons) then covers everything that can run.
+    Launches are recorded, not run (the kernels' own tests run them)."""
+    listed = {}
+    for v in K.aot_variants():
+        ptr = _PTR.get(v["fn"].__name__ if hasattr(v["fn"], "__name__") else "")
+        key = (v["fn"].__name__, tuple(sorted(v["constexprs"].items())), v["num_warps"], v["num_stages"],
+               v["signature"].get(ptr) if ptr else None)
+        listed[key] = v["name"]
+    launched = []
+
+    class Recorder:
+        def __init__(self, name, real):
+            self.name, self.arg_names = name, real.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps=4, num_stages=3, **consts):
+                ptr = _PTR.get(self.name)
+                dtype = _NAMES[dict(zip(self.arg_names, args))[ptr].dtype] if ptr else None
+                launched.append((self.name, tuple(sorted(consts.items())), num_warps, num_stages, dtype))
+            return launch
+
+    for name in _KERNELS:
+        monkeypatch.setattr(K, name, Recorder(name, getattr(K, name)))
+    K.clear_table_cache()
+    for dtypes in ([torch.float32], [torch.float16], [torch.bfloat16], [torch.float32, torch.bfloat16, torch.bfloat16]):
+        for p in (1, 3, 9):
+            for b, f in ((1, 16), (20, 20), (40, 32), (100, 48), (300, 16)):  # both row tiles, aligned or not
+                qs = [torch.ones(b, f, dtype=dtypes[i % len(dtypes)]) for i in range(p)]
+                g = torch.zeros(p, b, b)
+                for precision in ("ieee", "tf32"):
+                    for table in (False, True):
+                        for det in (False, True):
+                            K.gram(qs, precision=precision, deterministic=det, table=table)
+                        K.sp_grad_features(g, qs, [torch.empty_like(q) for q in qs], precision=precision, table=table)
+    for b in (1, 17, 33, 65, 129, 257, 513, 1025, 2049, 4096):  # every padded row length up to K.MAX_BATCH
+        g = torch.empty(1, b, b)
+        K.row_normalize(g), K.sp_finish(g, g), K.sp_grad_gram(torch.ones(1), g, g)
+    K.clear_table_cache()
+    unlisted = sorted({str(k) for k in launched if k not in listed})
+    assert launched and not unlisted, unlisted[:10]
 
 
 def test_traced_tensors_never_take_the_table(monkeypatch):

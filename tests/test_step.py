@@ -215,6 +215,110 @@ def test_divergence_in_the_weights_of_the_last_epoch_is_caught(emulate, tmp_path
     assert epochs_seen == [0] and load_checkpoint(ck)["epoch"] == 0
 
 
+def test_capture_failure_names_its_first_cause(emulate, monkeypatch):
+    """CUDA reports a failed capture at its end ("operation failed due to a previous error during
+    capture"); the step's message names the error that broke it (the host sync), not only that."""
+    def failing(self, fn, outputs=True):
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n(x.item())")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(st.Graph, "capture", failing)
+    data = _data(128, 64)
+    torch.manual_seed(0)
+    logs = []
+    eng, _ = _engine(build_model("digitsnet", width=8), TrainConfig(3, 0.05), data, log=logs.append)
+    for _ in range(st.WARMUP + 2):
+        x, y, gbs = next(iter(data.train.epoch(0)))
+        eng(x, y, gbs)
+    assert eng.graph is None and eng.eager_steps == st.WARMUP + 2
+    said = [s for s in logs if "eager from now on" in s]
+    assert len(said) == 1 and "not permitted when stream is capturing" in said[0]
+    assert "previous error during capture" in said[0]  # what CUDA said last, after the cause
+
+
+def test_warm_up_steps_launch_the_kernels_the_capture_records(emulate, monkeypatch):
+    """The SP loss has an eager-only launch path (the device-side pair table; a capture records the
+    per-pair launches): the eager warm-up steps of a captured step must take the capture's path,
+    so that every kernel the graph records was compiled and loaded before the capture. Here the
+    table is on wherever it can run (the GPU's auto at >= 9 pairs) and the stand-in reports a
+    capture to the kernels as CUDA does."""
+    from lopfast import graphs
+    from lopfast.kernels import sp_gram as K
+
+    monkeypatch.setattr(K, "USE_TABLE", True)
+    monkeypatch.setattr(K, "_stream_capturing", graphs.capturing)
+    K.clear_table_cache()
+    student, teacher = _lop()
+    data = _data(128, 64)
+    cfg = TrainConfig(1, 0.05, (), gamma=10.0)
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    launched = []
+    with lopfast.SPDistiller(teacher, student, backend="triton") as d:
+        eng = st.TrainStep(student, opt, cfg, "cpu", steps_per_epoch=4, distiller=d)
+        x, y, gbs = next(iter(data.train.epoch(0)))
+        for _ in range(st.WARMUP + 2):
+            before = dict(K.LAUNCHES)
+            eng(x, y, gbs)
+            launched.append({k for k, v in K.LAUNCHES.items() if v != before.get(k, 0) and "table_" not in k})
+    assert eng.replays == 2
+    warm, replays = launched[:st.WARMUP], launched[st.WARMUP:]
+    assert all(w == replays[0] for w in warm + replays), launched
+    assert "gram" in replays[0] and not any("table" in k for k in replays[0])
+
+
+def test_evaluation_reuses_the_captured_steps_collapse_routing(emulate, fake_gpu, monkeypatch):
+    """evaluate() between epochs ran the collapse in eager timing: a second program, its shape
+    classes measured again eagerly. It now runs in the step's timing mode: every collapse choice
+    of the run is the captured step's."""
+    from lopfast.ops import collapse as op
+
+    real = op._auto_candidates(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(op, "_auto_candidates",
+                        lambda device, dtype, *compute: {k: real[k] for k in ("torch", "matmul")})
+    student = lopfast.expand(build_model("digitsnet", width=8), 2.0, generator=torch.Generator().manual_seed(1))
+    res = train(student, _data(128, 64), TrainConfig(2, 0.05, ()))
+    ops = {d["op"] for d in dispatch.decisions()}
+    assert "collapse [graph]" in ops and "collapse" not in ops and len(res["history"]) == 2
+
+
+def test_distiller_step_indexes_with_no_host_data_after_its_first_call():
+    """A paired layer that runs in the teacher only (here in eval mode only) is left out of the
+    student's loss by indexing the teacher Grams; with a Python list that index is host data
+    copied to the device at every step, which a captured step cannot do. After the first (eager)
+    call the index is a device tensor made once."""
+    from torch.overrides import TorchFunctionMode
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.c(x if self.training else self.b(x)).mean((2, 3))
+
+    class HostIndex(TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__getitem__ and isinstance(args[1], (list, tuple)):
+                HostIndex.seen.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    teacher, student = Net().eval(), lopfast.expand(Net(), 2.0).train()
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match="left out"):
+        d = lopfast.SPDistiller(teacher, student)
+        _, first = d(x)
+    with HostIndex():
+        _, again = d(x)
+    d.close()
+    assert d.dropped == ["b"] and HostIndex.seen == [] and torch.equal(first, again)
+
+
 def test_eager_reasons_are_said_once():
     data = _data(128, 64)
     torch.manual_seed(0)

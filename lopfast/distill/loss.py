@@ -182,6 +182,7 @@ class SPDistiller:
         # student's training forward) are left out, listed in ``dropped``; named layers must run
         self._drop_missing = layers is None
         self.dropped: List[str] = []
+        self._keep: dict = {}  # device index of the pairs both nets ran, by (positions, device)
         self._teacher_taps = FeatureTaps(teacher, self.layers, transform=self._reduce)
         try:
             self._student_taps = FeatureTaps(student, self.layers)
@@ -239,8 +240,13 @@ class SPDistiller:
                 names = [n for n in teacher_ran if n in student_ran]
                 self._note_dropped(names)
                 if len(names) != len(teacher_ran):
-                    keep = [i for i, n in enumerate(teacher_ran) if n in student_ran]
-                    gt = gt[keep]
+                    keep = tuple(i for i, n in enumerate(teacher_ran) if n in student_ran)
+                    # a device index made once (in an eager step), never a host list: indexing with
+                    # one copies it to the device, which a CUDA-graph capture of the step forbids
+                    idx = self._keep.get((keep, gt.device))
+                    if idx is None:
+                        idx = self._keep[(keep, gt.device)] = torch.tensor(keep, device=gt.device)
+                    gt = gt.index_select(0, idx)
             feats = self._student_taps.collect(names=names)
         finally:
             self._student_taps.clear()

@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lopfast import dispatch as _dispatch
+from lopfast import graphs
 from lopfast.backend import cuda_extension, is_auto, op_backends, register_backend, resolve_backend
 from lopfast.ops.collapse_gemm import Layer, bucket, matmul_many, shape_class
 
@@ -160,15 +161,21 @@ _plan_cache: Dict[tuple, object] = {}
 _zero_cache: Dict[tuple, torch.Tensor] = {}
 
 
+_PLAN_CACHE_SIZE = 256
+
+
 def _get_plan(specs, device: torch.device):
+    """The launch plan of ``specs`` on ``device`` (its tables on the device), cached: planning is
+    pure Python over the shapes and runs once per model. The cache drops its oldest plan past
+    ``_PLAN_CACHE_SIZE``; a plan whose tables a captured graph reads stays alive with that graph
+    (``_TritonPack.run`` retains it), whatever the cache does."""
     key = (specs, str(device))
-    plan = _plan_cache.get(key)
+    plan = _plan_cache.pop(key, None)
     if plan is None:
-        # planning is pure Python over the shapes; cached, so it runs once per model
         plan = _kernels().plan_collapse(specs).to(device)
-        if len(_plan_cache) > 256:
-            _plan_cache.clear()
-        _plan_cache[key] = plan
+        while len(_plan_cache) >= _PLAN_CACHE_SIZE:
+            del _plan_cache[next(iter(_plan_cache))]
+    _plan_cache[key] = plan  # most recently used last
     return plan
 
 
@@ -220,6 +227,7 @@ class _TritonPack:
         x = torch.cat(pieces)
         if dtype is not None and dtype != x.dtype:
             x = x.to(dtype)  # one cast of the whole pack (its backward: one cast of the packed gradient)
+        graphs.retain(plan)  # under capture: the graph reads plan.tables at every replay
         out = _apply_grouped(x, plan, fp32_matmul_precision() if x.dtype == torch.float32 else "ieee")
         results: List[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
         for (c, idx), lay in zip(groups, plan.layouts):

@@ -33,7 +33,9 @@ Layers of this file, top to bottom:
   step's did does no host work beyond a key per tensor. This is an internal choice of the
   "triton" backend: the backend names and the measured dispatch's candidates are unchanged.
   Under CUDA-graph capture the per-pair launches run (their addresses are launch arguments a
-  graph replays as they were); on CPU (the interpreter) auto keeps the per-pair launches too.
+  graph replays as they were), and so do the eager warm-up steps before a capture
+  (``lopfast.graphs.planned``: the kernels a graph records are compiled and loaded before it);
+  on CPU (the interpreter) auto keeps the per-pair launches too.
 * ``_resolve`` (the one place that chooses an implementation) and the public functions
   ``sp_loss``, ``sp_gram`` and ``sp_loss_from_gram``.
 
@@ -60,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from lopfast import dispatch as _dispatch
+from lopfast import graphs
 from lopfast.backend import cuda_extension, is_auto, resolve_backend
 from lopfast.ops._precision import deterministic, fp32_matmul_precision
 
@@ -259,13 +262,21 @@ def _grad_input(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(g).copy_(t)
 
 
+def _table() -> Optional[bool]:
+    """The launchers' ``table`` argument: None (their choice: the device-side pair table on CUDA
+    from 9 pairs on), or False while a CUDA graph's warm-up or capture is under way
+    (``lopfast.graphs.planned``): a capture records the per-pair launches only, so the warm-up
+    steps run those too and the capture compiles and loads nothing."""
+    return False if graphs.capture_planned() else None
+
+
 def _triton_gram(features: Sequence[torch.Tensor], precision: str, determ: bool) -> torch.Tensor:
     qs = [_gram_input(t) for t in features]
-    return _K.row_normalize(_K.gram(qs, precision=precision, deterministic=determ))
+    return _K.row_normalize(_K.gram(qs, precision=precision, deterministic=determ, table=_table()))
 
 
 def _triton_fwd(student: Sequence[torch.Tensor], teacher_gram: torch.Tensor, precision: str, determ: bool):
-    graw = _K.gram([_gram_input(s) for s in student], precision=precision, deterministic=determ)
+    graw = _K.gram([_gram_input(s) for s in student], precision=precision, deterministic=determ, table=_table())
     return _K.sp_finish(graw, teacher_gram), graw
 
 
@@ -275,7 +286,8 @@ def _triton_bwd(grad: torch.Tensor, student: Sequence[torch.Tensor], teacher_gra
     grad = grad.reshape(()).to(device=graw.device, dtype=torch.float32).contiguous()
     dg = _K.sp_grad_gram(grad, graw, teacher_gram)
     grads = [_empty_grad(s) for s in student]
-    _K.sp_grad_features(dg, [_grad_input(s, g) for s, g in zip(student, grads)], grads, precision=precision)
+    _K.sp_grad_features(dg, [_grad_input(s, g) for s, g in zip(student, grads)], grads, precision=precision,
+                        table=_table())
     return grads
 
 

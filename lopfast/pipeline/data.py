@@ -138,29 +138,39 @@ class TensorLoader:
         """Yield ``(x, y, global_batch_size)`` for one epoch (x float32, normalised).
 
         The permutation and augmentation draws are made for the whole global batch on a CPU
-        generator seeded by (seed, epoch), identically on every rank, then sliced per rank.
+        generator seeded by (seed, epoch), identically on every rank, then sliced per rank. All of
+        an epoch's draws are made at its start (in the order a batch-by-batch draw would make
+        them: the same numbers) and uploaded to the device in one copy each: a batch then costs
+        no host-to-device copy, so the host never waits for the GPU between steps (a pageable
+        copy would wait for every step queued before it, a replayed graph included).
         """
         n = len(self.labels)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
-        dev = self.images.device
+        crop = self.train and bool(self.crop_pad)
+        flip = self.train and self.flip
+        offs, flips = [], []
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            gbs = len(idx)
-            if self.train and self.crop_pad:
-                offs = torch.randint(0, 2 * self.crop_pad + 1, (gbs, 2), generator=g)
-            if self.train and self.flip:
-                flips = torch.rand(gbs, generator=g) < 0.5
+            gbs = min(self.batch_size, n - start)
+            if crop:
+                offs.append(torch.randint(0, 2 * self.crop_pad + 1, (gbs, 2), generator=g))
+            if flip:
+                flips.append(torch.rand(gbs, generator=g) < 0.5)
+        dev = self.images.device
+        order = order.to(dev)
+        offs_all = torch.cat(offs).to(dev) if crop and offs else None
+        flips_all = torch.cat(flips).to(dev) if flip and flips else None
+        for start in range(0, n, self.batch_size):
+            gbs = min(self.batch_size, n - start)
             # contiguous slice of the global batch for this rank
-            lo = gbs * self.rank // self.world_size
-            hi = gbs * (self.rank + 1) // self.world_size
-            sel = idx[lo:hi].to(dev)
+            lo = start + gbs * self.rank // self.world_size
+            hi = start + gbs * (self.rank + 1) // self.world_size
+            sel = order[lo:hi]
             x = self.images.index_select(0, sel)
-            if self.train and self.crop_pad:
-                x = _random_crop(x, offs[lo:hi].to(dev), self.crop_pad)
-            if self.train and self.flip:
-                f = flips[lo:hi].to(dev)
-                x = torch.where(f.view(-1, 1, 1, 1), x.flip(3), x)
+            if crop:
+                x = _random_crop(x, offs_all[lo:hi], self.crop_pad)
+            if flip:
+                x = torch.where(flips_all[lo:hi].view(-1, 1, 1, 1), x.flip(3), x)
             x = (x.float().div_(255.0) - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -67,12 +67,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lopfast import dispatch
+from lopfast import dispatch, graphs
 from lopfast.graphs import Graph
 from lopfast.ops._precision import fp32_matmul_precision
 from lopfast.pipeline.schedule import lr_factors
 
-__all__ = ["CAPTURE", "EMULATE", "OPTIMIZERS", "WARMUP", "TrainStep", "autocast", "build_optimizer"]
+__all__ = ["CAPTURE", "EMULATE", "OPTIMIZERS", "WARMUP", "TrainStep", "autocast", "build_optimizer",
+           "capture_failure"]
 
 CAPTURE = ("auto", "compile", "off")
 WARMUP = 2  # eager steps before the capture
@@ -148,6 +149,26 @@ def _adam_eager_reason(optimizer) -> Optional[str]:
         return None
     return (f"{type(optimizer).__name__}(capturable=False): torch's Adam keeps its step count on the host "
             "unless it is capturable (CUDA only; build_optimizer does that on CUDA)")
+
+
+def capture_failure(exc: BaseException) -> str:
+    """What made a capture fail, first cause first. CUDA reports a failed capture at its end
+    ("operation failed due to a previous error during capture"); the error that broke it (a host
+    sync such as ``.item()``, an allocation a capture forbids) is that exception's context."""
+    chain, seen = [exc], {id(exc)}
+    while True:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        chain.append(nxt)
+        seen.add(id(nxt))
+
+    def line(e: BaseException) -> str:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+    first = chain[-1]
+    return line(first) + ("" if first is exc else f"; reported at the capture's end as {line(exc)}")
 
 
 def _eager_reasons(model: nn.Module, cfg, device: torch.device, world: int) -> Optional[str]:
@@ -331,8 +352,10 @@ class TrainStep:
             self._say()
         self.steps += 1
         # a step that is captured makes (and reuses) the dispatch's choices for work inside a graph;
-        # its eager steps (warm-up, the short batch) run the same choices
-        with dispatch.graph_timing(self.why_eager is None):
+        # its eager steps (warm-up, the short batch) run the same choices and the same kernels
+        # (graphs.planned: no eager-only launch path, so the capture compiles and loads nothing)
+        captures = self.why_eager is None
+        with dispatch.graph_timing(captures), (graphs.planned() if captures else contextlib.nullcontext()):
             if self.why_eager is None:
                 sig = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, int(gbs))
                 if self.signature is None:
@@ -358,7 +381,7 @@ class TrainStep:
             try:
                 graph.capture(lambda: self._body(self.static_x, self.static_y, gbs), outputs=False)
             except Exception as exc:  # a host sync or a data-dependent branch: eager from now on
-                self.why_eager = f"its capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                self.why_eager = f"its capture failed ({capture_failure(exc)})"
                 self.log(f"[{self.desc}] step: eager from now on: {self.why_eager}")
                 self._body(x, y, gbs)
                 self.eager_steps += 1

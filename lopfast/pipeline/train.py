@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lopfast import dispatch
 from lopfast.checks import InvalidArgument, InvalidArgumentType, TrainingDiverged, check_bool, check_module
 from lopfast.distill import SPDistiller
 from lopfast.fastpath import CollapsedForward
@@ -426,7 +427,8 @@ class _Trainer:
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        check_model_matches_data(model, data)
+        with dispatch.untimed():  # one forward of other shapes: not worth measuring backends for
+            check_model_matches_data(model, data)
         self.opt = build_optimizer(_param_groups(model, cfg), cfg, device)
         self.history: List[dict] = []
         self.start = self.step0 = 0
@@ -527,14 +529,14 @@ class _Trainer:
         # checked once per epoch (no per-step host sync) and before the checkpoint is
         # written, so the last good checkpoint survives for a --resume with other settings
         _check_diverged(sums["nonfinite"], desc, epoch, cfg, checkpoint)
-        ev = evaluate(self.model, self.data.test, self.device, engine.amp)
+        ev = self._evaluate(engine)
         if not math.isfinite(ev["loss"]):  # finite weights whose logits overflow
             _check_diverged("the test loss", desc, epoch, cfg, checkpoint)
         rec = {"epoch": epoch + 1, "train_loss": sums["loss"], "sp_loss": sums["sp"] if engine.distiller else None,
                "test_acc": ev["acc"], "test_loss": ev["loss"], "lr": engine.lr(), "seconds": time.time() - te}
         if self.ema is not None:
             with self.ema.swapped():
-                avg = evaluate(self.model, self.data.test, self.device, engine.amp)
+                avg = self._evaluate(engine)
             rec.update(ema_acc=avg["acc"], ema_loss=avg["loss"])
         self.history.append(rec)
         if self.rank == 0:
@@ -552,6 +554,11 @@ class _Trainer:
         if self.world > 1:
             dist.barrier()
 
+    def _evaluate(self, engine: TrainStep) -> Dict[str, float]:
+        # in the step's dispatch timing mode: the collapse reuses the training step's routing
+        # (no eager re-measurement, no second program)
+        with dispatch.graph_timing(engine.captures):
+            return evaluate(self.model, self.data.test, self.device, engine.amp)
 
     def final(self, engine: TrainStep) -> Dict[str, float]:
         """The accuracy and loss of the model the stage hands on: its last epoch's, or, with
@@ -560,7 +567,7 @@ class _Trainer:
             self.ema.copy_to_model()
             self.log(f"[{self.desc}] the weight average (decay {self.cfg.ema:g}) is the final model")
         if not self.history:
-            return evaluate(self.model, self.data.test, self.device, engine.amp)
+            return self._evaluate(engine)
         last, key = self.history[-1], "ema" if self.cfg.ema_final else "test"
         return {"acc": last[f"{key}_acc"], "loss": last[f"{key}_loss"]}
 
